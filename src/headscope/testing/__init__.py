@@ -1,0 +1,8 @@
+"""Tiny random models of every supported family, built from configs (no downloads).
+
+Used by the test suite and the benchmarks; importable so other projects can test against them too.
+"""
+
+from .tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+__all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer"]
