@@ -140,7 +140,7 @@ def _spec_key(spec: str) -> str:
 class TokenCorpus:
     """A tokenized, cached, split corpus for one tokenizer. ``batches`` yields [B, S] LongTensors."""
 
-    def __init__(self, model: Model, spec: str = "default", seq_len: int = 128, holdout: float = 0.05,
+    def __init__(self, model: Model, spec: str = "default", seq_len: int = 128, holdout: float = 0.1,
                  max_docs: int | None = None, progress: bool = True):
         if seq_len < 2:
             raise HeadscopeError(f"sequence length must be at least 2, got {seq_len}")

@@ -278,7 +278,7 @@ def convert_gguf(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # gguf's reader raises many types on corrupt files
         raise HeadscopeError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     hf.hf_quantizer = None
@@ -338,7 +338,7 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
         name = p.name
     else:
         path, local = spec, False
-    kwargs = {"torch_dtype": torch_dtype, "attn_implementation": attn_implementation}
+    kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
