@@ -1,0 +1,1 @@
+"""Head scores: induction, previous-token, duplicate-token and prefix induction."""
