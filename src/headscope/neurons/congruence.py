@@ -1,0 +1,175 @@
+"""Step 1 (``find``): next-token neurons by congruence of their output weight with the unembedding.
+
+Notation: M neurons per layer, d model dim, V vocabulary. For neuron n of layer l with output weight
+w_n = W_out[n, :] ∈ R^d (the down projection for gated MLPs), its vocabulary projection is
+
+    c_n = W̃_U · w_n ∈ R^V,    W̃_U = W_U ⊙ γ_final   (final-norm gain folded into the unembedding)
+
+and, for LayerNorm models, w_n is centred first (LayerNorm removes the mean of the residual), as
+TransformerLens does with ``fold_ln=True, center_writing_weights=True`` in the reference code.
+
+* **dot**: max_t c_n[t] (prediction neurons) or −min_t c_n[t] (``kind="suppression"``); the argmax
+  (argmin) token is the neuron's token.
+* **cos**: the same entry divided by ‖w_n‖·‖W̃_U[t]‖.
+* **kurtosis** and **skew** of c_n over the vocabulary (standardised moments; kurtosis not excess):
+  Gurnee et al.'s prediction neurons have high kurtosis and positive skew, suppression neurons high
+  kurtosis and negative skew.
+
+Filters from the reference code (options): the token starts with a space and has at least
+``min_chars`` characters after it; a reject list of glitch tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import HeadscopeError
+from ..models.load import Model
+
+RANK_BY = ("dot", "cos", "kurtosis", "skew")
+KINDS = ("prediction", "suppression")
+DEFAULT_REJECT = ("ÃÂÃÂ", "ÃÂ", "SPONSORED", "embedreportprint", "externalToEVA", "rawdownload",
+                  "TheNitrome", "oreAndOnline", "InstoreAndOnline", "natureconservancy", "guiActiveUn",
+                  "StreamerBot", "cloneembedreportprint", "RandomRedditor", "PsyNetMessage")
+
+
+def folded_unembed(model: Model) -> torch.Tensor:
+    """W̃_U = W_U ⊙ γ_final, [V, d] float32 (the final norm's gain folded in)."""
+    gain = model.norm_gain(model.final_norm).float()
+    return model.W_U.detach().float() * gain[None, :]
+
+
+def output_weights(model: Model, layer: int) -> torch.Tensor:
+    """W_out of ``layer`` as [M, d] float32, centred over d for LayerNorm models."""
+    w = model.W_out(layer).detach().float()
+    if model.arch.norm_kind == "layernorm":
+        w = w - w.mean(dim=1, keepdim=True)
+    return w
+
+
+@dataclass
+class LayerCongruence:
+    """Per-neuron statistics of one layer, each [M]: ``dot``, ``cos``, ``token`` (int64), ``kurtosis``,
+    ``skew``, ``mean``, ``std`` of the vocabulary projection."""
+
+    dot: torch.Tensor
+    cos: torch.Tensor
+    token: torch.Tensor
+    kurtosis: torch.Tensor
+    skew: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def layer_congruence(model: Model, layer: int, kind: str = "prediction", chunk: int = 256) -> LayerCongruence:
+    """Congruence statistics for every neuron of ``layer`` (chunks of ``chunk`` neurons bound memory
+    to chunk × V floats)."""
+    if kind not in KINDS:
+        raise HeadscopeError(f"unknown neuron kind '{kind}' (choose from {', '.join(KINDS)})")
+    WU = folded_unembed(model).to(model.device)
+    WU_norm = WU.norm(dim=1)
+    W = output_weights(model, layer).to(model.device)
+    outs = {k: [] for k in ("dot", "cos", "token", "kurtosis", "skew", "mean", "std")}
+    for s in range(0, W.shape[0], chunk):
+        w = W[s:s + chunk]
+        c = w @ WU.T                                                    # [m, V]
+        sign = 1.0 if kind == "prediction" else -1.0
+        best, tok = (sign * c).max(dim=1)
+        mu = c.mean(dim=1, keepdim=True)
+        sd = c.std(dim=1, unbiased=False, keepdim=True).clamp_min(1e-12)
+        zs = (c - mu) / sd
+        outs["dot"].append(best)
+        outs["cos"].append(best / (w.norm(dim=1) * WU_norm[tok]).clamp_min(1e-12))
+        outs["token"].append(tok)
+        outs["kurtosis"].append((zs ** 4).mean(dim=1))
+        outs["skew"].append((zs ** 3).mean(dim=1))
+        outs["mean"].append(mu[:, 0])
+        outs["std"].append(sd[:, 0])
+    return LayerCongruence(**{k: torch.cat(v).cpu() for k, v in outs.items()})
+
+
+def token_passes(text: str, require_space: bool, min_chars: int, reject: set[str]) -> bool:
+    """The reference filters: starts with a space (option), ≥ ``min_chars`` characters after the
+    leading space, not on the reject list (compared stripped)."""
+    if require_space and not text.startswith(" "):
+        return False
+    stripped = text.strip()
+    if len(stripped) < min_chars:
+        return False
+    return stripped not in reject and text not in reject
+
+
+def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: str = "dot",
+                 kind: str = "prediction", require_space: bool = True, min_chars: int = 3,
+                 reject: tuple[str, ...] | list[str] = DEFAULT_REJECT, top_tokens: int = 10) -> dict:
+    """The top ``per_layer`` neurons of each layer by ``rank_by`` among those whose token passes the
+    filters. Returns ``{"neurons": [...], "per_layer": {layer: {"candidates", "passed"}}}``; each
+    neuron is a dict with layer, neuron, token_id, token, dot, cos, kurtosis, skew, rank, top_tokens."""
+    if rank_by not in RANK_BY:
+        raise HeadscopeError(f"unknown ranking '{rank_by}' (choose from {', '.join(RANK_BY)})")
+    if per_layer < 1:
+        raise HeadscopeError(f"--per-layer must be at least 1, got {per_layer}")
+    if not layers:
+        raise HeadscopeError("no layers to search for neurons")
+    reject_set = {r.strip() for r in reject}
+    WU = folded_unembed(model)
+    vocab_cache: dict[int, str] = {}
+    neurons, stats = [], {}
+    for layer in layers:
+        model.check_layer(layer)
+        lc = layer_congruence(model, layer, kind)
+        key = {"dot": lc.dot, "cos": lc.cos, "kurtosis": lc.kurtosis,
+               "skew": lc.skew if kind == "prediction" else -lc.skew}[rank_by]
+        order = torch.argsort(key, descending=True)
+        passed, chosen = 0, []
+        for n in order.tolist():
+            t = int(lc.token[n])
+            if t not in vocab_cache:
+                vocab_cache[t] = model.tokenizer.decode([t])
+            if not token_passes(vocab_cache[t], require_space, min_chars, reject_set):
+                continue
+            passed += 1
+            if len(chosen) < per_layer:
+                chosen.append(n)
+        stats[str(layer)] = {"candidates": int(lc.dot.numel()), "passed": passed}
+        W = output_weights(model, layer)
+        for rank, n in enumerate(chosen):
+            proj = WU @ W[n]
+            sign = 1.0 if kind == "prediction" else -1.0
+            tops = torch.topk(sign * proj, top_tokens).indices.tolist()
+            neurons.append({
+                "layer": layer, "neuron": n, "token_id": int(lc.token[n]), "token": vocab_cache[int(lc.token[n])],
+                "dot": float(lc.dot[n]), "cos": float(lc.cos[n]), "kurtosis": float(lc.kurtosis[n]),
+                "skew": float(lc.skew[n]), "rank": rank,
+                "top_tokens": [[int(t), model.tokenizer.decode([t]), float(proj[t])] for t in tops]})
+    if not neurons:
+        raise HeadscopeError(
+            f"no neuron in layers {layers} passes the filters (token starts with a space: {require_space}, "
+            f"at least {min_chars} characters, {len(reject_set)} rejected tokens); try --no-require-space, "
+            f"a smaller --min-chars, more --layers or --kind suppression")
+    return {"neurons": neurons, "per_layer": stats}
+
+
+def random_neurons(model: Model, layers: list[int], per_layer: int, seed: int = 0,
+                   kind: str = "prediction") -> dict:
+    """The random-neuron baseline: ``per_layer`` neurons drawn uniformly from each layer (seeded), no
+    filters; each neuron's token is still its most congruent one, so the pipeline treats it alike."""
+    g = torch.Generator().manual_seed(seed)
+    neurons = []
+    for layer in layers:
+        model.check_layer(layer)
+        lc = layer_congruence(model, layer, kind)
+        picks = torch.randperm(model.d_mlp, generator=g)[: min(per_layer, model.d_mlp)].tolist()
+        for rank, n in enumerate(picks):
+            t = int(lc.token[n])
+            neurons.append({"layer": layer, "neuron": n, "token_id": t, "token": model.tokenizer.decode([t]),
+                            "dot": float(lc.dot[n]), "cos": float(lc.cos[n]), "kurtosis": float(lc.kurtosis[n]),
+                            "skew": float(lc.skew[n]), "rank": rank, "top_tokens": []})
+    return {"neurons": neurons, "per_layer": {str(l): {"candidates": model.d_mlp, "passed": model.d_mlp} for l in layers}}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,172 @@
+"""Step 2 (``mine``): max-activating prompts per neuron, one forward pass over the corpus for all neurons.
+
+For each packed corpus sequence (which starts with BOS) and each selected neuron we keep the maximum
+activation over positions ≥ 1 (one maximum per sequence, as the reference keeps one per document),
+and a running top-k over sequences per neuron — vectorised over neurons, [k, N] state. Activations are
+the neuron activations (the input of W_out, ``mlp_post``).
+
+A prompt ends at the activating token. Trimming: the prompt ``[BOS] + seq[s : pos + 1]`` with the
+largest start s whose activation is still ≥ ``keep`` × the full-context activation, found by binary
+search over s for all prompts at once (one batched forward pass per search step, ⌈log2 S⌉ steps).
+Prompts longer than ``max_prompt_tokens`` after trimming are dropped (the reference drops > 100).
+A final pass records each kept prompt's per-token activation.
+
+Train prompts come from the corpus's train split, test prompts from its held-out split (split by
+document, see :mod:`headscope.data`), so explanations are scored on prompts they never saw.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ..capture import capture
+from ..data import TokenCorpus
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import read_tensors, write_tensors
+
+
+def _layer_index(neurons: list[dict]) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Layers, and per layer: the neuron ids [n_l] and their column in the neuron order [n_l]."""
+    layers = sorted({n["layer"] for n in neurons})
+    ids = {l: torch.tensor([n["neuron"] for n in neurons if n["layer"] == l]) for l in layers}
+    cols = {l: torch.tensor([i for i, n in enumerate(neurons) if n["layer"] == l]) for l in layers}
+    return layers, ids, cols
+
+
+def neuron_acts(model: Model, ids: torch.Tensor, neurons: list[dict]) -> torch.Tensor:
+    """Activations of all ``neurons`` at every position of ``ids`` [B, S] → [B, S, N] float32."""
+    layers, lids, cols = _layer_index(neurons)
+    cap = capture(model, ids, layers=layers, what={"mlp_post"}, stop_after=max(layers),
+                  reduce={"mlp_post": lambda l, t: t[..., lids[l].to(t.device)].float().cpu()})
+    out = torch.empty(ids.shape[0], ids.shape[1], len(neurons))
+    for l in layers:
+        out[..., cols[l]] = cap["mlp_post"][l]
+    return out
+
+
+def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
+            batch_size: int = 64) -> list[list[float]]:
+    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``."""
+    out: list[list[float]] = [None] * len(rows)  # type: ignore[list-item]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        n = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+        layers = sorted({layer_of[i] for i in idx})
+        cap = capture(model, ids.to(model.device), layers=layers, what={"mlp_post"}, stop_after=max(layers),
+                      reduce={"mlp_post": lambda l, t: t.float().cpu()})
+        for j, i in enumerate(idx):
+            out[i] = cap["mlp_post"][layer_of[i]][j, : len(rows[i]), neuron_of[i]].tolist()
+    return out
+
+
+def _last_acts(model, rows, layer_of, neuron_of, batch_size):
+    return [a[-1] for a in acts_at(model, rows, layer_of, neuron_of, batch_size)]
+
+
+def top_sequences(model: Model, corpus: TokenCorpus, neurons: list[dict], split: str, top_k: int,
+                  batch_size: int = 16, max_tokens: int | None = None, state_path=None,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """Running top-k over the sequences of ``split``: ``{"act": [k, N], "seq": [k, N], "pos": [k, N]}``
+    (sorted by activation, descending; ``seq = -1`` where fewer than k sequences exist).
+
+    ``state_path``: a safetensors file the state is saved to after every batch group, so an
+    interrupted pass resumes where it stopped."""
+    N = len(neurons)
+    n_seq = corpus.n_sequences(split)
+    if max_tokens is not None:
+        n_seq = min(n_seq, max(1, max_tokens // corpus.seq_len))
+    state = {"act": torch.full((top_k, N), -float("inf")), "seq": torch.full((top_k, N), -1, dtype=torch.long),
+             "pos": torch.zeros((top_k, N), dtype=torch.long), "next": torch.tensor(0)}
+    if state_path is not None and state_path.is_file():
+        saved = read_tensors(state_path)
+        if saved["act"].shape == state["act"].shape:
+            state = saved
+    start = int(state["next"])
+    bar = tqdm(total=n_seq, initial=start, desc=f"mining {split}", unit=" seq", disable=not progress, file=sys.stderr)
+    seq_i = start
+    batches = corpus.batches(split, batch_size=batch_size, start=start,
+                             max_tokens=(n_seq - start) * corpus.seq_len) if start < n_seq else []
+    for k, batch in enumerate(batches):
+        acts = neuron_acts(model, batch.to(model.device), neurons)       # [B, S, N]
+        acts[:, 0] = -float("inf")                                       # position 0 is BOS
+        mx, pos = acts.max(dim=1)                                        # [B, N]
+        seqs = torch.arange(seq_i, seq_i + batch.shape[0])[:, None].expand_as(mx)
+        allv = torch.cat([state["act"], mx]); alls = torch.cat([state["seq"], seqs]); allp = torch.cat([state["pos"], pos])
+        top = torch.topk(allv, top_k, dim=0)
+        state = {"act": top.values, "seq": alls.gather(0, top.indices), "pos": allp.gather(0, top.indices),
+                 "next": torch.tensor(seq_i + batch.shape[0])}
+        seq_i += batch.shape[0]
+        bar.update(batch.shape[0])
+        if state_path is not None and k % 20 == 19:
+            write_tensors(state_path, state)
+    bar.close()
+    if state_path is not None:
+        write_tensors(state_path, state)
+    return state
+
+
+def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[dict], state: dict,
+                 keep: float = 0.8, max_prompt_tokens: int = 100, batch_size: int = 64,
+                 progress: bool = True) -> list[list[dict]]:
+    """Trimmed prompts per neuron (list over neurons of lists of prompt dicts with ``ids``, ``act``,
+    ``full_act``, ``seq``, ``pos``, ``start``), ``ids`` = [BOS] + seq[start : pos + 1]."""
+    items = []  # (neuron index, seq tokens, pos, full act)
+    for n in range(len(neurons)):
+        for r in range(state["act"].shape[0]):
+            s, a = int(state["seq"][r, n]), float(state["act"][r, n])
+            if s < 0 or not a > -float("inf"):
+                continue
+            items.append((n, corpus.sequence(split, s).tolist(), int(state["pos"][r, n]), a, s))
+    bos = model.bos_id
+    layer_of = [neurons[it[0]]["layer"] for it in items]
+    neuron_of = [neurons[it[0]]["neuron"] for it in items]
+    lo = [1] * len(items)
+    hi = [it[2] + 1 for it in items]
+    full = [it[3] for it in items]
+    todo = [i for i in range(len(items)) if full[i] > 0]  # a non-positive maximum cannot be "kept"
+    steps = 0
+    bar = tqdm(desc=f"trimming {split} prompts", unit=" step", disable=not progress, file=sys.stderr)
+    while True:
+        active = [i for i in todo if hi[i] - lo[i] > 1]
+        if not active:
+            break
+        mids = {i: (lo[i] + hi[i]) // 2 for i in active}
+        rows = [[bos] + items[i][1][mids[i]: items[i][2] + 1] for i in active]
+        acts = _last_acts(model, rows, [layer_of[i] for i in active], [neuron_of[i] for i in active], batch_size)
+        for i, a in zip(active, acts):
+            if a >= keep * full[i]:
+                lo[i] = mids[i]
+            else:
+                hi[i] = mids[i]
+        steps += 1
+        bar.update(1)
+    bar.close()
+    rows = [[bos] + it[1][lo[i]: it[2] + 1] for i, it in enumerate(items)]
+    per_token = acts_at(model, rows, layer_of, neuron_of, batch_size)
+    out: list[list[dict]] = [[] for _ in neurons]
+    for i, it in enumerate(items):
+        if len(rows[i]) > max_prompt_tokens:
+            continue
+        out[it[0]].append({"ids": rows[i], "acts": [round(float(a), 5) for a in per_token[i]],
+                           "act": float(per_token[i][-1]), "full_act": full[i], "seq": it[4], "pos": it[2],
+                           "start": lo[i]})
+    return out
+
+
+def check_corpus(corpus: TokenCorpus, top_k: int, top_k_test: int) -> None:
+    """Refuse a corpus whose splits hold fewer sequences than the prompts asked for."""
+    for split, k in (("train", top_k), ("heldout", top_k_test)):
+        n = corpus.n_sequences(split)
+        if n < k:
+            raise HeadscopeError(
+                f"corpus '{corpus.spec}' is too small for the split: its {split} part has {n} sequences of "
+                f"{corpus.seq_len} tokens but {k} prompts per neuron were asked; use a larger corpus, a "
+                f"smaller --seq-len, or fewer prompts (--top-k/--top-k-test)")

@@ -1,0 +1,240 @@
+"""The neuron pipeline's stages, one function each, reading and writing the run directory.
+
+Each ``run_*`` function is idempotent: it returns the stage's summary at once when its artifact is
+already there and was made from the current upstream artifact (the SHA-1 of the upstream file is
+recorded as ``"source"``), otherwise it (re)computes. ``which`` selects the neuron set:
+``"top"`` (congruent neurons, folder ``neurons/``) or ``"random"`` (the random-neuron baseline,
+folder ``neurons/random/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import TokenCorpus
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from . import ablation, attribution, congruence, mining
+from .stats import describe, ks_2samp
+
+SETS = ("top", "random")
+
+
+def set_dir(run: RunDir, which: str = "top") -> Path:
+    """Folder of a neuron set in the run directory."""
+    if which not in SETS:
+        raise HeadscopeError(f"unknown neuron set '{which}' (choose from {', '.join(SETS)})")
+    return run / ("neurons" if which == "top" else "neurons/random")
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _current(path: Path, source: Path | None, options: dict | None = None) -> dict | None:
+    """The artifact at ``path`` if it exists and was made from ``source`` with ``options``."""
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if source is not None and data.get("source") != (file_hash(source) if source.is_file() else None):
+        return None
+    if options is not None and data.get("options") != options:
+        return None
+    return data
+
+
+def _need(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise HeadscopeError(f"missing {path}: run `headscope neurons {stage}` first")
+    return read_json(path)
+
+
+# -- find ---------------------------------------------------------------------------------------
+def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | None = None, last_k: int = 3,
+             per_layer: int = 20, rank_by: str = "dot", kind: str = "prediction", require_space: bool = True,
+             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, force: bool = False) -> dict:
+    """Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron, token_id, token, dot, cos,
+    kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``."""
+    if layers is None:
+        layers = list(range(max(0, model.n_layers - last_k), model.n_layers))
+    opts = {"layers": layers, "per_layer": per_layer, "rank_by": rank_by, "kind": kind,
+            "require_space": require_space, "min_chars": min_chars,
+            "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed}
+    path = set_dir(run, which) / "find.json"
+    if not force and (done := _current(path, None, opts)):
+        return {"neurons": len(done["neurons"]), "skipped": True}
+    if which == "top":
+        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"])
+    else:
+        res = congruence.random_neurons(model, layers, per_layer, seed, kind)
+    write_json(path, {"options": opts, **res})
+    run.mark_done(f"neurons.{which}.find", {"neurons": len(res["neurons"])})
+    return {"neurons": len(res["neurons"]), "per_layer": res["per_layer"]}
+
+
+# -- mine ---------------------------------------------------------------------------------------
+def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "default", seq_len: int = 128,
+             top_k: int = 20, top_k_test: int = 20, keep: float = 0.8, max_prompt_tokens: int = 100,
+             batch_size: int = 16, max_tokens: int | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer, neuron, token_id, token,
+    "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per token), act, full_act,
+    seq, pos, start}``."""
+    d = set_dir(run, which)
+    found = _need(d / "find.json", "find")
+    opts = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
+            "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens}
+    path = d / "mine.json"
+    if not force and (done := _current(path, d / "find.json", opts)):
+        return _mine_summary(done, skipped=True)
+    if not 0 < keep <= 1:
+        raise HeadscopeError(f"--keep must be in (0, 1], got {keep}")
+    tc = TokenCorpus(model, corpus, seq_len=seq_len, progress=progress)
+    mining.check_corpus(tc, top_k, top_k_test)
+    neurons = found["neurons"]
+    src = file_hash(d / "find.json")
+    out = [dict((k, n[k]) for k in ("layer", "neuron", "token_id", "token")) for n in neurons]
+    for split, key, k in (("train", "train", top_k), ("heldout", "test", top_k_test)):
+        state_path = d / f"mine_state_{split}_{src}_{k}.safetensors"
+        state = mining.top_sequences(model, tc, neurons, split, k, batch_size, max_tokens, state_path, progress)
+        prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress)
+        for o, ps in zip(out, prompts):
+            for p in ps:
+                p["tokens"] = model.token_str(p["ids"])
+            o[key] = ps
+    write_json(path, {"options": opts, "source": src, "neurons": out})
+    for f in d.glob("mine_state_*.safetensors"):
+        f.unlink()
+    res = _mine_summary({"neurons": out})
+    run.mark_done(f"neurons.{which}.mine", res)
+    return res
+
+
+def _mine_summary(data: dict, skipped: bool = False) -> dict:
+    tr = [len(n["train"]) for n in data["neurons"]]
+    te = [len(n["test"]) for n in data["neurons"]]
+    lens = [len(p["ids"]) for n in data["neurons"] for p in n["train"] + n["test"]]
+    return {"neurons": len(tr), "train_prompts": sum(tr), "test_prompts": sum(te),
+            "mean_prompt_tokens": float(np.mean(lens)) if lens else None, **({"skipped": True} if skipped else {})}
+
+
+# -- attribute ----------------------------------------------------------------------------------
+def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "full", norm_scale: bool = True,
+                  k_sigma: float = 2.0, low: float = 0.25, high: float = 0.75, batch_size: int = 32,
+                  force: bool = False, progress: bool = True) -> dict:
+    """Writes ``<set>/attribution.safetensors`` (``A`` [N, P, L·H] float32, NaN for ineligible heads and
+    padding; ``active`` [N, P, L·H] uint8; ``split`` [N, P] int8: 0 train, 1 test, −1 padding) and
+    ``<set>/attribution.json``: ``{"options", "source", "neurons": [{layer, neuron, token, n_train,
+    n_test, "heads": {"L.H": {frac_train, frac_test, mean_A}} (heads active at least once),
+    "explain": ["L.H", …]}], "pairs": [{neuron, layer, head, name, frac_train}]}``."""
+    d = set_dir(run, which)
+    mined = _need(d / "mine.json", "mine")
+    opts = {"gated": gated, "norm_scale": norm_scale, "k_sigma": k_sigma, "low": low, "high": high}
+    path = d / "attribution.json"
+    if not force and (done := _current(path, d / "mine.json", opts)):
+        return {"pairs": len(done["pairs"]), "skipped": True}
+    neurons = mined["neurons"]
+    rows, layer_of, neuron_of, where = [], [], [], []
+    for i, n in enumerate(neurons):
+        for s, key in enumerate(("train", "test")):
+            for j, p in enumerate(n[key]):
+                rows.append(p["ids"]); layer_of.append(n["layer"]); neuron_of.append(n["neuron"])
+                where.append((i, s, j + (len(n["train"]) if s else 0)))
+    if not rows:
+        raise HeadscopeError("no mined prompts to attribute: every neuron's prompts were dropped (try a larger "
+                             "--max-prompt-tokens or another corpus)")
+    A_flat = attribution.attribute_prompts(model, rows, layer_of, neuron_of, gated, norm_scale, batch_size, progress)
+    P = max(len(n["train"]) + len(n["test"]) for n in neurons)
+    K = model.n_layers * model.n_heads
+    A = torch.full((len(neurons), P, K), float("nan"))
+    split = torch.full((len(neurons), P), -1, dtype=torch.int8)
+    for r, (i, s, j) in enumerate(where):
+        A[i, j] = A_flat[r]
+        split[i, j] = s
+    active = attribution.active_heads(A, k_sigma)
+    write_tensors(d / "attribution.safetensors", {"A": A, "active": active.to(torch.uint8), "split": split})
+    out, pairs = [], []
+    for i, n in enumerate(neurons):
+        tr, te = split[i] == 0, split[i] == 1
+        frac_tr, explain = attribution.heads_to_explain(active[i], tr, low, high)
+        frac_te, _ = attribution.heads_to_explain(active[i], te, low, high)
+        meanA = torch.nanmean(torch.where((split[i] >= 0)[:, None], A[i], torch.nan), dim=0)
+        heads = {}
+        for k in torch.nonzero(active[i].any(0)).flatten().tolist():
+            heads[attribution.head_name(model, k)] = {"frac_train": round(float(frac_tr[k]), 4),
+                                                      "frac_test": round(float(frac_te[k]), 4),
+                                                      "mean_A": round(float(meanA[k]), 5)}
+        names = [attribution.head_name(model, k) for k in torch.nonzero(explain).flatten().tolist()]
+        for k in torch.nonzero(explain).flatten().tolist():
+            pairs.append({"neuron": i, "layer": k // model.n_heads, "head": k % model.n_heads,
+                          "name": attribution.head_name(model, k), "frac_train": round(float(frac_tr[k]), 4)})
+        out.append({"layer": n["layer"], "neuron": n["neuron"], "token": n["token"], "token_id": n["token_id"],
+                    "n_train": int(tr.sum()), "n_test": int(te.sum()), "heads": heads, "explain": names})
+    write_json(path, {"options": opts, "source": file_hash(d / "mine.json"), "neurons": out, "pairs": pairs})
+    res = {"pairs": len(pairs), "neurons_with_pairs": sum(1 for n in out if n["explain"])}
+    run.mark_done(f"neurons.{which}.attribute", res)
+    return res
+
+
+def load_attribution(run: RunDir, which: str = "top") -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(mine.json, attribution.json, attribution tensors) of a set."""
+    d = set_dir(run, which)
+    return _need(d / "mine.json", "mine"), _need(d / "attribution.json", "attribute"), \
+        read_tensors(d / "attribution.safetensors")
+
+
+def pair_labels(att: dict[str, torch.Tensor], n_heads: int, pair: dict) -> tuple[list[bool], list[int]]:
+    """Active labels of a pair's head on its neuron's prompts (train then test order) and the split (0/1)."""
+    i, k = pair["neuron"], pair["layer"] * n_heads + pair["head"]
+    split = att["split"][i]
+    ok = split >= 0
+    return att["active"][i, ok, k].bool().tolist(), split[ok].tolist()
+
+
+# -- ablate -------------------------------------------------------------------------------------
+def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, batch_size: int = 32,
+               force: bool = False, progress: bool = True) -> dict:
+    """Writes ``<set>/ablation.json``: ``{"source", "pairs": [{neuron, layer, head, name, mean_drop_active,
+    mean_drop_inactive, n_active, n_inactive}], "pooled": {"active": describe, "inactive": describe,
+    "ks": {D, p, n1, n2}}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P] NaN-padded,
+    ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png`` (histograms of drops, active vs inactive)."""
+    d = set_dir(run, which)
+    mined, att_json, att = load_attribution(run, which)
+    opts = {"max_pairs": max_pairs}
+    path = d / "ablation.json"
+    if not force and (done := _current(path, d / "attribution.json", opts)):
+        return {**done["pooled"]["ks"], "skipped": True}
+    pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
+    if not pairs:
+        raise HeadscopeError("no (neuron, head) pairs to ablate: no head is active on 25–75% of any neuron's "
+                             "prompts; mine more prompts or neurons")
+    prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
+    tokens = [n["token_id"] for n in mined["neurons"]]
+    drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress)
+    P = max(len(x) for x in drops)
+    D = torch.full((len(pairs), P), float("nan"))
+    ACT = torch.zeros((len(pairs), P), dtype=torch.uint8)
+    rows, act_all, inact_all = [], [], []
+    for r, (pair, dr) in enumerate(zip(pairs, drops)):
+        labels, _ = pair_labels(att, model.n_heads, pair)
+        lab = torch.tensor(labels, dtype=torch.bool)
+        D[r, : len(dr)] = dr
+        ACT[r, : len(dr)] = lab.to(torch.uint8)
+        a, ia = dr[lab].tolist(), dr[~lab].tolist()
+        act_all += a; inact_all += ia
+        rows.append({**{k: pair[k] for k in ("neuron", "layer", "head", "name")},
+                     "mean_drop_active": float(np.mean(a)) if a else None,
+                     "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia)})
+    pooled = {"active": describe(act_all), "inactive": describe(inact_all), "ks": ks_2samp(act_all, inact_all)}
+    write_tensors(d / "ablation.safetensors", {"drops": D, "active": ACT})
+    from .plots import histogram_png
+    histogram_png(d / "ablation.png", {"head active": act_all, "head inactive": inact_all},
+                  f"Drop in P(neuron's token) when the head is zeroed ({which} neurons)", "P(clean) − P(ablated)")
+    write_json(path, {"options": opts, "source": file_hash(d / "attribution.json"), "pairs": rows, "pooled": pooled})
+    run.mark_done(f"neurons.{which}.ablate", pooled["ks"])
+    return {"mean_drop_active": pooled["active"]["mean"], "mean_drop_inactive": pooled["inactive"]["mean"],
+            **pooled["ks"]}
