@@ -1,0 +1,291 @@
+"""Write the static head atlas into ``RUN/atlas/``.
+
+Layout (every data page is a JavaScript file calling ``window.__atlas_page(key, data)``, so the site
+opens from disk without a server; each page is small so a model with thousands of heads loads fast)::
+
+    RUN/atlas/index.html
+    RUN/atlas/static/atlas.js, atlas.css
+    RUN/atlas/data/index.js                      model, sources, grid measures [L][H], collection sizes
+    RUN/atlas/data/layer/<L>.js                  {"layer": L, "heads": {"<H>": {source: per-head data}},
+                                                  "patterns": [{"prompt": i, "heads": {"<H>": [S][S]}}]}
+    RUN/atlas/data/search/<c>.js                 {"tokens": {token: ["L.H", ...]}} (c: first character)
+    RUN/atlas/data/c/<source>/<key>/ids.js       {"ids": [...], "summary": [[id, {scalar fields}], ...]}
+    RUN/atlas/data/c/<source>/<key>/<chunk>.js   {"items": {id: item}} (CHUNK items a page)
+
+The folder is written next to the old one and swapped in, so an interrupted build leaves the previous
+atlas intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import HeadscopeError
+from ..runs import RunDir, atomic_write_bytes, read_json
+from .collect import clean, collect
+
+CHUNK = 50
+"""Items of a collection (features, neurons) per data page."""
+SEARCH_PER_HEAD = 60
+"""Most tokens per head and source put into the token search index."""
+MAX_EXAMPLE_TOKENS = 48
+DEFAULT_EXAMPLES = (
+    "The cat sat on the mat. Then the dog ran to the park. The cat sat on the mat.",
+    "When Mary and John went to the store, John gave a drink to Mary because she was thirsty.",
+)
+"""Prompts whose attention patterns the static atlas shows for every head (the first repeats a
+sentence, so induction and previous-token heads are visible)."""
+
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def page_js(key: str, data) -> bytes:
+    """The JS text of one data page: ``window.__atlas_page(key, data);`` with every non-ASCII
+    character and ``<`` escaped, so no token text can end a script or be read as markup."""
+    body = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    body = body.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f"window.__atlas_page({json.dumps(key)},{body});\n".encode("ascii")
+
+
+def _safe(part: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_\-]", "_", str(part))
+    return s or "_"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse_head(key: str, L: int, H: int) -> tuple[int, int] | None:
+    m = re.fullmatch(r"(\d+)\.(\d+)", str(key))
+    if not m:
+        return None
+    layer, head = int(m.group(1)), int(m.group(2))
+    return (layer, head) if layer < L and head < H else None
+
+
+def _measures(sources: dict, L: int, H: int) -> list[dict]:
+    """Every numeric per-head field (top level, or one level down as ``a.b``) as a [L][H] grid."""
+    out = []
+    for src, data in sources.items():
+        per_head = data.get("per_head") or {}
+        fields: dict[str, list] = {}
+        for hk, d in per_head.items():
+            lh = _parse_head(hk, L, H)
+            if lh is None or not isinstance(d, dict):
+                continue
+            flat = {}
+            for k, v in d.items():
+                if _is_number(v):
+                    flat[k] = v
+                elif isinstance(v, dict):
+                    for k2, v2 in v.items():
+                        if _is_number(v2):
+                            flat[f"{k}.{k2}"] = v2
+            for k, v in flat.items():
+                grid = fields.setdefault(k, [[None] * H for _ in range(L)])
+                grid[lh[0]][lh[1]] = float(v)
+        for k, grid in fields.items():
+            vals = [v for row in grid for v in row if v is not None]
+            if not vals:
+                continue
+            out.append({"id": f"{src}.{k}", "source": src, "key": k, "label": f"{src}: {k.replace('_', ' ')}",
+                        "values": grid, "min": min(vals), "max": max(vals)})
+    return out
+
+
+def _tokens_in(obj, out: list, under_token_key: bool = False, depth: int = 0) -> None:
+    """Strings found under keys that name tokens (``token``, ``tokens``, ``top_tokens`` ...)."""
+    if depth > 8 or len(out) >= SEARCH_PER_HEAD:
+        return
+    if isinstance(obj, str):
+        if under_token_key:
+            out.append(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tokens_in(v, out, under_token_key or "tok" in str(k).lower(), depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _tokens_in(v, out, under_token_key, depth + 1)
+
+
+def normalize_token(t: str) -> str:
+    """Search form of a token: stripped of spaces (and the BPE markers Ġ/▁), lower-cased."""
+    return t.replace("Ġ", " ").replace("▁", " ").strip().lower()
+
+
+def shard_of(norm: str) -> str:
+    c = norm[:1]
+    return c if re.fullmatch(r"[a-z0-9]", c) else "_"
+
+
+def _search_index(sources: dict, L: int, H: int) -> dict[str, dict[str, list[str]]]:
+    shards: dict[str, dict[str, list[str]]] = {}
+    for src, data in sources.items():
+        for hk, d in (data.get("per_head") or {}).items():
+            if _parse_head(hk, L, H) is None:
+                continue
+            toks: list[str] = []
+            _tokens_in(d, toks)
+            for t in dict.fromkeys(normalize_token(t) for t in toks):
+                if t:
+                    heads = shards.setdefault(shard_of(t), {}).setdefault(t, [])
+                    if hk not in heads:
+                        heads.append(hk)
+    return shards
+
+
+def _collections(sources: dict) -> tuple[list[tuple[str, str, list[tuple[str, dict]]]], dict]:
+    """Split each source's top-level keys into collections (many items: pages) and small globals."""
+    colls, globs = [], {}
+    for src, data in sources.items():
+        for key, val in data.items():
+            if key == "per_head":
+                continue
+            items = None
+            if isinstance(val, dict) and val and all(isinstance(v, dict) for v in val.values()):
+                items = [(str(k), v) for k, v in val.items()]
+            elif isinstance(val, list) and val and all(isinstance(v, dict) for v in val):
+                items = [(str(v.get("id", i)), v) for i, v in enumerate(val)]
+            if items is not None:
+                colls.append((src, key, items))
+            else:
+                globs.setdefault(src, {})[key] = val
+    return colls, globs
+
+
+def _summary(item: dict) -> dict:
+    """Scalar fields of an item (shown in collection lists and used to sort them)."""
+    return {k: v for k, v in item.items() if (_is_number(v) or isinstance(v, str) and len(v) <= 80)
+            and not isinstance(v, bool)}
+
+
+def example_patterns(model, prompts, layers: list[int] | None = None) -> tuple[list[dict], list[dict]]:
+    """Attention patterns of every head on each example prompt.
+
+    Returns (examples, per_layer): examples ``[{"text", "tokens": [S]}]`` and per_layer[L] =
+    ``[{"prompt": i, "heads": {"<H>": [S][S] rounded to 3 decimals}}]``."""
+    from ..capture import capture
+    layers = list(range(model.n_layers)) if layers is None else layers
+    examples, per_layer = [], [[] for _ in range(model.n_layers)]
+    for i, text in enumerate(prompts):
+        ids = model.to_tokens(text)[:, :MAX_EXAMPLE_TOKENS]
+        cap = capture(model, ids, layers=layers, what={"pattern"})
+        examples.append({"text": text, "tokens": model.token_str(ids[0])})
+        for layer in layers:
+            p = cap["pattern"][layer][0].float().cpu()
+            per_layer[layer].append({"prompt": i, "heads": {
+                str(h): (torch.round(p[h] * 1000) / 1000).tolist() for h in range(model.n_heads)}})
+    return examples, per_layer
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("headscope.atlas") / "static"))
+
+
+def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...] | None = DEFAULT_EXAMPLES,
+                progress: bool = True) -> dict:
+    """Build ``RUN/atlas/`` from whatever the run directory holds; returns a summary
+    ``{"index": path of index.html, "sources": [...], "errors": {...}, "n_pages": int}``.
+
+    ``model``: when given (it must be the run's model), the attention patterns of every head on
+    ``examples`` are stored for the head pages."""
+    from tqdm import tqdm
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise HeadscopeError(f"not a headscope run directory (no run.json): {run_dir}")
+    info = read_json(run_dir / "run.json")
+    ident = info.get("model", {})
+    if model is not None:
+        model.check_identity(ident, f"run directory {run_dir}")
+    try:
+        L, H = int(ident["n_layers"]), int(ident["n_heads"])
+    except (KeyError, TypeError, ValueError):
+        raise HeadscopeError(f"{run_dir}/run.json records no model shape (n_layers, n_heads)") from None
+    got = collect(run_dir)
+    sources, errors = got["sources"], got["errors"]
+
+    ex_list, ex_layers = [], None
+    if model is not None and examples:
+        ex_list, ex_layers = example_patterns(model, examples)
+
+    final = run_dir / "atlas"
+    tmp = run_dir / f".atlas.tmp.{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pages = 0
+
+    def write(key: str, data) -> None:
+        nonlocal pages
+        if not all(SAFE_KEY.match(p) for p in key.split("/")):
+            raise HeadscopeError(f"internal: unsafe atlas page key {key!r}")
+        atomic_write_bytes(tmp / "data" / f"{key}.js", page_js(key, data))
+        pages += 1
+
+    try:
+        shutil.copytree(static_dir(), tmp / "static", ignore=shutil.ignore_patterns("index.html", "__pycache__"))
+        shutil.copy2(static_dir() / "index.html", tmp / "index.html")
+        bar = tqdm(total=L, desc="atlas: layer pages", unit=" layers", disable=not progress, file=sys.stderr)
+        for layer in range(L):
+            heads = {}
+            for h in range(H):
+                hk = f"{layer}.{h}"
+                heads[str(h)] = {src: data["per_head"][hk] for src, data in sources.items()
+                                 if hk in (data.get("per_head") or {})}
+            page = {"layer": layer, "heads": heads}
+            if ex_layers is not None:
+                page["patterns"] = ex_layers[layer]
+            write(f"layer/{layer}", page)
+            bar.update(1)
+        bar.close()
+        shards = _search_index(sources, L, H)
+        for shard, toks in shards.items():
+            write(f"search/{shard}", {"tokens": toks})
+        colls, globs = _collections(sources)
+        coll_index = []
+        for src, key, items in colls:
+            base = f"c/{_safe(src)}/{_safe(key)}"
+            chunks: dict[int, dict] = {}
+            id_to_chunk = {}
+            for i, (iid, item) in enumerate(items):
+                chunks.setdefault(i // CHUNK, {})[iid] = item
+                id_to_chunk[iid] = i // CHUNK
+            for c, chunk in chunks.items():
+                write(f"{base}/{c}", {"items": chunk})
+            write(f"{base}/ids", {"ids": [iid for iid, _ in items],
+                                  "summary": [[iid, _summary(item)] for iid, item in items]})
+            coll_index.append({"source": src, "key": key, "base": base, "n": len(items), "chunk": CHUNK})
+        index = {
+            "version": 1, "built": time.time(), "model": ident, "n_layers": L, "n_heads": H,
+            "sources": list(sources), "errors": errors,
+            "measures": _measures(sources, L, H),
+            "globals": globs, "collections": coll_index,
+            "search_shards": sorted(shards), "examples": ex_list,
+            "stages": {k: {kk: vv for kk, vv in v.items() if _is_number(vv) or isinstance(vv, str)}
+                       for k, v in (info.get("stages") or {}).items() if isinstance(v, dict)},
+        }
+        write("index", clean(index))
+        old = run_dir / f".atlas.old.{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"index": str(final / "index.html"), "sources": list(sources), "errors": errors, "n_pages": pages}
+
+
+def run_atlas(model, run: RunDir, examples: list[str] | None = None, **_ignored) -> dict:
+    """Pipeline stage: build the atlas of ``run`` (patterns of ``examples`` computed with ``model``)."""
+    return build_atlas(run.path, model=model, examples=list(examples) if examples else DEFAULT_EXAMPLES)

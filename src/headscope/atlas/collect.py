@@ -1,0 +1,119 @@
+"""Gather the atlas' data from a run directory.
+
+Sources, each optional (an absent instrument is simply left out, never faked):
+
+* ``heads``: ``RUN/heads/scores.json`` written by ``headscope heads score`` (induction, previous-token and
+  duplicate-token scores [L][H], prefix-induction scores [P][L][H]).
+* ``lens``, ``sae``, ``neurons``, ``explain``: ``headscope.<pkg>.atlas_data.atlas_data(run_dir)`` of each
+  instrument package, a dict ``{"per_head": {"L.H": {...}}, <global pages>...}``.
+
+:func:`collect` returns ``{"sources": {name: data}, "errors": {name: message}}``; a source whose package is
+not part of this build, or whose artifacts are not in the run directory, is absent from both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+from ..errors import HeadscopeError
+from ..runs import read_json
+
+INSTRUMENTS = ("lens", "sae", "neurons", "explain")
+"""Packages whose ``atlas_data`` module the atlas reads, in page order."""
+
+
+def heads_atlas_data(run_dir: Path) -> dict | None:
+    """Head scores as atlas data: ``{"per_head": {"L.H": {score: float}}, "prefix_induction": {...}}``,
+    or None when ``RUN/heads/scores.json`` does not exist."""
+    path = Path(run_dir) / "heads" / "scores.json"
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    try:
+        L, H = int(data["n_layers"]), int(data["n_heads"])
+        scores = data["scores"]
+    except (KeyError, TypeError, ValueError):
+        raise HeadscopeError(f"{path} lacks n_layers/n_heads/scores: not a head-scores file") from None
+    per_head: dict[str, dict] = {}
+    for name, grid in scores.items():
+        if len(grid) != L or any(len(row) != H for row in grid):
+            raise HeadscopeError(f"{path}: score '{name}' is not a [{L}][{H}] grid")
+        for layer in range(L):
+            for head in range(H):
+                per_head.setdefault(f"{layer}.{head}", {})[name] = grid[layer][head]
+    out = {"per_head": per_head}
+    prefix = data.get("prefix_induction")
+    if isinstance(prefix, dict) and "scores" in prefix:
+        lengths = prefix.get("prefix_lengths") or list(range(1, len(prefix["scores"]) + 1))
+        for layer in range(L):
+            for head in range(H):
+                per_head[f"{layer}.{head}"]["prefix_induction"] = {
+                    "prefix_lengths": lengths, "scores": [p[layer][head] for p in prefix["scores"]]}
+    if "config" in data:
+        out["config"] = data["config"]
+    return out
+
+
+def _instrument(name: str, run_dir: Path):
+    try:
+        mod = importlib.import_module(f"headscope.{name}.atlas_data")
+    except ModuleNotFoundError as e:
+        if e.name and f"headscope.{name}.atlas_data".startswith(e.name):
+            return None  # that instrument is not part of this build (yet)
+        raise
+    fn = getattr(mod, "atlas_data", None)
+    if fn is None:
+        return None
+    return fn(Path(run_dir))
+
+
+def collect(run_dir: Path, sources: tuple[str, ...] | None = None) -> dict:
+    """Every source's atlas data: ``{"sources": {name: data}, "errors": {name: message}}``.
+
+    A source that raises is reported in ``errors`` (shown on the page and on stderr) so that one
+    broken instrument does not take the whole atlas down."""
+    run_dir = Path(run_dir)
+    names = ("heads",) + INSTRUMENTS if sources is None else sources
+    out: dict = {"sources": {}, "errors": {}}
+    for name in names:
+        try:
+            data = heads_atlas_data(run_dir) if name == "heads" else _instrument(name, run_dir)
+        except (HeadscopeError, FileNotFoundError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, FileNotFoundError) or msg.startswith("missing file"):
+                continue  # artifacts not there: the stage has not run
+            out["errors"][name] = msg
+            print(f"headscope: warning: atlas section '{name}' left out: {msg}", file=sys.stderr)
+            continue
+        except Exception as e:  # noqa: BLE001 — one instrument's bug must not hide the others
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            out["errors"][name] = msg
+            print(f"headscope: warning: atlas section '{name}' failed: {msg}", file=sys.stderr)
+            continue
+        if data:
+            out["sources"][name] = clean(data)
+    return out
+
+
+def clean(obj, depth: int = 0):
+    """JSON-ready copy: tensors/arrays to lists, NaN/inf to None, keys to strings, tuples to lists."""
+    if depth > 40:
+        raise HeadscopeError("atlas data nests deeper than 40 levels")
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch / numpy
+        return clean(obj.tolist(), depth + 1)
+    if isinstance(obj, dict):
+        return {str(k): clean(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v, depth + 1) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)

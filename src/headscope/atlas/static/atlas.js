@@ -1,0 +1,596 @@
+/* headscope head atlas — plain JavaScript, no build step.
+ *
+ * Data pages are JS files (data/<key>.js) calling window.__atlas_page(key, data), so the site works
+ * from file:// as well as from `headscope atlas serve`. Every string from the data is put into the
+ * page with textContent / createTextNode: nothing from the data is ever parsed as HTML.
+ */
+"use strict";
+
+const A = { index: null, pages: {}, waiting: {}, live: false, liveInfo: null };
+
+window.__atlas_page = function (key, data) {
+  A.pages[key] = data;
+  const w = A.waiting[key];
+  delete A.waiting[key];
+  if (key === "index") { A.index = data; boot(); }
+  (w || []).forEach((r) => r.resolve(data));
+};
+
+function load(key) {
+  if (A.pages[key] !== undefined) return Promise.resolve(A.pages[key]);
+  return new Promise((resolve, reject) => {
+    const first = !A.waiting[key];
+    (A.waiting[key] = A.waiting[key] || []).push({ resolve, reject });
+    if (!first) return;
+    const s = document.createElement("script");
+    s.src = "data/" + key.split("/").map(encodeURIComponent).join("/") + ".js";
+    s.onerror = () => {
+      const w = A.waiting[key] || [];
+      delete A.waiting[key];
+      s.remove();
+      w.forEach((r) => r.reject(new Error("missing data page " + key)));
+    };
+    document.head.appendChild(s);
+  });
+}
+
+/* ---------- DOM helpers (text only) ---------- */
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "text") el.textContent = String(v);
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "style") Object.assign(el.style, v);
+    else if (k === "href") el.setAttribute("href", safeHref(v));
+    else el.setAttribute(k, String(v));
+  }
+  for (const kid of kids.flat(3)) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    el.appendChild(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return el;
+}
+function safeHref(v) { const s = String(v); return s.startsWith("#") ? s : "#/"; }
+function clear(el) { while (el.firstChild) el.removeChild(el.firstChild); return el; }
+function fmt(v, d = 3) {
+  if (v === null || v === undefined) return "—";
+  if (typeof v !== "number") return String(v);
+  if (Number.isInteger(v)) return String(v);
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
+  return v.toFixed(d);
+}
+function tokText(t) {
+  return String(t).replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/^ /, "␣");
+}
+function tok(t, extra) { return h("span", Object.assign({ class: "tok", title: JSON.stringify(String(t)) }, extra || {}), tokText(t)); }
+function isNum(v) { return typeof v === "number" && isFinite(v); }
+function section(title, ...kids) { return h("section", { class: "card" }, h("h2", { text: title }), ...kids); }
+function headLink(k) { return h("a", { href: "#/head/" + k, class: "headlink" }, k); }
+
+/* colour scales */
+function seqColor(x) { // 0..1 → white..deep blue
+  x = Math.max(0, Math.min(1, x));
+  const r = Math.round(247 - x * (247 - 8)), g = Math.round(251 - x * (251 - 69)), b = Math.round(255 - x * (255 - 148));
+  return `rgb(${r},${g},${b})`;
+}
+function divColor(x) { // -1..1 → red..white..blue
+  x = Math.max(-1, Math.min(1, x));
+  if (x >= 0) return seqColor(x);
+  const y = -x;
+  return `rgb(${Math.round(255 - y * 75)},${Math.round(247 - y * 200)},${Math.round(245 - y * 210)})`;
+}
+function actColor(x) { // 0..1 → white..orange
+  x = Math.max(0, Math.min(1, x));
+  return `rgba(255,${Math.round(140 - 40 * x)},0,${(0.08 + 0.8 * x).toFixed(3)})`;
+}
+function textOn(x) { return x > 0.55 ? "#fff" : "#111"; }
+
+/* ---------- boot and routing ---------- */
+function boot() {
+  const ix = A.index;
+  const m = ix.model || {};
+  document.getElementById("model").textContent =
+    `${m.model || "model"} · ${ix.n_layers} layers × ${ix.n_heads} heads`;
+  if (location.protocol.startsWith("http")) {
+    fetch("api/info").then((r) => (r.ok ? r.json() : null)).then((j) => {
+      if (j && j.live) { A.live = true; A.liveInfo = j; nav(); if (location.hash.startsWith("#/live") || location.hash.startsWith("#/head/")) route(); }
+    }).catch(() => {});
+  }
+  nav();
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+function nav() {
+  const n = clear(document.getElementById("nav"));
+  n.appendChild(h("a", { href: "#/" }, "Grid"));
+  for (const [i, c] of A.index.collections.entries()) n.appendChild(h("a", { href: "#/list/" + i }, collLabel(c)));
+  if (A.live) n.appendChild(h("a", { href: "#/live", id: "nav-live" }, "Live prompt"));
+}
+function collLabel(c) { return `${c.key.replace(/_/g, " ")} (${c.n})`; }
+
+function route() {
+  const main = clear(document.getElementById("main"));
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  window.scrollTo(0, 0);
+  try {
+    if (parts[0] === "head" && parts[1]) return headPage(main, parts[1]);
+    if (parts[0] === "list" && parts[1] !== undefined) return listPage(main, +parts[1]);
+    if (parts[0] === "item" && parts[2] !== undefined) return itemPage(main, +parts[1], parts.slice(2).join("/"));
+    if (parts[0] === "live") return livePage(main);
+    return gridPage(main);
+  } catch (e) { main.appendChild(h("p", { class: "error" }, "Error: " + e.message)); }
+}
+
+/* ---------- grid ---------- */
+const GRID = { measure: null, hits: null };
+
+function gridPage(main) {
+  const ix = A.index;
+  const ms = ix.measures;
+  if (GRID.measure === null && ms.length) {
+    const pref = ["heads.induction", "heads.prev_token"];
+    GRID.measure = (ms.find((m) => pref.includes(m.id)) || ms[0]).id;
+  }
+  const select = h("select", { id: "measure", onchange: (e) => { GRID.measure = e.target.value; drawGrid(); } },
+    ms.map((m) => h("option", { value: m.id, selected: m.id === GRID.measure ? "selected" : null }, m.label)));
+  const search = h("input", { id: "search", type: "search", placeholder: "search heads by token, e.g. the", size: 28 });
+  const hitsBox = h("div", { id: "hits", class: "muted" });
+  search.addEventListener("keydown", (e) => { if (e.key === "Enter") doSearch(search.value, hitsBox); });
+  const controls = h("div", { class: "controls" },
+    ms.length ? h("label", {}, "colour by ", select) : h("span", { class: "muted" }, "No per-head measures in this run yet."),
+    h("label", {}, search, h("button", { onclick: () => doSearch(search.value, hitsBox) }, "search")));
+  const grid = h("div", { id: "grid-wrap" });
+  const side = h("div", { id: "side" });
+  main.appendChild(h("div", { class: "gridpage" },
+    h("div", {}, section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard()),
+    side));
+  drawGrid();
+}
+
+function measureById(id) { return A.index.measures.find((m) => m.id === id); }
+
+function drawGrid() {
+  const ix = A.index, wrap = document.getElementById("grid-wrap");
+  if (!wrap) return;
+  clear(wrap);
+  const m = measureById(GRID.measure);
+  const L = ix.n_layers, H = ix.n_heads;
+  const table = h("table", { class: "grid", id: "grid" });
+  const hr = h("tr", {}, h("th", { class: "corner" }, "L \\ H"));
+  for (let j = 0; j < H; j++) hr.appendChild(h("th", {}, String(j)));
+  table.appendChild(hr);
+  const diverging = m && m.min < 0 && m.max > 0;
+  const scale = m ? (diverging ? Math.max(-m.min, m.max) : (m.max - m.min) || 1) : 1;
+  for (let i = 0; i < L; i++) {
+    const tr = h("tr", {}, h("th", {}, String(i)));
+    for (let j = 0; j < H; j++) {
+      const v = m ? m.values[i][j] : null;
+      let bg = "#f3f3f3", x = 0;
+      if (isNum(v)) {
+        x = diverging ? v / scale : (v - m.min) / scale;
+        bg = diverging ? divColor(x) : seqColor(x);
+      }
+      const key = `${i}.${j}`;
+      const hit = GRID.hits && GRID.hits.has(key);
+      const cell = h("td", { class: "cell" + (hit ? " hit" : "") + (GRID.hits && !hit ? " dim" : ""), "data-head": key,
+        title: `head ${key}` + (m ? ` · ${m.label}: ${fmt(v)}` : ""), style: { background: bg, color: textOn(Math.abs(x)) },
+        onclick: () => { location.hash = "#/head/" + key; } }, isNum(v) ? fmt(v, 2).replace(/^0\./, ".").replace(/^-0\./, "-.") : "");
+      tr.appendChild(cell);
+    }
+    table.appendChild(tr);
+  }
+  wrap.appendChild(table);
+  const legend = document.getElementById("legend");
+  if (legend) {
+    clear(legend);
+    if (m) legend.appendChild(h("span", { class: "muted" }, `${m.label}: min ${fmt(m.min)} · max ${fmt(m.max)} ` +
+      (diverging ? "(red < 0 < blue)" : "(white → blue)") + " · click a head to open its page"));
+  }
+  const side = document.getElementById("side");
+  if (side && m) {
+    clear(side);
+    const flat = [];
+    for (let i = 0; i < L; i++) for (let j = 0; j < H; j++) if (isNum(m.values[i][j])) flat.push([`${i}.${j}`, m.values[i][j]]);
+    flat.sort((a, b) => b[1] - a[1]);
+    side.appendChild(section(`Top heads · ${m.label}`,
+      h("table", { class: "kv" }, flat.slice(0, 15).map(([k, v]) => h("tr", {}, h("td", {}, headLink(k)), h("td", { class: "num" }, fmt(v)))))));
+    if (flat.length > 15) side.appendChild(section("Bottom heads",
+      h("table", { class: "kv" }, flat.slice(-5).reverse().map(([k, v]) => h("tr", {}, h("td", {}, headLink(k)), h("td", { class: "num" }, fmt(v)))))));
+  }
+}
+
+function sourcesCard() {
+  const ix = A.index;
+  const all = ["heads", "lens", "sae", "neurons", "explain"];
+  const label = { heads: "head scores", lens: "lenses", sae: "attention SAE", neurons: "next-token neurons", explain: "explanations" };
+  const rows = all.map((s) => h("tr", {},
+    h("td", {}, label[s]),
+    h("td", { class: ix.sources.includes(s) ? "ok" : (ix.errors[s] ? "error" : "muted") },
+      ix.sources.includes(s) ? "in this run" : (ix.errors[s] ? "failed: " + ix.errors[s] : "not in this run"))));
+  const stages = Object.keys(ix.stages || {});
+  return section("What this run holds", h("table", { class: "kv" }, rows),
+    stages.length ? h("p", { class: "muted" }, "finished stages: " + stages.join(", ")) : null,
+    h("p", { class: "muted" }, `built ${new Date(ix.built * 1000).toLocaleString()}`));
+}
+
+async function doSearch(q, box) {
+  clear(box);
+  const norm = String(q).replace(/[Ġ▁]/g, " ").trim().toLowerCase();
+  if (!norm) { GRID.hits = null; drawGrid(); return; }
+  const c = /^[a-z0-9]/.test(norm) ? norm[0] : "_";
+  let page = { tokens: {} };
+  if (A.index.search_shards.includes(c)) {
+    try { page = await load("search/" + c); } catch (e) { box.appendChild(h("span", { class: "error" }, e.message)); return; }
+  }
+  const exact = page.tokens[norm] || [];
+  const prefix = Object.keys(page.tokens).filter((t) => t !== norm && t.startsWith(norm)).slice(0, 20);
+  const heads = new Set(exact);
+  prefix.forEach((t) => page.tokens[t].forEach((k) => heads.add(k)));
+  GRID.hits = heads;
+  drawGrid();
+  box.appendChild(h("span", {}, heads.size ? `${heads.size} head(s) have “` : "No head has “", tokText(norm),
+    "” among their top tokens" + (prefix.length ? ` (also matching: ${prefix.slice(0, 8).map(tokText).join(", ")})` : "") + " ",
+    h("a", { href: "#/", onclick: () => { GRID.hits = null; drawGrid(); clear(box); } }, "clear")));
+}
+
+/* ---------- head page ---------- */
+async function headPage(main, key) {
+  const ix = A.index;
+  const m = /^(\d+)\.(\d+)$/.exec(key);
+  if (!m || +m[1] >= ix.n_layers || +m[2] >= ix.n_heads) { main.appendChild(h("p", { class: "error" }, "No head " + key)); return; }
+  const L = +m[1], H = +m[2];
+  const prev = H > 0 ? `${L}.${H - 1}` : (L > 0 ? `${L - 1}.${ix.n_heads - 1}` : null);
+  const next = H < ix.n_heads - 1 ? `${L}.${H + 1}` : (L < ix.n_layers - 1 ? `${L + 1}.0` : null);
+  main.appendChild(h("div", { class: "headtitle" },
+    h("h1", { id: "head-title" }, `Head ${key}`),
+    h("span", { class: "muted" }, `layer ${L}, head ${H}`),
+    prev ? h("a", { href: "#/head/" + prev }, "← " + prev) : null,
+    next ? h("a", { href: "#/head/" + next }, next + " →") : null,
+    h("a", { href: "#/" }, "grid")));
+  let page;
+  try { page = await load("layer/" + L); } catch (e) { main.appendChild(h("p", { class: "error" }, e.message)); return; }
+  const data = page.heads[String(H)] || {};
+  main.appendChild(measuresCard(L, H));
+  const order = ["heads", "lens", "sae", "neurons", "explain"].concat(Object.keys(data));
+  const done = new Set();
+  for (const src of order) {
+    if (done.has(src) || data[src] === undefined) continue;
+    done.add(src);
+    const r = RENDER[src] || renderGeneric;
+    main.appendChild(r(data[src], src, key));
+  }
+  main.appendChild(patternCard(page, L, H));
+}
+
+function measuresCard(L, H) {
+  const ms = A.index.measures;
+  if (!ms.length) return h("span");
+  const rows = ms.map((m) => {
+    const v = m.values[L][H];
+    const col = m.values[L].filter(isNum);
+    const all = m.values.flat().filter(isNum);
+    const rank = isNum(v) ? all.filter((x) => x > v).length + 1 : null;
+    const lrank = isNum(v) ? col.filter((x) => x > v).length + 1 : null;
+    const frac = isNum(v) && m.max > m.min ? (v - m.min) / (m.max - m.min) : 0;
+    return h("tr", {}, h("td", {}, m.label), h("td", { class: "num" }, fmt(v)),
+      h("td", {}, h("div", { class: "bar" }, h("div", { style: { width: (100 * frac).toFixed(1) + "%" } }))),
+      h("td", { class: "muted" }, rank ? `#${rank} of ${all.length} heads · #${lrank} in layer` : ""));
+  });
+  return section("Measures", h("table", { class: "kv measures" }, rows));
+}
+
+function patternCard(page, L, H) {
+  const card = section("Attention pattern");
+  const body = h("div", { id: "pattern-body" });
+  const ex = A.index.examples || [];
+  const pats = page.patterns || [];
+  if (ex.length && pats.length) {
+    const sel = h("select", { id: "pattern-prompt", onchange: () => show(+sel.value) },
+      ex.map((e, i) => h("option", { value: i }, e.text.slice(0, 80))));
+    card.appendChild(h("div", { class: "controls" }, h("label", {}, "example prompt ", sel)));
+    const show = (i) => { clear(body); const p = pats.find((x) => x.prompt === i); if (p) body.appendChild(patternView(ex[i].tokens, p.heads[String(H)])); };
+    card.appendChild(body);
+    show(0);
+  } else {
+    card.appendChild(h("p", { class: "muted" }, "No example patterns in this build (built without the model)."));
+    card.appendChild(body);
+  }
+  if (A.live) {
+    const input = h("input", { id: "head-prompt", type: "text", size: 60, placeholder: "type any prompt and press Enter" });
+    const run = async () => {
+      clear(body).appendChild(h("p", { class: "muted" }, "running the model…"));
+      try {
+        const res = await livePost({ prompt: input.value, heads: [`${L}.${H}`] });
+        clear(body).appendChild(patternView(res.tokens, res.heads[`${L}.${H}`].pattern));
+      } catch (e) { clear(body).appendChild(h("p", { class: "error" }, e.message)); }
+    };
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") run(); });
+    card.insertBefore(h("div", { class: "controls" }, input, h("button", { onclick: run }, "show pattern")), body);
+  }
+  return card;
+}
+
+/* pattern [dest][src] as a heat table; hover a row to see where that token looks */
+function patternView(tokens, pat) {
+  if (!pat) return h("p", { class: "muted" }, "no pattern");
+  const S = tokens.length;
+  const wrap = h("div", { class: "pattern" });
+  const focus = h("div", { class: "focus" }, h("span", { class: "muted" }, "hover a row (destination token) to read its attention"));
+  const t = h("table", { class: "pat" });
+  const hr = h("tr", {}, h("th", {}, ""));
+  for (let s = 0; s < S; s++) hr.appendChild(h("th", { class: "src" }, h("div", {}, tokText(tokens[s]))));
+  t.appendChild(hr);
+  for (let d = 0; d < S; d++) {
+    const tr = h("tr", { onmouseenter: () => showFocus(d) }, h("th", { class: "dst" }, tokText(tokens[d])));
+    for (let s = 0; s < S; s++) {
+      const v = s <= d ? pat[d][s] : null;
+      tr.appendChild(h("td", { title: isNum(v) ? `${tokText(tokens[d])} → ${tokText(tokens[s])}: ${fmt(v)}` : "",
+        style: { background: isNum(v) ? seqColor(Math.sqrt(v)) : "#fafafa" } }));
+    }
+    t.appendChild(tr);
+  }
+  function showFocus(d) {
+    clear(focus);
+    focus.appendChild(h("div", {}, "from ", tok(tokens[d]), " (position " + d + ") attention goes to:"));
+    focus.appendChild(h("div", { class: "toks" }, tokens.slice(0, d + 1).map((x, s) =>
+      tok(x, { style: { background: actColor(pat[d][s]) }, title: fmt(pat[d][s]) }))));
+  }
+  wrap.appendChild(h("div", { class: "patscroll" }, t));
+  wrap.appendChild(focus);
+  return wrap;
+}
+
+/* ---------- renderers per source ---------- */
+const RENDER = {};
+
+RENDER.heads = function (d, src) {
+  const card = section("Head scores");
+  const scal = Object.entries(d).filter(([, v]) => isNum(v) || v === null);
+  card.appendChild(h("table", { class: "kv" }, scal.map(([k, v]) => h("tr", {}, h("td", {}, k.replace(/_/g, " ")), h("td", { class: "num" }, fmt(v))))));
+  if (d.prefix_induction) {
+    const p = d.prefix_induction;
+    card.appendChild(h("div", {}, h("span", { class: "muted" }, "prefix induction by prefix length "), sparkline(p.scores, p.prefix_lengths)));
+  }
+  for (const [k, v] of Object.entries(d)) if (!isNum(v) && v !== null && k !== "prefix_induction") card.appendChild(renderKV(k, v));
+  return card;
+};
+
+function sparkline(ys, xs) {
+  const W = 220, Hh = 60, n = ys.length;
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", W); svg.setAttribute("height", Hh + 16); svg.setAttribute("class", "spark");
+  const vals = ys.filter(isNum);
+  const lo = Math.min(0, ...vals), hi = Math.max(1e-9, ...vals);
+  let dstr = "";
+  ys.forEach((y, i) => {
+    if (!isNum(y)) return;
+    const x = 10 + (i * (W - 20)) / Math.max(1, n - 1), yy = 4 + (Hh - 8) * (1 - (y - lo) / (hi - lo));
+    dstr += (dstr ? "L" : "M") + x.toFixed(1) + "," + yy.toFixed(1);
+    const c = document.createElementNS(ns, "circle");
+    c.setAttribute("cx", x); c.setAttribute("cy", yy); c.setAttribute("r", 2.5);
+    const t = document.createElementNS(ns, "title"); t.textContent = `${xs ? xs[i] : i}: ${fmt(y)}`; c.appendChild(t);
+    svg.appendChild(c);
+  });
+  const path = document.createElementNS(ns, "path");
+  path.setAttribute("d", dstr); svg.insertBefore(path, svg.firstChild);
+  const lab = document.createElementNS(ns, "text");
+  lab.setAttribute("x", 4); lab.setAttribute("y", Hh + 13);
+  lab.textContent = `${xs ? xs[0] : 0}…${xs ? xs[n - 1] : n - 1}   max ${fmt(hi)}`;
+  svg.appendChild(lab);
+  return svg;
+}
+
+/* generic: any JSON value as readable HTML (tokens as chips, token/activation pairs shaded) */
+function renderGeneric(d, src) { return section(titleOf(src), renderAny(d, 0)); }
+function titleOf(src) { return ({ lens: "Lens", sae: "Attention SAE features", neurons: "Next-token neurons it drives", explain: "Explanations" })[src] || src; }
+
+function renderKV(k, v) { return h("div", { class: "kvblock" }, h("h3", {}, k.replace(/_/g, " ")), renderAny(v, 1, k)); }
+
+function tokenAct(obj) {
+  // an object with a token list and a same-length number list → [tokens, values, valueKey]
+  const tk = Object.keys(obj).find((k) => /tok/i.test(k) && Array.isArray(obj[k]) && obj[k].length && obj[k].every((x) => typeof x === "string"));
+  if (!tk) return null;
+  const vk = Object.keys(obj).find((k) => k !== tk && Array.isArray(obj[k]) && obj[k].length === obj[tk].length && obj[k].every((x) => isNum(x) || x === null));
+  return vk ? [obj[tk], obj[vk], vk, tk] : null;
+}
+
+function shadedTokens(tokens, vals, label, maxAbs) {
+  const mx = maxAbs || Math.max(1e-9, ...vals.filter(isNum).map(Math.abs));
+  return h("div", { class: "toks shaded" }, tokens.map((t, i) =>
+    tok(t, { style: { background: isNum(vals[i]) ? actColor(Math.abs(vals[i]) / mx) : "transparent" }, title: `${JSON.stringify(String(t))} ${label}: ${fmt(vals[i])}` })));
+}
+
+function renderAny(v, depth, key) {
+  if (v === null || v === undefined) return h("span", { class: "muted" }, "—");
+  if (typeof v === "number") return h("span", { class: "num" }, fmt(v));
+  if (typeof v === "boolean") return h("span", {}, v ? "yes" : "no");
+  if (typeof v === "string") {
+    if (key && /^heads?$/.test(key) && /^\d+\.\d+$/.test(v)) return headLink(v);
+    return key && /tok/i.test(key) ? tok(v) : h("span", { class: "str" }, v);
+  }
+  if (Array.isArray(v)) {
+    if (!v.length) return h("span", { class: "muted" }, "(none)");
+    if (v.every((x) => typeof x === "string")) {
+      if (key && /^heads?$/.test(key)) return h("span", {}, v.map((x) => [/^\d+\.\d+$/.test(x) ? headLink(x) : x, " "]));
+      return h("div", { class: "toks" }, v.slice(0, 200).map((x) => tok(x)));
+    }
+    if (v.every((x) => isNum(x) || x === null)) {
+      return v.length > 12 ? sparkline(v) : h("span", { class: "nums" }, v.map((x) => fmt(x)).join("  "));
+    }
+    if (v.every((x) => x && typeof x === "object" && !Array.isArray(x))) return renderTable(v, depth, key);
+    if (v.every((x) => Array.isArray(x))) return h("div", {}, v.slice(0, 50).map((x) => h("div", {}, renderAny(x, depth + 1, key))));
+    return h("span", {}, v.slice(0, 100).map((x) => [renderAny(x, depth + 1, key), " "]));
+  }
+  if (typeof v === "object") {
+    const ta = tokenAct(v);
+    const dl = h("div", { class: "obj" });
+    if (ta) dl.appendChild(shadedTokens(ta[0], ta[1], ta[2]));
+    for (const [k, x] of Object.entries(v)) {
+      if (ta && (k === ta[3] || k === ta[2])) continue;
+      if (x !== null && typeof x === "object" && depth < 4) dl.appendChild(renderKV(k, x));
+      else dl.appendChild(h("div", { class: "kvline" }, h("span", { class: "k" }, k.replace(/_/g, " ") + ": "), renderAny(x, depth + 1, k)));
+    }
+    return dl;
+  }
+  return h("span", {}, String(v));
+}
+
+function renderTable(rows, depth, key) {
+  const first = rows[0];
+  const ta = tokenAct(first);
+  if (ta) { // examples with per-token values
+    const mx = Math.max(1e-9, ...rows.flatMap((r) => (tokenAct(r) || [[], []])[1].filter(isNum).map(Math.abs)));
+    return h("div", { class: "examples" }, rows.slice(0, 40).map((r) => {
+      const t = tokenAct(r);
+      const extra = Object.entries(r).filter(([k, x]) => t && k !== t[2] && k !== t[3] && (isNum(x) || typeof x === "string"));
+      return h("div", { class: "example" }, t ? shadedTokens(t[0], t[1], t[2], mx) : null,
+        extra.length ? h("span", { class: "muted small" }, extra.map(([k, x]) => `${k}: ${fmt(x)}`).join(" · ")) : null);
+    }));
+  }
+  const cols = [];
+  for (const r of rows.slice(0, 50)) for (const k of Object.keys(r)) if (!cols.includes(k) && cols.length < 10) cols.push(k);
+  const t = h("table", { class: "data" }, h("tr", {}, cols.map((c) => h("th", {}, c.replace(/_/g, " ")))));
+  for (const r of rows.slice(0, 100)) {
+    t.appendChild(h("tr", {}, cols.map((c) => h("td", {}, cellValue(r, c, depth)))));
+  }
+  return h("div", { class: "tablewrap" }, t, rows.length > 100 ? h("p", { class: "muted" }, `${rows.length - 100} more rows not shown`) : null);
+}
+
+function cellValue(r, c, depth) {
+  const v = r[c];
+  const link = itemLink(c, v, r);
+  if (link) return link;
+  if (v !== null && typeof v === "object" && depth > 3) return h("span", { class: "muted" }, "…");
+  return renderAny(v, depth + 1, c);
+}
+
+/* links from a row to collection items: {"feature": 12} → the feature page; {"neuron": "5.123"} → neuron page */
+function itemLink(col, v, row) {
+  if (v === null || v === undefined || typeof v === "object") return null;
+  const colls = A.index.collections;
+  for (const [i, c] of colls.entries()) {
+    const singular = c.key.replace(/s$/, "");
+    if (col === singular || col === singular + "_id" || col === "id" && false) {
+      return h("a", { href: `#/item/${i}/${encodeURIComponent(String(v))}` }, String(v));
+    }
+  }
+  if ((col === "head" || col === "heads") && /^\d+\.\d+$/.test(String(v))) return headLink(String(v));
+  return null;
+}
+
+/* ---------- collections (features, neurons) ---------- */
+const LIST = {};
+async function listPage(main, ci) {
+  const c = A.index.collections[ci];
+  if (!c) { main.appendChild(h("p", { class: "error" }, "No such list")); return; }
+  main.appendChild(h("h1", {}, `${c.source}: ${c.key.replace(/_/g, " ")}`));
+  let ids;
+  try { ids = await load(c.base + "/ids"); } catch (e) { main.appendChild(h("p", { class: "error" }, e.message)); return; }
+  const st = LIST[ci] = LIST[ci] || { sort: null, desc: true, page: 0, q: "" };
+  const cols = [];
+  for (const [, s] of ids.summary.slice(0, 200)) for (const k of Object.keys(s)) if (!cols.includes(k) && cols.length < 8) cols.push(k);
+  const box = h("div", {});
+  const filter = h("input", { type: "search", placeholder: "filter (text in any column)", value: st.q });
+  filter.addEventListener("input", () => { st.q = filter.value; st.page = 0; draw(); });
+  main.appendChild(section(`${c.n} items`, h("div", { class: "controls" }, filter), box));
+  function draw() {
+    clear(box);
+    let rows = ids.summary;
+    if (st.q) { const q = st.q.toLowerCase(); rows = rows.filter(([id, s]) => (id + " " + Object.values(s).join(" ")).toLowerCase().includes(q)); }
+    if (st.sort) rows = rows.slice().sort((a, b) => cmp(a[1][st.sort], b[1][st.sort]) * (st.desc ? -1 : 1));
+    const per = 100, pages = Math.max(1, Math.ceil(rows.length / per));
+    const t = h("table", { class: "data" }, h("tr", {}, h("th", {}, "id"), cols.map((k) => h("th", { class: "sortable",
+      onclick: () => { st.desc = st.sort === k ? !st.desc : true; st.sort = k; draw(); } }, k.replace(/_/g, " ") + (st.sort === k ? (st.desc ? " ▾" : " ▴") : "")))));
+    for (const [id, s] of rows.slice(st.page * per, (st.page + 1) * per)) {
+      t.appendChild(h("tr", {}, h("td", {}, h("a", { href: `#/item/${ci}/${encodeURIComponent(id)}` }, id)),
+        cols.map((k) => h("td", { class: isNum(s[k]) ? "num" : "" }, /tok/i.test(k) && typeof s[k] === "string" ? tok(s[k]) : fmt(s[k])))));
+    }
+    box.appendChild(h("div", { class: "tablewrap" }, t));
+    box.appendChild(h("div", { class: "controls" },
+      h("button", { onclick: () => { if (st.page > 0) { st.page--; draw(); } } }, "‹ prev"),
+      h("span", {}, ` page ${st.page + 1} / ${pages} (${rows.length} rows) `),
+      h("button", { onclick: () => { if (st.page < pages - 1) { st.page++; draw(); } } }, "next ›")));
+  }
+  draw();
+}
+function cmp(a, b) {
+  if (a === b) return 0; if (a === undefined || a === null) return -1; if (b === undefined || b === null) return 1;
+  return isNum(a) && isNum(b) ? a - b : String(a).localeCompare(String(b));
+}
+
+async function itemPage(main, ci, id) {
+  const c = A.index.collections[ci];
+  if (!c) { main.appendChild(h("p", { class: "error" }, "No such list")); return; }
+  main.appendChild(h("div", { class: "headtitle" }, h("h1", { id: "item-title" }, `${c.key.replace(/s$/, "").replace(/_/g, " ")} ${id}`),
+    h("a", { href: "#/list/" + ci }, "all " + c.key.replace(/_/g, " "))));
+  let ids;
+  try { ids = await load(c.base + "/ids"); } catch (e) { main.appendChild(h("p", { class: "error" }, e.message)); return; }
+  const pos = ids.ids.indexOf(id);
+  if (pos < 0) { main.appendChild(h("p", { class: "error" }, `No item ${id} in ${c.key}`)); return; }
+  const chunk = await load(`${c.base}/${Math.floor(pos / c.chunk)}`);
+  const item = chunk.items[id];
+  const r = ITEM_RENDER[c.source + "." + c.key] || ITEM_RENDER[c.key] || null;
+  main.appendChild(r ? r(item, c, id) : section(`${c.source} · ${c.key}`, renderAny(item, 0)));
+}
+const ITEM_RENDER = {};
+
+/* ---------- live prompt ---------- */
+async function livePost(body) {
+  const r = await fetch("api/prompt", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  let j = null;
+  try { j = await r.json(); } catch (e) { /* not JSON */ }
+  if (!r.ok) throw new Error((j && j.error) || `server answered ${r.status}`);
+  return j;
+}
+
+const LIVE = { prompt: "The cat sat on the mat. The cat sat on the", heads: "" };
+function livePage(main) {
+  if (!A.live) { main.appendChild(h("p", { class: "muted" }, "The live prompt box needs `headscope atlas serve RUN_DIR` (it runs the model).")); return; }
+  const info = A.liveInfo || {};
+  if (!LIVE.heads) LIVE.heads = (info.default_heads || []).join(", ");
+  const ta = h("textarea", { id: "live-prompt", rows: 3, cols: 80 });
+  ta.value = LIVE.prompt;
+  const heads = h("input", { id: "live-heads", type: "text", size: 40, value: LIVE.heads, placeholder: "heads, e.g. 3.1, 5.4" });
+  const out = h("div", { id: "live-out" });
+  const go = h("button", { id: "live-run", onclick: run }, "Run");
+  main.appendChild(section("Explore any prompt",
+    h("p", { class: "muted" }, `Runs ${info.model || "the model"} in the server. Views: ` + (info.views || []).join(", ") + `. At most ${info.max_tokens} tokens, ${info.max_heads} heads.`),
+    ta, h("div", { class: "controls" }, h("label", {}, "heads ", heads), go), out));
+  async function run() {
+    LIVE.prompt = ta.value; LIVE.heads = heads.value;
+    clear(out).appendChild(h("p", { class: "muted", id: "live-wait" }, "running the model…"));
+    const hs = heads.value.split(/[\s,]+/).filter(Boolean);
+    try {
+      const res = await livePost({ prompt: ta.value, heads: hs });
+      clear(out);
+      renderLive(out, res);
+    } catch (e) { clear(out).appendChild(h("p", { class: "error", id: "live-error" }, e.message)); }
+  }
+}
+
+function renderLive(out, res) {
+  out.appendChild(h("div", { class: "toks", id: "live-tokens" }, res.tokens.map((t) => tok(t))));
+  for (const [k, d] of Object.entries(res.heads || {})) {
+    const card = section(`Head ${k}`);
+    card.querySelector("h2").appendChild(h("span", {}, " ", headLink(k)));
+    if (d.lens) card.appendChild(lensPositions(res.tokens, d.lens));
+    if (d.pattern) card.appendChild(patternView(res.tokens, d.pattern));
+    for (const [kk, v] of Object.entries(d)) if (kk !== "pattern" && kk !== "lens") card.appendChild(renderKV(kk, v));
+    out.appendChild(card);
+  }
+  for (const [k, v] of Object.entries(res.views || {})) out.appendChild(section(k, renderAny(v, 0, k)));
+  for (const [k, v] of Object.entries(res.errors || {})) out.appendChild(h("p", { class: "error" }, `${k}: ${v}`));
+}
+
+/* lens: {"top_tokens": [S][k], "baseline": [S][k]?} → table of positions */
+function lensPositions(tokens, lens) {
+  const cols = Object.keys(lens).filter((k) => Array.isArray(lens[k]) && lens[k].length === tokens.length);
+  const t = h("table", { class: "data lenspos" }, h("tr", {}, h("th", {}, "position"), cols.map((c) => h("th", {}, c.replace(/_/g, " ")))));
+  tokens.forEach((x, i) => t.appendChild(h("tr", {}, h("td", {}, tok(x)), cols.map((c) => h("td", {}, renderAny(lens[c][i], 2, "tokens"))))));
+  return h("div", { class: "tablewrap" }, t);
+}
