@@ -1,0 +1,335 @@
+"""Training an attention-output SAE: ``run_train(model, run, layer=…, **options) -> dict``.
+
+Loop: batches from :class:`~headscope.sae.store.ShuffledBatches` (a pure function of (seed, step)),
+inputs scaled by one constant ``c = sqrt(d_in) / E‖z‖`` (estimated on the first block, so L1
+coefficients carry across models; folded out of the weights when saving), Adam (β = 0.9, 0.99 as the
+reference code), linear warm-up then linear decay over the last ``decay_frac`` of steps, L1
+coefficient warm-up, decoder rows kept at unit norm with the parallel gradient removed.
+
+Checkpoints (``sae/<name>/checkpoint/state.safetensors`` + ``state.json``) hold the parameters, the
+Adam moments, the dead-feature counters, the step and the history; a second run with the same options
+continues from the step after the checkpoint and gives the same weights as an uninterrupted run.
+
+Under ``torchrun`` (gloo on CPU, nccl on GPU) each rank streams its own blocks, gradients and
+feature-firing counts are averaged/summed over ranks, rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import TokenCorpus
+from ..distributed import Distributed
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from .io import save_sae
+from .model import AttnSAE, SAEConfig
+from .store import CacheSource, ModelSource, ShuffledBatches
+
+
+@dataclass
+class TrainConfig:
+    """Options of one SAE training run (everything that determines the result)."""
+
+    layer: int
+    """Layer whose z is encoded."""
+    architecture: str = "topk"
+    """``standard`` (ReLU + L1, the paper's) or ``topk``."""
+    expansion: int = 4
+    """d_sae = expansion · d_in (ignored when ``d_sae`` is set)."""
+    d_sae: int | None = None
+    """Number of features."""
+    k: int = 32
+    """TopK: active features per token."""
+    l1_coeff: float = 5.0
+    """Standard: L1 coefficient (in units of the normalised input, where E‖x‖ = sqrt(d_in))."""
+    lr: float = 1e-3
+    """Adam learning rate (β = 0.9, 0.99)."""
+    batch_size: int = 1024
+    """Token rows per step per process."""
+    n_tokens: int = 2_000_000
+    """Training tokens (all processes together)."""
+    warmup_steps: int = 100
+    """Linear lr warm-up."""
+    decay_frac: float = 0.2
+    """Fraction of steps at the end over which lr decays linearly to zero."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of steps over which the L1 coefficient ramps up from 0."""
+    k_aux: int = 256
+    """TopK: dead features used by the auxiliary loss."""
+    aux_coeff: float = 1 / 32
+    """TopK: weight of the auxiliary loss."""
+    dead_tokens: int | None = None
+    """A feature is dead after this many tokens without firing (default: n_tokens / 10, at most 10M)."""
+    resample_every: int = 0
+    """Standard: resample dead features every this many steps (0: never), at most ``resample_max`` times."""
+    resample_max: int = 4
+    init_b_dec: str = "mean"
+    """``mean`` (b_dec starts at the mean input) or ``zero`` (the reference code)."""
+    seed: int = 0
+    corpus: str = "default"
+    seq_len: int = 128
+    buffer_tokens: int = 65536
+    """Tokens per shuffling block (bounds the store's memory: buffer_tokens · d_in · 4 bytes)."""
+    model_batch: int = 16
+    """Sequences per model forward pass while streaming."""
+    cache: str | None = None
+    """Read activations from this disk cache (``headscope sae cache``) instead of running the model."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+
+    def resolved_d_sae(self, d_in: int) -> int:
+        return int(self.d_sae or self.expansion * d_in)
+
+    def n_steps(self, world_size: int = 1) -> int:
+        return max(1, self.n_tokens // (self.batch_size * world_size))
+
+    def result_keys(self) -> dict:
+        """Options that change the result (compared on resume)."""
+        d = asdict(self)
+        for k in ("checkpoint_every", "model_batch"):
+            d.pop(k)
+        return d
+
+
+def lr_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
+    """Learning rate at ``step``: linear warm-up, constant, linear decay over the last ``decay_frac``."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay_start = int(n_steps * (1 - cfg.decay_frac))
+    if cfg.decay_frac > 0 and step >= decay_start:
+        lr *= max(0.0, (n_steps - step) / max(1, n_steps - decay_start))
+    return lr
+
+
+def sae_dir(run: RunDir, name: str) -> Path:
+    """Folder of SAE ``name`` in a run directory."""
+    return run / f"sae/{name}"
+
+
+def _make_source(model: Model, cfg: TrainConfig):
+    if cfg.cache:
+        return CacheSource(cfg.cache, [cfg.layer], model)
+    corpus = TokenCorpus(model, cfg.corpus, seq_len=cfg.seq_len)
+    return ModelSource(model, corpus, [cfg.layer], buffer_tokens=cfg.buffer_tokens, batch_size=cfg.model_batch)
+
+
+def _save_checkpoint(path: Path, sae: AttnSAE, opt: torch.optim.Optimizer, state: dict, since_fired: torch.Tensor):
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for key, v in st.items():
+            tensors[f"opt.{i}.{key}"] = torch.as_tensor(v).reshape(-1) if key == "step" else v
+    tensors["since_fired"] = since_fired
+    tensors["fired_window"] = state.pop("_fired_window")
+    write_tensors(path / "state.safetensors", tensors, metadata={"step": str(state["step"])})
+    write_json(path / "state.json", state)
+
+
+def _load_checkpoint(path: Path, sae: AttnSAE, opt: torch.optim.Optimizer, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    state = read_json(path / "state.json")
+    t = read_tensors(path / "state.safetensors", device=str(device))
+    from ..runs import read_metadata
+    if read_metadata(path / "state.safetensors").get("step") != str(state.get("step")):
+        raise HeadscopeError(f"checkpoint in {path} is inconsistent (state.json and state.safetensors differ in step); "
+                             "delete the checkpoint folder to start over")
+    sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
+    sd = opt.state_dict()
+    new_state = {}
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            new_state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+    sd["state"] = new_state
+    opt.load_state_dict(sd)
+    return state, t["since_fired"], t["fired_window"]
+
+
+@torch.no_grad()
+def _resample(sae: AttnSAE, rows: torch.Tensor, dead: torch.Tensor, opt: torch.optim.Optimizer, g: torch.Generator) -> int:
+    """Anthropic/Kissane resampling: dead features get the direction of inputs sampled ∝ loss²;
+    encoder rows are scaled to 0.2 × the mean alive encoder norm; their Adam moments are reset."""
+    idx = dead.nonzero().flatten()
+    if idx.numel() == 0:
+        return 0
+    pool = rows[torch.randperm(rows.shape[0], generator=g)[:8192]].to(sae.W_dec.device)
+    loss = (sae(pool).recon - pool).pow(2).sum(-1)
+    p = loss.pow(2)
+    if not torch.isfinite(p).all() or p.sum() <= 0:
+        return 0
+    pick = torch.multinomial(p.cpu(), idx.numel(), replacement=idx.numel() > pool.shape[0], generator=g)
+    x = pool[pick] - sae.b_dec
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    alive = ~dead
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[idx] = x
+    sae.W_enc[:, idx] = (x * 0.2 * enc_norm).T
+    sae.b_enc[idx] = 0.0
+    for p_ in (sae.W_enc, sae.b_enc, sae.W_dec):
+        st = opt.state.get(p_, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                if p_ is sae.W_enc:
+                    st[key][:, idx] = 0
+                else:
+                    st[key][idx] = 0
+    return int(idx.numel())
+
+
+def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None, progress: bool = True,
+              stop_at_step: int | None = None, dist: Distributed | None = None, **options) -> dict:
+    """Train (or resume, or skip if done) an SAE on z of ``layer``; options are :class:`TrainConfig` fields.
+
+    Writes ``sae/<name>/`` (SAELens format: ``cfg.json``, ``sae_weights.safetensors``), ``train.json``
+    (config, history, throughput) and the checkpoint folder. ``stop_at_step`` stops after that many
+    steps with a checkpoint, as an interrupt would (used by the resume test). Returns train.json's dict.
+    """
+    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise HeadscopeError(f"unknown SAE training option(s): {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(layer=layer, **options)
+    model.check_layer(layer)
+    for key in ("batch_size", "n_tokens", "buffer_tokens", "expansion", "k"):
+        if getattr(cfg, key) <= 0:
+            raise HeadscopeError(f"{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise HeadscopeError(f"learning rate must be a positive number, got {cfg.lr}")
+    if cfg.init_b_dec not in ("mean", "zero"):
+        raise HeadscopeError(f"init-b-dec must be 'mean' or 'zero', got '{cfg.init_b_dec}'")
+    dist = dist or Distributed()
+    name = name or f"L{layer}"
+    out = sae_dir(run, name)
+    stage = f"sae/{name}/train"
+    if run.is_done(stage) and (out / "train.json").is_file():
+        return read_json(out / "train.json")
+    device = model.device
+    dist.init(str(device))
+    d_in = model.n_heads * model.d_head
+    scfg = SAEConfig(d_in=d_in, d_sae=cfg.resolved_d_sae(d_in), n_heads=model.n_heads, d_head=model.d_head,
+                     layer=layer, architecture=cfg.architecture, k=cfg.k, model=model.identity(),
+                     context_size=cfg.seq_len, dataset=cfg.corpus)
+    source = _make_source(model, cfg)
+    batches = ShuffledBatches(source, layer, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    n_steps = cfg.n_steps(dist.world_size)
+    dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 20, min(10_000_000, cfg.n_tokens // 10))
+    sae = AttnSAE(scfg, seed=cfg.seed).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    ck = out / "checkpoint"
+    since_fired = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # tokens since each feature fired
+    fired_window = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # firings since the last resample
+    if (ck / "state.json").is_file():
+        state, since_fired, fired_window = _load_checkpoint(ck, sae, opt, device)
+        if state.get("config") != cfg.result_keys():
+            raise HeadscopeError(f"{out} holds a checkpoint made with other options; use another --name or delete it")
+        since_fired = since_fired.to(device)
+        step0, scale, history = int(state["step"]), float(state["scale"]), state["history"]
+        n_resampled, elapsed = int(state.get("resamples", 0)), float(state.get("elapsed_s", 0.0))
+    else:
+        first = batches.block_rows(0).to(device)
+        if not torch.isfinite(first).all():
+            raise HeadscopeError(f"non-finite z activations at layer {layer} in the first block (before step 0)")
+        scale_t = torch.tensor(math.sqrt(d_in) / first.norm(dim=1).mean().clamp_min(1e-12).item(), device=device)
+        dist.broadcast(scale_t)
+        scale = float(scale_t)
+        if cfg.init_b_dec == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(first.mean(0) * scale)
+        for p in sae.parameters():
+            dist.broadcast(p.data)
+        step0, history, n_resampled, elapsed = 0, [], 0, 0.0
+    from tqdm import tqdm
+    bar = tqdm(total=n_steps, initial=step0, desc=f"SAE {name} (layer {layer})", unit=" step", file=sys.stderr,
+               disable=not (progress and dist.primary))
+    t0 = time.time()
+    stop = n_steps if stop_at_step is None else min(n_steps, stop_at_step)
+    acc = {"loss": 0.0, "mse": 0.0, "l0": 0.0, "fve": 0.0, "n": 0}
+    step = step0
+    for step, x in batches.iterate(step0, stop):
+        x = x.to(device) * scale
+        if not torch.isfinite(x).all():
+            raise HeadscopeError(f"non-finite z activations at layer {layer} in the batch of step {step}")
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(cfg, step, n_steps)
+        l1 = cfg.l1_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps)))
+        dead = since_fired >= dead_tokens
+        o = sae(x)
+        losses = sae.loss(x, o, l1_coeff=l1, dead=dead, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff)
+        if not torch.isfinite(losses["loss"]):
+            raise HeadscopeError(f"SAE loss became {losses['loss'].item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        dist.all_reduce_grads(sae.parameters())
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            fired = (o.acts > 0).sum(0)
+            dist.all_reduce(fired, "sum")
+            since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + x.shape[0] * dist.world_size)
+            fired_window += fired
+            var = (x - x.mean(0)).pow(2).sum()
+            acc["loss"] += losses["loss"].item()
+            acc["mse"] += losses["mse"].item()
+            acc["l0"] += (o.acts > 0).float().sum(-1).mean().item()
+            acc["fve"] += 1 - ((o.recon - x).pow(2).sum() / var.clamp_min(1e-12)).item()
+            acc["n"] += 1
+        if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
+                and n_resampled < cfg.resample_max and step + 1 < n_steps:
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            n_dead = _resample(sae, batches.block_rows(step) * scale, fired_window == 0, opt, g)
+            for p in sae.parameters():
+                dist.broadcast(p.data)
+            fired_window.zero_()
+            n_resampled += 1
+            history.append({"step": step + 1, "resampled": n_dead})
+        if (step + 1) % 10 == 0 or step + 1 == stop:
+            n = max(1, acc["n"])
+            rec = {"step": step + 1, "loss": acc["loss"] / n, "mse": acc["mse"] / n, "l0": acc["l0"] / n,
+                   "fve": acc["fve"] / n, "dead_frac": float((since_fired >= dead_tokens).float().mean()),
+                   "lr": lr_at(cfg, step, n_steps)}
+            history.append(rec)
+            acc = {k: 0.0 for k in acc} | {"n": 0}
+            bar.set_postfix(L0=f"{rec['l0']:.1f}", MSE=f"{rec['mse']:.3g}", FVE=f"{rec['fve']:.3f}",
+                            dead=f"{rec['dead_frac']:.2f}")
+        bar.update(1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
+            if dist.primary:
+                _save_checkpoint(ck, sae, opt, {"step": step + 1, "scale": scale, "history": history,
+                                                "resamples": n_resampled, "config": cfg.result_keys(),
+                                                "elapsed_s": elapsed + time.time() - t0,
+                                                "_fired_window": fired_window}, since_fired)
+            dist.barrier()
+    bar.close()
+    elapsed += time.time() - t0
+    done_steps = step + 1 if stop > step0 else step0
+    if done_steps < n_steps:
+        return {"name": name, "stopped_at_step": done_steps, "n_steps": n_steps}
+    final = fold_scale(sae, scale)
+    summary = {"name": name, "layer": layer, "sae": scfg.to_dict() | {"model": None}, "config": asdict(cfg),
+               "n_steps": n_steps, "tokens": n_steps * cfg.batch_size * dist.world_size, "world_size": dist.world_size,
+               "input_scale": scale, "elapsed_s": elapsed,
+               "tokens_per_s": (n_steps - step0) * cfg.batch_size * dist.world_size / max(1e-9, time.time() - t0),
+               "final": next((h for h in reversed(history) if "l0" in h), {}), "history": history}
+    if dist.primary:
+        save_sae(final, out)
+        write_json(out / "train.json", summary)
+        run.mark_done(stage, {"l0": summary["final"].get("l0"), "fve": summary["final"].get("fve")})
+    dist.barrier()
+    return summary
+
+
+@torch.no_grad()
+def fold_scale(sae: AttnSAE, scale: float) -> AttnSAE:
+    """An SAE on raw z equivalent to ``sae`` trained on ``scale · z`` (ReLU and TopK are positively
+    homogeneous, so f_raw = f / scale with W unchanged, b_enc / scale, b_dec / scale)."""
+    new = AttnSAE(sae.cfg).to(sae.W_dec.device)
+    new.load_state_dict(sae.state_dict())
+    new.b_enc.div_(scale)
+    new.b_dec.div_(scale)
+    return new.cpu()
