@@ -6,7 +6,9 @@ For neuron n of layer l and head h of layer k, on a prompt whose last position i
 
 * ρ_{k,h} is what head h puts into the residual stream at i: r_{k,h} = z_h · W_O[h] (no b_O), centred
   over d for LayerNorm models (LayerNorm subtracts the mean), and for architectures with a norm after
-  attention (Gemma-2) linearised through it at its actual scale: γ_post ⊙ r / σ_post(attn_out).
+  attention (Gemma-2) linearised through it at its actual scale: γ_post ⊙ r / σ_post(attn_out), σ_post
+  held fixed (like σ below; the exact Jacobian of a scale-invariant norm would make the same-layer
+  heads' attributions sum to zero).
 * w̃_n is the neuron's input direction with the pre-MLP norm's gain γ folded in:
   standard MLP w̃_n = γ ⊙ W_in[:, n]; gated MLP, first order at the actual gate value g and up value u
   of this prompt: w̃_n = γ ⊙ (act′(g)·u·W_gate[:, n] + act(g)·W_up[:, n]) (``gated="full"``), or only

@@ -1,0 +1,77 @@
+"""Congruence (find) against a direct numpy/scipy computation from the raw HF weights."""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from headscope.errors import HeadscopeError
+from headscope.neurons import congruence
+from headscope.testing.tiny import FAMILIES, tiny_model
+
+
+def _raw_weights(m, layer):
+    """W_out [M, d], W_U [V, d], final gain [d] read straight from the HF modules, in numpy."""
+    hf = m.hf
+    fam = m.arch.family
+    if fam == "gpt2":
+        blk, fn = hf.transformer.h[layer], hf.transformer.ln_f
+        W_out = blk.mlp.c_proj.weight.detach().numpy()          # Conv1D: [in=M, out=d]
+        gain = fn.weight.detach().numpy()
+    elif fam == "gpt_neox":
+        blk, fn = hf.gpt_neox.layers[layer], hf.gpt_neox.final_layer_norm
+        W_out = blk.mlp.dense_4h_to_h.weight.detach().numpy().T  # Linear: [out=d, in=M]
+        gain = fn.weight.detach().numpy()
+    else:
+        blk, fn = hf.model.layers[layer], hf.model.norm
+        W_out = blk.mlp.down_proj.weight.detach().numpy().T
+        gain = fn.weight.detach().numpy() + (1.0 if fam == "gemma2" else 0.0)
+    WU = hf.lm_head.weight.detach().numpy() if hasattr(hf, "lm_head") else hf.embed_out.weight.detach().numpy()
+    W_out = W_out.astype(np.float64)
+    if fam in ("gpt2", "gpt_neox"):
+        W_out = W_out - W_out.mean(1, keepdims=True)
+    return W_out, WU.astype(np.float64) * gain.astype(np.float64)[None]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_congruence_matches_numpy(family):
+    m = tiny_model(family)
+    for layer in (0, 2):
+        lc = congruence.layer_congruence(m, layer, chunk=7)  # chunking must not matter
+        W_out, WU = _raw_weights(m, layer)
+        C = W_out @ WU.T                                                           # [M, V]
+        np.testing.assert_array_equal(lc.token.numpy(), C.argmax(1))
+        np.testing.assert_allclose(lc.dot.numpy(), C.max(1), rtol=1e-4, atol=1e-5)
+        cos = C.max(1) / (np.linalg.norm(W_out, axis=1) * np.linalg.norm(WU[C.argmax(1)], axis=1))
+        np.testing.assert_allclose(lc.cos.numpy(), cos, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(lc.kurtosis.numpy(), scipy.stats.kurtosis(C, axis=1, fisher=False), rtol=1e-3)
+        np.testing.assert_allclose(lc.skew.numpy(), scipy.stats.skew(C, axis=1), rtol=1e-3, atol=1e-4)
+        sup = congruence.layer_congruence(m, layer, kind="suppression")
+        np.testing.assert_array_equal(sup.token.numpy(), C.argmin(1))
+        np.testing.assert_allclose(sup.dot.numpy(), -C.min(1), rtol=1e-4, atol=1e-5)
+
+
+def test_find_ranks_and_filters():
+    m = tiny_model("llama_gqa")
+    res = congruence.find_neurons(m, [1, 2], per_layer=4, require_space=True, min_chars=3)
+    lc = congruence.layer_congruence(m, 2)
+    for n in res["neurons"]:
+        assert n["token"].startswith(" ") and len(n["token"].strip()) >= 3
+    l2 = [n for n in res["neurons"] if n["layer"] == 2]
+    assert [n["rank"] for n in l2] == list(range(len(l2)))
+    dots = [n["dot"] for n in l2]
+    assert dots == sorted(dots, reverse=True)
+    # every neuron with a larger dot than the last chosen one was rejected by the filter
+    passing = [i for i in range(m.d_mlp)
+               if congruence.token_passes(m.tokenizer.decode([int(lc.token[i])]), True, 3, set())]
+    best = sorted(passing, key=lambda i: -float(lc.dot[i]))[:4]
+    assert [n["neuron"] for n in l2] == best
+    # a reject list removes a token
+    tok = l2[0]["token"]
+    res2 = congruence.find_neurons(m, [2], per_layer=4, reject=[tok])
+    assert all(n["token"] != tok for n in res2["neurons"])
+
+
+def test_no_neuron_passes_says_so():
+    m = tiny_model("gpt2")
+    with pytest.raises(HeadscopeError, match="no neuron .* passes the filters.*try"):
+        congruence.find_neurons(m, [2], per_layer=3, min_chars=50)
