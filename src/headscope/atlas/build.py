@@ -45,7 +45,7 @@ DEFAULT_EXAMPLES = (
 """Prompts whose attention patterns the static atlas shows for every head (the first repeats a
 sentence, so induction and previous-token heads are visible)."""
 
-SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 
 
 def page_js(key: str, data) -> bytes:
