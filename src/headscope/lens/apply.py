@@ -1,0 +1,310 @@
+"""Applying trained lenses: read heads on a prompt (show), localise token sets (scan), separate two
+prompt sets (classifier) and steer generation (steer).
+
+Every reading is gated by the held-out information gain from ``eval.json``: a head whose gain is not
+above zero reads nothing beyond base rates, and its tokens are not presented as meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..capture import HeadIntervention, capture, run_with_interventions
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import read_json
+from .collect import site_batch
+from .evaluate import baseline_logits
+from .lenses import LensBank
+
+MULTI_TOKEN = ("first", "skip")
+
+
+def load_gains(lens_folder: Path) -> dict[str, dict] | None:
+    """Per-head eval metrics from ``eval.json`` (None when the lenses were never evaluated)."""
+    p = Path(lens_folder) / "eval.json"
+    return read_json(p)["per_head"] if p.exists() else None
+
+
+def select_sites(bank: LensBank, sites: list[tuple[int, int]] | None) -> list[int]:
+    """Indices into ``bank.sites`` for ``sites`` (all when None); a head without a lens is an error."""
+    if sites is None:
+        return list(range(len(bank.sites)))
+    missing = [f"{l}.{h}" for l, h in sites if (l, h) not in bank.sites]
+    if missing:
+        raise HeadscopeError(f"no lens trained for head(s) {', '.join(missing)}; trained: "
+                             f"{', '.join(f'{l}.{h}' for l, h in bank.sites[:12])}{' …' if len(bank.sites) > 12 else ''}")
+    return [bank.sites.index(tuple(s)) for s in sites]
+
+
+def _sub_logits(bank: LensBank, R: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    lenses = bank.lens_index[torch.tensor(idx, dtype=torch.long)]
+    return bank(R, lenses=lenses.to(R.device))
+
+
+# -- show ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def show(model: Model, bank: LensBank, prompt: str, sites: list[tuple[int, int]] | None = None, k: int = 5,
+         gains: dict | None = None, null: torch.Tensor | None = None, by: str = "prob") -> dict:
+    """Per position, the top-k tokens of each selected head's lens and of its unembedding baseline.
+
+    ``by="prob"`` ranks by lens probability; ``by="lift"`` by log q_lens − log q_null (what the head
+    adds beyond base rates; needs ``null``). Returns {"tokens": [...], "heads": {"L.H": {"gain",
+    "informative", "positions": [{"lens": [[tok, p], ...], "unembed": [[tok, p], ...]}]}}}."""
+    if by not in ("prob", "lift"):
+        raise HeadscopeError(f"unknown ranking '{by}' (choose prob or lift)")
+    if by == "lift" and null is None:
+        raise HeadscopeError("ranking by lift needs the null lens (null.safetensors)")
+    ids = model.to_tokens(prompt)
+    idx = select_sites(bank, sites)
+    chosen = [bank.sites[i] for i in idx]
+    R, _ = site_batch(model, ids, chosen, logprobs=False)
+    logq = torch.log_softmax(_sub_logits(bank, R, idx), -1)
+    lq_base = torch.log_softmax(baseline_logits(model, R), -1)
+    if by == "lift":
+        rank = logq - torch.log_softmax(null.to(logq.device).float(), -1)
+    else:
+        rank = logq
+    out = {"tokens": model.token_str(ids[0]), "by": by, "heads": {}}
+    for j, (l, h) in enumerate(chosen):
+        name = f"{l}.{h}"
+        g = (gains or {}).get(name)
+        info = {"gain": g["gain"] if g else None, "informative": bool(g and g["gain"] > 0), "positions": []}
+        for t in range(R.shape[1]):
+            top = rank[j, t].topk(k).indices
+            base = lq_base[j, t].topk(k)
+            info["positions"].append({
+                "lens": [[s, float(logq[j, t, i].exp())] for s, i in zip(model.token_str(top), top)],
+                "unembed": [[s, float(p.exp())] for s, p in zip(model.token_str(base.indices), base.values)]})
+        out["heads"][name] = info
+    return out
+
+
+def format_show(res: dict, show_uninformative: bool = False) -> str:
+    """Plain-text table of :func:`show`'s result."""
+    lines = []
+    for name, info in res["heads"].items():
+        g = info["gain"]
+        head = f"head {name}: information gain " + ("unknown (run `headscope lens eval`)" if g is None else f"{g:+.3f} bits/token")
+        lines.append(head)
+        if g is not None and g <= 0 and not show_uninformative:
+            lines.append("  gain ≤ 0: this lens reads nothing beyond base rates from this head; tokens not shown "
+                         "(--show-uninformative to print them anyway)")
+            continue
+        for t, pos in enumerate(info["positions"]):
+            lens = " ".join(f"{s!r}:{p:.2f}" for s, p in pos["lens"])
+            base = " ".join(f"{s!r}" for s, _ in pos["unembed"])
+            lines.append(f"  {t:>3} {res['tokens'][t]!r:>14} | lens {lens} | unembed {base}")
+    return "\n".join(lines)
+
+
+# -- token lists and scan --------------------------------------------------------------------------------
+def resolve_token_list(model: Model, words: list[str], multi: str = "first") -> tuple[list[int], dict]:
+    """Token ids for ``words``. Each word counts as the single tokens among its spellings 'word' and
+    ' word' (with a leading space, as inside a sentence). A word with no single-token spelling uses the
+    first token of ' word' (``multi="first"``) or is skipped (``multi="skip"``); both are reported."""
+    if multi not in MULTI_TOKEN:
+        raise HeadscopeError(f"unknown multi-token policy '{multi}' (choose from {', '.join(MULTI_TOKEN)})")
+    words = [w.strip("\n") for w in words if w.strip()]
+    if not words:
+        raise HeadscopeError("the token list is empty")
+    ids: set[int] = set()
+    report = {"multi_token": [], "skipped": [], "used_first_token": []}
+    for w in words:
+        single = []
+        for spelling in (w, " " + w.lstrip()):
+            t = model.tokenizer(spelling, add_special_tokens=False)["input_ids"]
+            if len(t) == 1:
+                single.append(t[0])
+        if single:
+            ids.update(single)
+            continue
+        report["multi_token"].append(w)
+        if multi == "first":
+            ids.add(model.tokenizer(" " + w.lstrip(), add_special_tokens=False)["input_ids"][0])
+            report["used_first_token"].append(w)
+        else:
+            report["skipped"].append(w)
+    if not ids:
+        raise HeadscopeError(f"no word of the token list is a single token (multi-token: {', '.join(report['multi_token'][:10])}); "
+                             "use --multi-token first")
+    return sorted(ids), report
+
+
+@torch.no_grad()
+def prompt_features(model: Model, bank: LensBank, prompts: list[str], token_ids: list[int], k: int = 10,
+                    batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt and site: hit rate [P, K] (fraction of the prompt's positions where any listed token
+    is in the lens' top-k) and log-mass [P, K] (mean over positions of log Σ_{t∈list} q_lens(t))."""
+    if not prompts:
+        raise HeadscopeError("the prompt set is empty")
+    tok = torch.tensor(token_ids, device=model.device)
+    hits, mass = [], []
+    for a in range(0, len(prompts), batch_size):
+        chunk = prompts[a:a + batch_size]
+        rows = [model.to_tokens(p)[0] for p in chunk]
+        for ids in rows:  # one prompt at a time: no padding positions in the statistics
+            R, _ = site_batch(model, ids.unsqueeze(0), bank.sites, logprobs=False)
+            logq = torch.log_softmax(bank(R), -1)  # [K, S, V]
+            top = logq.topk(min(k, logq.shape[-1]), -1).indices  # [K, S, k]
+            hit = torch.isin(top, tok).any(-1).float().mean(-1)
+            m = torch.logsumexp(logq[..., tok], -1).mean(-1)
+            hits.append(hit.cpu())
+            mass.append(m.cpu())
+    return torch.stack(hits), torch.stack(mass)
+
+
+def heatmap(model: Model, sites: list[tuple[int, int]], values: torch.Tensor) -> list[list[float | None]]:
+    grid = [[None] * model.n_heads for _ in range(model.n_layers)]
+    for (l, h), v in zip(sites, values.tolist()):
+        grid[l][h] = v
+    return grid
+
+
+def scan(model: Model, bank: LensBank, words: list[str], prompts: list[str], k: int = 10, multi: str = "first",
+         contrast: list[str] | None = None, gains: dict | None = None, seed: int = 0) -> dict:
+    """How often each head's lens puts a listed token in its top-k over ``prompts`` (layer×head heatmap
+    of hit rates), and with ``contrast`` a prompt-set classifier (see :func:`classify`)."""
+    token_ids, report = resolve_token_list(model, words, multi)
+    hits, mass = prompt_features(model, bank, prompts, token_ids, k)
+    rate = hits.mean(0)
+    out = {"k": k, "tokens": model.token_str(token_ids), "token_ids": token_ids, "token_report": report,
+           "n_prompts": len(prompts), "hit_rate": {f"{l}.{h}": float(r) for (l, h), r in zip(bank.sites, rate)},
+           "heatmap_hit_rate": heatmap(model, bank.sites, rate)}
+    if gains:
+        out["uninformative_heads"] = [n for n in out["hit_rate"] if n in gains and gains[n]["gain"] <= 0]
+    if contrast is not None:
+        h2, m2 = prompt_features(model, bank, contrast, token_ids, k)
+        X = torch.cat([torch.cat([hits, mass], 1), torch.cat([h2, m2], 1)])
+        y = torch.cat([torch.ones(len(prompts)), torch.zeros(len(contrast))])
+        names = [f"{l}.{h}:hit" for l, h in bank.sites] + [f"{l}.{h}:logmass" for l, h in bank.sites]
+        out["classifier"] = classify(X, y, names, seed=seed)
+    return out
+
+
+# -- a small logistic regression (no scikit-learn dependency) ---------------------------------------------
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-regularised logistic regression on standardised X [n, f], y ∈ {0,1} [n] (L-BFGS). Returns
+    (w [f], b) for the standardised features."""
+    X, y = X.double(), y.double()
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = X @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def classify(X: torch.Tensor, y: torch.Tensor, names: list[str], holdout: float = 0.3, seed: int = 0,
+             top: int = 10) -> dict:
+    """Logistic regression separating two prompt sets from per-head lens statistics X [n, f]:
+    trained on a random (1 − holdout) split, accuracy reported on the held-out rest; the heads that
+    carry the signal are the features with the largest |weight| (features standardised on train)."""
+    n = X.shape[0]
+    if n < 4 or y.min() == y.max():
+        raise HeadscopeError("the classifier needs at least 2 prompts in each set")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_test = max(2, int(round(n * holdout)))
+    # stratify: keep both classes in the test split
+    pos, neg = perm[y[perm] == 1], perm[y[perm] == 0]
+    tp = max(1, int(round(len(pos) * holdout)))
+    tn = max(1, n_test - tp)
+    test = torch.cat([pos[:tp], neg[:tn]])
+    train = torch.cat([pos[tp:], neg[tn:]])
+    if len(train) < 2 or y[train].min() == y[train].max():
+        raise HeadscopeError("too few prompts to hold some out: give at least 4 prompts in each set")
+    mu, sd = X[train].mean(0), X[train].std(0).clamp_min(1e-6)
+    Z = (X - mu) / sd
+    w, b = fit_logistic(Z[train], y[train])
+    pred = ((Z.double() @ w + b) > 0).float()
+    acc_test = float((pred[test] == y[test]).float().mean())
+    acc_train = float((pred[train] == y[train]).float().mean())
+    order = w.abs().argsort(descending=True)[:top]
+    return {"n_train": len(train), "n_test": len(test), "train_accuracy": acc_train, "heldout_accuracy": acc_test,
+            "chance": float(max(y[test].mean(), 1 - y[test].mean())),
+            "top_features": [{"feature": names[i], "weight": float(w[i])} for i in order.tolist()]}
+
+
+# -- steer -----------------------------------------------------------------------------------------------
+@dataclass
+class Steer:
+    """One edit of a head: ``add`` a token direction (``token``; from the lens with ``from_lens``,
+    else the token's unembedding row W_U[t]) scaled to ``alpha`` × the head's mean output norm on the
+    prompt; or ``scale`` the head by ``alpha`` (``alpha=0`` ablates it)."""
+
+    layer: int
+    head: int
+    kind: str = "add"
+    token: str | None = None
+    alpha: float = 1.0
+    from_lens: bool = False
+
+
+@torch.no_grad()
+def generate(model: Model, ids: torch.Tensor, n: int, interventions=()) -> torch.Tensor:
+    """Greedy continuation of ids [1, S] by ``n`` tokens (interventions at every position)."""
+    for _ in range(n):
+        logits = run_with_interventions(model, ids, interventions)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        if ids.shape[1] >= model.n_ctx:
+            break
+    return ids
+
+
+def single_token(model: Model, word: str) -> int:
+    for spelling in (word, " " + word.lstrip()):
+        t = model.tokenizer(spelling, add_special_tokens=False)["input_ids"]
+        if len(t) == 1:
+            return t[0]
+    raise HeadscopeError(f"'{word}' is not a single token (nor with a leading space); pick a single-token word")
+
+
+@torch.no_grad()
+def steer(model: Model, prompt: str, edits: list[Steer], n_tokens: int = 20, bank: LensBank | None = None) -> dict:
+    """Generations before and after the edits, and each edit's resolved vector norm."""
+    if not edits:
+        raise HeadscopeError("no steering edit given")
+    ids = model.to_tokens(prompt)
+    ivs, described = [], []
+    for e in edits:
+        model.check_layer(e.layer), model.check_head(e.head)
+        if e.kind == "scale":
+            ivs.append(HeadIntervention(layer=e.layer, heads=[e.head], kind="scale", value=float(e.alpha)))
+            described.append({"head": f"{e.layer}.{e.head}", "kind": "scale", "alpha": e.alpha})
+            continue
+        if e.kind != "add":
+            raise HeadscopeError(f"unknown steering kind '{e.kind}' (choose add or scale)")
+        if e.token is None:
+            raise HeadscopeError("an 'add' edit needs a token")
+        t = single_token(model, e.token)
+        if e.from_lens:
+            if bank is None:
+                raise HeadscopeError("--from-lens needs trained lenses (--lenses RUN_DIR)")
+            i = select_sites(bank, [(e.layer, e.head)])[0]
+            direction = bank.direction(i, t).to(model.device)
+        else:
+            direction = model.W_U.detach()[t].float()
+        R, _ = site_batch(model, ids, [(e.layer, e.head)], logprobs=False)
+        scale = float(R[0].norm(dim=-1).mean())
+        vec = direction / direction.norm().clamp_min(1e-12) * scale * e.alpha
+        ivs.append(HeadIntervention(layer=e.layer, heads=[e.head], kind="add", value=vec.to(model.dtype)))
+        described.append({"head": f"{e.layer}.{e.head}", "kind": "add", "token": model.token_str([t])[0],
+                          "alpha": e.alpha, "from_lens": e.from_lens, "norm": float(vec.norm())})
+    before = generate(model, ids, n_tokens)
+    after = generate(model, ids, n_tokens, ivs)
+    dec = model.tokenizer.decode
+    S = ids.shape[1]
+    return {"prompt": prompt, "edits": described, "before": dec(before[0, S:].tolist()),
+            "after": dec(after[0, S:].tolist())}

@@ -1,0 +1,272 @@
+"""Lens parameterizations for many heads at once: one :class:`LensBank` holds the lenses of K sites.
+
+A *site* is one head (layer ℓ, head h); its input is the head result r_h = z_h · W_O[h] (no b_O), shape
+[d] per token (see DESIGN.md). A lens maps r_h to vocabulary logits [V]. Row-vector convention (x is a
+row, so "A·r" of the issue is ``r @ A`` here). Every parameter has a leading lens axis [L, ...]; a
+bank with ``shared=True`` has one lens per *layer* (L = number of layers) used by all heads of that layer.
+
+Kinds (N = the model's final norm, optional with ``norm=True``; W_U [V, d], b_U [V] or 0):
+
+* ``affine``:  logits = W_U · N(s·(r + r·A + b)) + b_U + c,  A [L,d,d], b [L,d], s [L] (learned
+  scale, init 1), c [L,V] (vocabulary bias, optional). With A = b = 0, s = 1, c = 0 the lens equals the
+  unembedding baseline (with or without the norm, as chosen).
+* ``lowrank``: as affine with A = U·Vᵀ, U [L,d,r], Vᵀ [L,r,d] (U random, Vᵀ zero at init, so A = 0).
+* ``full``:    logits = N(r)·W + β,  W [L,d,V] initialised to W_Uᵀ, β [L,V] to b_U (the paper's lens).
+
+Lenses are saved as ``lenses.safetensors`` (parameters) + ``lenses.json`` (model identity incl. the
+unembedding hash, site, sites, kind, training config); :func:`load_bank` refuses another model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import read_json, read_tensors, write_json, write_tensors
+
+KINDS = ("affine", "lowrank", "full")
+LENS_FORMAT = 1
+SITE = "result"
+
+
+@dataclass
+class LensConfig:
+    """The parameterization of a bank of lenses."""
+
+    kind: str = "affine"
+    """``affine``, ``lowrank`` or ``full`` (see module docstring)."""
+    norm: bool = False
+    """Apply the model's (frozen) final norm before the unembedding."""
+    rank: int = 64
+    """Rank of A for ``lowrank``."""
+    vocab_bias: bool = True
+    """Learn the vocabulary bias c (affine/lowrank): lets the lens carry token base rates."""
+    shared: bool = False
+    """One lens per layer shared by all its heads, instead of one per head."""
+
+    def check(self) -> "LensConfig":
+        if self.kind not in KINDS:
+            raise HeadscopeError(f"unknown lens kind '{self.kind}' (choose from {', '.join(KINDS)})")
+        if self.kind == "lowrank" and self.rank < 1:
+            raise HeadscopeError(f"lens rank must be at least 1, got {self.rank}")
+        return self
+
+
+def parse_sites(text: str, model: Model, layers: list[int] | None = None) -> list[tuple[int, int]]:
+    """Sites from '20.3,21.*' (layer.head, ``*`` for all heads) or, with ``layers`` given, head
+    indices '0,3' / 'all' applied to every listed layer. Range-checked; sorted, unique."""
+    out: set[tuple[int, int]] = set()
+    text = (text or "all").strip()
+    if not text:
+        raise HeadscopeError("no heads given")
+    if layers is not None and "." not in text:
+        heads = list(range(model.n_heads)) if text in ("all", "*") else []
+        if not heads:
+            for part in text.split(","):
+                try:
+                    heads.append(int(part))
+                except ValueError:
+                    raise HeadscopeError(f"cannot parse heads '{text}' (use e.g. 'all', '0,3' or '20.3,21.*')") from None
+        for layer in layers:
+            for h in heads:
+                out.add((model.check_layer(layer), model.check_head(h)))
+        return sorted(out)
+    for part in text.split(","):
+        part = part.strip()
+        if "." not in part:
+            raise HeadscopeError(f"cannot parse head '{part}' (use LAYER.HEAD, e.g. 20.3 or 21.*)")
+        ls, hs = part.split(".", 1)
+        try:
+            layer = int(ls)
+            heads = range(model.n_heads) if hs == "*" else [int(hs)]
+        except ValueError:
+            raise HeadscopeError(f"cannot parse head '{part}' (use LAYER.HEAD, e.g. 20.3 or 21.*)") from None
+        model.check_layer(layer)
+        for h in heads:
+            out.add((layer, model.check_head(h)))
+    return sorted(out)
+
+
+class LensBank(nn.Module):
+    """Lenses for K sites ``sites = [(layer, head), ...]``; forward maps r [K, N, d] → logits [K, N, V].
+
+    ``W_U`` [V, d], ``b_U`` [V] and the final norm are frozen references to the model, not parameters.
+    """
+
+    def __init__(self, model: Model, sites: list[tuple[int, int]], cfg: LensConfig, seed: int = 0):
+        super().__init__()
+        cfg.check()
+        if not sites:
+            raise HeadscopeError("no heads to build lenses for")
+        self.cfg, self.sites = cfg, [tuple(s) for s in sites]
+        self.model_ref = [model]  # not a submodule: never saved or trained
+        self.lens_layers = sorted({l for l, _ in self.sites}) if cfg.shared else None
+        L = len(self.lens_layers) if cfg.shared else len(self.sites)
+        idx = [self.lens_layers.index(l) for l, _ in self.sites] if cfg.shared else list(range(L))
+        self.register_buffer("lens_index", torch.tensor(idx, dtype=torch.long), persistent=False)
+        d, V = model.d_model, model.d_vocab
+        W_U = model.W_U.detach().float().cpu()
+        b_U = model.b_U.detach().float().cpu() if model.b_U is not None else torch.zeros(V)
+        g = torch.Generator().manual_seed(seed)
+        if cfg.kind == "full":
+            self.W = nn.Parameter(W_U.T.unsqueeze(0).repeat(L, 1, 1).contiguous())
+            self.beta = nn.Parameter(b_U.unsqueeze(0).repeat(L, 1).contiguous())
+        else:
+            if cfg.kind == "affine":
+                self.A = nn.Parameter(torch.zeros(L, d, d))
+            else:
+                self.U = nn.Parameter(torch.randn(L, d, cfg.rank, generator=g) / math.sqrt(d))
+                self.Vt = nn.Parameter(torch.zeros(L, cfg.rank, d))
+            self.b = nn.Parameter(torch.zeros(L, d))
+            self.log_s = nn.Parameter(torch.zeros(L))
+            if cfg.vocab_bias:
+                self.c = nn.Parameter(torch.zeros(L, V))
+        self.n_lenses = L
+
+    # -- model pieces --------------------------------------------------------------------------
+    @property
+    def model(self) -> Model:
+        return self.model_ref[0]
+
+    def unembed(self, dtype=torch.float32):
+        m = self.model
+        W_U = m.W_U.detach().to(dtype)
+        b_U = m.b_U.detach().to(dtype) if m.b_U is not None else None
+        return W_U, b_U
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's final norm N(x), computed in the model's dtype, returned in x's dtype."""
+        return self.model.final_norm(x.to(self.model.dtype)).to(x.dtype)
+
+    def n_params_per_lens(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
+
+    # -- forward -------------------------------------------------------------------------------
+    def _p(self, name: str, lenses: torch.Tensor | None):
+        p = getattr(self, name)
+        idx = self.lens_index if lenses is None else lenses
+        if not self.cfg.shared and lenses is None:
+            return p
+        return p[idx]
+
+    def transform(self, r: torch.Tensor, lenses: torch.Tensor | None = None) -> torch.Tensor:
+        """Affine/lowrank: the residual-space vector s·(r + r·A + b) [K, N, d] (before the norm)."""
+        if self.cfg.kind == "affine":
+            x = r + torch.bmm(r, self._p("A", lenses))
+        else:
+            x = r + torch.bmm(torch.bmm(r, self._p("U", lenses)), self._p("Vt", lenses))
+        x = x + self._p("b", lenses)[:, None, :]
+        return x * self._p("log_s", lenses).exp()[:, None, None]
+
+    def forward(self, r: torch.Tensor, lenses: torch.Tensor | None = None,
+                vocab: torch.Tensor | None = None, compute_dtype=torch.float32) -> torch.Tensor:
+        """Logits [K, N, V] (or [K, N, |vocab|] for a token subset ``vocab``) from head results
+        r [K, N, d]. ``lenses`` [K] picks which lens reads each row (default: each site's own),
+        which is how transfer matrices apply one head's lens to another head's output."""
+        r = r.float()
+        if self.cfg.kind == "full":
+            x = self.norm(r) if self.cfg.norm else r
+            W, beta = self._p("W", lenses), self._p("beta", lenses)
+            if vocab is not None:
+                W, beta = W[:, :, vocab], beta[:, vocab]
+            return torch.bmm(x.to(compute_dtype), W.to(compute_dtype)).float() + beta[:, None, :]
+        x = self.transform(r, lenses)
+        if self.cfg.norm:
+            x = self.norm(x)
+        W_U, b_U = self.unembed(compute_dtype)
+        if vocab is not None:
+            W_U = W_U[vocab]
+            b_U = b_U[vocab] if b_U is not None else None
+        logits = torch.matmul(x.to(compute_dtype), W_U.T).float()
+        if b_U is not None:
+            logits = logits + b_U.float()
+        if self.cfg.vocab_bias:
+            c = self._p("c", lenses)
+            logits = logits + (c[:, vocab] if vocab is not None else c)[:, None, :]
+        return logits
+
+    # -- per-lens operations (used by training) ---------------------------------------------------
+    def per_lens_grad_norm(self) -> torch.Tensor:
+        """‖grad‖ of each lens [L] (all parameters have a leading lens axis)."""
+        sq = None
+        for p in self.parameters():
+            if p.grad is None:
+                continue
+            s = p.grad.float().pow(2).reshape(p.shape[0], -1).sum(1)
+            sq = s if sq is None else sq + s
+        return sq.sqrt() if sq is not None else torch.zeros(self.n_lenses)
+
+    def clip_per_lens(self, max_norm: float) -> torch.Tensor:
+        """Clip each lens' gradient to ``max_norm`` independently (heads do not share a budget)."""
+        norms = self.per_lens_grad_norm()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.view(-1, *([1] * (p.dim() - 1))).to(p.grad.dtype))
+        return norms
+
+    def direction(self, site_index: int, token: int) -> torch.Tensor:
+        """A residual-space direction [d] this lens reads as ``token``: the head-output vector x with
+        lens(x) maximally raising ``token`` (affine/lowrank: (I + A)·s applied backwards, i.e. the
+        gradient of the token's logit w.r.t. r at r = 0, ignoring the norm)."""
+        W_U = self.model.W_U.detach().float()[token]
+        li = int(self.lens_index[site_index])
+        with torch.no_grad():
+            if self.cfg.kind == "full":
+                return self.W[li, :, token].detach().clone()
+            if self.cfg.kind == "affine":
+                M = torch.eye(W_U.numel()) + self.A[li]
+            else:
+                M = torch.eye(W_U.numel()) + self.U[li] @ self.Vt[li]
+            return (M @ W_U) * self.log_s[li].exp()
+
+
+# ---------------------------------------------------------------------------------------------------
+def bank_info(bank: LensBank, train_cfg: dict | None = None) -> dict:
+    m = bank.model
+    return {"format": LENS_FORMAT, "model": m.identity(), "site": SITE, "sites": [list(s) for s in bank.sites],
+            "lens": asdict(bank.cfg), "train": train_cfg or {}}
+
+
+def save_bank(bank: LensBank, folder: Path, train_cfg: dict | None = None) -> None:
+    """Write ``folder/lenses.safetensors`` and ``folder/lenses.json`` atomically."""
+    folder = Path(folder)
+    write_tensors(folder / "lenses.safetensors", {k: v for k, v in bank.state_dict().items()})
+    write_json(folder / "lenses.json", bank_info(bank, train_cfg))
+
+
+def load_bank(model: Model, folder: Path, allow_other_checkpoint: bool = False) -> tuple[LensBank, dict]:
+    """Load lenses from ``folder`` (a lens folder or a run directory). Refuses lenses made for another
+    model; ``allow_other_checkpoint`` accepts a different unembedding (same shapes): the checkpoint-transfer
+    question."""
+    folder = Path(folder)
+    if not (folder / "lenses.json").exists() and (folder / "lens" / "lenses.json").exists():
+        folder = folder / "lens"
+    info = read_json(folder / "lenses.json")
+    if not isinstance(info, dict) or info.get("format") != LENS_FORMAT:
+        raise HeadscopeError(f"lens file {folder / 'lenses.json'} has format {info.get('format') if isinstance(info, dict) else '?'}, "
+                             f"this headscope reads format {LENS_FORMAT}: retrain the lenses")
+    saved = dict(info.get("model", {}))
+    if allow_other_checkpoint:
+        saved.pop("unembed_sha1", None)
+    model.check_identity(saved, what=f"lens {folder}")
+    try:
+        cfg = LensConfig(**info["lens"])
+        sites = [tuple(s) for s in info["sites"]]
+    except (KeyError, TypeError) as e:
+        raise HeadscopeError(f"corrupt lens file {folder / 'lenses.json'}: {e}") from None
+    for l, h in sites:
+        model.check_layer(l), model.check_head(h)
+    bank = LensBank(model, sites, cfg)
+    state = read_tensors(folder / "lenses.safetensors")
+    try:
+        bank.load_state_dict(state)
+    except RuntimeError as e:
+        raise HeadscopeError(f"lens parameters in {folder} do not match lenses.json: {str(e).splitlines()[0]}") from None
+    return bank, info

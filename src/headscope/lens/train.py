@@ -1,0 +1,310 @@
+"""Train a bank of lenses: closed-form start, then batched gradient refinement, resumable, DDP-ready.
+
+``run_train(model, run, sites, ...)`` writes into ``run/lens/``:
+
+* ``lenses.safetensors`` + ``lenses.json`` — the trained bank (see :mod:`headscope.lens.lenses`);
+* ``null.safetensors`` — ``null_logits`` [V], the null lens c0 = log mean p (fitted on training tokens);
+* ``train.json`` — options, per-step mean KL history, final per-site training loss;
+* ``checkpoint/`` — ``state.safetensors`` (parameters, optimizer state, generator state) and
+  ``state.json`` (step, options) every ``checkpoint_every`` steps; removed when training finishes.
+
+One optimisation step = one global batch of ``batch_size`` sequences per rank. The model runs once per
+batch (no grad); every site's lens logits [K, n, V] are computed together in chunks of ``chunk_tokens``
+positions and backpropagated chunk by chunk (gradient accumulation), so memory is bounded by
+K·chunk_tokens·V floats. Step k reads sequences [k·B·W + rank·B, … + B) of the train split (W ranks),
+so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..data import TokenCorpus
+from ..distributed import Distributed
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from .closed_form import Moments, calibrate_scale
+from .collect import site_batch
+from .lenses import LensBank, LensConfig, load_bank, save_bank
+from .objectives import LN2, OBJECTIVES, loss, next_tokens, shortlist
+
+INITS = ("lstsq", "identity", "base")
+OPTIMIZERS = ("adam", "sgd")
+STAGE = "lens_train"
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``headscope lens train`` (one docstring per field)."""
+
+    tokens: int = 16384
+    """Training tokens for the gradient refinement (0: closed-form start only)."""
+    init: str = "lstsq"
+    """``lstsq`` (closed-form least squares + scale calibration, see closed_form.py), ``base``
+    (vocabulary bias at the log base rates, A = 0) or ``identity`` (step 0 = unembedding baseline)."""
+    init_tokens: int = 32768
+    """Tokens for the closed-form statistics (one pass, no gradients)."""
+    objective: str = "fkl"
+    """``fkl``, ``rkl``, ``ce`` or ``fkl_shortlist`` (see objectives.py)."""
+    optimizer: str = "adam"
+    """``adam`` or ``sgd`` (SGD with Nesterov momentum 0.9, as tuned-lens)."""
+    lr: float = 1e-3
+    warmup: int = 4
+    """Linear learning-rate warm-up steps (then linear decay to 0 at the last step)."""
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    """Per-lens gradient-norm clip (each head is clipped on its own)."""
+    batch_size: int = 8
+    """Sequences per step per rank."""
+    seq_len: int = 128
+    corpus: str = "default"
+    chunk_tokens: int = 256
+    """Positions per lens-logit chunk (memory: K·chunk_tokens·V floats)."""
+    compute_dtype: str = "float32"
+    """dtype of the big logit matmul: ``float32`` or ``bfloat16`` (parameters stay float32)."""
+    checkpoint_every: int = 50
+    seed: int = 0
+    shortlist_top_k: int = 32
+    shortlist_negatives: int = 2048
+
+    def check(self) -> "TrainConfig":
+        if self.init not in INITS:
+            raise HeadscopeError(f"unknown init '{self.init}' (choose from {', '.join(INITS)})")
+        if self.objective not in OBJECTIVES:
+            raise HeadscopeError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise HeadscopeError(f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise HeadscopeError(f"compute dtype must be float32 or bfloat16, got '{self.compute_dtype}'")
+        for name in ("tokens", "init_tokens", "warmup", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise HeadscopeError(f"--{name.replace('_', '-')} must not be negative")
+        if self.batch_size < 1 or self.chunk_tokens < 1 or self.lr <= 0:
+            raise HeadscopeError("batch size, chunk tokens and learning rate must be positive")
+        return self
+
+    def steps(self, world_size: int = 1) -> int:
+        return math.ceil(self.tokens / (self.batch_size * self.seq_len * world_size)) if self.tokens else 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def _make_optimizer(bank: LensBank, cfg: TrainConfig):
+    params = [p for p in bank.parameters()]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    decay = 1.0 - step / total if total else 1.0
+    return cfg.lr * warm * max(decay, 0.0)
+
+
+def _global_batch(corpus: TokenCorpus, step: int, cfg: TrainConfig, dist: Distributed, first_seq: int = 0) -> torch.Tensor | None:
+    """The ids [B, S] this rank reads at ``step`` (None when the split is used up)."""
+    start = first_seq + (step * dist.world_size + dist.rank) * cfg.batch_size
+    end = min(start + cfg.batch_size, corpus.n_sequences("train"))
+    if start >= end:
+        return None
+    return torch.stack([corpus.sequence("train", i) for i in range(start, end)])
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+def _save_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, step: int, key: dict, history: list) -> None:
+    tensors = {f"param.{k}": v for k, v in bank.state_dict().items()}
+    sd = opt.state_dict()
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    write_tensors(folder / "state.safetensors", tensors)
+    write_json(folder / "state.json", {"step": step, "key": key, "param_groups": sd["param_groups"],
+                                       "history": history})
+
+
+def _load_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, key: dict):
+    info = read_json(folder / "state.json")
+    if info.get("key") != key:
+        raise HeadscopeError(f"checkpoint in {folder} was made with other training options; "
+                             "rerun with the same options, or pass --fresh to start over")
+    t = read_tensors(folder / "state.safetensors")
+    try:
+        bank.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param.")})
+        state = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        gen.set_state(t["rng.generator"])
+        torch.set_rng_state(t["rng.torch"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise HeadscopeError(f"corrupt lens checkpoint in {folder}: {str(e).splitlines()[0]}; pass --fresh") from None
+    return int(info["step"]), list(info.get("history", []))
+
+
+# -- training -----------------------------------------------------------------------------------------
+def train_step(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, nxt: torch.Tensor, cfg: TrainConfig,
+               gen: torch.Generator) -> torch.Tensor:
+    """Accumulate gradients of the per-site loss for one batch (R [K,N,d], logp [N,V], nxt [N]);
+    returns the per-site mean loss [K] (nats). Positions are processed in chunks of ``chunk_tokens``."""
+    N = R.shape[1]
+    cdt = _dtype(cfg.compute_dtype)
+    total = torch.zeros(R.shape[0])
+    for a in range(0, N, cfg.chunk_tokens):
+        b = min(N, a + cfg.chunk_tokens)
+        lp = logp[a:b]
+        vocab = None
+        if cfg.objective == "fkl_shortlist":
+            vocab = shortlist(lp, cfg.shortlist_top_k, cfg.shortlist_negatives, gen)
+            lp = lp[:, vocab]
+        logits = bank(R[:, a:b], vocab=vocab, compute_dtype=cdt)
+        per = loss(cfg.objective, logits, lp, nxt[a:b])
+        (per.sum() * (b - a) / N).backward()
+        total += per.detach().cpu() * (b - a) / N
+    return total
+
+
+def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: LensConfig | None = None,
+              cfg: TrainConfig | None = None, fresh: bool = False, progress: bool = True,
+              dist: Distributed | None = None, stop_at_step: int | None = None) -> dict:
+    """Train lenses for ``sites`` [(layer, head)] and write them under ``run/lens`` (see module
+    docstring). Resumes from ``run/lens/checkpoint`` unless ``fresh``. ``stop_at_step`` stops early
+    after writing a checkpoint at that step (used to test that resuming equals an uninterrupted run).
+    Returns the summary written to ``train.json``."""
+    from tqdm import tqdm
+    lens = (lens or LensConfig()).check()
+    cfg = (cfg or TrainConfig()).check()
+    dist = dist or Distributed()
+    if not sites:
+        raise HeadscopeError("no heads to train lenses for")
+    folder = run / "lens"
+    ck = folder / "checkpoint"
+    key = {"sites": [list(s) for s in sites], "lens": asdict(lens), "train": asdict(cfg),
+           "world_size": dist.world_size}
+    if not fresh and (folder / "train.json").exists() and run.is_done(STAGE):
+        done = read_json(folder / "train.json")
+        if done.get("key") == key:
+            return done
+    corpus = TokenCorpus(model, cfg.corpus, seq_len=cfg.seq_len, progress=progress and dist.primary)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank)
+    bank = LensBank(model, sites, lens, seed=cfg.seed).to(model.device)
+    opt = _make_optimizer(bank, cfg)
+    total_steps = cfg.steps(dist.world_size)
+    step, history = 0, []
+    resumed = False
+    if not fresh and (ck / "state.json").exists():
+        step, history = _load_checkpoint(ck, bank, opt, gen, key)
+        null = read_tensors(ck / "null.safetensors")["null_logits"]
+        resumed = True
+    else:
+        null = _initialise(model, bank, corpus, sites, cfg, dist, progress)
+        if dist.primary:
+            write_tensors(ck / "null.safetensors", {"null_logits": null})
+            _save_checkpoint(ck, bank, opt, gen, 0, key, history)
+        dist.barrier()
+    bar = tqdm(total=total_steps, initial=step, desc=f"lens train ({len(sites)} heads)", unit="step",
+               disable=not (progress and dist.primary), file=sys.stderr)
+    last = None
+    while step < total_steps:
+        ids = _global_batch(corpus, step, cfg, dist)
+        if ids is None:
+            raise HeadscopeError(f"the train split of corpus '{cfg.corpus}' has {corpus.n_sequences('train')} "
+                                 f"sequences, too few for {cfg.tokens} tokens; lower --tokens")
+        R, logp = site_batch(model, ids.to(model.device), sites)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total_steps, cfg)
+        opt.zero_grad(set_to_none=True)
+        per = train_step(bank, R, logp, next_tokens(ids).to(model.device), cfg, gen)
+        dist.all_reduce_grads(bank.parameters())
+        if cfg.clip:
+            bank.clip_per_lens(cfg.clip)
+        opt.step()
+        dist.all_reduce(per, "mean")
+        last = per
+        step += 1
+        history.append({"step": step, "loss_bits": float(per.mean()) / LN2})
+        bar.set_postfix(loss=f"{float(per.mean()) / LN2:.3f} bits")
+        bar.update(1)
+        if dist.primary and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == stop_at_step):
+            _save_checkpoint(ck, bank, opt, gen, step, key, history)
+        if stop_at_step is not None and step >= stop_at_step and step < total_steps:
+            bar.close()
+            if dist.primary and not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                _save_checkpoint(ck, bank, opt, gen, step, key, history)
+            dist.barrier()
+            return {"stopped_at": step}
+    bar.close()
+    summary = {"key": key, "sites": [list(s) for s in sites], "lens": asdict(lens), "train": asdict(cfg),
+               "steps": total_steps, "tokens_seen": total_steps * cfg.batch_size * cfg.seq_len * dist.world_size,
+               "resumed": resumed, "history": history,
+               "final_loss_bits": {f"{l}.{h}": float(last[i]) / LN2 for i, (l, h) in enumerate(sites)}
+               if last is not None else {}}
+    if dist.primary:
+        save_bank(bank, folder, {k: v for k, v in asdict(cfg).items()})
+        write_tensors(folder / "null.safetensors", {"null_logits": null})
+        write_json(folder / "train.json", summary)
+        run.mark_done(STAGE, {"sites": len(sites), "steps": total_steps})
+        for f in ("state.safetensors", "state.json", "null.safetensors"):
+            if (ck / f).exists():
+                (ck / f).unlink()
+        if ck.exists() and not any(ck.iterdir()):
+            ck.rmdir()
+    dist.barrier()
+    return summary
+
+
+def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: TrainConfig,
+                dist: Distributed, progress: bool) -> torch.Tensor:
+    """Closed-form / base-rate start (``cfg.init``); returns the null logits c0 [V]."""
+    from tqdm import tqdm
+    moments = Moments(bank)
+    n_batches = max(1, math.ceil(cfg.init_tokens / (cfg.batch_size * cfg.seq_len * dist.world_size)))
+    calib = []
+    bar = tqdm(total=n_batches, desc="lens init (sufficient statistics)", unit="batch",
+               disable=not (progress and dist.primary), file=sys.stderr)
+    for i in range(n_batches):
+        ids = _global_batch(corpus, i, cfg, dist)
+        if ids is None:
+            break
+        R, logp = site_batch(model, ids.to(model.device), sites)
+        moments.update(R, logp)
+        if i < 2:
+            calib.append((R, logp))
+        bar.update(1)
+    bar.close()
+    moments.all_reduce(dist)
+    c0 = moments.null_logits().to(model.device)
+    if cfg.init == "lstsq":
+        moments.solve()
+        calibrate_scale(bank, calib, c0, dist=dist)
+    elif cfg.init == "base" and bank.cfg.kind != "full":
+        b_U = model.b_U.detach().float() if model.b_U is not None else torch.zeros_like(c0)
+        if bank.cfg.vocab_bias:
+            with torch.no_grad():
+                bank.c.copy_((c0 - b_U).expand_as(bank.c))
+    elif cfg.init == "base":
+        with torch.no_grad():
+            bank.beta.copy_(c0.expand_as(bank.beta))
+    return c0.cpu()
+
+
+def load_null(run_or_folder) -> torch.Tensor:
+    """The null lens logits [V] saved by :func:`run_train`."""
+    from pathlib import Path
+    p = Path(run_or_folder)
+    p = p / "null.safetensors" if (p / "null.safetensors").exists() else p / "lens" / "null.safetensors"
+    return read_tensors(p)["null_logits"]
