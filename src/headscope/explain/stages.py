@@ -1,0 +1,216 @@
+"""Explain and score (steps 4–5), and the comparison with the random-neuron baseline.
+
+Each (neuron, head) pair chosen by ``neurons attribute`` is explained from its neuron's *train*
+prompts — the ones where the head was active and those where it was not (up to ``max_examples`` of
+each) — and scored on the neuron's *held-out* prompts: the scorer sees only the explanation and one
+example and says whether the head is active on it; the truth is the attribution's active mask.
+E = (TPR + TNR) / 2; pairs whose test prompts are all one class are skipped (E = None).
+
+Backends share one interface (``explain_many``, ``classify_many``, ``config``, ``name``):
+:class:`~headscope.explain.keyword.KeywordBaseline`, :class:`~headscope.explain.openai_client.OpenAIExplainer`,
+:class:`~headscope.explain.hf_local.LocalHFExplainer`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import HeadscopeError
+from ..neurons.stages import _current, file_hash, load_attribution, pair_labels, set_dir
+from ..neurons.stats import describe, ks_2samp, mann_whitney
+from ..runs import RunDir, read_json, write_json
+from .prompts import ClassifyRequest, ExplainRequest, classify_messages, estimate_tokens, example_text, explain_messages
+
+
+def make_backend(name: str, run: RunDir | None = None, *, base_url: str = "https://api.openai.com/v1",
+                 model: str = "gpt-4o", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
+                 max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, cache_dir: Path | None = None,
+                 dry_run: Path | None = None, local_model: str = "default", device: str = "cpu",
+                 keywords: int = 3, max_n: int = 2):
+    """Build an explainer backend by name: ``keyword``, ``openai`` or ``local``."""
+    if name == "keyword":
+        from .keyword import KeywordBaseline
+        return KeywordBaseline(top=keywords, max_n=max_n)
+    if name == "openai":
+        from .openai_client import ChatClient, OpenAIExplainer, ResponseCache, api_key_from_env
+        key = None if dry_run else api_key_from_env(base_url, api_key_env)
+        if cache_dir is None and run is not None:
+            cache_dir = run / "explain_cache"
+        cache = ResponseCache(cache_dir) if cache_dir else None
+        return OpenAIExplainer(ChatClient(base_url, model, key, concurrency, max_retries, timeout, backoff,
+                                          cache=cache, dry_run=dry_run))
+    if name == "local":
+        from .hf_local import LocalHFExplainer
+        return LocalHFExplainer(local_model, device=device)
+    raise HeadscopeError(f"unknown explainer backend '{name}' (choose from keyword, openai, local)")
+
+
+def _examples(mined_neuron: dict, labels: list[bool], split: list[int], which: int) -> tuple[list[str], list[bool]]:
+    prompts = mined_neuron["train"] + mined_neuron["test"]
+    xs, ys = [], []
+    for p, lab, s in zip(prompts, labels, split):
+        if s == which:
+            xs.append(example_text(p["tokens"], mined_neuron["token"]))
+            ys.append(lab)
+    return xs, ys
+
+
+def _pair_key(p: dict) -> str:
+    return f"{p['neuron']}:{p['layer']}.{p['head']}"
+
+
+def run_explain(model_or_none, run: RunDir, backend, which: str = "top", max_pairs: int | None = None,
+                max_examples: int = 10, chunk: int = 16, force: bool = False, progress: bool = True) -> dict:
+    """Writes ``<set>/explanations_<backend>.json``: ``{"backend": config, "source", "pairs": [{neuron,
+    layer, head, name, neuron_layer, neuron_index, token, explanation, n_active, n_inactive}]}``,
+    saved after every ``chunk`` pairs (a rerun resumes). With a dry-run OpenAI backend it writes the
+    requests JSONL and returns token estimates instead."""
+    d = set_dir(run, which)
+    mined, att_json, att = load_attribution(run, which)
+    n_heads = int(run.model_identity.get("n_heads") or (model_or_none.n_heads if model_or_none else 0))
+    pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
+    if not pairs:
+        raise HeadscopeError("no (neuron, head) pairs to explain: no head is active on 25–75% of any neuron's "
+                             "train prompts; mine more prompts (--top-k) or more neurons")
+    path = d / f"explanations_{backend.name}.json"
+    src = file_hash(d / "attribution.json")
+    old = read_json(path) if path.is_file() and not force else {}
+    done = {_pair_key(p): p for p in old.get("pairs", [])} if old.get("source") == src and \
+        old.get("backend") == backend.config() else {}
+    reqs, todo = [], []
+    for p in pairs:
+        if _pair_key(p) in done:
+            continue
+        nrn = mined["neurons"][p["neuron"]]
+        labels, split = pair_labels(att, n_heads, p)
+        xs, ys = _examples(nrn, labels, split, 0)
+        act = [x for x, y in zip(xs, ys) if y][:max_examples]
+        ina = [x for x, y in zip(xs, ys) if not y][:max_examples]
+        reqs.append(ExplainRequest(act, ina, nrn["token"]))
+        todo.append((p, nrn, len(act), len(ina)))
+    client = getattr(backend, "client", None)
+    if client is not None and client.dry_run is not None:
+        return _dry_run_estimate(reqs, mined, att, n_heads, pairs, client.dry_run, backend)
+    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc=f"explaining ({backend.name})",
+               unit=" pair", disable=not progress, file=sys.stderr)
+    for s in range(0, len(todo), chunk):
+        texts = backend.explain_many(reqs[s:s + chunk])
+        for (p, nrn, na, ni), text in zip(todo[s:s + chunk], texts):
+            done[_pair_key(p)] = {"neuron": p["neuron"], "layer": p["layer"], "head": p["head"], "name": p["name"],
+                                  "neuron_layer": nrn["layer"], "neuron_index": nrn["neuron"], "token": nrn["token"],
+                                  "explanation": text, "n_active": na, "n_inactive": ni}
+        write_json(path, {"backend": backend.config(), "source": src,
+                          "pairs": [done[_pair_key(p)] for p in pairs if _pair_key(p) in done]})
+        bar.update(len(texts))
+    bar.close()
+    if not todo:
+        write_json(path, {"backend": backend.config(), "source": src, "pairs": [done[_pair_key(p)] for p in pairs]})
+    run.mark_done(f"explain.{which}.{backend.name}", {"pairs": len(pairs)})
+    return {"pairs": len(pairs), "new": len(todo)}
+
+
+def _dry_run_estimate(reqs, mined, att, n_heads, pairs, jsonl: Path, backend) -> dict:
+    """Write the explanation requests as JSONL and estimate tokens for explaining and scoring."""
+    texts = backend.explain_many(reqs)  # the dry-run client appends each request and answers ""
+    explain_in = sum(estimate_tokens(explain_messages(r)) for r in reqs)
+    n_score, score_in = 0, 0
+    placeholder = "x" * (4 * backend.max_tokens)  # an explanation of max_tokens tokens
+    for p in pairs:
+        labels, split = pair_labels(att, n_heads, p)
+        xs, _ = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
+        for x in xs:
+            n_score += 1
+            score_in += estimate_tokens(classify_messages(ClassifyRequest(placeholder, x)))
+    return {"dry_run": str(jsonl), "explain_requests": len(texts), "explain_input_tokens": explain_in,
+            "explain_output_tokens_max": len(texts) * backend.max_tokens, "score_requests": n_score,
+            "score_input_tokens": score_in, "score_output_tokens": n_score}
+
+
+def balanced_accuracy(pred: list[bool], truth: list[bool]) -> dict:
+    """TPR, TNR and E = (TPR + TNR)/2; E is None when the truth is all one class."""
+    pos = sum(truth)
+    neg = len(truth) - pos
+    tp = sum(p and t for p, t in zip(pred, truth))
+    tn = sum((not p) and (not t) for p, t in zip(pred, truth))
+    if pos == 0 or neg == 0:
+        return {"E": None, "TPR": tp / pos if pos else None, "TNR": tn / neg if neg else None,
+                "n_pos": pos, "n_neg": neg, "skipped": "test prompts are all one class"}
+    tpr, tnr = tp / pos, tn / neg
+    return {"E": (tpr + tnr) / 2, "TPR": tpr, "TNR": tnr, "n_pos": pos, "n_neg": neg}
+
+
+def run_score(run: RunDir, backend, which: str = "top", explanations: str | None = None, max_test: int = 20,
+              force: bool = False, progress: bool = True) -> dict:
+    """Writes ``<set>/scores_<backend>.json``: ``{"scorer": config, "explanations": name, "source",
+    "pairs": [{neuron, layer, head, name, E, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth}],
+    "summary": {n, mean, std, skew, skipped}}`` and ``<set>/scores_<backend>.png``.
+    ``explanations``: which backend's explanations to score (default: the scorer's own)."""
+    d = set_dir(run, which)
+    mined, att_json, att = load_attribution(run, which)
+    n_heads = int(run.model_identity["n_heads"])
+    ex_name = explanations or backend.name
+    ex_path = d / f"explanations_{ex_name}.json"
+    if not ex_path.is_file():
+        raise HeadscopeError(f"missing {ex_path}: run `headscope explain run --backend {ex_name}` first")
+    path = d / f"scores_{backend.name}.json" if ex_name == backend.name else d / f"scores_{ex_name}_by_{backend.name}.json"
+    opts = {"max_test": max_test, "scorer": backend.config()}
+    if not force and (done := _current(path, ex_path, opts)):
+        return {**done["summary"], "skipped_stage": True}
+    ex = read_json(ex_path)
+    pairs_by_key = {_pair_key(p): p for p in att_json["pairs"]}
+    rows, reqs, spans = [], [], []
+    for e in ex["pairs"]:
+        p = pairs_by_key.get(_pair_key(e))
+        if p is None:
+            continue
+        labels, split = pair_labels(att, n_heads, p)
+        xs, ys = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
+        xs, ys = xs[:max_test], ys[:max_test]
+        spans.append((len(reqs), len(xs), ys, e))
+        reqs += [ClassifyRequest(e["explanation"], x) for x in xs]
+    probs: list = []
+    bar = tqdm(total=len(reqs), desc=f"scoring ({backend.name})", unit=" example", disable=not progress, file=sys.stderr)
+    for s in range(0, len(reqs), 64):
+        probs += backend.classify_many(reqs[s:s + 64])
+        bar.update(min(64, len(reqs) - s))
+    bar.close()
+    for start, n, ys, e in spans:
+        ps = probs[start:start + n]
+        pred = [p is not None and p >= 0.5 for p in ps]
+        rows.append({**{k: e[k] for k in ("neuron", "layer", "head", "name", "neuron_layer", "neuron_index", "token")},
+                     **balanced_accuracy(pred, ys), "unparsed": sum(p is None for p in ps),
+                     "predictions": [None if p is None else round(float(p), 4) for p in ps], "truth": ys})
+    Es = [r["E"] for r in rows if r["E"] is not None]
+    summary = {**describe(Es), "skipped": sum(r["E"] is None for r in rows), "pairs": len(rows)}
+    from ..neurons.plots import histogram_png
+    histogram_png(path.with_suffix(".png"), {f"{which} neurons": Es}, f"Explanation scores E ({ex_name})", "E = (TPR+TNR)/2")
+    write_json(path, {"options": opts, "scorer": backend.config(), "explanations": ex_name, "source": file_hash(ex_path),
+                      "pairs": rows, "summary": summary})
+    run.mark_done(f"score.{which}.{ex_name}", summary)
+    return summary
+
+
+def run_compare(run: RunDir, scores: str = "keyword") -> dict:
+    """Compare the E distributions of congruent and random neurons (same pipeline, same backend).
+    Writes ``neurons/comparison_<scores>.json``: ``{"top": describe, "random": describe,
+    "mann_whitney": {U, p}, "ks": {D, p}, "difference_of_means"}`` and ``neurons/comparison_<scores>.png``."""
+    Es = {}
+    for which in ("top", "random"):
+        path = set_dir(run, which) / f"scores_{scores}.json"
+        if not path.is_file():
+            raise HeadscopeError(f"missing {path}: run the {which} neuron set through explain/score first "
+                                 f"(`--set {which}`)")
+        Es[which] = [r["E"] for r in read_json(path)["pairs"] if r["E"] is not None]
+    res = {"scores": scores, "top": describe(Es["top"]), "random": describe(Es["random"]),
+           "mann_whitney": mann_whitney(Es["top"], Es["random"]), "ks": ks_2samp(Es["top"], Es["random"])}
+    if Es["top"] and Es["random"]:
+        res["difference_of_means"] = res["top"]["mean"] - res["random"]["mean"]
+    from ..neurons.plots import histogram_png
+    histogram_png(run / f"neurons/comparison_{scores}.png", {"congruent neurons": Es["top"], "random neurons": Es["random"]},
+                  f"Explanation scores, congruent vs random neurons ({scores})", "E = (TPR+TNR)/2")
+    write_json(run / f"neurons/comparison_{scores}.json", res)
+    run.mark_done(f"compare.{scores}", {"difference_of_means": res.get("difference_of_means")})
+    return res
