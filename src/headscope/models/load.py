@@ -352,7 +352,7 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
             hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=local, **kwargs)
     except HeadscopeError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # transformers/safetensors raise many types on bad checkpoints
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "the Hugging Face hub (is the id right and the network reachable?)" if not local else str(path)
         raise HeadscopeError(f"cannot load model '{spec}' from {where}: {first}") from None
