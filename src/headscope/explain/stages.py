@@ -25,12 +25,22 @@ from ..runs import RunDir, read_json, write_json
 from .prompts import ClassifyRequest, ExplainRequest, classify_messages, estimate_tokens, example_text, explain_messages
 
 
-def make_backend(name: str, run: RunDir | None = None, *, base_url: str = "https://api.openai.com/v1",
+def explain_dir(run: RunDir, which: str = "top") -> Path:
+    """Folder of a neuron set's explanations and scores: ``explain/`` (top) or ``explain/random/``."""
+    set_dir(run, which)  # checks the name
+    return run / ("explain" if which == "top" else "explain/random")
+
+
+def make_backend(name, run: RunDir | None = None, model=None, *, base_url: str = "https://api.openai.com/v1",
                  model: str = "gpt-4o", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, cache_dir: Path | None = None,
                  dry_run: Path | None = None, local_model: str = "default", device: str = "cpu",
                  keywords: int = 3, max_n: int = 2):
-    """Build an explainer backend by name: ``keyword``, ``openai`` or ``local``."""
+    """Build an explainer backend by name: ``keyword``, ``openai`` or ``local`` (an object with
+    ``explain_many``/``classify_many`` is returned as it is). ``local_model="default"`` reuses ``model``
+    when that is the embedded default model."""
+    if not isinstance(name, str):
+        return name
     if name == "keyword":
         from .keyword import KeywordBaseline
         return KeywordBaseline(top=keywords, max_n=max_n)
@@ -38,12 +48,15 @@ def make_backend(name: str, run: RunDir | None = None, *, base_url: str = "https
         from .openai_client import ChatClient, OpenAIExplainer, ResponseCache, api_key_from_env
         key = None if dry_run else api_key_from_env(base_url, api_key_env)
         if cache_dir is None and run is not None:
-            cache_dir = run / "explain_cache"
+            cache_dir = run / "explain" / "cache"
         cache = ResponseCache(cache_dir) if cache_dir else None
         return OpenAIExplainer(ChatClient(base_url, model, key, concurrency, max_retries, timeout, backoff,
                                           cache=cache, dry_run=dry_run))
     if name == "local":
         from .hf_local import LocalHFExplainer
+        from ..models.load import DEFAULT_NAME
+        if model is not None and local_model in ("default", DEFAULT_NAME) and model.name == DEFAULT_NAME:
+            return LocalHFExplainer(model)
         return LocalHFExplainer(local_model, device=device)
     raise HeadscopeError(f"unknown explainer backend '{name}' (choose from keyword, openai, local)")
 
@@ -62,21 +75,23 @@ def _pair_key(p: dict) -> str:
     return f"{p['neuron']}:{p['layer']}.{p['head']}"
 
 
-def run_explain(model_or_none, run: RunDir, backend, which: str = "top", max_pairs: int | None = None,
-                max_examples: int = 10, chunk: int = 16, force: bool = False, progress: bool = True) -> dict:
-    """Writes ``<set>/explanations_<backend>.json``: ``{"backend": config, "source", "pairs": [{neuron,
+def run_explain(model, run: RunDir, backend="keyword", which: str = "top", max_pairs: int | None = None,
+                max_examples: int = 10, backend_options: dict | None = None, chunk: int = 16, force: bool = False,
+                progress: bool = True) -> dict:
+    """Writes ``explain/[random/]explanations_<backend>.json``: ``{"backend": config, "source", "pairs": [{neuron,
     layer, head, name, neuron_layer, neuron_index, token, explanation, n_active, n_inactive}]}``,
     saved after every ``chunk`` pairs (a rerun resumes). With a dry-run OpenAI backend it writes the
     requests JSONL and returns token estimates instead."""
-    d = set_dir(run, which)
+    backend = make_backend(backend, run, model, **(backend_options or {}))
+    d = explain_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
-    n_heads = int(run.model_identity.get("n_heads") or (model_or_none.n_heads if model_or_none else 0))
+    n_heads = int(run.model_identity["n_heads"])
     pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
     if not pairs:
         raise HeadscopeError("no (neuron, head) pairs to explain: no head is active on 25–75% of any neuron's "
                              "train prompts; mine more prompts (--top-k) or more neurons")
     path = d / f"explanations_{backend.name}.json"
-    src = file_hash(d / "attribution.json")
+    src = file_hash(set_dir(run, which) / "attribution.json")
     old = read_json(path) if path.is_file() and not force else {}
     done = {_pair_key(p): p for p in old.get("pairs", [])} if old.get("source") == src and \
         old.get("backend") == backend.config() else {}
@@ -142,13 +157,15 @@ def balanced_accuracy(pred: list[bool], truth: list[bool]) -> dict:
     return {"E": (tpr + tnr) / 2, "TPR": tpr, "TNR": tnr, "n_pos": pos, "n_neg": neg}
 
 
-def run_score(run: RunDir, backend, which: str = "top", explanations: str | None = None, max_test: int = 20,
-              force: bool = False, progress: bool = True) -> dict:
-    """Writes ``<set>/scores_<backend>.json``: ``{"scorer": config, "explanations": name, "source",
+def run_score(model, run: RunDir, backend="keyword", which: str = "top", explanations: str | None = None,
+              max_test: int = 20, backend_options: dict | None = None, force: bool = False,
+              progress: bool = True) -> dict:
+    """Writes ``explain/[random/]scores_<backend>.json``: ``{"scorer": config, "explanations": name, "source",
     "pairs": [{neuron, layer, head, name, E, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth}],
-    "summary": {n, mean, std, skew, skipped}}`` and ``<set>/scores_<backend>.png``.
+    "summary": {n, mean, std, skew, skipped}}`` and ``scores_<backend>.png`` beside it.
     ``explanations``: which backend's explanations to score (default: the scorer's own)."""
-    d = set_dir(run, which)
+    backend = make_backend(backend, run, model, **(backend_options or {}))
+    d = explain_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
     n_heads = int(run.model_identity["n_heads"])
     ex_name = explanations or backend.name
@@ -193,13 +210,13 @@ def run_score(run: RunDir, backend, which: str = "top", explanations: str | None
     return summary
 
 
-def run_compare(run: RunDir, scores: str = "keyword") -> dict:
+def run_compare(model, run: RunDir, scores: str = "keyword") -> dict:
     """Compare the E distributions of congruent and random neurons (same pipeline, same backend).
-    Writes ``neurons/comparison_<scores>.json``: ``{"top": describe, "random": describe,
-    "mann_whitney": {U, p}, "ks": {D, p}, "difference_of_means"}`` and ``neurons/comparison_<scores>.png``."""
+    Writes ``explain/comparison_<scores>.json``: ``{"top": describe, "random": describe,
+    "mann_whitney": {U, p}, "ks": {D, p}, "difference_of_means"}`` and ``explain/comparison_<scores>.png``."""
     Es = {}
     for which in ("top", "random"):
-        path = set_dir(run, which) / f"scores_{scores}.json"
+        path = explain_dir(run, which) / f"scores_{scores}.json"
         if not path.is_file():
             raise HeadscopeError(f"missing {path}: run the {which} neuron set through explain/score first "
                                  f"(`--set {which}`)")
@@ -209,8 +226,34 @@ def run_compare(run: RunDir, scores: str = "keyword") -> dict:
     if Es["top"] and Es["random"]:
         res["difference_of_means"] = res["top"]["mean"] - res["random"]["mean"]
     from ..neurons.plots import histogram_png
-    histogram_png(run / f"neurons/comparison_{scores}.png", {"congruent neurons": Es["top"], "random neurons": Es["random"]},
+    histogram_png(run / f"explain/comparison_{scores}.png", {"congruent neurons": Es["top"], "random neurons": Es["random"]},
                   f"Explanation scores, congruent vs random neurons ({scores})", "E = (TPR+TNR)/2")
-    write_json(run / f"neurons/comparison_{scores}.json", res)
+    write_json(run / f"explain/comparison_{scores}.json", res)
     run.mark_done(f"compare.{scores}", {"difference_of_means": res.get("difference_of_means")})
     return res
+
+
+def run_random_baseline(model, run: RunDir, backend="keyword", seed: int = 0, per_layer: int | None = None,
+                        backend_options: dict | None = None, force: bool = False, progress: bool = True) -> dict:
+    """The random-neuron baseline through the same pipeline: random neurons from the same layers (as
+    many per layer unless ``per_layer``), mined, attributed, explained and scored with the options the
+    congruent set used, then :func:`run_compare`. Needs the congruent set's explain/score done first."""
+    from ..neurons import stages as ns
+    top = ns.set_dir(run, "top")
+    f, m, a = (ns._need(top / n, s) for n, s in (("find.json", "find"), ("mine.json", "mine"),
+                                                  ("attribution.json", "attribute")))
+    fo, mo, ao = f["options"], m["options"], a["options"]
+    ns.run_find(model, run, "random", layers=fo["layers"], per_layer=per_layer or fo["per_layer"], kind=fo["kind"],
+                seed=seed, force=force)
+    ns.run_mine(model, run, "random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
+                top_k_test=mo["top_k_test"], keep=mo["keep"], max_prompt_tokens=mo["max_prompt_tokens"],
+                max_tokens=mo["max_tokens"], force=force, progress=progress)
+    ns.run_attribute(model, run, "random", gated=ao["gated"], norm_scale=ao["norm_scale"], k_sigma=ao["k_sigma"],
+                     low=ao["low"], high=ao["high"], force=force, progress=progress)
+    be = make_backend(backend, run, model, **(backend_options or {}))
+    top_scores = read_json(explain_dir(run, "top") / f"scores_{be.name}.json") \
+        if (explain_dir(run, "top") / f"scores_{be.name}.json").is_file() else {}
+    max_test = top_scores.get("options", {}).get("max_test", 20)
+    run_explain(model, run, be, "random", force=force, progress=progress)
+    run_score(model, run, be, "random", max_test=max_test, force=force, progress=progress)
+    return run_compare(model, run, be.name)

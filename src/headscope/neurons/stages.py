@@ -207,7 +207,8 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
     opts = {"max_pairs": max_pairs}
     path = d / "ablation.json"
     if not force and (done := _current(path, d / "attribution.json", opts)):
-        return {**done["pooled"]["ks"], "skipped": True}
+        return {"mean_drop_active": done["pooled"]["active"]["mean"],
+                "mean_drop_inactive": done["pooled"]["inactive"]["mean"], **done["pooled"]["ks"], "skipped": True}
     pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
     if not pairs:
         raise HeadscopeError("no (neuron, head) pairs to ablate: no head is active on 25–75% of any neuron's "
