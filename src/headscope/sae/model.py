@@ -125,6 +125,13 @@ class AttnSAE(nn.Module):
     def forward(self, x: torch.Tensor) -> SAEOutput:
         x = self._flat(x)
         pre = self.pre_acts(x)
+        if self.cfg.architecture == "topk" and x.dim() == 2:
+            # sparse decode: gather the k decoder rows of each token instead of a dense [N, F] matmul
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            vals = vals.relu()
+            acts = torch.zeros_like(pre).scatter(-1, idx, vals)
+            recon = torch.einsum("nk,nkd->nd", vals, self.W_dec[idx]) + self.b_dec
+            return SAEOutput(recon, acts, pre)
         acts = self.activation(pre)
         return SAEOutput(self.decode(acts), acts, pre)
 

@@ -1,0 +1,150 @@
+"""IOI worked example (Wang et al. 2022; Kissane et al. §4): which SAE features at the second-subject
+(S2) position matter for the indirect-object logit difference.
+
+Prompts come from templates in two orders, ABBA ("When Mary and John went to the store, John gave a
+drink to") and BABA ("When John and Mary went to the store, John gave a drink to"), with names that
+are single tokens (with a leading space) of the model's tokenizer. Metric: logit difference
+``logit(IO) − logit(S)`` at the last position. For each feature live at S2 in any prompt, the feature
+is zero-ablated at S2 only — z[S2] ← z[S2] − f(z[S2]) · W_dec[f] (the SAE's error term is kept, so
+nothing but that feature changes) — and the change of the mean logit difference is recorded.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from ..capture import HeadIntervention, capture
+from ..errors import HeadscopeError
+from ..models.load import Model
+from ..runs import RunDir, write_json
+from .attribution import weight_attribution
+from .io import load_sae
+from .model import AttnSAE
+from .train import sae_dir
+
+TEMPLATES = (
+    "When {A} and {B} went to the store, {C} gave a drink to",
+    "When {A} and {B} went to the park, {C} gave a ball to",
+    "After {A} and {B} went to the office, {C} gave a letter to",
+    "While {A} and {B} were working at the school, {C} gave a book to",
+    "Then, {A} and {B} had a long argument, and afterwards {C} said to",
+    "When {A} and {B} got a snack at the cafe, {C} decided to give it to",
+)
+NAMES = ("Mary", "John", "Tom", "James", "Anna", "Paul", "Lisa", "Mark", "Sarah", "David", "Emma", "Peter",
+         "Alice", "Bob", "Kate", "Daniel", "Laura", "Michael", "Jessica", "Chris")
+
+
+def single_token_names(model: Model) -> list[str]:
+    """Names that are one token with a leading space in the model's tokenizer."""
+    out = [n for n in NAMES if len(model.tokenizer(" " + n, add_special_tokens=False)["input_ids"]) == 1]
+    if len(out) < 2:
+        raise HeadscopeError(f"fewer than two single-token names in {model.name}'s tokenizer: cannot build IOI prompts")
+    return out
+
+
+def ioi_prompts(model: Model, n: int = 100, seed: int = 0) -> list[dict]:
+    """``n`` prompts (half ABBA, half BABA): dicts with text, io, s, order, template."""
+    names = single_token_names(model)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        t = TEMPLATES[i % len(TEMPLATES)]
+        io, s = rng.sample(names, 2)
+        order = "ABBA" if i % 2 == 0 else "BABA"
+        a, b = (io, s) if order == "ABBA" else (s, io)
+        out.append({"text": t.format(A=a, B=b, C=s), "io": io, "s": s, "order": order, "template": i % len(TEMPLATES)})
+    return out
+
+
+def _s2_position(model: Model, ids: list[int], s_id: int) -> int:
+    pos = [i for i, t in enumerate(ids) if t == s_id]
+    if len(pos) < 2:
+        raise HeadscopeError("IOI prompt without two occurrences of the subject token")
+    return pos[1]
+
+
+@torch.no_grad()
+def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: int = 20, seed: int = 0,
+            max_features: int | None = None, progress: bool = True) -> dict:
+    """The IOI example on SAE ``name``; writes ``sae/<name>/ioi.json`` and returns it.
+
+    ``max_features``: ablate only the live features with the largest mean activation at S2 (default: all)."""
+    from tqdm import tqdm
+    sae = load_sae(sae_dir(run, name), model).to(model.device)
+    L = sae.cfg.layer
+    prompts = ioi_prompts(model, n_prompts, seed)
+    tok = model.tokenizer
+    rows, s2, io_ids, s_ids = [], [], [], []
+    for p in prompts:
+        ids = [model.bos_id] + tok(p["text"], add_special_tokens=False)["input_ids"]
+        io_ids.append(tok(" " + p["io"], add_special_tokens=False)["input_ids"][0])
+        s_ids.append(tok(" " + p["s"], add_special_tokens=False)["input_ids"][0])
+        s2.append(_s2_position(model, ids, s_ids[-1]))
+        rows.append(ids)
+    # batch prompts by length (templates differ in length)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(len(r), []).append(i)
+
+    def logit_diff(ivs_for) -> torch.Tensor:
+        out = torch.zeros(len(rows))
+        for n_tok, idx in groups.items():
+            ids = torch.tensor([rows[i] for i in idx], device=model.device)
+            lg = capture(model, ids, layers=[], what=("logits",), interventions=ivs_for(idx, ids)).logits[:, -1].float()
+            ar = torch.arange(len(idx))
+            out[idx] = (lg[ar, torch.tensor([io_ids[i] for i in idx])] - lg[ar, torch.tensor([s_ids[i] for i in idx])]).cpu()
+        return out
+    clean = logit_diff(lambda idx, ids: [])
+    # z and feature activations at S2
+    z_s2, zs = {}, {}
+    for n_tok, idx in groups.items():
+        ids = torch.tensor([rows[i] for i in idx], device=model.device)
+        z = capture(model, ids, layers=[L], what=("z",), stop_after=L)["z"][L]
+        zs[n_tok] = z
+        for j, i in enumerate(idx):
+            z_s2[i] = z[j, s2[i]].reshape(-1).float()
+    X = torch.stack([z_s2[i] for i in range(len(rows))])
+    acts = sae.encode(X)                                                       # [P, F]
+    live = (acts > 0).any(0).nonzero().flatten()
+    if max_features is not None and live.numel() > max_features:
+        live = live[acts[:, live].mean(0).topk(max_features).indices]
+    live = live.tolist()
+
+    def ablate(f):
+        def ivs(idx, ids):
+            z = zs[ids.shape[1]].clone()
+            for j, i in enumerate(idx):
+                z[j, s2[i]] -= (acts[i, f] * sae.W_dec[f]).reshape(z.shape[2:]).to(z.dtype)
+            return [HeadIntervention(L, kind="patch", value=z)]
+        return ivs
+    # splicing the full reconstruction at S2 (sanity: how much of the logit difference the SAE keeps)
+    def splice(idx, ids):
+        z = zs[ids.shape[1]].clone()
+        for j, i in enumerate(idx):
+            z[j, s2[i]] = sae.decode(acts[i:i + 1])[0].reshape(z.shape[2:]).to(z.dtype)
+        return [HeadIntervention(L, kind="patch", value=z)]
+    spliced = logit_diff(splice)
+    w = weight_attribution(sae).cpu()
+    effects = []
+    for f in tqdm(live, desc=f"IOI: ablating {len(live)} live features", file=sys.stderr, disable=not progress):
+        ld = logit_diff(ablate(f))
+        d = ld - clean
+        order = torch.tensor([p["order"] == "ABBA" for p in prompts])
+        effects.append({"feature": f, "delta_logit_diff": float(d.mean()), "delta_abba": float(d[order].mean()),
+                        "delta_baba": float(d[~order].mean()), "frac_prompts_active": float((acts[:, f] > 0).float().mean()),
+                        "mean_act": float(acts[:, f].mean()), "top_heads": [int(h) for h in w[f].topk(min(3, w.shape[1])).indices],
+                        "head_attribution": [round(float(x), 4) for x in w[f]]})
+    effects.sort(key=lambda e: e["delta_logit_diff"])
+    order = torch.tensor([p["order"] == "ABBA" for p in prompts])
+    res = {"name": name, "layer": L, "n_prompts": len(prompts), "position": "S2",
+           "logit_diff_clean": float(clean.mean()), "logit_diff_clean_abba": float(clean[order].mean()),
+           "logit_diff_clean_baba": float(clean[~order].mean()), "logit_diff_sae_spliced_at_s2": float(spliced.mean()),
+           "frac_prompts_io_preferred": float((clean > 0).float().mean()), "n_live_features": len(live),
+           "features": effects[:top] + [e for e in effects[top:] if e["delta_logit_diff"] > 0][-top:],
+           "examples": [p["text"] for p in prompts[:4]]}
+    write_json(sae_dir(run, name) / "ioi.json", res)
+    run.mark_done(f"sae/{name}/ioi", {"logit_diff_clean": res["logit_diff_clean"]})
+    return res

@@ -1,0 +1,79 @@
+"""SAE model: shapes, decoder norms, loss decrease, TopK sparse decode, bad input."""
+
+import pytest
+import torch
+
+from headscope.errors import HeadscopeError
+from headscope.sae.model import AttnSAE, SAEConfig
+
+
+def _cfg(arch="standard", d_sae=64, k=4):
+    return SAEConfig(d_in=32, d_sae=d_sae, n_heads=4, d_head=8, layer=1, architecture=arch, k=k)
+
+
+def _sparse_data(n=4096, d=32, n_dirs=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_dirs, d, generator=g)
+    coef = torch.rand(n, n_dirs, generator=g) * (torch.rand(n, n_dirs, generator=g) < 0.06)
+    return coef @ dirs
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+def test_shapes_norms_and_loss_decreases(arch):
+    sae = AttnSAE(_cfg(arch))
+    x = _sparse_data()
+    out = sae(x[:10])
+    assert out.recon.shape == (10, 32) and out.acts.shape == (10, 64) and out.pre.shape == (10, 64)
+    assert sae(x[:10].reshape(10, 4, 8)).recon.shape == (10, 32)  # [N, H, Dh] accepted
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    first = None
+    for step in range(80):
+        b = x[(step * 128) % 4096:][:128]
+        o = sae(b)
+        loss = sae.loss(b, o, l1_coeff=0.05, dead=torch.zeros(64, dtype=torch.bool))["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        sae.remove_parallel_grad()
+        par = (sae.W_dec.grad * sae.W_dec).sum(1)
+        assert par.abs().max() < 1e-5  # parallel gradient component removed
+        opt.step()
+        sae.normalize_decoder()
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert loss.item() < 0.5 * first
+    if arch == "topk":
+        assert int((o.acts > 0).sum(-1).max()) <= 4
+
+
+def test_topk_sparse_decode_matches_dense_and_aux_loss():
+    sae = AttnSAE(_cfg("topk", k=5), seed=3)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(20, 32)
+    out = sae(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    v, i = pre.topk(5, dim=-1)
+    dense = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    assert torch.allclose(out.acts, dense)
+    assert torch.allclose(out.recon, dense @ sae.W_dec + sae.b_dec, atol=1e-5)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    l = sae.loss(x, out, dead=dead, k_aux=4)
+    # independent AuxK: top-4 dead pre-activations reconstruct the residual
+    pd = pre[:, :10]
+    v2, i2 = pd.topk(4, dim=-1)
+    a2 = torch.zeros_like(pd).scatter(-1, i2, v2.relu())
+    want = ((a2 @ sae.W_dec[:10]) - (x - out.recon)).pow(2).sum(-1).mean()
+    assert torch.allclose(l["aux"], want, rtol=1e-4)
+
+
+def test_bad_inputs():
+    with pytest.raises(HeadscopeError, match="d_in"):
+        SAEConfig(d_in=30, d_sae=8, n_heads=4, d_head=8, layer=0)
+    with pytest.raises(HeadscopeError, match="architecture"):
+        _cfg("gated")
+    with pytest.raises(HeadscopeError, match="k must"):
+        _cfg("topk", d_sae=8, k=9)
+    with pytest.raises(HeadscopeError, match="width d_in=32"):
+        AttnSAE(_cfg())(torch.randn(3, 31))
