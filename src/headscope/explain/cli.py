@@ -62,7 +62,7 @@ def register(sub) -> None:
 
 
 def _options(args, dry_run=None) -> dict:
-    return {"base_url": args.base_url, "model": args.llm, "api_key_env": args.api_key_env,
+    return {"base_url": args.base_url, "llm": args.llm, "api_key_env": args.api_key_env,
             "concurrency": args.concurrency, "max_retries": args.max_retries, "timeout": args.timeout,
             "cache_dir": Path(args.cache_dir) if args.cache_dir else None, "dry_run": dry_run,
             "local_model": args.explainer_model, "device": args.device, "keywords": args.keywords}

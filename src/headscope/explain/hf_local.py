@@ -2,8 +2,8 @@
 
 Explanations: greedy decoding (no sampling) of up to ``max_new_tokens`` tokens from the model's chat
 template. Scoring: one forward pass of the scoring prompt up to the start of the assistant's answer,
-and P(Yes) / (P(Yes) + P(No)) from the next-token distribution, summing the tokens that spell "Yes"
-(" Yes", "yes", …) and "No"; an example counts as active when that ratio is ≥ 0.5.
+and P(Yes) / (P(Yes) + P(No)) from the next-token distribution, summing the first tokens of the spellings of
+"Yes" (" Yes", "yes", …) and of "No"; an example counts as active when that ratio is ≥ 0.5.
 Default model: the embedded SmolLM2-135M-Instruct — small, so expect a low score; give any larger
 local model (``--explainer-model PATH``) for useful explanations.
 """
@@ -29,8 +29,9 @@ class LocalHFExplainer:
         self.model = model if isinstance(model, Model) else load_model(model, device=device, dtype=dtype)
         self.max_new_tokens = max_new_tokens
         tok = self.model.tokenizer
-        self.yes_ids = sorted({i for w in YES if len(ids := tok(w, add_special_tokens=False)["input_ids"]) == 1 for i in ids})
-        self.no_ids = sorted({i for w in NO if len(ids := tok(w, add_special_tokens=False)["input_ids"]) == 1 for i in ids})
+        first = lambda words: {tok(w, add_special_tokens=False)["input_ids"][0] for w in words}
+        yes, no = first(YES), first(NO)  # the first token of each spelling (the whole word in real vocabularies)
+        self.yes_ids, self.no_ids = sorted(yes - no), sorted(no - yes)
 
     def config(self) -> dict:
         return {"backend": "local", "model": self.model.name, "max_new_tokens": self.max_new_tokens}

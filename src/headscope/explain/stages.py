@@ -32,7 +32,7 @@ def explain_dir(run: RunDir, which: str = "top") -> Path:
 
 
 def make_backend(name, run: RunDir | None = None, model=None, *, base_url: str = "https://api.openai.com/v1",
-                 model: str = "gpt-4o", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
+                 llm: str = "gpt-4o", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, cache_dir: Path | None = None,
                  dry_run: Path | None = None, local_model: str = "default", device: str = "cpu",
                  keywords: int = 3, max_n: int = 2):
@@ -50,7 +50,7 @@ def make_backend(name, run: RunDir | None = None, model=None, *, base_url: str =
         if cache_dir is None and run is not None:
             cache_dir = run / "explain" / "cache"
         cache = ResponseCache(cache_dir) if cache_dir else None
-        return OpenAIExplainer(ChatClient(base_url, model, key, concurrency, max_retries, timeout, backoff,
+        return OpenAIExplainer(ChatClient(base_url, llm, key, concurrency, max_retries, timeout, backoff,
                                           cache=cache, dry_run=dry_run))
     if name == "local":
         from .hf_local import LocalHFExplainer
