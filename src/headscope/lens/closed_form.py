@@ -118,7 +118,7 @@ class Moments:
         lam = ridge * C_rr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
         if not (torch.isfinite(C_rr).all() and torch.isfinite(C_rx).all()):
             raise HeadscopeError("closed-form lens statistics are not finite (overflow in the head outputs?); use --init base")
-        M = torch.linalg.solve(C_rr + lam.view(-1, 1, 1) * torch.eye(d, dtype=C_rr.dtype), C_rx)  # [L, d, D]
+        M = _spd_solve(C_rr + lam.view(-1, 1, 1) * torch.eye(d, dtype=C_rr.dtype), C_rx)  # [L, d, D]
         if self.full:
             bank.W.copy_(M.float().to(dev))
             bank.beta.copy_((c0.double() - torch.einsum("ld,ldv->lv", rbar, M)).float().to(dev))
@@ -139,6 +139,19 @@ class Moments:
             bank.c.copy_((c0 - b_U).expand_as(bank.c).to(dev))
         else:  # no vocabulary bias: put what the residual space can carry of c0 into b
             bank.b.add_((self.P.double() @ (c0 - b_U).double()).float().to(dev))
+
+
+def _spd_solve(S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Solve S X = B for symmetric positive-definite S [L, d, d] (Cholesky, one lens at a time:
+    batched LU in some MKL builds fails with 'DLASWP parameter 6')."""
+    out = []
+    for k in range(S.shape[0]):
+        Lc, info = torch.linalg.cholesky_ex(S[k].contiguous())
+        if int(info) != 0:
+            out.append(torch.linalg.lstsq(S[k], B[k]).solution)
+        else:
+            out.append(torch.cholesky_solve(B[k].contiguous(), Lc))
+    return torch.stack(out)
 
 
 def _sqrt_psd(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

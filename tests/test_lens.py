@@ -1,0 +1,220 @@
+"""Lens bank, closed-form start, trainer (resume), evaluation: tiny random models of each family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from headscope.errors import HeadscopeError
+from headscope.lens.closed_form import Moments
+from headscope.lens.collect import site_batch
+from headscope.lens.evaluate import evaluate_bank, run_eval
+from headscope.lens.lenses import LensBank, LensConfig, load_bank, parse_sites, save_bank
+from headscope.lens.objectives import forward_kl
+from headscope.lens.train import TrainConfig, load_null, run_train
+from headscope.runs import RunDir
+from headscope.testing.tiny import FAMILIES, tiny_model
+
+SMALL = dict(tokens=1024, init_tokens=512, batch_size=2, seq_len=32, chunk_tokens=24, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_model(f) for f in FAMILIES}
+
+
+def _ids(seed=0, B=2, S=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 512, (B, S), generator=g)
+
+
+def _np_result(model, ids, layer, head):
+    """r_h from z and W_O with numpy: z_h [N, Dh] @ W_O[h] [Dh, d]."""
+    from headscope.capture import capture
+    z = capture(model, ids, layers=[layer], what=("z",))["z"][layer][:, :, head]
+    return z.reshape(-1, z.shape[-1]).numpy().astype(np.float64) @ model.W_O(layer)[head].detach().numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shapes_and_step0_equals_unembedding(models, family):
+    m = models[family]
+    sites = [(0, 1), (2, 3), (2, 0)]
+    ids = _ids()
+    R, lp = site_batch(m, ids, sites)
+    assert R.shape == (3, ids.numel(), m.d_model) and lp.shape == (ids.numel(), m.d_vocab)
+    np.testing.assert_allclose(R[1].numpy(), _np_result(m, ids, 2, 3), rtol=1e-4, atol=1e-5)
+    W_U = m.W_U.detach().numpy().astype(np.float64)
+    b_U = m.b_U.detach().numpy() if m.b_U is not None else 0.0
+    # affine, no norm, identity start: exactly W_U·r + b_U
+    bank = LensBank(m, sites, LensConfig(kind="affine", norm=False))
+    np.testing.assert_allclose(bank(R).detach().numpy(), R.double().numpy() @ W_U.T + b_U, rtol=1e-4, atol=1e-4)
+    # with the norm: W_U·N(r) + b_U
+    bank = LensBank(m, sites, LensConfig(kind="affine", norm=True))
+    ref = m.final_norm(R).detach().double().numpy() @ W_U.T + b_U
+    np.testing.assert_allclose(bank(R).detach().numpy(), ref, rtol=1e-4, atol=1e-4)
+    for kind in ("lowrank", "full"):
+        b = LensBank(m, sites, LensConfig(kind=kind, rank=4))
+        assert b(R).shape == (3, ids.numel(), m.d_vocab)
+        np.testing.assert_allclose(b(R).detach().numpy(), R.double().numpy() @ W_U.T + b_U, rtol=1e-4, atol=1e-4)
+    shared = LensBank(m, sites, LensConfig(shared=True))
+    assert shared.n_lenses == 2 and shared.lens_index.tolist() == [0, 1, 1]
+    assert shared(R).shape == (3, ids.numel(), m.d_vocab)
+
+
+def test_closed_form_matches_numpy_lstsq(models):
+    m = models["llama_gqa"]
+    sites = [(1, 0), (2, 2)]
+    bank = LensBank(m, sites, LensConfig(kind="affine"))
+    mo = Moments(bank)
+    Rs, lps = [], []
+    for s in range(3):
+        R, lp = site_batch(m, _ids(s, 4, 16), sites)
+        mo.update(R, lp)
+        Rs.append(R), lps.append(lp)
+    mo.solve(ridge=1e-7)  # r_h spans only Dh of d dims: C_rr is singular, the ridge picks the min-norm fit
+    R = torch.cat(Rs, 1).double().numpy()
+    lp = torch.cat(lps).double().numpy()
+    p = np.exp(lp)
+    c0 = np.log(p.mean(0))
+    np.testing.assert_allclose(mo.null_logits().numpy(), c0, rtol=1e-4, atol=1e-4)
+    W_U = m.W_U.detach().double().numpy()
+    y = lp - lp.mean(1, keepdims=True)
+    X = np.linalg.lstsq(W_U, (y - c0).T, rcond=None)[0].T  # [N, d]: least squares in residual space
+    for k in range(2):
+        r = R[k]
+        rc, Xc = r - r.mean(0), X - X.mean(0)
+        M = np.linalg.lstsq(rc, Xc, rcond=1e-5)[0]  # r_h has rank Dh < d: drop float32 noise directions
+        pred = r @ (np.eye(m.d_model) + bank.A[k].detach().double().numpy()) + bank.b[k].detach().double().numpy()
+        np.testing.assert_allclose(pred, (r - r.mean(0)) @ M, rtol=2e-3, atol=2e-3)
+    # at r = r̄ the lens predicts the null exactly
+    rbar = torch.tensor(R[0].mean(0), dtype=torch.float32).view(1, 1, -1).repeat(2, 1, 1)
+    out = bank(rbar)[0, 0].detach().numpy()
+    np.testing.assert_allclose(out - out.mean(), c0 - c0.mean(), atol=2e-3)
+
+
+def test_lowrank_closed_form_is_low_rank(models):
+    m = models["gpt2"]
+    bank = LensBank(m, [(1, 0)], LensConfig(kind="lowrank", rank=3))
+    mo = Moments(bank)
+    for s in range(2):
+        mo.update(*site_batch(m, _ids(s, 4, 16), bank.sites))
+    mo.solve()
+    A = (bank.U[0] @ bank.Vt[0]).detach()
+    assert torch.linalg.matrix_rank(A.double(), rtol=1e-6) <= 3 and A.abs().max() > 0
+
+
+def test_train_loss_decreases_and_eval(tmp_path, models):
+    m = models["gpt2"]
+    run = RunDir(tmp_path / "run", m.identity())
+    sites = [(1, 0), (2, 1)]
+    s = run_train(m, run, sites, LensConfig(norm=True), TrainConfig(init="identity", lr=3e-2, **SMALL), progress=False)
+    h = [x["loss_bits"] for x in s["history"]]
+    assert len(h) == 16 and np.mean(h[-4:]) < 0.7 * np.mean(h[:2])
+    assert (tmp_path / "run/lens/lenses.safetensors").exists() and not (tmp_path / "run/lens/checkpoint").exists()
+    out = run_eval(m, run, tokens=256, batch_size=2, transfer_tokens=64, progress=False)
+    ph = out["per_head"]["2.1"]
+    assert ph["gain"] == pytest.approx(ph["kl_null"] - ph["kl_lens"])
+    assert out["heatmap_gain"][2][1] == ph["gain"] and out["heatmap_gain"][0][0] is None
+    assert np.array(out["transfer"]["kl"]).shape == (2, 2)
+    assert out["transfer"]["kl"][1][1] == pytest.approx(ph["kl_lens"], rel=0.2)
+    # independent recomputation of the metrics on one batch with numpy
+    bank, _ = load_bank(m, run / "lens")
+    null = load_null(run / "lens")
+    ids = _ids(7, 2, 16)
+    res = evaluate_bank(m, bank, null, [ids], progress=False)
+    R, lp = site_batch(m, ids, bank.sites)
+    p = lp.double().exp().numpy()
+    lq = torch.log_softmax(bank(R).detach().double(), -1).numpy()
+    kl = (p * (lp.double().numpy() - lq)).sum(-1).mean(-1) / np.log(2)
+    ln = np.log(np.exp(null.double().numpy()) / np.exp(null.double().numpy()).sum())
+    kl_null = (p * (lp.double().numpy() - ln)).sum(-1).mean() / np.log(2)
+    W_U = m.W_U.detach().double().numpy()
+    lb = m.final_norm(R).detach().double().numpy() @ W_U.T + (m.b_U.detach().double().numpy() if m.b_U is not None else 0)
+    lb = lb - np.log(np.exp(lb).sum(-1, keepdims=True))
+    kl_u = (p * (lp.double().numpy() - lb)).sum(-1).mean(-1) / np.log(2)
+    for i, name in enumerate(["1.0", "2.1"]):
+        assert res["per_head"][name]["kl_lens"] == pytest.approx(kl[i], rel=1e-4, abs=1e-6)
+        assert res["per_head"][name]["kl_unembed"] == pytest.approx(kl_u[i], rel=1e-4, abs=1e-6)
+        assert res["per_head"][name]["kl_null"] == pytest.approx(kl_null, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,opt,objective", [("affine", "adam", "fkl"), ("lowrank", "sgd", "rkl"),
+                                                ("full", "adam", "ce"), ("affine", "adam", "fkl_shortlist")])
+def test_resume_equals_uninterrupted(tmp_path, models, kind, opt, objective):
+    m = models["llama_gqa"]
+    sites = [(0, 0), (2, 3)]
+    lens = LensConfig(kind=kind, rank=4)
+    cfg = TrainConfig(optimizer=opt, objective=objective, lr=1e-2, shortlist_negatives=64, **SMALL)
+    ra = RunDir(tmp_path / "a", m.identity())
+    run_train(m, ra, sites, lens, cfg, progress=False)
+    rb = RunDir(tmp_path / "b", m.identity())
+    stopped = run_train(m, rb, sites, lens, cfg, progress=False, stop_at_step=5)
+    assert stopped == {"stopped_at": 5} and (tmp_path / "b/lens/checkpoint/state.json").exists()
+    torch.manual_seed(123)  # a resumed process starts with another RNG state; the checkpoint restores it
+    s = run_train(m, rb, sites, lens, cfg, progress=False)
+    assert s["resumed"]
+    a, _ = load_bank(m, tmp_path / "a/lens")
+    b, _ = load_bank(m, tmp_path / "b/lens")
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), n
+
+
+def test_shared_lens_trains(tmp_path, models):
+    m = models["neox_parallel"]
+    run = RunDir(tmp_path / "r", m.identity())
+    s = run_train(m, run, [(1, 0), (1, 2), (2, 1)], LensConfig(shared=True),
+                  TrainConfig(**{**SMALL, "tokens": 256}), progress=False)
+    bank, info = load_bank(m, run / "lens")
+    assert bank.n_lenses == 2 and info["lens"]["shared"] and s["steps"] == 4
+
+
+def test_bad_input(tmp_path, models):
+    m, other = models["gpt2"], models["llama_gqa"]
+    with pytest.raises(HeadscopeError, match="out of range"):
+        parse_sites("1.7", m)
+    with pytest.raises(HeadscopeError, match="out of range"):
+        parse_sites("9.*", m)
+    with pytest.raises(HeadscopeError, match="cannot parse"):
+        parse_sites("1.x", m)
+    bank = LensBank(m, [(1, 1)], LensConfig())
+    save_bank(bank, tmp_path / "l")
+    with pytest.raises(HeadscopeError, match="made for model 'tiny-gpt2'"):
+        load_bank(other, tmp_path / "l")
+    same_arch = tiny_model("gpt2", seed=1)
+    with pytest.raises(HeadscopeError, match="unembed_sha1"):
+        load_bank(same_arch, tmp_path / "l")
+    load_bank(same_arch, tmp_path / "l", allow_other_checkpoint=True)
+    info = json.loads((tmp_path / "l/lenses.json").read_text())
+    info["format"] = 0
+    (tmp_path / "l/lenses.json").write_text(json.dumps(info))
+    with pytest.raises(HeadscopeError, match="format 0"):
+        load_bank(m, tmp_path / "l")
+    (tmp_path / "l/lenses.json").write_text("{not json")
+    with pytest.raises(HeadscopeError, match="corrupt JSON"):
+        load_bank(m, tmp_path / "l")
+    # a corrupt checkpoint: one-line error, nothing written
+    run = RunDir(tmp_path / "r", m.identity())
+    run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False, stop_at_step=2)
+    (tmp_path / "r/lens/checkpoint/state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(HeadscopeError, match="corrupt"):
+        run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False)
+    assert not (tmp_path / "r/lens/lenses.json").exists()
+    with pytest.raises(HeadscopeError, match="other training options"):
+        run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**{**SMALL, "lr": 0.5}), progress=False)
+    with pytest.raises(HeadscopeError, match="unknown lens kind"):
+        LensConfig(kind="nope").check()
+    with pytest.raises(HeadscopeError, match="objective"):
+        TrainConfig(objective="mse").check()
+
+
+def test_forward_kl_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    lp = torch.log_softmax(torch.randn(5, 7, generator=g), -1)
+    p = lp.exp().numpy()
+    lq = torch.log_softmax(logits, -1).numpy()
+    ref = (p * (lp.numpy() - lq)).sum(-1).mean(-1)
+    np.testing.assert_allclose(forward_kl(logits, lp).numpy(), ref, rtol=1e-5)
