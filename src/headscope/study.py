@@ -51,24 +51,29 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("heads", "headscope.heads.scores:run_head_scores", ("heads/scores.json",),
           doc="induction, previous-token, duplicate-token and prefix-induction scores of every head"),
-    Stage("lens", "headscope.lens.train:run_train", ("lens",), doc="per-head lenses for a few layers"),
-    Stage("lens.eval", "headscope.lens.evaluate:run_eval", ("lens",), needs=("lens",),
+    Stage("lens", "headscope.study_stages:run_lens_train", ("lens/lenses.json",),
+          doc="per-head lenses for a few layers"),
+    Stage("lens.eval", "headscope.lens.evaluate:run_eval", ("lens/eval.json",), needs=("lens",),
           doc="held-out KL of each lens against the unembedding baseline"),
-    Stage("sae", "headscope.sae.train:run_train", ("sae",), doc="one attention-output SAE"),
-    Stage("sae.eval", "headscope.sae.evaluate:run_eval", ("sae",), needs=("sae",),
-          doc="SAE metrics, max-activating examples, head attribution and DFA"),
-    Stage("neurons.find", "headscope.neurons.stages:run_find", ("neurons",),
+    Stage("sae", "headscope.sae.train:run_train", ("sae/{sae}/cfg.json",), doc="one attention-output SAE"),
+    Stage("sae.eval", "headscope.sae.evaluate:run_eval", ("sae/{sae}/eval.json",), needs=("sae",),
+          doc="SAE metrics: L0, explained variance, CE/KL recovered, density"),
+    Stage("sae.analysis", "headscope.sae.analysis:run_analysis", ("sae/{sae}/heads.json",), needs=("sae",),
+          doc="head attribution of the features; polysemanticity of each head"),
+    Stage("sae.dashboards", "headscope.sae.dashboards:run_dashboards", ("sae/{sae}/dashboards/index.json",),
+          needs=("sae",), doc="feature pages: max-activating examples, DFA, logits, density"),
+    Stage("neurons.find", "headscope.neurons.stages:run_find", ("neurons/find.json",),
           doc="next-token neurons ranked by congruence"),
-    Stage("neurons.mine", "headscope.neurons.stages:run_mine", ("neurons",), needs=("neurons.find",),
+    Stage("neurons.mine", "headscope.neurons.stages:run_mine", ("neurons/mine.json",), needs=("neurons.find",),
           doc="max-activating prompts of each neuron"),
-    Stage("neurons.attribute", "headscope.neurons.stages:run_attribute", ("neurons",), needs=("neurons.mine",),
-          doc="head → neuron attribution on those prompts"),
+    Stage("neurons.attribute", "headscope.neurons.stages:run_attribute", ("neurons/attribution.json",),
+          needs=("neurons.mine",), doc="head → neuron attribution on those prompts"),
     Stage("explain", "headscope.explain.stages:run_explain", ("explain",), needs=("neurons.attribute",),
           doc="written explanations of when each head drives a neuron"),
     Stage("explain.score", "headscope.explain.stages:run_score", ("explain",), needs=("explain",),
           doc="explanation scores on held-out prompts"),
-    Stage("neurons.ablate", "headscope.neurons.stages:run_ablate", ("neurons",), needs=("neurons.attribute",),
-          doc="drop in P(token) when a head is ablated, active vs inactive prompts"),
+    Stage("neurons.ablate", "headscope.neurons.stages:run_ablate", ("neurons/ablation.json",),
+          needs=("neurons.attribute",), doc="drop in P(token) when a head is ablated, active vs inactive prompts"),
     Stage("atlas", "headscope.atlas.build:run_atlas", ("atlas/index.html", "atlas/data/index.js"),
           doc="the head atlas web page"),
 )
@@ -95,11 +100,11 @@ def _unknown_tables(config: dict, prefix: str = "") -> list[str]:
         full = f"{prefix}{k}"
         if not prefix and k == "study":
             continue
-        if isinstance(v, dict):
-            if full not in STAGE_BY_NAME and not any(s.name.startswith(full + ".") for s in STAGES):
-                bad.append(full)
-            else:
-                bad += _unknown_tables(v, full + ".")
+        is_stage = full in STAGE_BY_NAME or any(s.name.startswith(full + ".") for s in STAGES)
+        if isinstance(v, dict) and is_stage:
+            bad += _unknown_tables(v, full + ".")
+        elif isinstance(v, dict) and not prefix:
+            bad.append(full)  # a top-level table that is no stage (inside a stage, a dict is an option)
         elif not prefix:
             bad.append(full)
     return bad
@@ -192,10 +197,17 @@ def _options_hash(opts: dict) -> str:
     return hashlib.sha1(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _prepare(fn, opts: dict, model, study: dict, changed: bool) -> dict:
+def _prepare(fn, opts: dict, model, study: dict, changed: bool, stage: Stage | None = None,
+             config: dict | None = None) -> dict:
     from .cli import parse_layers
+    from .study_stages import sae_name
     params = inspect.signature(fn).parameters
     kw = dict(opts)
+    if stage is not None and stage.name.startswith("sae.") and "name" in params and "name" not in kw:
+        name = sae_name(config or {})
+        if name is None:
+            raise HeadscopeError(f"[{stage.name}] needs the SAE's name: set name in [sae] or [{stage.name}]")
+        kw["name"] = name
     for key in ("layers",):
         if isinstance(kw.get(key), str):
             kw[key] = parse_layers(kw[key], model.n_layers)
@@ -261,11 +273,13 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
             continue
         why = " (options changed)" if changed else (" (forced)" if forced else "")
         print(f"study: [{i}/{n}] {stage.name}{why}: {stage.doc}", file=sys.stderr, flush=True)
-        kw = _prepare(fn, opts, model, study, changed or forced)
+        kw = _prepare(fn, opts, model, study, changed or forced, stage, config)
         t0 = time.time()
         summary = fn(model, run, **kw)
         seconds = time.time() - t0
-        missing = [a for a in stage.artifacts if not (run / a).exists()]
+        from .study_stages import sae_name
+        arts = [a.replace("{sae}", str(kw.get("name") or sae_name(config) or "")) for a in stage.artifacts]
+        missing = [a for a in arts if not (run / a).exists()]
         if missing:
             raise HeadscopeError(f"stage '{stage.name}' finished without writing {', '.join(missing)}")
         run.mark_done(key, {"options": h, "seconds": round(seconds, 2)})

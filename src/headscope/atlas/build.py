@@ -45,6 +45,10 @@ DEFAULT_EXAMPLES = (
 """Prompts whose attention patterns the static atlas shows for every head (the first repeats a
 sentence, so induction and previous-token heads are visible)."""
 
+RECORD_LISTS = {"sae": "sae"}
+"""Per-head keys holding a list of records (one per SAE of the layer) whose first record's numbers are
+grid measures (e.g. the SAE's ``n_groups`` and ``polysemantic``)."""
+
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 
 
@@ -85,12 +89,16 @@ def _measures(sources: dict, L: int, H: int) -> list[dict]:
                 continue
             flat = {}
             for k, v in d.items():
-                if _is_number(v):
-                    flat[k] = v
-                elif isinstance(v, dict):
+                if _is_number(v) or isinstance(v, bool):
+                    flat[k] = float(v)
+                    continue
+                own = RECORD_LISTS.get(src) == k  # e.g. sae: [one record per SAE of this layer]
+                if own and isinstance(v, list) and v and isinstance(v[0], dict):
+                    v = v[0]
+                if isinstance(v, dict):
                     for k2, v2 in v.items():
-                        if _is_number(v2):
-                            flat[f"{k}.{k2}"] = v2
+                        if _is_number(v2) or isinstance(v2, bool):
+                            flat[k2 if own else f"{k}.{k2}"] = float(v2)
             for k, v in flat.items():
                 grid = fields.setdefault(k, [[None] * H for _ in range(L)])
                 grid[lh[0]][lh[1]] = float(v)

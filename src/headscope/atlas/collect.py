@@ -93,9 +93,28 @@ def collect(run_dir: Path, sources: tuple[str, ...] | None = None) -> dict:
             out["errors"][name] = msg
             print(f"headscope: warning: atlas section '{name}' failed: {msg}", file=sys.stderr)
             continue
-        if data:
+        if name == "sae" and data:
+            data = expand_sae_pages(run_dir, data)
+        if data and any(v not in (None, {}, [], "") for v in data.values()):
             out["sources"][name] = clean(data)
     return out
+
+
+def expand_sae_pages(run_dir: Path, data: dict) -> dict:
+    """Turn the SAE's ``feature_pages`` index into collections ``features_<sae name>`` ({feature: record})
+    read from ``sae/<name>/dashboards/page_XXX.json``, so the atlas pages them like any collection."""
+    data = dict(data)
+    pages = data.pop("feature_pages", None) or {}
+    for name, info in pages.items():
+        folder = Path(run_dir) / info.get("path", f"sae/{name}/dashboards")
+        feats: dict[str, dict] = {}
+        for i in range(int(info.get("pages", 0))):
+            page = read_json(folder / f"page_{i:03d}.json")
+            for f, rec in page.get("features", {}).items():
+                feats[str(f)] = {"sae": name, "layer": info.get("layer"), **rec}
+        if feats:
+            data[f"features_{name}"] = feats
+    return data
 
 
 def clean(obj, depth: int = 0):

@@ -110,7 +110,10 @@ function nav() {
   for (const [i, c] of A.index.collections.entries()) n.appendChild(h("a", { href: "#/list/" + i }, collLabel(c)));
   if (A.live) n.appendChild(h("a", { href: "#/live", id: "nav-live" }, "Live prompt"));
 }
-function collLabel(c) { return `${c.key.replace(/_/g, " ")} (${c.n})`; }
+function collLabel(c) {
+  const k = c.key.startsWith("features_") ? `SAE ${c.key.slice(9)} features` : c.key.replace(/_/g, " ");
+  return `${k} (${c.n})`;
+}
 
 function route() {
   const main = clear(document.getElementById("main"));
@@ -269,7 +272,9 @@ async function headPage(main, key) {
 function measuresCard(L, H) {
   const ms = A.index.measures;
   if (!ms.length) return h("span");
-  const rows = ms.map((m) => {
+  const have = ms.filter((m) => isNum(m.values[L][H]));
+  const none = ms.filter((m) => !isNum(m.values[L][H]));
+  const rows = have.map((m) => {
     const v = m.values[L][H];
     const col = m.values[L].filter(isNum);
     const all = m.values.flat().filter(isNum);
@@ -280,7 +285,8 @@ function measuresCard(L, H) {
       h("td", {}, h("div", { class: "bar" }, h("div", { style: { width: (100 * frac).toFixed(1) + "%" } }))),
       h("td", { class: "muted" }, rank ? `#${rank} of ${all.length} heads · #${lrank} in layer` : ""));
   });
-  return section("Measures", h("table", { class: "kv measures" }, rows));
+  return section("Measures", h("table", { class: "kv measures" }, rows),
+    none.length ? h("p", { class: "muted small" }, "no value for this head: " + none.map((m) => m.label).join(", ")) : null);
 }
 
 function patternCard(page, L, H) {
@@ -475,7 +481,7 @@ function itemLink(col, v, row) {
   const colls = A.index.collections;
   for (const [i, c] of colls.entries()) {
     const singular = c.key.replace(/s$/, "");
-    if (col === singular || col === singular + "_id" || col === "id" && false) {
+    if (col === singular || col === singular + "_id") {
       return h("a", { href: `#/item/${i}/${encodeURIComponent(String(v))}` }, String(v));
     }
   }
@@ -534,7 +540,8 @@ async function itemPage(main, ci, id) {
   if (pos < 0) { main.appendChild(h("p", { class: "error" }, `No item ${id} in ${c.key}`)); return; }
   const chunk = await load(`${c.base}/${Math.floor(pos / c.chunk)}`);
   const item = chunk.items[id];
-  const r = ITEM_RENDER[c.source + "." + c.key] || ITEM_RENDER[c.key] || null;
+  let r = ITEM_RENDER[c.source + "." + c.key] || null;
+  for (const [pre, fn] of ITEM_RENDER.__prefix || []) if (!r && (c.source + "." + c.key).startsWith(pre)) r = fn;
   main.appendChild(r ? r(item, c, id) : section(`${c.source} · ${c.key}`, renderAny(item, 0)));
 }
 const ITEM_RENDER = {};
@@ -594,3 +601,132 @@ function lensPositions(tokens, lens) {
   tokens.forEach((x, i) => t.appendChild(h("tr", {}, h("td", {}, tok(x)), cols.map((c) => h("td", {}, renderAny(lens[c][i], 2, "tokens"))))));
   return h("div", { class: "tablewrap" }, t);
 }
+
+/* ---------- SAE ---------- */
+function featureColl(sae) {
+  const i = A.index.collections.findIndex((c) => c.source === "sae" && c.key === "features_" + sae);
+  return i < 0 ? null : i;
+}
+function featureLink(sae, f) {
+  const ci = featureColl(sae);
+  return ci === null ? h("span", {}, "#" + f) : h("a", { href: `#/item/${ci}/${encodeURIComponent(String(f))}`, class: "featlink" }, "#" + f);
+}
+
+RENDER.sae = function (d, src, key) {
+  const card = section("Attention-SAE features of this head");
+  const recs = d && d.sae ? d.sae : d;
+  for (const r of Array.isArray(recs) ? recs : [recs]) {
+    card.appendChild(h("p", {}, h("b", {}, `SAE ${r.sae}`), " · ",
+      r.polysemantic === undefined ? "" : (r.polysemantic ? `polysemantic (${r.n_groups} groups among its top features)` : `monosemantic-looking (${r.n_groups} group)`)));
+    const t = h("table", { class: "data feats" }, h("tr", {}, h("th", {}, "feature"), h("th", {}, "weight attribution to this head"), h("th", {}, "top output tokens")));
+    for (const f of r.top_features || []) {
+      t.appendChild(h("tr", {}, h("td", {}, featureLink(r.sae, f.feature)),
+        h("td", {}, h("div", { class: "bar" }, h("div", { style: { width: (100 * Math.max(0, Math.min(1, f.attribution))).toFixed(1) + "%" } })), " ", fmt(f.attribution)),
+        h("td", {}, h("div", { class: "toks" }, (f.top_tokens || []).map((x) => tok(x))))));
+    }
+    card.appendChild(h("div", { class: "tablewrap" }, t));
+    if (r.ioi_features && r.ioi_features.length) card.appendChild(renderKV("IOI: features mostly of this head (Δ logit diff when ablated at S2)", r.ioi_features));
+    for (const [k, v] of Object.entries(r)) if (!["sae", "top_features", "n_groups", "polysemantic", "ioi_features", "groups"].includes(k)) card.appendChild(renderKV(k, v));
+  }
+  return card;
+};
+
+function contextView(ex, maxAct) {
+  const mx = maxAct || Math.max(1e-9, ...ex.acts.filter(isNum));
+  return h("div", { class: "toks shaded ctx" }, ex.context.map((t, i) =>
+    tok(t, { class: "tok" + (i === ex.index ? " here" : ""), style: { background: isNum(ex.acts[i]) ? actColor(ex.acts[i] / mx) : "transparent" }, title: `${JSON.stringify(String(t))} activation ${fmt(ex.acts[i])}` })),
+    h("span", { class: "muted small" }, "  act " + fmt(ex.act)));
+}
+
+function renderFeature(item, c, id) {
+  const wrap = h("div", {});
+  const L = item.layer;
+  const dens = item.density;
+  wrap.appendChild(section("Summary", h("table", { class: "kv" },
+    h("tr", {}, h("td", {}, "SAE"), h("td", {}, `${item.sae} (layer ${L})`)),
+    h("tr", {}, h("td", {}, "density"), h("td", {}, isNum(dens) ? `${fmt(100 * dens)} % of tokens (log10 ${fmt(Math.log10(Math.max(dens, 1e-12)), 2)})` : "—")),
+    h("tr", {}, h("td", {}, "max activation"), h("td", {}, fmt(item.max_act))))));
+  if (item.head_attribution) {
+    const t = h("table", { class: "kv" }, item.head_attribution.map((w, hh) => h("tr", {},
+      h("td", {}, headLink(`${L}.${hh}`)), h("td", {}, h("div", { class: "bar" }, h("div", { style: { width: (100 * w).toFixed(1) + "%" } }))), h("td", { class: "num" }, fmt(w)))));
+    wrap.appendChild(section("Weight attribution to heads (‖W_dec[f, head]‖ / Σ)", t));
+  }
+  if (item.examples) wrap.appendChild(section("Max-activating examples (held-out)", h("div", { class: "examples" },
+    item.examples.map((e) => h("div", { class: "example" }, contextView(e, item.max_act))))));
+  if (item.dfa) {
+    const d = item.dfa;
+    const srcMax = Math.max(1e-9, ...d.sources.map((s) => Math.abs(s.dfa)));
+    const card = section("Direct feature attribution (top example)",
+      h("p", { class: "muted" }, `destination position ${d.dest}; source tokens by |DFA| summed over heads:`),
+      h("div", { class: "toks" }, d.sources.map((s) => tok(s.token, { style: { background: s.dfa >= 0 ? actColor(Math.abs(s.dfa) / srcMax) : `rgba(60,120,220,${(0.1 + 0.8 * Math.abs(s.dfa) / srcMax).toFixed(3)})` }, title: `position ${s.pos}: DFA ${fmt(s.dfa)}` }))));
+    if (d.per_head) {
+      const hm = Math.max(1e-9, ...d.per_head.map(Math.abs));
+      card.appendChild(h("h3", {}, "DFA by head"));
+      card.appendChild(h("table", { class: "kv" }, d.per_head.map((v, hh) => h("tr", {}, h("td", {}, headLink(`${L}.${hh}`)),
+        h("td", {}, h("div", { class: "bar" }, h("div", { style: { width: (100 * Math.abs(v) / hm).toFixed(1) + "%", background: v < 0 ? "#c0392b" : "" } }))), h("td", { class: "num" }, fmt(v))))));
+    }
+    wrap.appendChild(card);
+  }
+  if (item.logits) {
+    const col = (xs) => h("table", { class: "kv" }, xs.map(([t, v]) => h("tr", {}, h("td", {}, tok(t)), h("td", { class: "num" }, fmt(v)))));
+    wrap.appendChild(section("Direct effect on the logits", h("div", { class: "twocol" },
+      h("div", {}, h("h3", {}, "top (promoted)"), col(item.logits.top || [])), h("div", {}, h("h3", {}, "bottom (suppressed)"), col(item.logits.bottom || [])))));
+  }
+  if (item.quantiles) wrap.appendChild(section("Random examples by activation quantile", item.quantiles.slice().reverse().map((q) =>
+    h("div", {}, h("h3", {}, `${Math.round(100 * q.range[0])}–${Math.round(100 * q.range[1])} % of max (${q.examples.length})`),
+      h("div", { class: "examples" }, q.examples.slice(0, 5).map((e) => h("div", { class: "example" }, contextView(e, item.max_act))))))));
+  return wrap;
+}
+ITEM_RENDER.__prefix = [["sae.features_", renderFeature]];
+
+/* ---------- next-token neurons ---------- */
+function neuronLink(k) {
+  const ci = A.index.collections.findIndex((c) => c.source === "neurons" && c.key === "neurons");
+  return ci < 0 ? h("span", {}, k) : h("a", { href: `#/item/${ci}/${encodeURIComponent(k)}` }, k);
+}
+
+RENDER.neurons = function (d) {
+  const card = section("Next-token neurons this head drives");
+  card.appendChild(h("p", { class: "muted" }, `Active (attribution > mean + 2σ of eligible heads) on 25–75 % of the prompts of ${d.n_neurons} neuron(s); ` +
+    (isNum(d.mean_drop_active) ? `ablating the head lowers P(token) by ${fmt(d.mean_drop_active)} on active prompts vs ${fmt(d.mean_drop_inactive)} on inactive ones.` : "no ablation in this run.")));
+  const t = h("table", { class: "data" }, h("tr", {}, ["neuron", "predicts", "active (train)", "active (held-out)", "mean A", "ΔP ablated: active", "inactive"].map((x) => h("th", {}, x))));
+  for (const n of d.neurons || []) {
+    t.appendChild(h("tr", {}, h("td", {}, neuronLink(n.neuron)), h("td", {}, tok(n.token)), h("td", { class: "num" }, fmt(n.frac_train, 2)),
+      h("td", { class: "num" }, fmt(n.frac_test, 2)), h("td", { class: "num" }, fmt(n.mean_A)), h("td", { class: "num" }, fmt(n.drop_active)), h("td", { class: "num" }, fmt(n.drop_inactive))));
+  }
+  card.appendChild(h("div", { class: "tablewrap" }, t));
+  return card;
+};
+
+RENDER.explain = function (d) {
+  const card = section("Explanations: when does this head drive the neuron?");
+  card.appendChild(h("p", { class: "muted" }, `${d.n_explained} explained (neuron, head) pair(s); mean score E = (TPR + TNR)/2 on held-out prompts: ${fmt(d.mean_E)}`));
+  for (const e of d.explanations || []) {
+    card.appendChild(h("div", { class: "explanation" },
+      h("div", {}, neuronLink(e.neuron), " → ", tok(e.token), h("span", { class: "muted small" }, ` ${e.backend} · E ${fmt(e.E)} · TPR ${fmt(e.TPR)} · TNR ${fmt(e.TNR)}`)),
+      h("blockquote", {}, e.explanation || "(no explanation)")));
+  }
+  return card;
+};
+
+function renderNeuron(n, c, id) {
+  const wrap = h("div", {});
+  wrap.appendChild(section("Neuron", h("table", { class: "kv" },
+    h("tr", {}, h("td", {}, "predicts"), h("td", {}, tok(n.token))),
+    h("tr", {}, h("td", {}, "congruence W_out·W_U (dot / cos)"), h("td", {}, `${fmt(n.dot)} / ${fmt(n.cos)}`)),
+    h("tr", {}, h("td", {}, "kurtosis / skew of its congruence"), h("td", {}, `${fmt(n.kurtosis, 1)} / ${fmt(n.skew, 2)}`)),
+    h("tr", {}, h("td", {}, "most congruent tokens"), h("td", {}, h("div", { class: "toks" }, (n.top_tokens || []).map((x) => tok(x))))),
+    h("tr", {}, h("td", {}, "prompts (train / held-out)"), h("td", {}, `${n.n_train} / ${n.n_test}`)))));
+  const heads = Object.entries(n.heads || {}).sort((a, b) => (b[1].frac_train || 0) - (a[1].frac_train || 0));
+  const t = h("table", { class: "data" }, h("tr", {}, ["head", "active (train)", "active (held-out)", "mean A", "explained pair"].map((x) => h("th", {}, x))));
+  for (const [k, s] of heads) t.appendChild(h("tr", { class: (n.explain || []).includes(k) ? "hl" : "" }, h("td", {}, headLink(k)),
+    h("td", { class: "num" }, fmt(s.frac_train, 2)), h("td", { class: "num" }, fmt(s.frac_test, 2)), h("td", { class: "num" }, fmt(s.mean_A)),
+    h("td", {}, (n.explain || []).includes(k) ? "yes (active on 25–75 %)" : "")));
+  wrap.appendChild(section("Heads that drive it (active on at least one prompt)", h("div", { class: "tablewrap" }, t)));
+  const ps = n.prompts || [];
+  const mx = Math.max(1e-9, ...ps.flatMap((p) => p.acts.filter(isNum)));
+  wrap.appendChild(section("Max-activating prompts (each ends at the activating token)", h("div", { class: "examples" },
+    ps.map((p) => h("div", { class: "example" }, shadedTokens(p.tokens, p.acts, "activation", mx), h("span", { class: "muted small" }, ` ${p.split} · act ${fmt(p.act)}`))))));
+  return wrap;
+}
+ITEM_RENDER["neurons.neurons"] = renderNeuron;
