@@ -81,6 +81,23 @@ class SAEOutput(NamedTuple):
     pre: torch.Tensor
 
 
+class _SparseDecode(torch.autograd.Function):
+    """recon[n] = Σ_j vals[n, j] · W_dec[idx[n, j]] with a deterministic backward (index_add_ in index
+    order), so that TopK training is bit-for-bit reproducible and resumable."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, W_dec):
+        ctx.save_for_backward(vals, idx, W_dec)
+        return torch.einsum("nk,nkd->nd", vals, W_dec[idx])
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals, idx, W_dec = ctx.saved_tensors
+        g_vals = torch.einsum("nd,nkd->nk", grad, W_dec[idx])
+        g_W = torch.zeros_like(W_dec).index_add_(0, idx.reshape(-1), (vals[..., None] * grad[:, None]).reshape(-1, W_dec.shape[1]))
+        return g_vals, None, g_W
+
+
 class AttnSAE(nn.Module):
     """An SAE on one layer's z. ``forward(x [N, d_in]) -> SAEOutput``."""
 
@@ -130,7 +147,7 @@ class AttnSAE(nn.Module):
             vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
             vals = vals.relu()
             acts = torch.zeros_like(pre).scatter(-1, idx, vals)
-            recon = torch.einsum("nk,nkd->nd", vals, self.W_dec[idx]) + self.b_dec
+            recon = _SparseDecode.apply(vals, idx, self.W_dec) + self.b_dec
             return SAEOutput(recon, acts, pre)
         acts = self.activation(pre)
         return SAEOutput(self.decode(acts), acts, pre)

@@ -311,7 +311,10 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     if done_steps < n_steps:
         return {"name": name, "stopped_at_step": done_steps, "n_steps": n_steps}
     final = fold_scale(sae, scale)
-    summary = {"name": name, "layer": layer, "sae": scfg.to_dict() | {"model": None}, "config": asdict(cfg),
+    import hashlib
+    fp = hashlib.sha1(b"".join(getattr(final, k).detach().contiguous().numpy().tobytes()
+                               for k in ("W_enc", "b_enc", "W_dec", "b_dec"))).hexdigest()[:16]
+    summary = {"weights_sha1": fp, "name": name, "layer": layer, "sae": scfg.to_dict() | {"model": None}, "config": asdict(cfg),
                "n_steps": n_steps, "tokens": n_steps * cfg.batch_size * dist.world_size, "world_size": dist.world_size,
                "input_scale": scale, "elapsed_s": elapsed,
                "tokens_per_s": (n_steps - step0) * cfg.batch_size * dist.world_size / max(1e-9, time.time() - t0),

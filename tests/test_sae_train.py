@@ -1,0 +1,120 @@
+"""SAE training on tiny models: resume equals uninterrupted, cache equals streaming, bad input
+(NaN activations, empty cache, full disk, other model), decoder norms."""
+
+import errno
+
+import pytest
+import torch
+
+from headscope.data import TokenCorpus
+from headscope.errors import HeadscopeError
+from headscope.runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from headscope.sae.io import load_sae
+from headscope.sae.store import CacheSource, cache_activations
+from headscope.sae.train import run_train
+from headscope.testing.tiny import tiny_model
+
+from sae_helpers import small_corpus
+
+OPTS = dict(n_tokens=12288, batch_size=256, buffer_tokens=2048, expansion=2, warmup_steps=5, checkpoint_every=7)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama_gqa")
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+def test_resume_equals_uninterrupted(tmp_path, model, arch):
+    corpus = small_corpus(tmp_path)
+    opts = dict(OPTS, corpus=corpus, architecture=arch, k=4, l1_coeff=0.5,
+                resample_every=10 if arch == "standard" else 0)
+    a = RunDir(tmp_path / "a", model.identity())
+    full = run_train(model, a, 1, progress=False, **opts)
+    b = RunDir(tmp_path / "b", model.identity())
+    part = run_train(model, b, 1, progress=False, stop_at_step=17, **opts)   # "interrupted" at step 17
+    assert part["stopped_at_step"] == 17 and not (tmp_path / "b/sae/L1/cfg.json").exists()
+    resumed = run_train(model, b, 1, progress=False, **opts)
+    wa = read_tensors(tmp_path / "a/sae/L1/sae_weights.safetensors")
+    wb = read_tensors(tmp_path / "b/sae/L1/sae_weights.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert resumed["n_steps"] == full["n_steps"] == 48
+    sae = load_sae(tmp_path / "a/sae/L1", model, layer=1)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
+    h = [r for r in full["history"] if "mse" in r]
+    assert h[-1]["mse"] < h[0]["mse"]  # the loss went down
+    # a second call is a no-op that returns the summary; other options on the same name are refused
+    assert run_train(model, a, 1, progress=False, **opts)["n_steps"] == 48
+    with pytest.raises(HeadscopeError, match="other options"):
+        run_train(model, b, 1, progress=False, stop_at_step=3, **dict(opts, lr=5e-3, n_tokens=24576), name="x") and \
+            run_train(model, b, 1, progress=False, **dict(opts, lr=9e-3, n_tokens=24576), name="x")
+
+
+def test_cache_equals_streaming_and_cache_errors(tmp_path, model):
+    corpus = small_corpus(tmp_path)
+    tc = TokenCorpus(model, corpus, seq_len=128, progress=False)
+    man = cache_activations(model, tc, [1, 2], tmp_path / "cache", max_tokens=8128, shard_tokens=2048, progress=False)
+    assert man["shards"] == 4 and man["layers"] == [1, 2]
+    opts = dict(OPTS, corpus=corpus, n_tokens=4096, architecture="topk", k=4)
+    a = run_train(model, RunDir(tmp_path / "a", model.identity()), 2, progress=False, **opts)
+    b = run_train(model, RunDir(tmp_path / "b", model.identity()), 2, progress=False, cache=str(tmp_path / "cache"), **opts)
+    wa = read_tensors(tmp_path / "a/sae/L2/sae_weights.safetensors")
+    wb = read_tensors(tmp_path / "b/sae/L2/sae_weights.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HeadscopeError, match="empty"):
+        CacheSource(tmp_path / "empty", [1])
+    with pytest.raises(HeadscopeError, match="not for|not \\["):
+        CacheSource(tmp_path / "cache", [0])
+    with pytest.raises(HeadscopeError, match="not for"):
+        CacheSource(tmp_path / "cache", [1], tiny_model("qwen2", seed=3))
+
+
+def test_disk_full_while_caching_leaves_no_corrupt_shard(tmp_path, model, monkeypatch):
+    import headscope.runs as runs
+    tc = TokenCorpus(model, small_corpus(tmp_path), seq_len=128, progress=False)
+    real = runs.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)   # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(runs, "save_file", flaky)
+    with pytest.raises(HeadscopeError, match="disk full .* 2 complete shards kept"):
+        cache_activations(model, tc, [1], tmp_path / "c", max_tokens=8128, shard_tokens=2048, progress=False)
+    assert read_json(tmp_path / "c/manifest.json")["shards"] == 2
+    assert sorted(p.name for p in (tmp_path / "c/L1").iterdir()) == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    monkeypatch.setattr(runs, "save_file", real)
+    man = cache_activations(model, tc, [1], tmp_path / "c", max_tokens=8128, shard_tokens=2048, progress=False)
+    assert man["shards"] == 4
+
+
+def test_nan_activations_stop_with_the_step(tmp_path, model):
+    tc = TokenCorpus(model, small_corpus(tmp_path), seq_len=128, progress=False)
+    cache_activations(model, tc, [1], tmp_path / "c", max_tokens=4096, shard_tokens=2048, progress=False)
+    p = tmp_path / "c/L1/shard_00001.safetensors"
+    z = read_tensors(p)["z"]
+    z[:, 3] = float("nan")
+    write_tensors(p, {"z": z})
+    run = RunDir(tmp_path / "r", model.identity())
+    # shard 1 is read from step 7 on (2032 rows per shard // 256 = 7 batches per block)
+    with pytest.raises(HeadscopeError, match="non-finite z activations at layer 1 in the batch of step 7"):
+        run_train(model, run, 1, progress=False, cache=str(tmp_path / "c"), **dict(OPTS, n_tokens=4096))
+    assert not (tmp_path / "r/sae/L1/cfg.json").exists()
+
+
+def test_bad_options(tmp_path, model):
+    run = RunDir(tmp_path / "r", model.identity())
+    with pytest.raises(HeadscopeError, match="layer 7 is out of range"):
+        run_train(model, run, 7, progress=False)
+    with pytest.raises(HeadscopeError, match="batch-size must be positive"):
+        run_train(model, run, 1, progress=False, batch_size=0)
+    with pytest.raises(HeadscopeError, match="unknown SAE training option"):
+        run_train(model, run, 1, progress=False, bogus=1)
+    with pytest.raises(HeadscopeError, match="exceeds"):
+        run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), batch_size=4096, buffer_tokens=1024)
