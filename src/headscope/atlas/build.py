@@ -196,6 +196,36 @@ def example_patterns(model, prompts, layers: list[int] | None = None) -> tuple[l
     return examples, per_layer
 
 
+def example_lens(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[str, list]] | None:
+    """Each lens head's top-k tokens per position on the example prompts, next to its unembedding
+    baseline (``headscope.lens.apply.show``): {layer: {"<H>": [{"prompt": i, "lens": [S][k],
+    "lens_prob": [S][k], "unembedding": [S][k]}]}}, or None when the run has no lenses."""
+    if not (Path(run_dir) / "lens" / "lenses.json").is_file():
+        return None
+    try:
+        from ..lens.apply import load_gains, show
+        from ..lens.lenses import load_bank
+    except ModuleNotFoundError:
+        return None
+    bank, _ = load_bank(model, Path(run_dir) / "lens")
+    bank = bank.to(model.device)
+    gains = load_gains(Path(run_dir) / "lens")
+    out: dict[int, dict[str, list]] = {}
+    for i, text in enumerate(prompts):
+        ids = model.to_tokens(text)[:, :MAX_EXAMPLE_TOKENS]
+        short = model.tokenizer.decode(ids[0, 1:].tolist())
+        res = show(model, bank, short, k=k, gains=gains)
+        for name, info in res["heads"].items():
+            layer, head = map(int, name.split("."))
+            pos = info["positions"]
+            out.setdefault(layer, {}).setdefault(str(head), []).append({
+                "prompt": i, "gain": info.get("gain"),
+                "lens": [[t for t, _ in p["lens"]] for p in pos],
+                "lens_prob": [[round(q, 4) for _, q in p["lens"]] for p in pos],
+                "unembedding": [[t for t, _ in p["unembed"]] for p in pos]})
+    return out
+
+
 def static_dir() -> Path:
     return Path(str(resources.files("headscope.atlas") / "static"))
 
@@ -222,9 +252,10 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
     got = collect(run_dir)
     sources, errors = got["sources"], got["errors"]
 
-    ex_list, ex_layers = [], None
+    ex_list, ex_layers, ex_lens = [], None, None
     if model is not None and examples:
         ex_list, ex_layers = example_patterns(model, examples)
+        ex_lens = example_lens(model, run_dir, examples)
 
     final = run_dir / "atlas"
     tmp = run_dir / f".atlas.tmp.{os.getpid()}"
@@ -252,6 +283,8 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             page = {"layer": layer, "heads": heads}
             if ex_layers is not None:
                 page["patterns"] = ex_layers[layer]
+            if ex_lens and layer in ex_lens:
+                page["lens_examples"] = ex_lens[layer]
             write(f"layer/{layer}", page)
             bar.update(1)
         bar.close()

@@ -290,7 +290,7 @@ function measuresCard(L, H) {
 }
 
 function patternCard(page, L, H) {
-  const card = section("Attention pattern");
+  const card = section("On a prompt: lens tokens and attention pattern");
   const body = h("div", { id: "pattern-body" });
   const ex = A.index.examples || [];
   const pats = page.patterns || [];
@@ -298,7 +298,14 @@ function patternCard(page, L, H) {
     const sel = h("select", { id: "pattern-prompt", onchange: () => show(+sel.value) },
       ex.map((e, i) => h("option", { value: i }, e.text.slice(0, 80))));
     card.appendChild(h("div", { class: "controls" }, h("label", {}, "example prompt ", sel)));
-    const show = (i) => { clear(body); const p = pats.find((x) => x.prompt === i); if (p) body.appendChild(patternView(ex[i].tokens, p.heads[String(H)])); };
+    const lensEx = (page.lens_examples || {})[String(H)] || [];
+    const show = (i) => {
+      clear(body);
+      const le = lensEx.find((x) => x.prompt === i);
+      if (le) body.appendChild(lensPositions(ex[i].tokens, le));
+      const p = pats.find((x) => x.prompt === i);
+      if (p) body.appendChild(h("div", {}, h("h3", {}, "Attention pattern (rows: destination, columns: source)"), patternView(ex[i].tokens, p.heads[String(H)])));
+    };
     card.appendChild(body);
     show(0);
   } else {
@@ -311,7 +318,10 @@ function patternCard(page, L, H) {
       clear(body).appendChild(h("p", { class: "muted" }, "running the model…"));
       try {
         const res = await livePost({ prompt: input.value, heads: [`${L}.${H}`] });
-        clear(body).appendChild(patternView(res.tokens, res.heads[`${L}.${H}`].pattern));
+        const d = res.heads[`${L}.${H}`];
+        clear(body);
+        if (d.lens) body.appendChild(lensPositions(res.tokens, d.lens));
+        body.appendChild(h("div", {}, h("h3", {}, "Attention pattern"), patternView(res.tokens, d.pattern)));
       } catch (e) { clear(body).appendChild(h("p", { class: "error" }, e.message)); }
     };
     input.addEventListener("keydown", (e) => { if (e.key === "Enter") run(); });
@@ -590,16 +600,54 @@ function renderLive(out, res) {
     for (const [kk, v] of Object.entries(d)) if (kk !== "pattern" && kk !== "lens") card.appendChild(renderKV(kk, v));
     out.appendChild(card);
   }
-  for (const [k, v] of Object.entries(res.views || {})) out.appendChild(section(k, renderAny(v, 0, k)));
+  for (const [k, v] of Object.entries(res.views || {})) {
+    if (k === "sae") renderLiveSae(res.tokens, v).forEach((c) => out.appendChild(c));
+    else if (k === "neurons") out.appendChild(renderLiveNeurons(v));
+    else out.appendChild(section(k, renderAny(v, 0, k)));
+  }
   for (const [k, v] of Object.entries(res.errors || {})) out.appendChild(h("p", { class: "error" }, `${k}: ${v}`));
 }
 
-/* lens: {"top_tokens": [S][k], "baseline": [S][k]?} → table of positions */
+/* lens: {"lens": [S][k] tokens, "lens_prob": [S][k], "unembedding": [S][k], "gain"} → table of positions */
 function lensPositions(tokens, lens) {
-  const cols = Object.keys(lens).filter((k) => Array.isArray(lens[k]) && lens[k].length === tokens.length);
-  const t = h("table", { class: "data lenspos" }, h("tr", {}, h("th", {}, "position"), cols.map((c) => h("th", {}, c.replace(/_/g, " ")))));
-  tokens.forEach((x, i) => t.appendChild(h("tr", {}, h("td", {}, tok(x)), cols.map((c) => h("td", {}, renderAny(lens[c][i], 2, "tokens"))))));
-  return h("div", { class: "tablewrap" }, t);
+  const t = h("table", { class: "data lenspos" }, h("tr", {}, h("th", {}, "position"), h("th", {}, "lens top tokens"), h("th", {}, "unembedding baseline (W_U·N(r_h))")));
+  tokens.forEach((x, i) => t.appendChild(h("tr", {}, h("td", {}, tok(x)),
+    h("td", { class: "lens-tokens" }, (lens.lens[i] || []).map((y, j) => tok(y, { title: lens.lens_prob ? `p = ${fmt(lens.lens_prob[i][j])}` : "" }))),
+    h("td", { class: "muted" }, (lens.unembedding && lens.unembedding[i] || []).map((y) => tok(y))))));
+  return h("div", {}, h("h3", {}, "Lens: what this head's output says about the next token, per position" + (isNum(lens.gain) ? ` (held-out KL gain over the baseline ${fmt(lens.gain)})` : "")),
+    h("div", { class: "tablewrap" }, t));
+}
+
+function renderLiveSae(tokens, views) {
+  const out = [];
+  for (const [name, v] of Object.entries(views)) {
+    const card = section(`SAE ${name} (layer ${v.layer}): features firing at each position, with their DFA`);
+    const t = h("table", { class: "data" }, h("tr", {}, h("th", {}, "position"), h("th", {}, "features (activation) · source tokens by DFA · DFA by head")));
+    v.positions.forEach((fl, i) => {
+      if (!fl.length) return;
+      t.appendChild(h("tr", {}, h("td", {}, tok(tokens[i])), h("td", {}, fl.map((f) => {
+        const mx = Math.max(1e-9, ...f.dfa_sources.map((s) => Math.abs(s.dfa)));
+        const hm = Math.max(1e-9, ...f.dfa_heads.map(Math.abs));
+        return h("div", { class: "livefeat" }, featureLink(name, f.feature), h("span", { class: "muted small" }, ` ${fmt(f.act)} `),
+          h("span", { class: "toks" }, f.dfa_sources.map((s) => tok(s.token, { style: { background: s.dfa >= 0 ? actColor(Math.abs(s.dfa) / mx) : `rgba(60,120,220,${(0.1 + 0.8 * Math.abs(s.dfa) / mx).toFixed(3)})` }, title: `position ${s.pos}: DFA ${fmt(s.dfa)}` }))),
+          h("span", { class: "small" }, " heads: ", f.dfa_heads.map((x, hh) => [h("a", { href: `#/head/${v.layer}.${hh}`, style: { opacity: (0.25 + 0.75 * Math.abs(x) / hm).toFixed(2) }, title: `DFA ${fmt(x)}` }, `${v.layer}.${hh}`), " "])));
+      }))));
+    });
+    card.appendChild(h("div", { class: "tablewrap" }, t));
+    out.push(card);
+  }
+  return out;
+}
+
+function renderLiveNeurons(rows) {
+  const card = section("Next-token neurons that fire (≥ half their max on mined prompts) and the heads that drive them");
+  if (!rows.length) { card.appendChild(h("p", { class: "muted" }, "None of the studied neurons fires on this prompt.")); return card; }
+  const t = h("table", { class: "data" }, h("tr", {}, ["neuron", "predicts", "fires at", "activation (of max)", "heads by attribution A (bold: active, A > mean + 2σ)"].map((x) => h("th", {}, x))));
+  for (const r of rows) t.appendChild(h("tr", {}, h("td", {}, neuronLink(r.neuron)), h("td", {}, tok(r.token)), h("td", {}, `${r.pos} `, tok(r.at)),
+    h("td", { class: "num" }, `${fmt(r.act)} (${Math.round(100 * r.rel_act)} %)`),
+    h("td", {}, r.heads.map((x) => [h(x.active ? "b" : "span", {}, headLink(x.head)), h("span", { class: "muted small" }, ` ${fmt(x.A)}  `)]))));
+  card.appendChild(h("div", { class: "tablewrap" }, t));
+  return card;
 }
 
 /* ---------- SAE ---------- */
