@@ -54,7 +54,8 @@ class HeadIntervention:
       * ``mean``: z_h ← value[h], value a mean z of shape [H, Dh] (or [S, H, Dh]).
       * ``scale``: z_h ← value · z_h (value a float).
       * ``patch``: z_h ← value[..., h, :], value z from another run, [B, S, H, Dh].
-      * ``add``: r_h ← r_h + value, value a residual-space vector [d] (added to the projection output).
+      * ``add``: r_h ← r_h + value, value a residual-space vector [d], for each listed head (added to the
+        projection output, before any post-attention norm).
     ``positions``: None for every position, else an int, list of ints or slice of positions.
     """
 
@@ -282,11 +283,10 @@ def capture(
         if r_adds or (want and "attn_out" in what):
             def o_hook(args, output, layer=layer, r_adds=r_adds, want=want):
                 y = output
-                for iv in r_adds:
+                for iv in r_adds:  # value added once per listed head (once if heads is None)
                     v = torch.as_tensor(iv.value, device=y.device, dtype=y.dtype)
-                    n = 1 if iv.heads is None else len(iv.heads)
                     y = y.clone()
-                    y[:, _pos_index(iv.positions)] += n * v if iv.heads is not None else v
+                    y[:, _pos_index(iv.positions)] += (len(iv.heads) if iv.heads else 1) * v
                 if want and "attn_out" in what:
                     store("attn_out", layer, y)
                 return y if r_adds else None

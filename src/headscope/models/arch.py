@@ -102,7 +102,7 @@ GPT_NEOX = ArchSpec(
 )
 
 LLAMA = ArchSpec(
-    family="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "olmo"),
+    family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
     layers="model.layers", attn="self_attn", o_proj="self_attn.o_proj", v_proj="self_attn.v_proj",
     qkv="separate", mlp="mlp", mlp_kind="gated", mlp_in="mlp.up_proj", mlp_gate="mlp.gate_proj",
     mlp_out="mlp.down_proj", mlp_act="mlp.act_fn", ln_attn="input_layernorm", ln_mlp="post_attention_layernorm",

@@ -114,6 +114,22 @@ class CacheSource:
         return out
 
 
+class MemorySource:
+    """Blocks from an in-memory tensor of z rows [N, d_in] (e.g. for benchmarks): block i = rows
+    [i·n, (i+1)·n) with n = ``rows_per_block``."""
+
+    def __init__(self, rows: torch.Tensor, layer: int, rows_per_block: int = 65536):
+        if rows.dim() != 2 or rows.shape[0] == 0:
+            raise HeadscopeError(f"activation rows must be a non-empty [N, d_in] tensor, got {tuple(rows.shape)}")
+        self.rows, self.layers, self.d_in = rows, [layer], rows.shape[1]
+        self.rows_per_block = min(rows_per_block, rows.shape[0])
+        self.n_blocks = rows.shape[0] // self.rows_per_block
+
+    def block(self, i: int) -> dict[int, torch.Tensor]:
+        j = i % self.n_blocks
+        return {self.layers[0]: self.rows[j * self.rows_per_block:(j + 1) * self.rows_per_block]}
+
+
 def cache_activations(model: Model, corpus: TokenCorpus, layers: list[int], path: str | Path,
                       max_tokens: int | None = None, shard_tokens: int = 32768, batch_size: int = 16,
                       dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:

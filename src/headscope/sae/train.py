@@ -183,12 +183,14 @@ def _resample(sae: AttnSAE, rows: torch.Tensor, dead: torch.Tensor, opt: torch.o
 
 
 def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None, progress: bool = True,
-              stop_at_step: int | None = None, dist: Distributed | None = None, **options) -> dict:
+              stop_at_step: int | None = None, dist: Distributed | None = None, source=None, **options) -> dict:
     """Train (or resume, or skip if done) an SAE on z of ``layer``; options are :class:`TrainConfig` fields.
 
     Writes ``sae/<name>/`` (SAELens format: ``cfg.json``, ``sae_weights.safetensors``), ``train.json``
     (config, history, throughput) and the checkpoint folder. ``stop_at_step`` stops after that many
-    steps with a checkpoint, as an interrupt would (used by the resume test). Returns train.json's dict.
+    steps with a checkpoint, as an interrupt would (used by the resume test). ``source``: any block
+    source (``ModelSource``, ``CacheSource``, ``MemorySource``) to use instead of the one the options
+    name. Returns train.json's dict.
     """
     unknown = set(options) - set(TrainConfig.__dataclass_fields__)
     if unknown:
@@ -214,7 +216,9 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     scfg = SAEConfig(d_in=d_in, d_sae=cfg.resolved_d_sae(d_in), n_heads=model.n_heads, d_head=model.d_head,
                      layer=layer, architecture=cfg.architecture, k=cfg.k, model=model.identity(),
                      context_size=cfg.seq_len, dataset=cfg.corpus)
-    source = _make_source(model, cfg)
+    source = source if source is not None else _make_source(model, cfg)
+    if source.d_in != d_in:
+        raise HeadscopeError(f"activations have width {source.d_in}, but z of {model.name} has d_in {d_in}")
     batches = ShuffledBatches(source, layer, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     n_steps = cfg.n_steps(dist.world_size)
     dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 20, min(10_000_000, cfg.n_tokens // 10))
