@@ -134,3 +134,12 @@ def test_default_model_second_load_uses_the_cache(default_model):
     assert (_gguf_cache(default_gguf_path()) / "model.safetensors").is_file()
     again = load_model("default")
     assert again.identity() == default_model.identity()
+
+
+def test_device_map_auto_loads_and_captures(gpt2_dir):
+    """device='auto' goes through accelerate's device_map (all on CPU here); capture still works."""
+    m = load_model(str(gpt2_dir), device="auto")
+    ids = torch.randint(1, 512, (1, 8))
+    c = capture(m, ids, what=("result", "attn_out", "logits"), store_device="cpu")
+    b = m.b_O(0)
+    torch.testing.assert_close(c["result"][0].sum(2) + b, c["attn_out"][0], atol=1e-5, rtol=1e-4)
