@@ -118,7 +118,7 @@ class Moments:
         lam = ridge * C_rr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
         if not (torch.isfinite(C_rr).all() and torch.isfinite(C_rx).all()):
             raise HeadscopeError("closed-form lens statistics are not finite (overflow in the head outputs?); use --init base")
-        M = _spd_solve(C_rr + lam.view(-1, 1, 1) * torch.eye(d, dtype=C_rr.dtype), C_rx)  # [L, d, D]
+        M = _spd_solve(C_rr, C_rx, lam)  # [L, d, D]
         if self.full:
             bank.W.copy_(M.float().to(dev))
             bank.beta.copy_((c0.double() - torch.einsum("ld,ldv->lv", rbar, M)).float().to(dev))
@@ -141,16 +141,16 @@ class Moments:
             bank.b.add_((self.P.double() @ (c0 - b_U).double()).float().to(dev))
 
 
-def _spd_solve(S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Solve S X = B for symmetric positive-definite S [L, d, d] (Cholesky, one lens at a time:
-    batched LU in some MKL builds fails with 'DLASWP parameter 6')."""
+def _spd_solve(S: torch.Tensor, B: torch.Tensor, lam: torch.Tensor, rel_cut: float = 1e-7) -> torch.Tensor:
+    """Ridge solution X = (S + λI)⁻¹ B for symmetric PSD S [L, d, d], restricted to S's numerical range:
+    a head result r_h = z_h·W_O[h] spans only Dh of the d dimensions, and directions with eigenvalue
+    below ``rel_cut``·max are float noise that would otherwise be fitted (eigh, one lens at a time)."""
     out = []
     for k in range(S.shape[0]):
-        Lc, info = torch.linalg.cholesky_ex(S[k].contiguous())
-        if int(info) != 0:
-            out.append(torch.linalg.lstsq(S[k], B[k]).solution)
-        else:
-            out.append(torch.cholesky_solve(B[k].contiguous(), Lc))
+        w, Q = torch.linalg.eigh(S[k].contiguous())
+        keep = w > rel_cut * w.max().clamp_min(1e-300)
+        Qk = Q[:, keep]
+        out.append(Qk @ ((Qk.T @ B[k]) / (w[keep] + lam[k]).unsqueeze(-1)))
     return torch.stack(out)
 
 
