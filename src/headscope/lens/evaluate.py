@@ -8,6 +8,7 @@ Per site (layer ℓ, head h), on held-out tokens (bits/token; p = the model's fi
 * ``kl_null``      KL(p ‖ softmax(c0)), c0 = log mean p over training tokens (ignores the head)
 * ``gain``         kl_null − kl_lens: what the lens reads out of this head beyond base rates, with
   ``gain_se`` its standard error over held-out sequences and ``informative`` = gain > 2·SE.
+* ``top_tokens``   per site, the tokens with the largest mean lift log q_lens − log q_null over positions;
 * ``improvement``  kl_unembed − kl_lens; ``top1`` agreement of the lens' argmax with p's;
   ``entropy`` of the lens (bits) and ``entropy_model``.
 
@@ -52,7 +53,7 @@ def baseline_logits(model: Model, R: torch.Tensor, norm: bool = True) -> torch.T
 
 @torch.no_grad()
 def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chunk: int = 256,
-                  progress: bool = True, total: int | None = None) -> dict:
+                  progress: bool = True, total: int | None = None, top_k: int = 10) -> dict:
     """Metrics per site over ``batches`` (an iterable of ids [B, S]); see the module docstring."""
     from tqdm import tqdm
     K = len(bank.sites)
@@ -61,6 +62,7 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
     null_sum = 0.0
     ent_model = 0.0
     seq_gain = []  # per-sequence mean gain [K] (nats)
+    lq_sum = None  # Σ over positions of the lens log-probs [K, V]
     n = 0
     null = null.to(model.device).float()
     bar = tqdm(total=total, desc="lens eval", unit="batch", disable=not progress, file=sys.stderr)
@@ -79,6 +81,8 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
             sums["top1"] += (lg.argmax(-1) == target).double().sum(-1).cpu()
             lq = torch.log_softmax(lg, -1)
             sums["entropy"] += (-(lq.exp() * lq).sum(-1)).double().sum(-1).cpu()
+            s_lq = lq.double().sum(1).cpu()
+            lq_sum = s_lq if lq_sum is None else lq_sum + s_lq
             bl = baseline_logits(model, r, True)
             sums["kl_unembed"] += _kl_terms(bl, lp).double().sum(-1).cpu()
             sums["top1_unembed"] += (bl.argmax(-1) == target).double().sum(-1).cpu()
@@ -110,7 +114,10 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
             "improvement": kl_u - kl_lens, "top1": float(sums["top1"][i]) / n,
             "top1_unembed": float(sums["top1_unembed"][i]) / n,
             "entropy": float(sums["entropy"][i]) / n / LN2, "entropy_model": ent_model / n / LN2}
-    return {"tokens": n, "kl_null": kl_null, "per_head": per_head}
+    lift = lq_sum / n - torch.log_softmax(null.double().cpu(), -1)
+    top = lift.topk(min(top_k, lift.shape[-1]), -1).indices
+    top_tokens = {f"{l}.{h}": model.token_str(top[i]) for i, (l, h) in enumerate(bank.sites)}
+    return {"tokens": n, "kl_null": kl_null, "per_head": per_head, "top_tokens": top_tokens}
 
 
 @torch.no_grad()

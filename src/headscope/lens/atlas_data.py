@@ -1,0 +1,49 @@
+"""JSON-ready data about each head for the head atlas, read from ``RUN/lens/``.
+
+``atlas_data(run_dir) -> {"per_head": {"L.H": {...}}, "summary": {...}, "transfer": {...}, "scan": {...}}``
+
+Per head (only heads with a lens): kl_lens / kl_unembed / kl_unembed_nonorm / kl_null (bits/token, held
+out), gain (= kl_null − kl_lens) and gain_se, informative (gain > 2·SE), top1, entropy, and
+``top_tokens``: the tokens whose lens log-probability most exceeds the null's on average over held-out
+positions (computed by eval) — present only when the head is informative (a head with no gain says nothing, so no tokens are shown).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..runs import read_json
+
+
+def atlas_data(run_dir: Path) -> dict:
+    """Lens data for the atlas (empty dict when the run has no evaluated lenses)."""
+    folder = Path(run_dir) / "lens"
+    if not (folder / "eval.json").exists():
+        return {}
+    ev = read_json(folder / "eval.json")
+    info = read_json(folder / "lenses.json") if (folder / "lenses.json").exists() else {}
+    per_head = {}
+    for name, v in ev.get("per_head", {}).items():
+        d = {k: v.get(k) for k in ("kl_lens", "kl_unembed", "kl_unembed_nonorm", "kl_null", "gain", "gain_se",
+                                   "informative", "improvement", "top1", "top1_unembed", "entropy")}
+        tops = ev.get("top_tokens", {}).get(name)
+        if v.get("informative") and tops:
+            d["top_tokens"] = tops
+        per_head[name] = d
+    out = {"per_head": per_head,
+           "summary": {"tokens": ev.get("tokens"), "kl_null": ev.get("kl_null"), "n_heads": ev.get("n_heads"),
+                       "n_positive_gain": ev.get("n_positive_gain"), "n_informative": ev.get("n_informative"),
+                       "median_gain": ev.get("median_gain"), "lens": info.get("lens"),
+                       "train": {k: info.get("train", {}).get(k) for k in ("tokens", "init", "init_tokens", "objective")},
+                       "heatmap_gain": ev.get("heatmap_gain")}}
+    if "transfer" in ev:
+        out["transfer"] = ev["transfer"]
+    if (folder / "scan.json").exists():
+        sc = read_json(folder / "scan.json")
+        out["scan"] = {k: sc.get(k) for k in ("tokens", "k", "n_prompts", "heatmap_hit_rate", "classifier")}
+    if (folder / "transfer_checkpoint.json").exists():
+        tc = read_json(folder / "transfer_checkpoint.json")
+        out["transfer_checkpoint"] = {"target": tc.get("target_model", {}).get("model"),
+                                      "n_positive_gain": tc.get("n_positive_gain"),
+                                      "gain": {k: v["gain"] for k, v in tc.get("per_head", {}).items()}}
+    return out
