@@ -1,0 +1,183 @@
+"""Benchmark: headscope's SAE training vs SAELens', same architecture (TopK), same activations, one run.
+
+    python bench/sae.py --model default --layer 2 --tokens 32768 --steps 60 --batch-size 1024 --k 32 --expansion 4
+
+1. The parent process runs the model once and stores z of the layer ([N, H·Dh], BOS left out) in a
+   temporary safetensors file.
+2. Each trainer runs in its own child process (so peak memory is its own), loads the same rows into
+   memory, and trains ``--steps`` steps of ``--batch-size`` rows with Adam:
+   * headscope: ``run_train(..., source=MemorySource(rows))`` — the full training loop (decoder-norm
+     constraint, AuxK, dead-feature tracking, checkpoint at the end);
+   * SAELens: ``SAETrainer`` with a ``TopKTrainingSAE`` (its own AuxK and decoder handling) fed from an
+     iterator over the same rows in the same order of blocks.
+3. Reports tokens/s (after ``--warmup`` steps, which are excluded), the peak RSS growth of the
+   process during training (ru_maxrss after − RSS before; CUDA: max allocated) and the final FVE on the
+   last batch. Writes ``--out`` (JSON) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    rows = load_file(args.acts)["z"].to(args.device)
+    d_in = rows.shape[1]
+    d_sae = args.expansion * d_in
+    n_tok = args.steps * args.batch_size
+    base = _rss_mb()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    if args.child == "headscope":
+        from headscope.runs import RunDir
+        from headscope.sae.store import MemorySource
+        from headscope.sae.train import run_train
+
+        class _Model:  # run_train needs only shapes, a layer check and an identity from the model
+            n_heads, d_head = args.n_heads, d_in // args.n_heads
+            device = torch.device(args.device)
+            name = "bench"
+
+            def check_layer(self, layer):
+                return layer
+
+            def identity(self):
+                return {"model": "bench"}
+        src = MemorySource(rows, args.layer, rows_per_block=args.block)
+        run = RunDir(tempfile.mkdtemp(), {"model": "bench"})
+        t0 = time.time()
+        res = run_train(_Model(), run, args.layer, source=src, progress=False, architecture="topk", k=args.k,
+                        expansion=args.expansion, batch_size=args.batch_size, n_tokens=n_tok, lr=args.lr,
+                        warmup_steps=10, checkpoint_every=10**9, buffer_tokens=args.block)
+        total = time.time() - t0
+        fve = res["final"].get("fve")
+        hist = [h for h in res["history"] if "l0" in h]
+        l0 = hist[-1]["l0"]
+        # run_train has no per-step timer: time the warm-up separately with a short run and subtract
+        t1 = time.time()
+        run_train(_Model(), RunDir(tempfile.mkdtemp(), {"model": "bench"}), args.layer, source=src, progress=False,
+                  architecture="topk", k=args.k, expansion=args.expansion, batch_size=args.batch_size,
+                  n_tokens=args.warmup * args.batch_size, lr=args.lr, warmup_steps=10, checkpoint_every=10**9,
+                  buffer_tokens=args.block)
+        warm = time.time() - t1
+        timed = max(1e-9, total - warm)
+        tps = (args.steps - args.warmup) * args.batch_size / timed
+    else:
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+        cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=args.k, device=args.device)
+        sae = TopKTrainingSAE(cfg)
+        tcfg = SAETrainerConfig(total_training_samples=n_tok, train_batch_size_samples=args.batch_size, lr=args.lr,
+                                adam_beta2=0.99, lr_warm_up_steps=10, device=args.device,
+                                n_batches_for_norm_estimate=1)
+        stamps = []
+
+        def provider():
+            g = torch.Generator().manual_seed(0)
+            n_blocks = rows.shape[0] // args.block
+            b = 0
+            while True:
+                blk = rows[(b % n_blocks) * args.block:((b % n_blocks) + 1) * args.block]
+                blk = blk[torch.randperm(blk.shape[0], generator=g).to(blk.device)]
+                for o in range(blk.shape[0] // args.batch_size):
+                    stamps.append(time.time())
+                    yield blk[o * args.batch_size:(o + 1) * args.batch_size]
+                b += 1
+        trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider())
+        t0 = time.time()
+        trainer.fit()
+        end = time.time()
+        total = end - t0
+        timed = end - stamps[args.warmup] if len(stamps) > args.warmup else total
+        tps = (args.steps - args.warmup) * args.batch_size / max(1e-9, timed)
+        with torch.no_grad():
+            x = rows[-args.batch_size:]
+            out = sae.decode(sae.encode(x))
+            fve = float(1 - (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+            l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
+    peak = (torch.cuda.max_memory_allocated() / 2**20) if args.device.startswith("cuda") else _peak_mb() - base
+    return {"trainer": args.child, "tokens_per_s": tps, "seconds": total, "peak_mem_mb": peak,
+            "peak_kind": "cuda max allocated" if args.device.startswith("cuda") else "RSS growth", "fve": fve, "l0": l0}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=32768, help="activation rows to collect")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench_sae.json")
+    p.add_argument("--child", choices=("headscope", "saelens"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--acts", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--n-heads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--block", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    import torch
+    from safetensors.torch import save_file
+    from headscope.data import TokenCorpus
+    from headscope.models.load import load_model
+    from headscope.sae.store import z_rows
+    model = load_model(args.model, device=args.device)
+    corpus = TokenCorpus(model)
+    parts, n = [], 0
+    for ids in corpus.batches("train", 16, max_tokens=args.tokens + 16 * corpus.seq_len):
+        parts.append(z_rows(model, ids, [args.layer])[args.layer])
+        n += parts[-1].shape[0]
+        if n >= args.tokens:
+            break
+    rows = torch.cat(parts)[: args.tokens]
+    tmp = Path(tempfile.mkdtemp()) / "z.safetensors"
+    save_file({"z": rows.contiguous()}, str(tmp))
+    block = (rows.shape[0] // args.batch_size) * args.batch_size
+    results = []
+    for who in ("headscope", "saelens"):
+        cmd = [sys.executable, __file__, "--child", who, "--acts", str(tmp), "--n-heads", str(model.n_heads),
+               "--block", str(block)] + [a for a in sys.argv[1:] if a]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    info = {"model": model.name, "layer": args.layer, "d_in": rows.shape[1], "d_sae": args.expansion * rows.shape[1],
+            "k": args.k, "batch_size": args.batch_size, "steps": args.steps, "device": args.device,
+            "torch_threads": torch.get_num_threads(), "results": results}
+    Path(args.out).write_text(json.dumps(info, indent=1))
+    print(f"{'trainer':<10} {'tokens/s':>10} {'peak MB':>9} {'FVE':>6} {'L0':>5}")
+    for r in results:
+        print(f"{r['trainer']:<10} {r['tokens_per_s']:>10.0f} {r['peak_mem_mb']:>9.1f} {r['fve']:>6.3f} {r['l0']:>5.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

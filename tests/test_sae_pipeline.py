@@ -1,0 +1,78 @@
+"""The stage functions end to end on a tiny model (train → eval → analysis → dashboards → atlas
+data), and the CLI on a tiny model saved as an HF directory."""
+
+import json
+
+import pytest
+import torch
+
+from headscope.cli import main
+from headscope.runs import RunDir, read_json, read_tensors
+from headscope.sae.analysis import run_analysis
+from headscope.sae.atlas_data import atlas_data
+from headscope.sae.dashboards import run_dashboards
+from headscope.sae.evaluate import run_eval
+from headscope.sae.train import run_train
+from headscope.testing.tiny import tiny_model
+
+from sae_helpers import small_corpus
+
+
+def test_stage_functions_and_atlas_data(tmp_path):
+    model = tiny_model("gpt2")
+    run = RunDir(tmp_path / "run", model.identity())
+    opts = dict(corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256, buffer_tokens=2048, expansion=2,
+                architecture="topk", k=4, seq_len=64)
+    run_train(model, run, 1, progress=False, **opts)
+    ev = run_eval(model, run, "L1", n_tokens=512, batch_size=4, progress=False)
+    for key in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean", "kl_recovered_zero", "dead_frac", "dense_frac"):
+        assert key in ev
+    assert ev["l0"] <= 4
+    sp = read_tensors(tmp_path / "run/sae/L1/sparsity.safetensors")["sparsity"]
+    assert sp.shape == (64,) and (sp <= 0).all()
+    assert (tmp_path / "run/sae/L1/eval_density.png").stat().st_size > 1000
+    an = run_analysis(model, run, "L1")
+    assert set(an["heads"]) == {"0", "1", "2", "3"}
+    assert all(h["n_groups"] >= 1 for h in an["heads"].values() if h["top_features"])
+    idx = run_dashboards(model, run, "L1", n_tokens=512, batch_size=4, page_size=16, progress=False)
+    assert idx["alive"] == int((read_tensors(tmp_path / "run/sae/L1/feature_counts.safetensors")["counts"] > 0).sum()) \
+        or idx["alive"] > 0
+    page = read_json(tmp_path / "run/sae/L1/dashboards/page_000.json")["features"]
+    rec = next(iter(page.values()))
+    ex = rec["examples"][0]
+    assert ex["context"][ex["index"]] and ex["acts"][ex["index"]] == pytest.approx(ex["act"], abs=1e-2)
+    assert ex["act"] == pytest.approx(rec["max_act"], abs=1e-3)
+    acts = [e["act"] for e in rec["examples"]]
+    assert acts == sorted(acts, reverse=True)
+    assert len(rec["logits"]["top"]) == 10 and len(rec["head_attribution"]) == 4
+    assert rec["dfa"]["dest"] == ex["pos"] and len(rec["dfa"]["per_head"]) == 4
+    data = atlas_data(tmp_path / "run")
+    json.dumps(data)
+    assert set(data["per_head"]) == {"1.0", "1.1", "1.2", "1.3"}
+    assert data["saes"][0]["eval"]["l0"] == pytest.approx(ev["l0"])
+    assert data["feature_pages"]["L1"]["pages"] == idx["pages"]
+    assert atlas_data(tmp_path / "nothing") == {"per_head": {}, "saes": [], "feature_pages": {}}
+
+
+def test_cli_train_eval_dfa_and_errors(tmp_path, capsys):
+    model = tiny_model("qwen2")
+    mdir = tmp_path / "tinymodel"
+    model.hf.save_pretrained(mdir)
+    model.tokenizer.save_pretrained(mdir)
+    corpus = small_corpus(tmp_path)
+    out = str(tmp_path / "run")
+    base = ["--model", str(mdir), "--out", out]
+    assert main(["sae", "train", *base, "--layer", "2", "--corpus", corpus, "--tokens", "4096", "--batch-size", "256",
+                 "--buffer-tokens", "2048", "--expansion", "2", "--k", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["name"] == "L2" and res["final"]["l0"] <= 4
+    assert main(["sae", "dfa", *base, "--name", "L2", "--feature", "1", "--prompt", "The value of x is",
+                 "--recursive"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["sources"][0]["pos"] == 0 and len(d["sources"]) == d["dest"] + 1 and d["recursive"]
+    assert main(["sae", "eval", *base, "--name", "nope"]) == 2
+    assert "SAE folder does not exist" in capsys.readouterr().err
+    assert main(["sae", "train", *base, "--layer", "9", "--corpus", corpus]) == 2
+    assert "layer 9 is out of range" in capsys.readouterr().err
+    assert main(["sae", "train", *base, "--layer", "1", "--cache", str(tmp_path / "void")]) == 2
+    assert "does not exist" in capsys.readouterr().err
