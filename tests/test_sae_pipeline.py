@@ -76,3 +76,18 @@ def test_cli_train_eval_dfa_and_errors(tmp_path, capsys):
     assert "layer 9 is out of range" in capsys.readouterr().err
     assert main(["sae", "train", *base, "--layer", "1", "--cache", str(tmp_path / "void")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sweep_trains_from_one_cache_and_plots(tmp_path):
+    from headscope.sae.sweep import run_sweep
+    model = tiny_model("neox_sequential")
+    run = RunDir(tmp_path / "run", model.identity())
+    res = run_sweep(model, run, 1, values=[2, 6], eval_tokens=256, progress=False, corpus=small_corpus(tmp_path),
+                    n_tokens=4096, batch_size=256, buffer_tokens=2048, expansion=2, seq_len=64)
+    assert [p["name"] for p in res["points"]] == ["L1_k2", "L1_k6"]
+    assert res["points"][0]["l0"] <= 2 < res["points"][1]["l0"] <= 6
+    assert (tmp_path / "run/sae/sweep_L1/sweep.png").stat().st_size > 1000
+    assert (tmp_path / "run/sae/sweep_L1/cache/manifest.json").is_file()
+    from headscope.errors import HeadscopeError
+    with pytest.raises(HeadscopeError, match="positive integers"):
+        run_sweep(model, run, 1, values=[2.5], progress=False, cache=str(tmp_path / "run/sae/sweep_L1/cache"))

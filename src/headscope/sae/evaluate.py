@@ -62,10 +62,12 @@ def _kl(lp_clean: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_sae(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int = 8192, batch_size: int = 4,
-                 mean: torch.Tensor | None = None, splice: bool = True, progress: bool = True) -> dict:
+                 mean: torch.Tensor | None = None, splice: bool = True, progress: bool = True,
+                 mean_tokens: int = 16384) -> dict:
     """Metrics of ``sae`` on the first ``n_tokens`` held-out tokens (see module docstring).
 
-    ``mean``: mean z [H, Dh] for the mean-ablation baseline (computed from the train split if None).
+    ``mean``: mean z [H, Dh] for the mean-ablation baseline (if None: from the first ``mean_tokens``
+    tokens of the train split).
     ``splice=False`` skips the three extra forward passes (reconstruction metrics only).
     Returns a JSON-ready dict; ``feature_counts`` (a [F] tensor of firing counts) is added under ``_counts``.
     """
@@ -74,7 +76,7 @@ def evaluate_sae(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int 
     sae = sae.to(dev).eval()
     H, Dh = model.n_heads, model.d_head
     if splice and mean is None:
-        mean = mean_z(model, corpus, L)
+        mean = mean_z(model, corpus, L, n_tokens=mean_tokens)
     F = sae.cfg.d_sae
     acc = {k: 0.0 for k in ("sq_err", "sq_norm", "cos", "ratio", "l0", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
                             "kl_sae", "kl_zero", "kl_mean")}
@@ -176,7 +178,7 @@ def plot_density(res: dict, path) -> None:
 
 
 def run_eval(model: Model, run: RunDir, name: str, *, n_tokens: int = 8192, batch_size: int = 4, corpus: str | None = None,
-             seq_len: int | None = None, progress: bool = True, force: bool = False) -> dict:
+             seq_len: int | None = None, progress: bool = True, force: bool = False, mean_tokens: int = 16384) -> dict:
     """Evaluate SAE ``name`` of the run directory on held-out tokens; writes ``eval.json``,
     ``sparsity.safetensors`` and ``eval_density.png`` into ``sae/<name>/``. Returns the metrics."""
     folder = sae_dir(run, name)
@@ -191,7 +193,8 @@ def run_eval(model: Model, run: RunDir, name: str, *, n_tokens: int = 8192, batc
     corpus_spec = corpus or train_cfg.get("corpus", "default")
     sl = seq_len or train_cfg.get("seq_len", sae.cfg.context_size)
     tc = TokenCorpus(model, corpus_spec, seq_len=sl)
-    res = evaluate_sae(model, sae, tc, n_tokens=n_tokens, batch_size=batch_size, progress=progress)
+    res = evaluate_sae(model, sae, tc, n_tokens=n_tokens, batch_size=batch_size, progress=progress,
+                       mean_tokens=mean_tokens)
     counts = res.pop("_counts")
     res.update({"name": name, "corpus": corpus_spec, "requested_tokens": n_tokens})
     freq = counts.double() / res["n_tokens"]

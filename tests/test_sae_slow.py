@@ -1,0 +1,49 @@
+"""The real default model (SmolLM2-135M): a small TopK SAE on layer 2's z, trained from a disk cache,
+reaches CE loss recovered > 0.8 (vs zero-ablation) at L0 < 50 on held-out tokens; the IOI example runs."""
+
+import pytest
+
+from headscope.data import TokenCorpus
+from headscope.runs import RunDir
+from headscope.sae.store import cache_activations
+
+pytestmark = pytest.mark.slow
+
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from headscope.models.load import load_model
+    from headscope.sae.train import run_train
+    model = load_model("default")
+    root = tmp_path_factory.mktemp("sae_slow")
+    cache_activations(model, TokenCorpus(model), [LAYER], root / "cache", max_tokens=32512, shard_tokens=16384,
+                      progress=False)
+    run = RunDir(root / "run", model.identity())
+    res = run_train(model, run, LAYER, architecture="topk", k=32, expansion=2, batch_size=512, n_tokens=49152,
+                    lr=2e-3, warmup_steps=10, cache=str(root / "cache"), progress=False)
+    return model, run, res
+
+
+def test_ce_recovered_above_080_at_l0_below_50(trained):
+    from headscope.sae.evaluate import run_eval
+    model, run, res = trained
+    ev = run_eval(model, run, f"L{LAYER}", n_tokens=2048, batch_size=4, mean_tokens=4096, progress=False)
+    assert ev["n_tokens"] >= 2000
+    assert ev["l0"] < 50
+    assert ev["ce_recovered_zero"] > 0.8, ev
+    assert ev["ce_clean"] < ev["ce_sae"] < ev["ce_zero_ablation"]
+    assert ev["fve"] > 0.5
+
+
+def test_ioi_example_runs(trained):
+    from headscope.sae.ioi import ioi_prompts, run_ioi
+    model, run, _ = trained
+    ps = ioi_prompts(model, 10)
+    assert {p["order"] for p in ps} == {"ABBA", "BABA"}
+    assert all(p["text"].count(p["s"]) == 2 and p["text"].count(p["io"]) == 1 for p in ps)
+    res = run_ioi(model, run, f"L{LAYER}", n_prompts=20, max_features=6, progress=False)
+    assert res["logit_diff_clean"] > 0          # the model prefers the indirect object
+    assert res["n_live_features"] > 0 and len(res["features"]) == 6
+    assert all(abs(f["delta_abba"] + f["delta_baba"] - 2 * f["delta_logit_diff"]) < 1e-4 for f in res["features"])
