@@ -184,7 +184,14 @@ def _show(args) -> int:
     from .lenses import parse_sites
     model = load_from_args(args)
     bank, null = _bank(args, model)
-    sites = parse_sites(args.heads, model) if args.heads else None
+    sites = None
+    if args.heads:  # 'L.*' means the trained heads of layer L; an explicit 'L.H' must have a lens
+        sites = []
+        for part in args.heads.split(","):
+            got = parse_sites(part, model)
+            sites += [s for s in got if s in bank.sites] if part.strip().endswith("*") else got
+        if not sites:
+            raise HeadscopeError(f"no trained lens matches --heads {args.heads}")
     res = show(model, bank, args.prompt, sites, k=args.k, gains=load_gains(_lens_dir(args)), null=null, by=args.by)
     print(json.dumps(res, indent=1) if args.json else format_show(res, args.show_uninformative))
     return 0
