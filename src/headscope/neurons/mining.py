@@ -6,8 +6,11 @@ and a running top-k over sequences per neuron — vectorised over neurons, [k, N
 the neuron activations (the input of W_out, ``mlp_post``).
 
 A prompt ends at the activating token. Trimming: the prompt ``[BOS] + seq[s : pos + 1]`` with the
-largest start s whose activation is still ≥ ``keep`` × the full-context activation, found by binary
-search over s for all prompts at once (one batched forward pass per search step, ⌈log2 S⌉ steps).
+shortest suffix whose activation is still ≥ ``keep`` × the full-context activation, found for all
+prompts at once (one batched forward pass per search step): galloping from the short end (suffix
+lengths 1, 2, 4, …) to the first length that keeps enough, then bisection between it and the last
+length that did not — so one token shorter than the result always loses too much, and the cost is a
+few times the *trimmed* length (the reference bisects from the full length).
 Prompts longer than ``max_prompt_tokens`` after trimming are dropped (the reference drops > 100).
 A final pass records each kept prompt's per-token activation.
 
@@ -128,27 +131,39 @@ def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[di
     bos = model.bos_id
     layer_of = [neurons[it[0]]["layer"] for it in items]
     neuron_of = [neurons[it[0]]["neuron"] for it in items]
-    lo = [1] * len(items)
-    hi = [it[2] + 1 for it in items]
     full = [it[3] for it in items]
+    # search over the suffix length ℓ = pos + 1 − start ∈ [1, pos]; ℓ = pos is the full context (ok).
+    # Gallop from the short end (ℓ = 1, 2, 4, …) to the first ok length, then bisect between the last
+    # bad and the first ok length: cost ≈ a few times the trimmed length, not the full one.
+    pos = [it[2] for it in items]
+    lo = [0] * len(items)                     # longest length known to lose too much (0: none tested)
+    hi = list(pos)                            # shortest length known to keep enough
+    nxt = [1 if full[i] > 0 else None for i in range(len(items))]  # next gallop length; None: bisecting
     todo = [i for i in range(len(items)) if full[i] > 0]  # a non-positive maximum cannot be "kept"
-    steps = 0
     bar = tqdm(desc=f"trimming {split} prompts", unit=" step", disable=not progress, file=sys.stderr)
     while True:
-        active = [i for i in todo if hi[i] - lo[i] > 1]
+        active = []
+        for i in todo:
+            if nxt[i] is not None and nxt[i] >= hi[i]:
+                nxt[i] = None
+            if nxt[i] is not None or hi[i] - lo[i] > 1:
+                active.append(i)
         if not active:
             break
-        mids = {i: (lo[i] + hi[i]) // 2 for i in active}
-        rows = [[bos] + items[i][1][mids[i]: items[i][2] + 1] for i in active]
+        length = {i: nxt[i] if nxt[i] is not None else (lo[i] + hi[i]) // 2 for i in active}
+        rows = [[bos] + items[i][1][pos[i] + 1 - length[i]: pos[i] + 1] for i in active]
         acts = _last_acts(model, rows, [layer_of[i] for i in active], [neuron_of[i] for i in active], batch_size)
         for i, a in zip(active, acts):
-            if a >= keep * full[i]:
-                lo[i] = mids[i]
+            ok = a >= keep * full[i]
+            if ok:
+                hi[i], nxt[i] = length[i], None
             else:
-                hi[i] = mids[i]
-        steps += 1
+                lo[i] = length[i]
+                if nxt[i] is not None:
+                    nxt[i] *= 2
         bar.update(1)
     bar.close()
+    lo = [pos[i] + 1 - hi[i] for i in range(len(items))]  # the start index of the kept suffix
     rows = [[bos] + it[1][lo[i]: it[2] + 1] for i, it in enumerate(items)]
     per_token = acts_at(model, rows, layer_of, neuron_of, batch_size)
     out: list[list[dict]] = [[] for _ in neurons]
