@@ -137,3 +137,22 @@ def test_ablation_drop_equals_zeroed_output_weights(setup):
     finally:
         with torch.no_grad():
             W.copy_(saved)
+
+
+def test_value_mode_ablation_silences_the_kv_group(setup):
+    m, _, _ = setup
+    assert ablation.ablated_heads(m, 2, "z") == [2]
+    assert ablation.ablated_heads(m, 2, "value") == [2, 3]          # 4 query heads, 2 KV groups
+    rows, toks = [[0, 5, 9, 200, 31], [0, 44, 2]], [17, 3]
+    abl = ablation.token_probs(m, rows, toks, heads=(0, 3), mode="value")
+    W = m.hf.model.layers[0].self_attn.v_proj.weight
+    saved = W.detach().clone()
+    try:
+        with torch.no_grad():
+            W[m.d_head: 2 * m.d_head] = 0                             # KV group 1's value rows
+        for i, (r, t) in enumerate(zip(rows, toks)):
+            p = torch.softmax(m.hf(torch.tensor([r])).logits[0, -1].double(), -1)[t].item()
+            assert abl[i].item() == pytest.approx(p, rel=1e-4)
+    finally:
+        with torch.no_grad():
+            W.copy_(saved)

@@ -2,9 +2,10 @@
 
 For each (neuron, head) pair to explain and each of the neuron's prompts: drop = P_clean(t) −
 P_ablated(t) at the prompt's last position, t the neuron's token, P from the final softmax. The head
-is ablated by zeroing its slice of z at every position (equal to zeroing its values at every
-position, as the reference does, except that under GQA zeroing a KV group's values would silence all
-query heads of that group; zeroing z removes one query head only). Drops on prompts where the head
+is ablated by zeroing its slice of z at every position (``mode="z"``, default), which equals zeroing
+its values at every position as the reference does — except under GQA, where a KV group's values feed
+several query heads: ``mode="value"`` zeroes the group's values (z of every query head in the group),
+``"z"`` silences the one query head. Drops on prompts where the head
 was active are compared with drops where it was not, pooled over pairs, with a two-sample KS test.
 """
 
@@ -19,13 +20,29 @@ from ..capture import HeadIntervention, capture
 from ..models.load import Model
 
 
+MODES = ("z", "value")
+
+
+def ablated_heads(model: Model, head: int, mode: str = "z") -> list[int]:
+    """Query heads silenced by ablating ``head``: itself (``z``), or every query head reading its KV
+    group (``value``: zeroing the group's values zeroes z of all those heads)."""
+    if mode == "z":
+        return [head]
+    if mode == "value":
+        g = model.kv_group(head)
+        return [h for h in range(model.n_heads) if model.kv_group(h) == g]
+    from ..errors import HeadscopeError
+    raise HeadscopeError(f"unknown ablation mode '{mode}' (choose from {', '.join(MODES)})")
+
+
 def token_probs(model: Model, rows: list[list[int]], tokens: list[int], heads: tuple[int, int] | None = None,
-                batch_size: int = 32) -> torch.Tensor:
+                batch_size: int = 32, mode: str = "z") -> torch.Tensor:
     """P(tokens[i]) at the last position of ``rows[i]`` → [P] float32; with ``heads = (layer, head)``
-    that head's z is zeroed at every position."""
+    that head's z is zeroed at every position (``mode="value"``: its KV group's values)."""
     out = torch.empty(len(rows))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    ivs = [] if heads is None else [HeadIntervention(layer=heads[0], heads=[heads[1]], kind="zero")]
+    ivs = [] if heads is None else [HeadIntervention(layer=heads[0], heads=ablated_heads(model, heads[1], mode),
+                                                     kind="zero")]
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         n = max(len(rows[i]) for i in idx)
@@ -40,7 +57,7 @@ def token_probs(model: Model, rows: list[list[int]], tokens: list[int], heads: t
 
 
 def ablation_drops(model: Model, pairs: list[dict], prompts: list[list[list[int]]], tokens: list[int],
-                   batch_size: int = 32, progress: bool = True) -> list[torch.Tensor]:
+                   batch_size: int = 32, progress: bool = True, mode: str = "z") -> list[torch.Tensor]:
     """For each pair ``{"neuron": i, "layer": k, "head": h}``: drops [P_i] on neuron i's prompts."""
     clean: dict[int, torch.Tensor] = {}
     out = []
@@ -50,5 +67,5 @@ def ablation_drops(model: Model, pairs: list[dict], prompts: list[list[list[int]
         toks = [tokens[i]] * len(rows)
         if i not in clean:
             clean[i] = token_probs(model, rows, toks, None, batch_size)
-        out.append(clean[i] - token_probs(model, rows, toks, (p["layer"], p["head"]), batch_size))
+        out.append(clean[i] - token_probs(model, rows, toks, (p["layer"], p["head"]), batch_size, mode))
     return out

@@ -65,6 +65,8 @@ def register(sub) -> None:
     b = ns.add_parser("ablate", help="drop in P(token) when a head is zeroed, active vs inactive prompts (KS test)")
     _common(b)
     b.add_argument("--max-pairs", type=int, default=None, help="ablate at most this many pairs")
+    b.add_argument("--mode", default="z", choices=("z", "value"),
+                   help="zero the head's z slice, or its KV group's values (GQA: all heads of the group)")
     b.add_argument("--batch-size", type=int, default=32)
     b.set_defaults(func=_ablate)
 
@@ -126,7 +128,7 @@ def _attribute(args) -> int:
 def _ablate(args) -> int:
     from .stages import run_ablate
     model, run = _open(args)
-    res = run_ablate(model, run, args.which, max_pairs=args.max_pairs, batch_size=args.batch_size, force=args.force,
+    res = run_ablate(model, run, args.which, max_pairs=args.max_pairs, mode=args.mode, batch_size=args.batch_size, force=args.force,
                      progress=not args.quiet)
     fmt = lambda x: "n/a" if x is None else f"{x:.4g}"
     print(f"mean drop in P(token): head active {fmt(res.get('mean_drop_active'))}, inactive "

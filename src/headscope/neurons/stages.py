@@ -196,15 +196,15 @@ def pair_labels(att: dict[str, torch.Tensor], n_heads: int, pair: dict) -> tuple
 
 
 # -- ablate -------------------------------------------------------------------------------------
-def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, batch_size: int = 32,
-               force: bool = False, progress: bool = True) -> dict:
+def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
+               batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
     """Writes ``<set>/ablation.json``: ``{"source", "pairs": [{neuron, layer, head, name, mean_drop_active,
     mean_drop_inactive, n_active, n_inactive}], "pooled": {"active": describe, "inactive": describe,
     "ks": {D, p, n1, n2}}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P] NaN-padded,
     ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png`` (histograms of drops, active vs inactive)."""
     d = set_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
-    opts = {"max_pairs": max_pairs}
+    opts = {"max_pairs": max_pairs, "mode": mode}
     path = d / "ablation.json"
     if not force and (done := _current(path, d / "attribution.json", opts)):
         return {"mean_drop_active": done["pooled"]["active"]["mean"],
@@ -215,7 +215,8 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
                              "prompts; mine more prompts or neurons")
     prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
     tokens = [n["token_id"] for n in mined["neurons"]]
-    drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress)
+    ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
+    drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress, mode)
     P = max(len(x) for x in drops)
     D = torch.full((len(pairs), P), float("nan"))
     ACT = torch.zeros((len(pairs), P), dtype=torch.uint8)
