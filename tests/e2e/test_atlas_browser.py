@@ -1,0 +1,182 @@
+"""End-to-end: the atlas of a tiny run in a real headless browser (Debian's chromium + Playwright).
+
+Opens the static site from disk (file://), clicks a head, reads its lens tokens and SAE features, opens
+a feature page, searches by token; then types live prompts into `atlas serve`. Token text includes
+markup that must render as text. Skipped, with the reason, only where no browser can be started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from headscope.testing.tiny import tiny_model
+
+EVIL = 'x <script>window.__xss=1</script> "><img src=x onerror="window.__xss=2"> y'
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
+TINY_STUDY = """
+[heads]
+n_seqs = 4
+half_len = 8
+prefix_examples = 4
+prefix_lengths = [1, 2]
+[lens]
+layers = "1-2"
+heads = "all"
+train = { tokens = 1024, init_tokens = 1024, batch_size = 4 }
+[lens.eval]
+tokens = 512
+[sae]
+layer = 1
+n_tokens = 4096
+batch_size = 256
+k = 8
+[sae.analysis]
+[sae.dashboards]
+n_tokens = 1024
+"""
+
+
+def chromium_path() -> str | None:
+    for p in (os.environ.get("HEADSCOPE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+              shutil.which("chromium-browser")):
+        if p and os.path.exists(p):
+            return p
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("no chromium found (apt-get install chromium, or set HEADSCOPE_CHROMIUM)")
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, args=ARGS)
+    except Exception as e:  # noqa: BLE001
+        pw.stop()
+        pytest.skip(f"chromium at {exe} cannot start: {str(e).splitlines()[0]}")
+    yield b
+    b.close()
+    pw.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama_gqa")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny, tmp_path_factory):
+    from headscope.atlas.build import build_atlas
+    from headscope.study import run_study
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    cfg_path = out.parent / "study.toml"
+    cfg_path.write_text(TINY_STUDY)
+    from headscope.study import load_config
+    run_study(load_config(cfg_path), out=out, model=tiny)
+    build_atlas(out, model=tiny, examples=["The cat sat on the mat. The cat sat", EVIL], progress=False)
+    return out
+
+
+def new_page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("dialog", lambda d: (errors.append("dialog " + d.message), d.dismiss()))
+    return page, errors
+
+
+def no_injection(page):
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("img").count() == 0
+    assert page.locator("script").evaluate_all("els => els.filter(e => !e.src).length") == 0
+
+
+def test_static_atlas_head_lens_features(browser, run_dir, tiny):
+    page, errors = new_page(browser)
+    page.goto((run_dir / "atlas" / "index.html").as_uri())
+    page.wait_for_selector("#grid td.cell")
+    assert page.locator("#grid td.cell").count() == tiny.n_layers * tiny.n_heads
+    labels = page.locator("#measure option").all_inner_texts()
+    assert any("induction" in x for x in labels) and any("lens" in x for x in labels) and any("sae" in x for x in labels)
+    page.select_option("#measure", label=next(x for x in labels if "prev" in x))
+    page.click('#grid td.cell[data-head="1.2"]')
+    page.wait_for_selector("#head-title")
+    assert page.inner_text("#head-title") == "Head 1.2"
+    # its lens' top tokens on the example prompt, next to the unembedding baseline
+    page.wait_for_selector(".lens-tokens .tok")
+    assert page.locator(".lens-tokens .tok").count() >= 5
+    # its SAE features by weight attribution; open one
+    feats = page.locator("a.featlink")
+    assert feats.count() >= 1
+    feats.first.click()
+    page.wait_for_selector("#item-title")
+    assert "Max-activating examples" in page.inner_text("main")
+    assert page.locator(".example .tok").count() > 0
+    # the escaped example prompt: markup shown as text in the pattern view of a head page
+    page.goto((run_dir / "atlas" / "index.html").as_uri() + "#/head/2.1")
+    page.wait_for_selector("#pattern-prompt")
+    page.select_option("#pattern-prompt", index=1)
+    page.wait_for_selector("table.pat")
+    text = "".join(page.locator("table.pat th.dst").all_inner_texts())
+    assert "<script>window.__xss=1</script>" in text and '"><img src=x onerror=' in text.replace("␣", " ")
+    no_injection(page)
+    # search by token highlights heads
+    page.goto((run_dir / "atlas" / "index.html").as_uri() + "#/")
+    page.wait_for_selector("#grid td.cell")
+    first_tok = page.evaluate("""async () => {
+        const ix = A.index; const sh = ix.search_shards.find(s => /[a-z]/.test(s)) || ix.search_shards[0];
+        const p = await load('search/' + sh); return Object.keys(p.tokens)[0]; }""")
+    page.fill("#search", first_tok)
+    page.press("#search", "Enter")
+    page.wait_for_selector("#grid td.hit")
+    assert page.locator("#grid td.hit").count() >= 1
+    assert not errors, errors
+
+
+def test_live_prompt_against_serve(browser, run_dir, tiny):
+    from headscope.atlas.server import make_server, serve_in_thread
+    srv = make_server(run_dir, model=tiny, port=0)
+    serve_in_thread(srv)
+    try:
+        host, port = srv.server_address[:2]
+        page, errors = new_page(browser)
+        page.goto(f"http://{host}:{port}/#/live")
+        page.wait_for_selector("#live-prompt")
+        page.fill("#live-prompt", EVIL)
+        page.fill("#live-heads", "1.2, 2.0")
+        page.click("#live-run")
+        page.wait_for_selector("#live-tokens", timeout=60000)
+        text = "".join(page.locator("#live-tokens .tok").all_inner_texts())
+        assert "<script>window.__xss=1</script>" in text
+        page.wait_for_selector(".lens-tokens .tok")
+        assert page.locator("table.pat").count() == 2
+        assert "features firing at each position" in page.inner_text("#live-out")
+        no_injection(page)
+        # a bad request shows the server's message; the next good one works
+        page.fill("#live-heads", "99.99")
+        page.click("#live-run")
+        page.wait_for_selector("#live-error")
+        assert "does not exist" in page.inner_text("#live-error")
+        page.fill("#live-heads", "0.1")
+        page.click("#live-run")
+        page.wait_for_selector("#live-tokens", timeout=60000)
+        assert page.locator("table.pat").count() == 1
+        # the head page's own prompt box (served mode)
+        page.goto(f"http://{host}:{port}/#/head/1.1")
+        page.wait_for_selector("#head-prompt")
+        page.fill("#head-prompt", "A B C A B")
+        page.press("#head-prompt", "Enter")
+        page.wait_for_selector("#pattern-body table.pat", timeout=60000)
+        assert not errors, errors
+    finally:
+        srv.shutdown()
+        srv.server_close()
