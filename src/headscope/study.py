@@ -62,6 +62,8 @@ STAGES: tuple[Stage, ...] = (
           doc="head attribution of the features; polysemanticity of each head"),
     Stage("sae.dashboards", "headscope.sae.dashboards:run_dashboards", ("sae/{sae}/dashboards/index.json",),
           needs=("sae",), doc="feature pages: max-activating examples, DFA, logits, density"),
+    Stage("sae.ioi", "headscope.sae.ioi:run_ioi", ("sae/{sae}/ioi.json",), needs=("sae",),
+          doc="IOI worked example: logit difference when each live feature is ablated at S2"),
     Stage("neurons.find", "headscope.neurons.stages:run_find", ("neurons/find.json",),
           doc="next-token neurons ranked by congruence"),
     Stage("neurons.mine", "headscope.neurons.stages:run_mine", ("neurons/mine.json",), needs=("neurons.find",),
@@ -72,6 +74,8 @@ STAGES: tuple[Stage, ...] = (
           doc="written explanations of when each head drives a neuron"),
     Stage("explain.score", "headscope.explain.stages:run_score", ("explain",), needs=("explain",),
           doc="explanation scores on held-out prompts"),
+    Stage("explain.baseline", "headscope.explain.stages:run_random_baseline", ("explain/random",),
+          needs=("explain.score",), doc="random-neuron baseline through the same pipeline, for comparison"),
     Stage("neurons.ablate", "headscope.neurons.stages:run_ablate", ("neurons/ablation.json",),
           needs=("neurons.attribute",), doc="drop in P(token) when a head is ablated, active vs inactive prompts"),
     Stage("atlas", "headscope.atlas.build:run_atlas", ("atlas/index.html", "atlas/data/index.js"),
@@ -155,6 +159,17 @@ def _resolve(stage: Stage, table: dict):
     return fn
 
 
+def _kwargs_dataclass(fn) -> list[str] | None:
+    """Field names of the ``TrainConfig`` dataclass that a ``**options`` stage function forwards its
+    keyword options to (looked up in the function's module), or None."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    cls = getattr(inspect.getmodule(fn), "TrainConfig", None)
+    fields = getattr(cls, "__dataclass_fields__", None)
+    return list(fields) if fields else None
+
+
 @dataclass
 class Plan:
     """The checked list of stages to run: (stage, function, options)."""
@@ -179,9 +194,12 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
             continue
         opts = {k: v for k, v in table.items() if k not in ("run", "enabled")}
         params = inspect.signature(fn).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            allowed = [p for p in list(params)[2:]]
-            bad = [k for k in opts if k not in params or k in list(params)[:2]]
+        allowed = [p for p in list(params)[2:] if params[p].kind != params[p].VAR_KEYWORD]
+        extra = _kwargs_dataclass(fn)
+        if extra is not None:  # run_train(model, run, layer, **TrainConfig fields)
+            allowed += [f for f in extra if f not in allowed]
+        if extra is not None or not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            bad = [k for k in opts if k not in allowed]
             if bad:
                 raise HeadscopeError(f"[{stage.name}] unknown option(s) {', '.join(bad)}; "
                                      f"{stage.func.split(':')[1]} accepts: {', '.join(allowed)}")
@@ -211,7 +229,8 @@ def _prepare(fn, opts: dict, model, study: dict, changed: bool, stage: Stage | N
     for key in ("layers",):
         if isinstance(kw.get(key), str):
             kw[key] = parse_layers(kw[key], model.n_layers)
-    if "corpus" in params and "corpus" not in kw and "corpus" in study:
+    takes_corpus = "corpus" in params or "corpus" in (_kwargs_dataclass(fn) or [])
+    if takes_corpus and "corpus" not in kw and "corpus" in study:
         kw["corpus"] = study["corpus"]
     if changed and "force" in params and "force" not in kw:
         kw["force"] = True
@@ -274,9 +293,9 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
         why = " (options changed)" if changed else (" (forced)" if forced else "")
         print(f"study: [{i}/{n}] {stage.name}{why}: {stage.doc}", file=sys.stderr, flush=True)
         kw = _prepare(fn, opts, model, study, changed or forced, stage, config)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         summary = fn(model, run, **kw)
-        seconds = time.time() - t0
+        seconds, cpu = time.time() - t0, time.process_time() - c0
         from .study_stages import sae_name
         arts = [a.replace("{sae}", str(kw.get("name") or sae_name(config) or "")) for a in stage.artifacts]
         missing = [a for a in arts if not (run / a).exists()]
@@ -284,7 +303,8 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
             raise HeadscopeError(f"stage '{stage.name}' finished without writing {', '.join(missing)}")
         run.mark_done(key, {"options": h, "seconds": round(seconds, 2)})
         record = read_json(record_path)
-        record.setdefault("stages", {})[stage.name] = {"seconds": round(seconds, 2), "options": opts,
+        record.setdefault("stages", {})[stage.name] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+                                                      "options": opts,
                                                       "summary": _small(summary), "finished": time.time()}
         write_json(record_path, record)
         ran_any = True

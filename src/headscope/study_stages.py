@@ -18,14 +18,18 @@ def _dataclass(cls, options: dict | None, what: str):
 
 
 def run_lens_train(model, run, heads: str = "all", layers: str | list[int] | None = "-3", lens: dict | None = None,
-                   train: dict | None = None, progress: bool = True) -> dict:
+                   train: dict | None = None, corpus: str | None = None, progress: bool = True) -> dict:
     """Train lenses (``headscope.lens.train.run_train``) for ``heads`` ('all', '0,3', or '20.3,21.*') of
-    ``layers`` ('all', '-3', '10-13' or a list). ``lens``: LensConfig fields; ``train``: TrainConfig fields."""
+    ``layers`` ('all', '-3', '10-13' or a list). ``lens``: LensConfig fields; ``train``: TrainConfig fields;
+    ``corpus``: the study's corpus unless ``train`` names one."""
     from .cli import parse_layers
     from .lens.lenses import LensConfig, parse_sites
     from .lens.train import TrainConfig, run_train
     if isinstance(layers, str):
         layers = parse_layers(layers, model.n_layers)
+    train = dict(train or {})
+    if corpus is not None:
+        train.setdefault("corpus", corpus)
     sites = parse_sites(heads, model) if "." in str(heads) else parse_sites(heads, model, layers=layers)
     return run_train(model, run, sites, _dataclass(LensConfig, lens, "lens.lens"),
                      _dataclass(TrainConfig, train, "lens.train"), progress=progress)
