@@ -154,6 +154,13 @@ function gridPage(main) {
   drawGrid();
 }
 
+function cellFmt(v) {
+  if (!isNum(v)) return "";
+  const a = Math.abs(v);
+  if (a >= 99.5) return a >= 1e4 ? v.toExponential(0) : String(Math.round(v));
+  if (a >= 9.95) return v.toFixed(0);
+  return v.toFixed(2).replace(/^0\./, ".").replace(/^-0\./, "-.").replace(/^-\.00$/, ".00");
+}
 function measureById(id) { return A.index.measures.find((m) => m.id === id); }
 
 function drawGrid() {
@@ -181,7 +188,7 @@ function drawGrid() {
       const hit = GRID.hits && GRID.hits.has(key);
       const cell = h("td", { class: "cell" + (hit ? " hit" : "") + (GRID.hits && !hit ? " dim" : ""), "data-head": key,
         title: `head ${key}` + (m ? ` · ${m.label}: ${fmt(v)}` : ""), style: { background: bg, color: textOn(Math.abs(x)) },
-        onclick: () => { location.hash = "#/head/" + key; } }, isNum(v) ? fmt(v, 2).replace(/^0\./, ".").replace(/^-0\./, "-.") : "");
+        onclick: () => { location.hash = "#/head/" + key; } }, cellFmt(v));
       tr.appendChild(cell);
     }
     table.appendChild(tr);
@@ -214,7 +221,7 @@ function sourcesCard() {
     h("td", {}, label[s]),
     h("td", { class: ix.sources.includes(s) ? "ok" : (ix.errors[s] ? "error" : "muted") },
       ix.sources.includes(s) ? "in this run" : (ix.errors[s] ? "failed: " + ix.errors[s] : "not in this run"))));
-  const stages = Object.keys(ix.stages || {});
+  const stages = Object.keys(ix.stages || {}).filter((k) => !k.startsWith("study."));
   return section("What this run holds", h("table", { class: "kv" }, rows),
     stages.length ? h("p", { class: "muted" }, "finished stages: " + stages.join(", ")) : null,
     h("p", { class: "muted" }, `built ${new Date(ix.built * 1000).toLocaleString()}`));
