@@ -147,12 +147,13 @@ def test_resume_equals_uninterrupted(tmp_path, models, kind, opt, objective):
     m = models["llama_gqa"]
     sites = [(0, 0), (2, 3)]
     lens = LensConfig(kind=kind, rank=4)
-    cfg = TrainConfig(optimizer=opt, objective=objective, lr=1e-2, shortlist_negatives=64, **SMALL)
+    cfg = TrainConfig(optimizer=opt, objective=objective, lr=1e-2, shortlist_negatives=64,
+                      **{**SMALL, "tokens": 384, "init_tokens": 128})
     ra = RunDir(tmp_path / "a", m.identity())
     run_train(m, ra, sites, lens, cfg, progress=False)
     rb = RunDir(tmp_path / "b", m.identity())
-    stopped = run_train(m, rb, sites, lens, cfg, progress=False, stop_at_step=5)
-    assert stopped == {"stopped_at": 5} and (tmp_path / "b/lens/checkpoint/state.json").exists()
+    stopped = run_train(m, rb, sites, lens, cfg, progress=False, stop_at_step=3)
+    assert stopped == {"stopped_at": 3} and (tmp_path / "b/lens/checkpoint/state.json").exists()
     torch.manual_seed(123)  # a resumed process starts with another RNG state; the checkpoint restores it
     s = run_train(m, rb, sites, lens, cfg, progress=False)
     assert s["resumed"]

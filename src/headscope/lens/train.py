@@ -243,7 +243,7 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
             _save_checkpoint(ck, bank, opt, gen, step, key, history)
         if stop_at_step is not None and step >= stop_at_step and step < total_steps:
             bar.close()
-            if dist.primary and not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            if dist.primary and not cfg.checkpoint_every:
                 _save_checkpoint(ck, bank, opt, gen, step, key, history)
             dist.barrier()
             return {"stopped_at": step}
