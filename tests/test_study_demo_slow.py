@@ -1,0 +1,57 @@
+"""The demo on the real default model with the CI's small config (`headscope demo --small`): every stage
+writes its artifacts, the atlas shows every instrument, and a second run reuses every stage."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from headscope.study import STAGES, builtin_config, load_config, plan, run_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from headscope.models.load import load_model
+    return load_model("default")
+
+
+def test_demo_small_writes_every_stage(default_model, tmp_path):
+    out = tmp_path / "demo"
+    cfg = load_config(builtin_config("ci"))
+    steps = plan(cfg)
+    assert not steps.missing, steps.missing
+    rec = run_study(cfg, out=out, model=default_model)
+    ran = [s.name for s, _, _ in steps.steps]
+    assert list(rec["stages"]) == ran
+    for name in ran:
+        stage = next(s for s in STAGES if s.name == name)
+        for art in stage.artifacts:
+            p = out / art.replace("{sae}", "L14")
+            assert p.exists(), f"stage {name} did not write {p}"
+    # the artifacts the atlas reads, with their documented keys
+    scores = json.loads((out / "heads" / "scores.json").read_text())
+    assert len(scores["scores"]["induction"]) == 30 and len(scores["scores"]["induction"][0]) == 9
+    assert (out / "lens" / "lenses.safetensors").is_file() and (out / "lens" / "eval.json").is_file()
+    for f in ("cfg.json", "sae_weights.safetensors", "eval.json", "heads.json", "ioi.json", "dashboards/index.json"):
+        assert (out / "sae" / "L14" / f).is_file(), f
+    for f in ("find.json", "mine.json", "attribution.json", "ablation.json"):
+        assert (out / "neurons" / f).is_file(), f
+    assert (out / "explain" / "explanations_keyword.json").is_file() and (out / "explain" / "scores_keyword.json").is_file()
+    # the atlas shows every instrument
+    text = (out / "atlas" / "data" / "index.js").read_text()
+    ix = json.loads(re.fullmatch(r'window\.__atlas_page\("index",(.*)\);\n', text, re.S).group(1))
+    assert set(ix["sources"]) == {"heads", "lens", "sae", "neurons", "explain"}, (ix["sources"], ix["errors"])
+    assert ix["errors"] == {} and len(ix["examples"]) == 2
+    assert any(m["id"].startswith("lens.") for m in ix["measures"])
+    assert any(c["key"] == "features_L14" and c["n"] > 0 for c in ix["collections"])
+    study = json.loads((out / "study.json").read_text())
+    assert study["model"]["spec"] == "default" and all(s["seconds"] >= 0 for s in study["stages"].values())
+
+    # a second run reuses every finished stage
+    before = {k: v["finished"] for k, v in study["stages"].items()}
+    rec2 = run_study(load_config(builtin_config("ci")), out=out, model=default_model)
+    assert {k: v["finished"] for k, v in rec2["stages"].items()} == before
