@@ -161,3 +161,24 @@ def test_unsafe_page_key_refused(tmp_path, tiny, monkeypatch):
     assert (run.path / "atlas" / "data" / "c" / "sae" / "___evil" / "ids.js").is_file()
     assert not (run.path / "atlas" / "data" / "c" / "evil").exists()
     assert not atlas_build.SAFE_KEY.match("..") and not atlas_build.SAFE_KEY.match("a/b")
+
+
+def test_cli_build_and_errors(scored_run, tmp_path, capsys):
+    from headscope.cli import main
+    assert main(["atlas", "build", str(scored_run.path), "--no-model"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (scored_run.path / "atlas" / "index.html").resolve().as_uri()
+    assert main(["atlas", "build", str(tmp_path / "nothing")]) == 2
+    assert "no run.json" in capsys.readouterr().err
+    assert main(["atlas", "serve", str(tmp_path / "nothing")]) == 2
+
+
+def test_model_spec_for(tmp_path, tiny):
+    from headscope.atlas.cli import model_spec_for
+    from headscope.models.load import DEFAULT_NAME
+    run = RunDir(tmp_path / "r", tiny.identity())
+    assert model_spec_for(run.path, None) is None and model_spec_for(run.path, "gpt2") == "gpt2"
+    write_json(run.path / "study.json", {"model": {"spec": "/models/x"}})
+    assert model_spec_for(run.path, None) == "/models/x"
+    run2 = RunDir(tmp_path / "r2", {**tiny.identity(), "model": DEFAULT_NAME})
+    assert model_spec_for(run2.path, None) == "default"
