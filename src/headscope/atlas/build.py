@@ -162,7 +162,7 @@ def _collections(sources: dict) -> tuple[list[tuple[str, str, list[tuple[str, di
             items = None
             if isinstance(val, dict) and val and all(isinstance(v, dict) for v in val.values()):
                 items = [(str(k), v) for k, v in val.items()]
-            elif isinstance(val, list) and val and all(isinstance(v, dict) for v in val):
+            elif isinstance(val, list) and len(val) > 5 and all(isinstance(v, dict) for v in val):
                 items = [(str(v.get("id", i)), v) for i, v in enumerate(val)]
             if items is not None:
                 colls.append((src, key, items))

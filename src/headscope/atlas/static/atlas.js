@@ -149,7 +149,7 @@ function gridPage(main) {
   const grid = h("div", { id: "grid-wrap" });
   const side = h("div", { id: "side" });
   main.appendChild(h("div", { class: "gridpage" },
-    h("div", {}, section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard()),
+    h("div", {}, section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard(), summariesCard()),
     side));
   drawGrid();
 }
@@ -225,6 +225,26 @@ function sourcesCard() {
   return section("What this run holds", h("table", { class: "kv" }, rows),
     stages.length ? h("p", { class: "muted" }, "finished stages: " + stages.join(", ")) : null,
     h("p", { class: "muted" }, `built ${new Date(ix.built * 1000).toLocaleString()}`));
+}
+
+function summariesCard() {
+  const g = A.index.globals || {};
+  const label = { heads: "Head scores", lens: "Lenses", sae: "Attention SAEs", neurons: "Next-token neurons", explain: "Explanation scores" };
+  const parts = [];
+  for (const [src, obj] of Object.entries(g)) {
+    const keep = Object.entries(obj).filter(([k]) => !/^heatmap|^config$|^options$|^transfer/.test(k));
+    if (!keep.length) continue;
+    parts.push(h("div", { class: "kvblock" }, h("h3", {}, label[src] || src),
+      keep.map(([k, v]) => (v !== null && typeof v === "object") ? renderKV(k, dropHeavy(v)) : h("div", { class: "kvline" }, h("span", { class: "k" }, k.replace(/_/g, " ") + ": "), renderAny(v, 1, k)))));
+  }
+  return parts.length ? section("Run summaries", parts) : h("span");
+}
+function dropHeavy(v) {
+  if (Array.isArray(v)) return v.map(dropHeavy);
+  if (v === null || typeof v !== "object") return v;
+  const o = {};
+  for (const [k, x] of Object.entries(v)) if (!/^heatmap|^options$|^config$|^density_hist$/.test(k)) o[k] = dropHeavy(x);
+  return o;
 }
 
 async function doSearch(q, box) {
