@@ -99,8 +99,8 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     src = file_hash(d / "find.json")
     out = [dict((k, n[k]) for k in ("layer", "neuron", "token_id", "token")) for n in neurons]
     for split, key, k in (("train", "train", top_k), ("heldout", "test", top_k_test)):
-        key = hashlib.sha1(f"{src}|{split}|{k}|{corpus}|{seq_len}|{max_tokens}".encode()).hexdigest()[:12]
-        state_path = d / f"mine_state_{key}.safetensors"
+        skey = hashlib.sha1(f"{src}|{split}|{k}|{corpus}|{seq_len}|{max_tokens}".encode()).hexdigest()[:12]
+        state_path = d / f"mine_state_{skey}.safetensors"
         state = mining.top_sequences(model, tc, neurons, split, k, batch_size, max_tokens, state_path, progress)
         prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress)
         for o, ps in zip(out, prompts):
