@@ -120,6 +120,11 @@ def test_train_loss_decreases_and_eval(tmp_path, models):
     assert out["heatmap_gain"][2][1] == ph["gain"] and out["heatmap_gain"][0][0] is None
     assert np.array(out["transfer"]["kl"]).shape == (2, 2)
     assert out["transfer"]["kl"][1][1] == pytest.approx(ph["kl_lens"], rel=0.2)
+    # the lenses applied to another checkpoint of the same architecture
+    from headscope.lens.evaluate import run_checkpoint_transfer
+    t = run_checkpoint_transfer(tiny_model("gpt2", seed=1), run, tokens=128, batch_size=2, progress=False)
+    assert set(t["per_head"]) == {"1.0", "2.1"} and (tmp_path / "run/lens/transfer_checkpoint.json").exists()
+    assert t["source_model"]["unembed_sha1"] != t["target_model"]["unembed_sha1"]
     # independent recomputation of the metrics on one batch with numpy
     bank, _ = load_bank(m, run / "lens")
     null = load_null(run / "lens")
