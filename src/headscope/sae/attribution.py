@@ -118,7 +118,7 @@ def dfa_inputs(model: Model, sae: AttnSAE, ids: torch.Tensor, features: list[int
     DFA_f[t, s, h] = pattern[b, h, t, s] · proj[b, s, h, f]."""
     L = sae.cfg.layer
     H = model.n_heads
-    cap = capture(model, ids.to(model.device), layers=[L], what=("pattern", "v"))
+    cap = capture(model, ids.to(model.device), layers=[L], what=("pattern", "v"), stop_after=L)
     pat = cap["pattern"][L].float()                                            # [B, H, S, S]
     v = cap["v"][L].float()                                                    # [B, S, Hkv, Dh]
     groups = torch.tensor([model.kv_group(h) for h in range(H)], device=v.device)
@@ -186,7 +186,8 @@ def recursive_dfa(model: Model, sae: AttnSAE, ids: torch.Tensor, dest: int, feat
         raise HeadscopeError(f"feature {feature} is out of range: the SAE has features 0..{sae.cfg.d_sae - 1}")
     L, H = sae.cfg.layer, model.n_heads
     layers = list(range(L + 1))
-    cap = capture(model, ids, layers=layers, what=("resid_pre", "resid_post", "attn_out", "result", "pattern"))
+    cap = capture(model, ids, layers=layers, what=("resid_pre", "resid_post", "attn_out", "result", "pattern"),
+                  stop_after=L)
     comps: list[tuple[str, torch.Tensor]] = [("embed", cap["resid_pre"][0][0])]
     for l in range(L):
         for h in range(H):

@@ -231,6 +231,9 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         state, since_fired, fired_window = _load_checkpoint(ck, sae, opt, device)
         if state.get("config") != cfg.result_keys():
             raise HeadscopeError(f"{out} holds a checkpoint made with other options; use another --name or delete it")
+        if state.get("world_size", 1) != dist.world_size:
+            raise HeadscopeError(f"{out} holds a checkpoint made with {state.get('world_size', 1)} processes, not "
+                                 f"{dist.world_size}: resume with the same number of processes")
         since_fired = since_fired.to(device)
         step0, scale, history = int(state["step"]), float(state["scale"]), state["history"]
         n_resampled, elapsed = int(state.get("resamples", 0)), float(state.get("elapsed_s", 0.0))
@@ -306,6 +309,7 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
             if dist.primary:
                 _save_checkpoint(ck, sae, opt, {"step": step + 1, "scale": scale, "history": history,
                                                 "resamples": n_resampled, "config": cfg.result_keys(),
+                                                "world_size": dist.world_size,
                                                 "elapsed_s": elapsed + time.time() - t0,
                                                 "_fired_window": fired_window}, since_fired)
             dist.barrier()
