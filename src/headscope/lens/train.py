@@ -43,13 +43,15 @@ STAGE = "lens_train"
 class TrainConfig:
     """Options of ``headscope lens train`` (one docstring per field)."""
 
-    tokens: int = 16384
-    """Training tokens for the gradient refinement (0: closed-form start only)."""
+    tokens: int = 0
+    """Training tokens of KL refinement after the start (default 0: the closed-form start alone, which
+    is what beats the null lens on CPU budgets; see docs/lens.md for measured numbers)."""
     init: str = "lstsq"
     """``lstsq`` (closed-form least squares + scale calibration, see closed_form.py), ``base``
     (vocabulary bias at the log base rates, A = 0) or ``identity`` (step 0 = unembedding baseline)."""
-    init_tokens: int = 32768
-    """Tokens for the closed-form statistics (one pass, no gradients)."""
+    init_tokens: int = 8192
+    """Tokens for the closed-form statistics (one pass, no gradients; costs about one model forward
+    per token, shared by every head of every layer)."""
     objective: str = "fkl"
     """``fkl``, ``rkl``, ``ce`` or ``fkl_shortlist`` (see objectives.py)."""
     optimizer: str = "adam"
