@@ -172,9 +172,23 @@ def _collections(sources: dict) -> tuple[list[tuple[str, str, list[tuple[str, di
 
 
 def _summary(item: dict) -> dict:
-    """Scalar fields of an item (shown in collection lists and used to sort them)."""
-    return {k: v for k, v in item.items() if (_is_number(v) or isinstance(v, str) and len(v) <= 80)
-            and not isinstance(v, bool)}
+    """Scalar fields and short token lists of an item (shown in collection lists and used to sort
+    them); an SAE feature also gets its top output tokens and the token it fires on most."""
+    out = {k: v for k, v in item.items() if (_is_number(v) or isinstance(v, str) and len(v) <= 80)
+           and not isinstance(v, bool)}
+    for k, v in item.items():
+        if "tok" in k and isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out[k] = v[:6]
+    logits = item.get("logits")
+    if isinstance(logits, dict) and isinstance(logits.get("top"), list):
+        out["top_logit_tokens"] = [t[0] for t in logits["top"][:5] if isinstance(t, list) and t]
+    ex = item.get("examples")
+    if isinstance(ex, list) and ex and isinstance(ex[0], dict) and "context" in ex[0] and "index" in ex[0]:
+        try:
+            out["fires_on_token"] = ex[0]["context"][ex[0]["index"]]
+        except (IndexError, TypeError):
+            pass
+    return out
 
 
 def example_patterns(model, prompts, layers: list[int] | None = None) -> tuple[list[dict], list[dict]]:

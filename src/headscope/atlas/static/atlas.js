@@ -536,7 +536,7 @@ async function listPage(main, ci) {
   try { ids = await load(c.base + "/ids"); } catch (e) { main.appendChild(h("p", { class: "error" }, e.message)); return; }
   const st = LIST[ci] = LIST[ci] || { sort: null, desc: true, page: 0, q: "" };
   const cols = [];
-  for (const [, s] of ids.summary.slice(0, 200)) for (const k of Object.keys(s)) if (!cols.includes(k) && cols.length < 8) cols.push(k);
+  for (const [, s] of ids.summary.slice(0, 200)) for (const k of Object.keys(s)) if (!cols.includes(k) && cols.length < 9 && !["sae", "layer", "feature", "neuron"].includes(k)) cols.push(k);
   const box = h("div", {});
   const filter = h("input", { type: "search", placeholder: "filter (text in any column)", value: st.q });
   filter.addEventListener("input", () => { st.q = filter.value; st.page = 0; draw(); });
@@ -544,14 +544,15 @@ async function listPage(main, ci) {
   function draw() {
     clear(box);
     let rows = ids.summary;
-    if (st.q) { const q = st.q.toLowerCase(); rows = rows.filter(([id, s]) => (id + " " + Object.values(s).join(" ")).toLowerCase().includes(q)); }
+    if (st.q) { const q = st.q.toLowerCase(); rows = rows.filter(([id, s]) => (id + " " + Object.values(s).flat().join(" ")).toLowerCase().includes(q)); }
     if (st.sort) rows = rows.slice().sort((a, b) => cmp(a[1][st.sort], b[1][st.sort]) * (st.desc ? -1 : 1));
     const per = 100, pages = Math.max(1, Math.ceil(rows.length / per));
     const t = h("table", { class: "data" }, h("tr", {}, h("th", {}, "id"), cols.map((k) => h("th", { class: "sortable",
       onclick: () => { st.desc = st.sort === k ? !st.desc : true; st.sort = k; draw(); } }, k.replace(/_/g, " ") + (st.sort === k ? (st.desc ? " ▾" : " ▴") : "")))));
     for (const [id, s] of rows.slice(st.page * per, (st.page + 1) * per)) {
       t.appendChild(h("tr", {}, h("td", {}, h("a", { href: `#/item/${ci}/${encodeURIComponent(id)}` }, id)),
-        cols.map((k) => h("td", { class: isNum(s[k]) ? "num" : "" }, /tok/i.test(k) && typeof s[k] === "string" ? tok(s[k]) : fmt(s[k])))));
+        cols.map((k) => h("td", { class: isNum(s[k]) ? "num" : "" }, /tok/i.test(k) && typeof s[k] === "string" ? tok(s[k])
+          : Array.isArray(s[k]) ? h("span", { class: "toks" }, s[k].map((x) => tok(x))) : fmt(s[k])))));
     }
     box.appendChild(h("div", { class: "tablewrap" }, t));
     box.appendChild(h("div", { class: "controls" },
