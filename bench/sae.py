@@ -90,7 +90,7 @@ def child(args) -> dict:
         cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=args.k, device=args.device)
         sae = TopKTrainingSAE(cfg)
         tcfg = SAETrainerConfig(total_training_samples=n_tok, train_batch_size_samples=args.batch_size, lr=args.lr,
-                                adam_beta2=0.99, lr_warm_up_steps=10, device=args.device,
+                                lr_end=args.lr, adam_beta2=0.99, lr_warm_up_steps=10, device=args.device,
                                 n_batches_for_norm_estimate=1)
         stamps = []
 
