@@ -12,7 +12,7 @@
      iterator over the same rows in the same order of blocks.
 3. Reports tokens/s (after ``--warmup`` steps, which are excluded), the peak RSS growth of the
    process during training (ru_maxrss after − RSS before; CUDA: max allocated) and the final FVE on the
-   last batch. Writes ``--out`` (JSON) and prints a table.
+   last batch (the same rows for both). Writes ``--out`` (JSON) and prints a table.
 """
 
 from __future__ import annotations
@@ -71,9 +71,13 @@ def child(args) -> dict:
                         expansion=args.expansion, batch_size=args.batch_size, n_tokens=n_tok, lr=args.lr,
                         warmup_steps=10, checkpoint_every=10**9, buffer_tokens=args.block)
         total = time.time() - t0
-        fve = res["final"].get("fve")
-        hist = [h for h in res["history"] if "l0" in h]
-        l0 = hist[-1]["l0"]
+        from headscope.sae.io import load_sae
+        sae = load_sae(run.path / f"sae/L{args.layer}")
+        with torch.no_grad():
+            x = rows[-args.batch_size:]
+            out = sae.decode(sae.encode(x))
+            fve = float(1 - (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+            l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
         # run_train has no per-step timer: time the warm-up separately with a short run and subtract
         t1 = time.time()
         run_train(_Model(), RunDir(tempfile.mkdtemp(), {"model": "bench"}), args.layer, source=src, progress=False,

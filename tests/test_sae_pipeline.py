@@ -4,7 +4,6 @@ data), and the CLI on a tiny model saved as an HF directory."""
 import json
 
 import pytest
-import torch
 
 from headscope.cli import main
 from headscope.runs import RunDir, read_json, read_tensors

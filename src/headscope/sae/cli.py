@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..cli import add_model_args, add_out_arg, load_from_args
 from ..errors import HeadscopeError

@@ -22,7 +22,6 @@ from ..models.load import Model
 from ..runs import RunDir, write_json
 from .attribution import weight_attribution
 from .io import load_sae
-from .model import AttnSAE
 from .train import sae_dir
 
 TEMPLATES = (

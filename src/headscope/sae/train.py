@@ -16,11 +16,10 @@ feature-firing counts are averaged/summed over ranks, rank 0 writes files.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
