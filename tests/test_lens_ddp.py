@@ -66,4 +66,4 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
         assert (pa - pb).abs().max() <= 1e-3 * (1 + pb.abs().max()), (name, float((pa - pb).abs().max()))
     from headscope.lens.collect import site_batch
     R, _ = site_batch(m, torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(5)), SITES)
-    torch.testing.assert_close(a(R), b(R), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a(R), b(R), rtol=1e-3, atol=2e-3)

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     t.add_argument("--rank", type=int, default=64, help="rank for --kind lowrank")
     t.add_argument("--no-vocab-bias", action="store_true", help="affine/lowrank without the vocabulary bias c")
     t.add_argument("--shared", action="store_true", help="one lens per layer shared by all its heads")
-    t.add_argument("--tokens", type=int, default=None, help="tokens of KL refinement after the closed-form start (default 0: closed form only)")
+    t.add_argument("--tokens", type=int, default=None, help="tokens of KL refinement after the closed-form start (default 4096; 0: closed form only)")
     t.add_argument("--init", default="lstsq", choices=("lstsq", "base", "identity"))
     t.add_argument("--init-tokens", type=int, default=None, help="tokens for the closed-form statistics (default 8192)")
     t.add_argument("--objective", default="fkl", choices=("fkl", "rkl", "ce", "fkl_shortlist"))

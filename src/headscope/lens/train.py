@@ -8,10 +8,11 @@
 * ``checkpoint/`` — ``state.safetensors`` (parameters, optimizer state, generator state) and
   ``state.json`` (step, options) every ``checkpoint_every`` steps; removed when training finishes.
 
-One optimisation step = one global batch of ``batch_size`` sequences per rank. The model runs once per
+One optimisation step = one global batch of ``batch_size`` sequences per rank; the refinement reads
+the train sequences after those the closed-form pass used. The model runs once per
 batch (no grad); every site's lens logits [K, n, V] are computed together in chunks of ``chunk_tokens``
 positions and backpropagated chunk by chunk (gradient accumulation), so memory is bounded by
-K·chunk_tokens·V floats. Step k reads sequences [k·B·W + rank·B, … + B) of the train split (W ranks),
+K·chunk_tokens·V floats. Step k reads sequences [I + k·B·W + rank·B, … + B) of the train split (W ranks, I = sequences of the closed-form pass),
 so a resumed run continues exactly where it stopped.
 """
 
@@ -43,9 +44,9 @@ STAGE = "lens_train"
 class TrainConfig:
     """Options of ``headscope lens train`` (one docstring per field)."""
 
-    tokens: int = 0
-    """Training tokens of KL refinement after the start (default 0: the closed-form start alone, which
-    is what beats the null lens on CPU budgets; see docs/lens.md for measured numbers)."""
+    tokens: int = 4096
+    """Training tokens of KL refinement after the closed-form start (0: the start alone). The default
+    (8192 + 4096 tokens, Adam 3e-4) is the best measured CPU budget in docs/lens.md."""
     init: str = "lstsq"
     """``lstsq`` (closed-form least squares + scale calibration, see closed_form.py), ``base``
     (vocabulary bias at the log base rates, A = 0) or ``identity`` (step 0 = unembedding baseline)."""
@@ -56,8 +57,8 @@ class TrainConfig:
     """``fkl``, ``rkl``, ``ce`` or ``fkl_shortlist`` (see objectives.py)."""
     optimizer: str = "adam"
     """``adam`` or ``sgd`` (SGD with Nesterov momentum 0.9, as tuned-lens)."""
-    lr: float = 1e-3
-    warmup: int = 4
+    lr: float = 3e-4
+    warmup: int = 1
     """Linear learning-rate warm-up steps (then linear decay to 0 at the last step)."""
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -222,7 +223,7 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
                disable=not (progress and dist.primary), file=sys.stderr)
     last = None
     while step < total_steps:
-        ids = _global_batch(corpus, step, cfg, dist)
+        ids = _global_batch(corpus, step, cfg, dist, first_seq=_init_sequences(cfg, dist))
         if ids is None:
             raise HeadscopeError(f"the train split of corpus '{cfg.corpus}' has {corpus.n_sequences('train')} "
                                  f"sequences, too few for {cfg.tokens} tokens; lower --tokens")
@@ -269,12 +270,21 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
     return summary
 
 
+def _init_batches(cfg: TrainConfig, dist: Distributed) -> int:
+    return max(1, math.ceil(cfg.init_tokens / (cfg.batch_size * cfg.seq_len * dist.world_size)))
+
+
+def _init_sequences(cfg: TrainConfig, dist: Distributed) -> int:
+    """Sequences read by the closed-form pass; the refinement reads the sequences after them."""
+    return _init_batches(cfg, dist) * cfg.batch_size * dist.world_size
+
+
 def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: TrainConfig,
                 dist: Distributed, progress: bool) -> torch.Tensor:
     """Closed-form / base-rate start (``cfg.init``); returns the null logits c0 [V]."""
     from tqdm import tqdm
     moments = Moments(bank)
-    n_batches = max(1, math.ceil(cfg.init_tokens / (cfg.batch_size * cfg.seq_len * dist.world_size)))
+    n_batches = _init_batches(cfg, dist)
     calib = []
     bar = tqdm(total=n_batches, desc="lens init (sufficient statistics)", unit="batch",
                disable=not (progress and dist.primary), file=sys.stderr)
