@@ -71,6 +71,7 @@ def _scan(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int, batch_
     return top_v.cpu(), top_i.cpu(), smp_k.cpu(), smp_v.cpu(), smp_i.cpu(), counts.cpu(), n_rows
 
 
+@torch.no_grad()
 def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 16384, batch_size: int = 8,
                    n_examples: int = 10, n_samples: int = 20, ctx_left: int = 12, ctx_right: int = 4,
                    page_size: int = 128, corpus: str | None = None, progress: bool = True) -> dict:
