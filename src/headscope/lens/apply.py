@@ -7,13 +7,12 @@ above zero reads nothing beyond base rates, and its tokens are not presented as 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..capture import HeadIntervention, capture, run_with_interventions
+from ..capture import HeadIntervention, run_with_interventions
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import read_json

@@ -27,7 +27,7 @@ import torch
 from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
-from ..runs import RunDir, read_json, write_json
+from ..runs import RunDir, write_json
 from .collect import site_batch
 from .lenses import LensBank, load_bank
 from .objectives import LN2

@@ -20,7 +20,7 @@ unembedding hash, site, sites, kind, training config); :func:`load_bank` refuses
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -18,10 +18,9 @@ so a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,7 +31,7 @@ from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
 from .closed_form import Moments, calibrate_scale
 from .collect import site_batch
-from .lenses import LensBank, LensConfig, load_bank, save_bank
+from .lenses import LensBank, LensConfig, save_bank
 from .objectives import LN2, OBJECTIVES, loss, next_tokens, shortlist
 
 INITS = ("lstsq", "identity", "base")
