@@ -638,11 +638,15 @@ function renderLive(out, res) {
 
 /* lens: {"lens": [S][k] tokens, "lens_prob": [S][k], "unembedding": [S][k], "gain"} → table of positions */
 function lensPositions(tokens, lens) {
+  // A lens with no information gain over the null lens says nothing: its tokens are not shown as if they did.
+  const silent = lens.informative === false || (isNum(lens.gain) && lens.gain <= 0);
   const t = h("table", { class: "data lenspos" }, h("tr", {}, h("th", {}, "position"), h("th", {}, "lens top tokens"), h("th", {}, "unembedding baseline (W_U·N(r_h))")));
   tokens.forEach((x, i) => t.appendChild(h("tr", {}, h("td", {}, tok(x)),
+    silent ? h("td", { class: "muted" }, "—") :
     h("td", { class: "lens-tokens" }, (lens.lens[i] || []).map((y, j) => tok(y, { title: lens.lens_prob ? `p = ${fmt(lens.lens_prob[i][j])}` : "" }))),
     h("td", { class: "muted" }, (lens.unembedding && lens.unembedding[i] || []).map((y) => tok(y))))));
-  return h("div", {}, h("h3", {}, "Lens: what this head's output says about the next token, per position" + (isNum(lens.gain) ? ` (held-out KL gain over the baseline ${fmt(lens.gain)})` : "")),
+  return h("div", {}, h("h3", {}, "Lens: what this head's output says about the next token, per position" + (isNum(lens.gain) ? ` (held-out information gain over the null lens ${fmt(lens.gain)} bits/token)` : "")),
+    silent ? h("p", { class: "muted" }, "This lens reads nothing beyond base rates from this head (gain ≤ 0): its tokens are not shown.") : null,
     h("div", { class: "tablewrap" }, t));
 }
 
