@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..capture import HeadIntervention, capture
 from ..models.load import Model
+from .mining import length_sorted_batches
 
 
 MODES = ("z", "value")
@@ -40,15 +41,9 @@ def token_probs(model: Model, rows: list[list[int]], tokens: list[int], heads: t
     """P(tokens[i]) at the last position of ``rows[i]`` → [P] float32; with ``heads = (layer, head)``
     that head's z is zeroed at every position (``mode="value"``: its KV group's values)."""
     out = torch.empty(len(rows))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     ivs = [] if heads is None else [HeadIntervention(layer=heads[0], heads=ablated_heads(model, heads[1], mode),
                                                      kind="zero")]
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        n = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+    for idx, ids in length_sorted_batches(rows, batch_size):
         lp = capture(model, ids.to(model.device), layers=[], what={"logprobs"}, interventions=ivs).logprobs
         last = torch.tensor([len(rows[i]) - 1 for i in idx], device=lp.device)
         tok = torch.tensor([tokens[i] for i in idx], device=lp.device)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ..capture import capture
 from ..errors import HeadscopeError
 from ..models.load import Model
+from .mining import length_sorted_batches
 from ..models.arch import get_path
 
 GATED_MODES = ("full", "gate", "up")
@@ -102,14 +103,8 @@ def attribute_prompts(model: Model, rows: list[list[int]], layer_of: list[int], 
     A = torch.full((len(rows), L * H), float("nan"))
     a = model.arch
     gated_mlp = a.mlp_kind == "gated"
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     bar = tqdm(total=len(rows), desc="attributing", unit=" prompt", disable=not progress, file=sys.stderr)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        n = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+    for idx, ids in length_sorted_batches(rows, batch_size):
         last = torch.tensor([len(rows[i]) - 1 for i in idx])
         top = max(layer_of[i] for i in idx)
         what = {"result", "attn_out", "resid_pre", "mlp_pre"} | ({"mlp_up"} if gated_mlp else set())

@@ -51,17 +51,25 @@ def neuron_acts(model: Model, ids: torch.Tensor, neurons: list[dict]) -> torch.T
     return out
 
 
-def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
-            batch_size: int = 64) -> list[list[float]]:
-    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``."""
-    out: list[list[float]] = [None] * len(rows)  # type: ignore[list-item]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+def length_sorted_batches(rows: list[list[int]], batch_size: int):
+    """Prompts of similar length batched together: yields (idx, ids [B, n]), ``idx`` the prompts' indices
+    in ``rows``. Each row is right-padded with its batch's first token; padding sits after every prompt's
+    last token, so causal attention never reads it."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         n = max(len(rows[i]) for i in idx)
         ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
         for j, i in enumerate(idx):
             ids[j, : len(rows[i])] = torch.tensor(rows[i])
+        yield idx, ids
+
+
+def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
+            batch_size: int = 64) -> list[list[float]]:
+    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``."""
+    out: list[list[float]] = [None] * len(rows)  # type: ignore[list-item]
+    for idx, ids in length_sorted_batches(rows, batch_size):  # similar lengths share a batch
         layers = sorted({layer_of[i] for i in idx})
         cap = capture(model, ids.to(model.device), layers=layers, what={"mlp_post"}, stop_after=max(layers),
                       reduce={"mlp_post": lambda l, t: t.float().cpu()})
