@@ -141,7 +141,8 @@ def test_static_atlas_head_lens_features(browser, run_dir, tiny):
     assert feats.count() >= 1
     feats.first.click()
     page.wait_for_selector("#item-title")
-    assert "Max-activating examples" in page.inner_text("main")
+    page.wait_for_selector("text=Max-activating examples")  # the feature's data page loads asynchronously
+    page.wait_for_selector(".example .tok")
     assert page.locator(".example .tok").count() > 0
     # the escaped example prompt: markup shown as text in the pattern view of a head page
     page.goto((run_dir / "atlas" / "index.html").as_uri() + "#/head/2.1")
