@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from headscope.testing import FAMILIES, tiny_model
+from headscope.testing import FAMILIES, save_tiny_model, tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,11 +25,7 @@ def any_tiny(request):
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     """A local GPT-2-style HF checkpoint directory (tiny, random)."""
-    m = tiny_model("gpt2")
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    m.hf.save_pretrained(d)
-    m.tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="session")

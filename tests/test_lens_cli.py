@@ -13,16 +13,12 @@ from headscope.cli import main
 from headscope.errors import HeadscopeError
 from headscope.lens.apply import classify, fit_logistic, resolve_token_list, steer, Steer
 from headscope.lens.atlas_data import atlas_data
-from headscope.testing.tiny import tiny_model
+from headscope.testing.tiny import save_tiny_model, tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    m = tiny_model("llama_gqa")
-    d = tmp_path_factory.mktemp("tinyllama")
-    m.hf.save_pretrained(d)
-    m.tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model("llama_gqa", tmp_path_factory.mktemp("tinyllama"))
 
 
 def test_cli_end_to_end(tmp_path, model_dir, capsys):

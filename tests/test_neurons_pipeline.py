@@ -13,7 +13,7 @@ from headscope.explain import stages as ex
 from headscope.neurons import atlas_data as neuron_atlas
 from headscope.neurons import stages as ns
 from headscope.runs import RunDir, read_tensors
-from headscope.testing.tiny import tiny_model
+from headscope.testing.tiny import save_tiny_model, tiny_model
 
 MINE = dict(seq_len=48, top_k=6, top_k_test=6, max_tokens=1200, progress=False)
 
@@ -107,11 +107,7 @@ def test_explain_needs_attribution_first(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    m = tiny_model("gpt2")
-    d = tmp_path_factory.mktemp("tinygpt2")
-    m.hf.save_pretrained(d)
-    m.tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("tinygpt2"))
 
 
 def test_cli_pipeline_and_errors(model_dir, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,6 @@
 Used by the test suite and the benchmarks; importable so other projects can test against them too.
 """
 
-from .tiny import FAMILIES, tiny_model, tiny_tokenizer
+from .tiny import FAMILIES, save_tiny_model, tiny_model, tiny_tokenizer
 
-__all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer"]
+__all__ = ["FAMILIES", "save_tiny_model", "tiny_model", "tiny_tokenizer"]

@@ -67,3 +67,12 @@ def tiny_model(family: str, seed: int = 0) -> Model:
             elif name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return wrap_model(hf, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def save_tiny_model(family: str, dest) -> "Path":
+    """Save ``tiny_model(family)`` as a local HF checkpoint directory ``dest`` (weights + tokenizer)."""
+    from pathlib import Path
+    m = tiny_model(family)
+    m.hf.save_pretrained(dest)
+    m.tokenizer.save_pretrained(dest)
+    return Path(dest)
