@@ -224,3 +224,61 @@ def test_forward_kl_matches_numpy():
     lq = torch.log_softmax(logits, -1).numpy()
     ref = (p * (lp.numpy() - lq)).sum(-1).mean(-1)
     np.testing.assert_allclose(forward_kl(logits, lp).numpy(), ref, rtol=1e-5)
+
+
+def test_softcap_baseline_and_lens_match_the_models_logits():
+    """Gemma-2 soft-caps its final logits: the unembedding baseline and an identity lens read through
+    the norm apply the same cap, so on the final residual they reproduce the model's own logits."""
+    from headscope.capture import capture
+    from headscope.lens.evaluate import baseline_logits
+    m = tiny_model("gemma2")
+    m.hf.config.final_logit_softcapping = 0.5  # small enough that the cap changes every logit
+    last = m.n_layers - 1
+    c = capture(m, _ids(3), layers=[last], what=("resid_post", "logits"))
+    x = c["resid_post"][last].reshape(1, -1, m.d_model)
+    want = c.logits.reshape(-1, m.d_vocab)
+    assert want.abs().max() < 0.5 and (x.norm() > 0)
+    torch.testing.assert_close(baseline_logits(m, x)[0], want, rtol=1e-4, atol=1e-5)
+    bank = LensBank(m, [(last, 0)], LensConfig(norm=True))
+    torch.testing.assert_close(bank(x)[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,kind,cap", [("gpt2", "affine", None), ("llama_gqa", "full", None),
+                                             ("gemma2", "affine", 2.0)])
+def test_scale_calibration_minimises_kl(models, family, kind, cap):
+    """The Newton-fitted scale is the minimum of forward KL over s (checked against a dense grid of
+    directly computed KLs), for linear logits and under soft-capping."""
+    from headscope.lens.closed_form import calibrate_scale
+    m = tiny_model(family) if cap else models[family]
+    if cap:
+        m.hf.config.final_logit_softcapping = cap
+    sites = [(1, 0), (2, 1)]
+    bank = LensBank(m, sites, LensConfig(kind=kind))
+    mo = Moments(bank)
+    R, lp = site_batch(m, _ids(0, 4, 32), sites)
+    mo.update(R, lp)
+    mo.solve()
+    c0 = mo.null_logits()
+    with torch.no_grad():  # push the lenses away from their optimum so that s has work to do
+        if kind == "full":
+            bank.W.mul_(3.0), bank.beta.copy_(c0 + 3.0 * (bank.beta - c0))
+        else:
+            bank.log_s.fill_(float(np.log(3.0)))
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+
+    def kl_at(scale):  # forward KL of the lenses with the scale applied from ``before``
+        bank.load_state_dict(before)
+        with torch.no_grad():
+            if kind == "full":
+                bank.W.mul_(scale.view(-1, 1, 1)), bank.beta.copy_(c0 + scale.view(-1, 1) * (bank.beta - c0))
+            else:
+                bank.log_s.add_(torch.log(scale))
+            return forward_kl(bank(R), lp).double()
+
+    grid = torch.linspace(0.02, 1.5, 149)
+    kls = torch.stack([kl_at(torch.full((2,), float(s))) for s in grid])  # [G, K]
+    bank.load_state_dict(before)
+    s = calibrate_scale(bank, R, lp, c0, steps=8)
+    found = forward_kl(bank(R), lp).double()
+    assert (found <= kls.min(0).values * (1 + 1e-4) + 1e-9).all(), (s, grid[kls.argmin(0)])
+    assert (found < 0.9 * kls[grid.sub(1.0).abs().argmin()]).all()  # clearly better than leaving s = 1

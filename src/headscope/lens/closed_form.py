@@ -14,9 +14,9 @@ c0 = log(mean_t p_t) [V] is the best constant prediction under forward KL (fitte
   β = c0 − r̄·M.
 * ``affine``/``lowrank`` with the norm: the norm makes the map non-linear, so only c = c0 − b_U is set.
 
-Then a **scale calibration**: for each site the deviation is scaled by the s in ``SCALES`` that
-minimises forward KL on the calibration tokens (least squares on log-probs over- or under-shoots
-the temperature that KL wants).
+Then a **scale calibration**: each lens' deviation from the null is scaled by the s that minimises
+forward KL on ``CALIB_TOKENS`` calibration positions (least squares on log-probs over- or under-shoots
+the temperature that KL wants); KL is convex in s, so a few Newton steps find it (``calibrate_scale``).
 
 Statistics are accumulated in float64; under torchrun they are summed over ranks.
 """
@@ -29,11 +29,7 @@ import torch
 
 from ..distributed import Distributed
 from ..errors import HeadscopeError
-from .lenses import LensBank
-from .objectives import forward_kl
-
-SCALES = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
-
+from .lenses import LensBank, softcap
 
 class Moments:
     """Running sums for the closed-form fit: n, Σp [V], and per lens Σr [L,d'], Σrrᵀ [L,d',d'],
@@ -104,6 +100,7 @@ class Moments:
         bank = self.bank
         c0 = self.null_logits()
         b_U = bank.model.b_U.detach().float().cpu() if bank.model.b_U is not None else torch.zeros_like(c0)
+        b_U = softcap(b_U, bank.model.logit_softcap)  # the lens adds c after the cap: φ(b_U) + c = c0 at x = 0
         dev = next(bank.parameters()).device
         if not self.fit_linear:  # affine/lowrank with norm: only the vocabulary bias
             if bank.cfg.vocab_bias:
@@ -174,33 +171,113 @@ def _low_rank(A: torch.Tensor, C: torch.Tensor, G: torch.Tensor, rank: int) -> t
     return Uk, Vk
 
 
+CALIB_TOKENS = 512
+"""Positions used to fit the scale (a single number per lens)."""
+NEWTON_STEPS = 4
+S_MIN, S_MAX = 1e-2, 20.0
+SITES_PER_CHUNK = 8
+"""Sites whose [n, V] logits are held at once during calibration (memory: chunk·n·V floats)."""
+
+
+def _scale_pieces(bank: LensBank, r: torch.Tensor, lenses: torch.Tensor, c0: torch.Tensor):
+    """Logits of the given sites as a(s) = a0 + φ(b + s·g): returns (a0 [k,1|n,V], b, g [k,n,V]).
+    affine/lowrank: g = W_U·x at s = 1 (x before the norm), b = b_U, a0 = c; full: a(s) = c0 + s·(a(1) − c0)."""
+    if bank.cfg.kind == "full":
+        return c0.view(1, 1, -1), None, bank(r, lenses=lenses) - c0
+    x = bank.transform(r, lenses)
+    W_U, b_U = bank.unembed()
+    g = x @ W_U.T
+    a0 = bank._p("c", lenses)[:, None, :] if bank.cfg.vocab_bias else torch.zeros(1, 1, 1, device=g.device)
+    return a0, b_U, g
+
+
+def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap: float | None):
+    """For a(s) = a0 + φ(b + s·g) per site (s [k]): the first and second derivatives in s of
+    Σ_n KL(p_n ‖ softmax a_n), each [k] (float64). φ is the identity or C·tanh(·/C)."""
+    z = g * s.view(-1, 1, 1)
+    if b is not None:
+        z = z + b
+    if cap:
+        tau = torch.tanh(z / cap)
+        a = a0 + cap * tau
+        d1 = g * (1 - tau * tau)                      # da/ds
+        d2 = g * g * (-2.0 / cap) * tau * (1 - tau * tau)  # d²a/ds²
+    else:
+        a, d1, d2 = a0 + z, g, None
+    lse = torch.logsumexp(a, -1)                      # [k, n]
+    q = a.sub_(lse.unsqueeze(-1)).exp_()             # softmax, in place of a
+    qd1 = q * d1
+    m1 = qd1.sum(-1)                                  # E_q[a']
+    m2 = torch.einsum("knv,knv->kn", qd1, d1)         # E_q[a'²]
+    pd1 = torch.einsum("nv,knv->kn", p, d1)
+    f1 = (m1 - pd1).double().sum(-1)
+    f2 = (m2 - m1 * m1).double().sum(-1)
+    if d2 is not None:
+        f2 = f2 + (torch.einsum("knv,knv->kn", q, d2) - torch.einsum("nv,knv->kn", p, d2)).double().sum(-1)
+    return f1, f2
+
+
 @torch.no_grad()
-def calibrate_scale(bank: LensBank, batches: list[tuple[torch.Tensor, torch.Tensor]], c0: torch.Tensor,
-                    scales=SCALES, dist: Distributed | None = None) -> torch.Tensor:
-    """Scale each site's deviation from the null by the best s in ``scales`` (forward KL on the
-    given (R [K,N,d], logp [N,V]) batches). Shared lenses pick the s best summed over their heads.
-    Returns the chosen s per lens [L]."""
-    K = len(bank.sites)
-    kl = torch.zeros(len(scales), K, dtype=torch.float64)
-    c0 = c0.to(next(bank.parameters()).device)
-    for R, logp in batches:
-        logits = bank(R)
-        dev = logits - c0
-        for i, s in enumerate(scales):
-            kl[i] += forward_kl(c0 + s * dev, logp).double().cpu() * logp.shape[0]
-    if dist is not None:
-        dist.all_reduce(kl, "sum")
+def calibrate_scale(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, c0: torch.Tensor,
+                    dist: Distributed | None = None, steps: int = NEWTON_STEPS) -> torch.Tensor:
+    """Fit a scale s per lens that minimises forward KL of the deviation from the null on the
+    calibration positions (R [K, n, d] site results, logp [n, V]): s multiplies the lens' residual-space
+    vector (affine/lowrank, ``log_s``) or the deviation of the logits from the null (full). KL is convex
+    in s when the logits are linear in s, so a few safeguarded Newton steps from s = 1 find it, within
+    [S_MIN, S_MAX]. Shared lenses fit one s over their heads.
+    Lenses read through the final norm are scale-invariant (N(s·x) = N(x)) and full lenses under
+    soft-capping are not linear in s: both keep s = 1. Returns the chosen s per lens [L]."""
     L = bank.n_lenses
-    per_lens = torch.zeros(len(scales), L, dtype=torch.float64).index_add_(1, bank.lens_index.cpu(), kl)
-    best = torch.tensor([scales[i] for i in per_lens.argmin(0).tolist()])
     dev_ = next(bank.parameters()).device
+    cap = bank.model.logit_softcap
+    if (bank.cfg.kind != "full" and bank.cfg.norm) or (bank.cfg.kind == "full" and cap):
+        return torch.ones(L)
+    c0 = c0.to(dev_).float()
+    p = logp.to(dev_).float().exp()
+    R = R.to(dev_)
+    # chunks of whole lenses, so that a shared lens sees all its sites at once
+    groups, group = [], []
+    for li in range(L):
+        group.append(li)
+        if sum(int((bank.lens_index == l).sum()) for l in group) >= SITES_PER_CHUNK:
+            groups.append(group)
+            group = []
+    if group:
+        groups.append(group)
+    best = torch.ones(L, dtype=torch.float64)
+    # Safeguarded Newton on the derivative: KL is convex in s, so f'(s) changes sign once; keep a
+    # bracket [lo, hi] of the root and bisect (geometrically) when a Newton step leaves it. Only the
+    # derivatives are used (KL itself is a difference of large float32 sums). Every rank runs the same
+    # chunks and steps; f' and f'' are summed over ranks.
+    for lens_ids in groups:
+        sites = torch.cat([torch.nonzero(bank.lens_index == l).view(-1) for l in lens_ids])
+        owner = bank.lens_index[sites]
+        local = torch.tensor([lens_ids.index(int(o)) for o in owner.tolist()])
+        a0, b, g = _scale_pieces(bank, R[sites.to(R.device)], owner, c0)
+        k = len(lens_ids)
+        cur = torch.ones(k, dtype=torch.float64)
+        lo, hi = torch.full((k,), S_MIN, dtype=torch.float64), torch.full((k,), S_MAX, dtype=torch.float64)
+        for _ in range(steps):
+            f1, f2 = _newton_terms(cur[local].float().to(g.device), a0, b, g, p, cap)
+            agg = torch.zeros(2, k, dtype=torch.float64)
+            agg[0].index_add_(0, local, f1.cpu())
+            agg[1].index_add_(0, local, f2.cpu())
+            if dist is not None:
+                dist.all_reduce(agg, "sum")
+            f1, f2 = agg
+            hi = torch.where(f1 > 0, torch.minimum(hi, cur), hi)
+            lo = torch.where(f1 <= 0, torch.maximum(lo, cur), lo)
+            newton = cur - f1 / f2.clamp_min(1e-30)
+            inside = (f2 > 0) & (newton > lo) & (newton < hi)
+            cur = torch.where(inside, newton, (lo * hi).sqrt())
+        best[torch.tensor(lens_ids)] = cur
+        del a0, g
+    best = best.float()
     if bank.cfg.kind == "full":
         bank.W.mul_(best.view(-1, 1, 1).to(dev_))
         bank.beta.copy_(c0 + best.view(-1, 1).to(dev_) * (bank.beta - c0))
-    else:
+    else:  # logits = φ(W_U·(s·x) + b_U) + c: c is not scaled
         bank.log_s.add_(torch.log(best).to(dev_))
-        if bank.cfg.vocab_bias:
-            pass  # c is not scaled: logits = W_U·(s·x) + b_U + c
     return best
 
 

@@ -29,32 +29,40 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, write_json
 from .collect import site_batch
-from .lenses import LensBank, load_bank
+from .lenses import LensBank, load_bank, softcap
 from .objectives import LN2
 from .train import load_null
 
 MAX_TRANSFER_SITES = 24
 
 
-def _kl_terms(logits: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(p ‖ softmax(logits)) [K, N] in nats."""
-    logq = torch.log_softmax(logits.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+BLOCK_ELEMENTS = 100_000_000
+"""Logit elements (sites × positions × V) held at once during evaluation (~400 MB of float32)."""
+
+
+def _kl_lse(logits: torch.Tensor, p: torch.Tensor, neg_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p ‖ softmax(logits)) [k, n] as Σ p·log p − Σ p·logits + logsumexp(logits), and the
+    logsumexp [k, n]: two passes over logits [k, n, V] instead of a log-softmax and a product.
+    p [n, V] the model's probabilities, neg_h [n] = Σ p·log p."""
+    lse = torch.logsumexp(logits, -1)
+    return neg_h - torch.einsum("nv,knv->kn", p, logits) + lse, lse
 
 
 def baseline_logits(model: Model, R: torch.Tensor, norm: bool = True) -> torch.Tensor:
-    """Unembedding baseline logits [K, N, V]: W_U·N(r) + b_U (``norm=False``: W_U·r + b_U)."""
+    """Unembedding baseline logits [K, N, V]: φ(W_U·N(r) + b_U) (``norm=False``: φ(W_U·r + b_U)),
+    φ the model's final-logit soft-capping where it has one."""
     x = model.final_norm(R.to(model.dtype)).float() if norm else R.float()
     logits = x @ model.W_U.detach().float().T
     if model.b_U is not None:
         logits = logits + model.b_U.detach().float()
-    return logits
+    return softcap(logits, model.logit_softcap)
 
 
 @torch.no_grad()
 def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chunk: int = 256,
                   progress: bool = True, total: int | None = None, top_k: int = 10) -> dict:
-    """Metrics per site over ``batches`` (an iterable of ids [B, S]); see the module docstring."""
+    """Metrics per site over ``batches`` (an iterable of ids [B, S]); see the module docstring.
+    Positions go in chunks of ``chunk``, sites in blocks of at most ``BLOCK_ELEMENTS`` logits."""
     from tqdm import tqdm
     K = len(bank.sites)
     names = ("kl_lens", "kl_unembed", "kl_unembed_nonorm", "top1", "top1_unembed", "entropy")
@@ -62,10 +70,10 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
     null_sum = 0.0
     ent_model = 0.0
     seq_gain = []  # per-sequence mean gain [K] (nats)
-    lq_sum = None  # Σ over positions of the lens log-probs [K, V]
+    lq_sum = torch.zeros(K, model.d_vocab, dtype=torch.float64)  # Σ over positions of the lens log-probs
     n = 0
     null = null.to(model.device).float()
-    bar = tqdm(total=total, desc="lens eval", unit="batch", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, desc=f"lens eval ({K} heads)", unit="batch", disable=not progress, file=sys.stderr)
     for ids in batches:
         ids = ids.to(model.device)
         B, S = ids.shape
@@ -74,20 +82,31 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
         kl_lens_t = torch.empty(K, R.shape[1])
         for a in range(0, R.shape[1], chunk):
             b = min(R.shape[1], a + chunk)
-            lp, r = logp[a:b], R[:, a:b]
+            lp = logp[a:b]
+            p = lp.exp()
+            neg_h = (p * lp).sum(-1)  # [n]
             target = lp.argmax(-1)
-            lg = bank(r)
-            kl_lens_t[:, a:b] = _kl_terms(lg, lp).cpu()
-            sums["top1"] += (lg.argmax(-1) == target).double().sum(-1).cpu()
-            lq = torch.log_softmax(lg, -1)
-            sums["entropy"] += (-(lq.exp() * lq).sum(-1)).double().sum(-1).cpu()
-            s_lq = lq.double().sum(1).cpu()
-            lq_sum = s_lq if lq_sum is None else lq_sum + s_lq
-            bl = baseline_logits(model, r, True)
-            sums["kl_unembed"] += _kl_terms(bl, lp).double().sum(-1).cpu()
-            sums["top1_unembed"] += (bl.argmax(-1) == target).double().sum(-1).cpu()
-            sums["kl_unembed_nonorm"] += _kl_terms(baseline_logits(model, r, False), lp).double().sum(-1).cpu()
-            ent_model += float(-(lp.exp() * lp).sum(-1).sum())
+            ent_model += float(-neg_h.sum())
+            per_block = max(1, BLOCK_ELEMENTS // ((b - a) * model.d_vocab))
+            for k0 in range(0, K, per_block):
+                ks = slice(k0, min(K, k0 + per_block))
+                r = R[ks, a:b]
+                lenses = bank.lens_index[ks]
+                lg = bank(r, lenses=lenses)
+                kl, lse = _kl_lse(lg, p, neg_h)
+                kl_lens_t[ks, a:b] = kl.cpu()
+                sums["top1"][ks] += (lg.argmax(-1) == target).double().sum(-1).cpu()
+                lq_sum[ks] += (lg.sum(1) - lse.sum(1, keepdim=True)).double().cpu()
+                q_l = torch.einsum("knv,knv->kn", torch.exp(lg - lse.unsqueeze(-1)), lg)
+                sums["entropy"][ks] += (lse - q_l).double().sum(-1).cpu()
+                del lg
+                bl = baseline_logits(model, r, True)
+                sums["kl_unembed"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
+                sums["top1_unembed"][ks] += (bl.argmax(-1) == target).double().sum(-1).cpu()
+                del bl
+                bl = baseline_logits(model, r, False)
+                sums["kl_unembed_nonorm"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
+                del bl
         sums["kl_lens"] += kl_lens_t.double().sum(-1)
         null_sum += float(kl_null_t.sum())
         diff = (kl_null_t.cpu().unsqueeze(0) - kl_lens_t).view(K, B, S).mean(-1)  # [K, B]
@@ -133,9 +152,11 @@ def transfer_matrix(model: Model, bank: LensBank, batches, sites_idx: list[int],
         R, logp = site_batch(model, ids.to(model.device), sub)
         for a in range(0, R.shape[1], chunk):
             b = min(R.shape[1], a + chunk)
+            p = logp[a:b].exp()
+            neg_h = (p * logp[a:b]).sum(-1)
             for i in range(k):
                 lenses = own[i].expand(k).to(R.device)
-                kl[i] += _kl_terms(bank(R[:, a:b], lenses=lenses), logp[a:b]).double().sum(-1).cpu()
+                kl[i] += _kl_lse(bank(R[:, a:b], lenses=lenses), p, neg_h)[0].double().sum(-1).cpu()
         n += R.shape[1]
     kl = kl / max(n, 1) / LN2
     return {"sites": [f"{l}.{h}" for l, h in sub], "kl": kl.tolist(), "tokens": n}

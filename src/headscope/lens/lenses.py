@@ -13,6 +13,10 @@ Kinds (N = the model's final norm, optional with ``norm=True``; W_U [V, d], b_U 
 * ``lowrank``: as affine with A = U·Vᵀ, U [L,d,r], Vᵀ [L,r,d] (U random, Vᵀ zero at init, so A = 0).
 * ``full``:    logits = N(r)·W + β,  W [L,d,V] initialised to W_Uᵀ, β [L,V] to b_U (the paper's lens).
 
+Models with final-logit soft-capping (Gemma-2: φ(x) = C·tanh(x/C)) get it where the model applies it,
+before the learned biases: affine/lowrank φ(W_U·N(x) + b_U) + c, full φ(N(r)·W) + β; so step 0 still
+equals the unembedding baseline φ(W_U·N(r)) (capped models have no b_U).
+
 Lenses are saved as ``lenses.safetensors`` (parameters) + ``lenses.json`` (model identity incl. the
 unembedding hash, site, sites, kind, training config); :func:`load_bank` refuses another model.
 """
@@ -91,6 +95,11 @@ def parse_sites(text: str, model: Model, layers: list[int] | None = None) -> lis
         for h in heads:
             out.add((layer, model.check_head(h)))
     return sorted(out)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The model's final-logit soft-capping C·tanh(x / C) (identity when ``cap`` is None)."""
+    return logits if not cap else cap * torch.tanh(logits / cap)
 
 
 class LensBank(nn.Module):
@@ -175,7 +184,8 @@ class LensBank(nn.Module):
             W, beta = self._p("W", lenses), self._p("beta", lenses)
             if vocab is not None:
                 W, beta = W[:, :, vocab], beta[:, vocab]
-            return torch.bmm(x.to(compute_dtype), W.to(compute_dtype)).float() + beta[:, None, :]
+            pre = torch.bmm(x.to(compute_dtype), W.to(compute_dtype)).float()
+            return softcap(pre, self.model.logit_softcap) + beta[:, None, :]
         x = self.transform(r, lenses)
         if self.cfg.norm:
             x = self.norm(x)
@@ -186,6 +196,7 @@ class LensBank(nn.Module):
         logits = torch.matmul(x.to(compute_dtype), W_U.T).float()
         if b_U is not None:
             logits = logits + b_U.float()
+        logits = softcap(logits, self.model.logit_softcap)
         if self.cfg.vocab_bias:
             c = self._p("c", lenses)
             logits = logits + (c[:, vocab] if vocab is not None else c)[:, None, :]

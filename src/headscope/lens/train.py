@@ -29,9 +29,9 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
-from .closed_form import Moments, calibrate_scale
+from .closed_form import CALIB_TOKENS, Moments, calibrate_scale
 from .collect import site_batch
-from .lenses import LensBank, LensConfig, save_bank
+from .lenses import LensBank, LensConfig, save_bank, softcap
 from .objectives import LN2, OBJECTIVES, loss, next_tokens, shortlist
 
 INITS = ("lstsq", "identity", "base")
@@ -285,6 +285,7 @@ def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: T
     moments = Moments(bank)
     n_batches = _init_batches(cfg, dist)
     calib = []
+    n_calib = max(1, CALIB_TOKENS // dist.world_size)  # this rank's share of the calibration positions
     bar = tqdm(total=n_batches, desc="lens init (sufficient statistics)", unit="batch",
                disable=not (progress and dist.primary), file=sys.stderr)
     for i in range(n_batches):
@@ -293,17 +294,21 @@ def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: T
             break
         R, logp = site_batch(model, ids.to(model.device), sites)
         moments.update(R, logp)
-        if i < 2:
-            calib.append((R, logp))
+        if sum(c[1].shape[0] for c in calib) < n_calib:  # calibration positions: spread over the batch
+            stride = max(1, logp.shape[0] // n_calib)
+            calib.append((R[:, ::stride].clone(), logp[::stride].clone()))
+        del R, logp
         bar.update(1)
     bar.close()
     moments.all_reduce(dist)
     c0 = moments.null_logits().to(model.device)
     if cfg.init == "lstsq":
         moments.solve()
-        calibrate_scale(bank, calib, c0, dist=dist)
+        calibrate_scale(bank, torch.cat([c[0] for c in calib], 1)[:, :n_calib],
+                        torch.cat([c[1] for c in calib])[:n_calib], c0, dist=dist)
     elif cfg.init == "base" and bank.cfg.kind != "full":
         b_U = model.b_U.detach().float() if model.b_U is not None else torch.zeros_like(c0)
+        b_U = softcap(b_U, model.logit_softcap)
         if bank.cfg.vocab_bias:
             with torch.no_grad():
                 bank.c.copy_((c0 - b_U).expand_as(bank.c))

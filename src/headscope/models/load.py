@@ -122,6 +122,12 @@ class Model:
         """Unembedding bias [V] or None."""
         return getattr(get_path(self.hf, self.arch.unembed), "bias", None)
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit soft-capping C (Gemma-2: logits = C·tanh(logits / C)), or None."""
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
     def W_O(self, layer: int) -> torch.Tensor:
         """Per-head output weights, [H, Dh, d]: r_h = z_h @ W_O[h]."""
         return _weight_in_out(self.block_module(layer, self.arch.o_proj)).reshape(self.n_heads, self.d_head, -1)
