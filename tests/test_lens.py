@@ -119,6 +119,7 @@ def test_train_loss_decreases_and_eval(tmp_path, models):
     assert ph["gain"] == pytest.approx(ph["kl_null"] - ph["kl_lens"])
     assert out["heatmap_gain"][2][1] == ph["gain"] and out["heatmap_gain"][0][0] is None
     assert np.array(out["transfer"]["kl"]).shape == (2, 2)
+    assert all((tmp_path / "run/lens" / f).stat().st_size > 0 for f in ("eval_gain.png", "eval_improvement.png", "transfer.png"))
     assert out["transfer"]["kl"][1][1] == pytest.approx(ph["kl_lens"], rel=0.2)
     # the lenses applied to another checkpoint of the same architecture
     from headscope.lens.evaluate import run_checkpoint_transfer

@@ -24,6 +24,7 @@ Statistics are accumulated in float64; under torchrun they are summed over ranks
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -219,7 +220,7 @@ def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap:
 
 @torch.no_grad()
 def calibrate_scale(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, c0: torch.Tensor,
-                    dist: Distributed | None = None, steps: int = NEWTON_STEPS) -> torch.Tensor:
+                    dist: Distributed | None = None, steps: int = NEWTON_STEPS, progress: bool = False) -> torch.Tensor:
     """Fit a scale s per lens that minimises forward KL of the deviation from the null on the
     calibration positions (R [K, n, d] site results, logp [n, V]): s multiplies the lens' residual-space
     vector (affine/lowrank, ``log_s``) or the deviation of the logits from the null (full). KL is convex
@@ -249,7 +250,8 @@ def calibrate_scale(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, c0: tor
     # bracket [lo, hi] of the root and bisect (geometrically) when a Newton step leaves it. Only the
     # derivatives are used (KL itself is a difference of large float32 sums). Every rank runs the same
     # chunks and steps; f' and f'' are summed over ranks.
-    for lens_ids in groups:
+    from tqdm import tqdm
+    for lens_ids in tqdm(groups, desc="lens init (scale)", unit="chunk", disable=not progress, file=sys.stderr):
         sites = torch.cat([torch.nonzero(bank.lens_index == l).view(-1) for l in lens_ids])
         owner = bank.lens_index[sites]
         local = torch.tensor([lens_ids.index(int(o)) for o in owner.tolist()])

@@ -169,6 +169,41 @@ def _heatmap(model: Model, per_head: dict, key: str) -> list[list[float | None]]
     return grid
 
 
+def write_plots(model: Model, out: dict, folder) -> None:
+    """``eval_gain.png`` / ``eval_improvement.png`` (layer × head, blank where no lens, red = positive)
+    and ``transfer.png`` (gain of lens i read on head j) from an ``eval.json`` dict."""
+    import numpy as np
+
+    from ..heads.scores import heatmap
+    for key, what in (("heatmap_gain", "information gain over the null lens"),
+                      ("heatmap_improvement", "KL improvement over the unembedding")):
+        v = np.array([[np.nan if x is None else x for x in row] for row in out[key]], dtype=float)
+        m = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
+        heatmap(v, f"{what} (bits/token) — {model.name}", folder / f"eval_{key.split('_')[1]}.png",
+                cmap="RdBu_r", vmin=-m, vmax=m)
+    t = out.get("transfer")
+    if t:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        g = np.array(t["gain"], dtype=float)
+        m = float(np.abs(g).max()) or 1.0
+        k = len(t["sites"])
+        fig, ax = plt.subplots(figsize=(max(4, 0.32 * k + 2), max(3.5, 0.3 * k + 1.5)))
+        im = ax.imshow(g, cmap="RdBu_r", vmin=-m, vmax=m)
+        ax.set_xticks(range(k), t["sites"], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), t["sites"], fontsize=7)
+        ax.set_xlabel("head whose output is read")
+        ax.set_ylabel("lens of head")
+        ax.set_title(f"transfer: gain over the null lens (bits/token), {t['tokens']} tokens", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        tmp = folder / "transfer.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(folder / "transfer.png")
+
+
 def run_eval(model: Model, run: RunDir, tokens: int = 4096, batch_size: int = 8, seq_len: int | None = None,
              corpus: str | None = None, transfer_tokens: int = 1024, transfer_sites: list[tuple[int, int]] | None = None,
              progress: bool = True) -> dict:
@@ -202,6 +237,7 @@ def run_eval(model: Model, run: RunDir, tokens: int = 4096, batch_size: int = 8,
         t["gain"] = [[kn - v for v in row] for row in t["kl"]]
         out["transfer"] = t
     write_json(run / "lens" / "eval.json", out)
+    write_plots(model, out, run / "lens")
     run.mark_done("lens_eval", {"n_heads": out["n_heads"], "n_informative": out["n_informative"]})
     return out
 

@@ -305,7 +305,8 @@ def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: T
     if cfg.init == "lstsq":
         moments.solve()
         calibrate_scale(bank, torch.cat([c[0] for c in calib], 1)[:, :n_calib],
-                        torch.cat([c[1] for c in calib])[:n_calib], c0, dist=dist)
+                        torch.cat([c[1] for c in calib])[:n_calib], c0, dist=dist,
+                        progress=progress and dist.primary)
     elif cfg.init == "base" and bank.cfg.kind != "full":
         b_U = model.b_U.detach().float() if model.b_U is not None else torch.zeros_like(c0)
         b_U = softcap(b_U, model.logit_softcap)
