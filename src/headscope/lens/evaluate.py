@@ -73,7 +73,8 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
     lq_sum = torch.zeros(K, model.d_vocab, dtype=torch.float64)  # Σ over positions of the lens log-probs
     n = 0
     null = null.to(model.device).float()
-    bar = tqdm(total=total, desc=f"lens eval ({K} heads)", unit="batch", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, desc=f"lens eval ({K} heads)", unit="batch", disable=not progress, file=sys.stderr,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}]")
     for ids in batches:
         ids = ids.to(model.device)
         B, S = ids.shape
@@ -107,12 +108,12 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
                 bl = baseline_logits(model, r, False)
                 sums["kl_unembed_nonorm"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
                 del bl
+                bar.update((ks.stop - ks.start) * (b - a) / (K * R.shape[1]))  # fractions of a batch
         sums["kl_lens"] += kl_lens_t.double().sum(-1)
         null_sum += float(kl_null_t.sum())
         diff = (kl_null_t.cpu().unsqueeze(0) - kl_lens_t).view(K, B, S).mean(-1)  # [K, B]
         seq_gain.append(diff.double())
         n += R.shape[1]
-        bar.update(1)
     bar.close()
     if n == 0:
         raise HeadscopeError("no held-out tokens to evaluate on")
