@@ -180,7 +180,7 @@ def write_plots(model: Model, out: dict, folder) -> None:
                       ("heatmap_improvement", "KL improvement over the unembedding")):
         v = np.array([[np.nan if x is None else x for x in row] for row in out[key]], dtype=float)
         m = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
-        heatmap(v, f"{what} (bits/token) — {model.name}", folder / f"eval_{key.split('_')[1]}.png",
+        heatmap(v, f"{what}\n(bits/token) — {model.name}", folder / f"eval_{key.split('_')[1]}.png",
                 cmap="RdBu_r", vmin=-m, vmax=m)
     t = out.get("transfer")
     if t:
@@ -188,16 +188,19 @@ def write_plots(model: Model, out: dict, folder) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         g = np.array(t["gain"], dtype=float)
-        m = float(np.abs(g).max()) or 1.0
+        m = float(np.abs(np.diag(g)).max()) or 1.0  # colours span the own-head gains; larger values clip
         k = len(t["sites"])
         fig, ax = plt.subplots(figsize=(max(4, 0.32 * k + 2), max(3.5, 0.3 * k + 1.5)))
-        im = ax.imshow(g, cmap="RdBu_r", vmin=-m, vmax=m)
+        im = ax.imshow(np.clip(g, -m, m), cmap="RdBu_r", vmin=-m, vmax=m)
         ax.set_xticks(range(k), t["sites"], rotation=90, fontsize=7)
         ax.set_yticks(range(k), t["sites"], fontsize=7)
         ax.set_xlabel("head whose output is read")
         ax.set_ylabel("lens of head")
-        ax.set_title(f"transfer: gain over the null lens (bits/token), {t['tokens']} tokens", fontsize=9)
-        fig.colorbar(im, ax=ax)
+        ax.set_title(f"transfer: gain over the null lens (bits/token), {t['tokens']} tokens\n"
+                     f"colours clipped at ±{m:.2f}; off-diagonal median "
+                     f"{float(np.median(g[~np.eye(k, dtype=bool)])) if k > 1 else float('nan'):+.2f}",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax, extend="both")
         fig.tight_layout()
         tmp = folder / "transfer.tmp.png"
         fig.savefig(tmp, dpi=110)
