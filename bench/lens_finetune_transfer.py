@@ -46,7 +46,7 @@ def finetune(model, corpus, steps: int, lr: float, batch_size: int, first_seq: i
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.detach().item())
         print(f"  fine-tune step {step + 1}/{steps}: loss {losses[-1]:.3f} nats/token", flush=True)
     hf.eval()
     return losses
