@@ -75,31 +75,22 @@ def main() -> None:
     R, logp = site_batch(m, ids, sites)
     nxt = next_tokens(ids.cpu()).to(m.device)
     bank = LensBank(m, sites, LensConfig(kind=args.kind)).to(m.device)
-    cfg = TrainConfig(chunk_tokens=256)
     gen = torch.Generator().manual_seed(0)
 
-    def batched():
-        bank.zero_grad(set_to_none=True)
-        train_step(bank, R, logp, nxt, cfg, gen)
+    def step_time(lens_bank, **opts) -> float:
+        """Seconds per batched trainer step of ``lens_bank`` with TrainConfig options ``opts``."""
+        c = TrainConfig(chunk_tokens=256, **opts)
 
-    t_b = timed(batched)
+        def step():
+            lens_bank.zero_grad(set_to_none=True)
+            train_step(lens_bank, R, logp, nxt, c, gen)
+        return timed(step)
+
+    t_b = step_time(bank)
     rows.append((f"batched trainer step ({args.kind}, {K} heads)", N / t_b, N * K / t_b))
-    cfg_bf = TrainConfig(chunk_tokens=256, compute_dtype="bfloat16")
-
-    def batched_bf16():
-        bank.zero_grad(set_to_none=True)
-        train_step(bank, R, logp, nxt, cfg_bf, gen)
-
-    t_bb = timed(batched_bf16)
+    t_bb = step_time(bank, compute_dtype="bfloat16")
     rows.append((f"batched trainer step, bf16 logits ({args.kind})", N / t_bb, N * K / t_bb))
-
-    cfg_sl = TrainConfig(chunk_tokens=256, objective="fkl_shortlist")
-
-    def batched_shortlist():
-        bank.zero_grad(set_to_none=True)
-        train_step(bank, R, logp, nxt, cfg_sl, gen)
-
-    t_sl = timed(batched_shortlist)
+    t_sl = step_time(bank, objective="fkl_shortlist")
     rows.append((f"batched trainer step, shortlist fKL ({args.kind})", N / t_sl, N * K / t_sl))
 
     # reference style: a full Linear(d, V) per head, heads in a Python loop (and positions, optionally)
@@ -130,12 +121,7 @@ def main() -> None:
     label = "reference-style loop (full Linear per head" + (", per position)" if args.reference_positions else ")")
     rows.append((label, n_ref / t_r, n_ref * K / t_r))
     full = LensBank(m, sites, LensConfig(kind="full")).to(m.device)
-
-    def batched_full():
-        full.zero_grad(set_to_none=True)
-        train_step(full, R, logp, nxt, cfg, gen)
-
-    t_f = timed(batched_full)
+    t_f = step_time(full)
     rows.append((f"batched trainer step (full, {K} heads)", N / t_f, N * K / t_f))
 
     print(f"model {m.name}, layer {args.layer}, {K} heads, {N} tokens per step, device {args.device}, "
