@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     t.add_argument("--norm", action="store_true", help="apply the model's final norm before W_U (default: no norm)")
     t.add_argument("--rank", type=int, default=64, help="rank for --kind lowrank")
     t.add_argument("--no-vocab-bias", action="store_true", help="affine/lowrank without the vocabulary bias c")
-    t.add_argument("--shared", action="store_true", help="one lens per layer shared by all its heads")
+    t.add_argument("--shared", nargs="?", const="layer", default="none", choices=("none", "layer", "all"),
+                   help="one lens per layer shared by its heads (--shared / --shared layer) or one lens for all heads (--shared all)")
     t.add_argument("--tokens", type=int, default=None, help="tokens of KL refinement after the closed-form start (default 4096; 0: closed form only)")
     t.add_argument("--init", default="lstsq", choices=("lstsq", "base", "identity"))
     t.add_argument("--init-tokens", type=int, default=None, help="tokens for the closed-form statistics (default 8192)")
@@ -48,8 +49,8 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="held-out KL vs unembedding and null lens, information gain, transfer")
     add_model_args(e)
     add_out_arg(e)
-    e.add_argument("--tokens", type=int, default=4096, help="held-out tokens (default: %(default)s)")
-    e.add_argument("--transfer-tokens", type=int, default=1024, help="tokens for the cross-head transfer matrix (0: skip)")
+    e.add_argument("--tokens", type=int, default=8192, help="held-out tokens, sampled across the held-out documents (default: %(default)s)")
+    e.add_argument("--transfer-tokens", type=int, default=0, help="tokens for the cross-head transfer matrix (default 0: skip)")
     e.add_argument("--transfer-model", default=None, help="another checkpoint of the same architecture to apply the lenses to")
     e.set_defaults(func=_eval)
 
@@ -59,8 +60,9 @@ def register(subparsers) -> None:
     s.add_argument("prompt")
     s.add_argument("--heads", default=None, help="sites '20.3,21.*' (default: every trained head)")
     s.add_argument("-k", type=int, default=5)
-    s.add_argument("--by", default="prob", choices=("prob", "lift"), help="rank by lens probability or by lift over the null")
-    s.add_argument("--show-uninformative", action="store_true", help="also print heads whose gain is not above zero")
+    s.add_argument("--by", default="kl", choices=("kl", "prob", "lift"),
+                   help="rank by the token's term q·log(q/q_null) of KL(lens ‖ null) (default), lens probability, or lift over the null")
+    s.add_argument("--show-uninformative", action="store_true", help="also print heads that are not informative (BH q = 0.05)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_show)
 
@@ -147,15 +149,25 @@ def _eval(args) -> int:
     run = RunDir(args.out, model.identity())
     out = run_eval(model, run, tokens=args.tokens, transfer_tokens=args.transfer_tokens)
     ph = out["per_head"]
-    print(f"held-out tokens: {out['tokens']}; null lens KL {out['kl_null']:.3f} bits/token")
-    print(f"{'head':>7} {'lens':>7} {'unembed':>8} {'no-norm':>8} {'gain':>7} {'±se':>6} {'top1':>5}")
-    for name, v in sorted(ph.items(), key=lambda kv: -kv[1]["gain"]):
+    print(f"held-out tokens: {out['tokens']} (position 0 left out) in {out['windows']} windows from {out['documents']} "
+          f"documents; null lens KL {out['kl_null']:.3f} bits/token")
+    print(f"{'head':>7} {'lens':>7} {'unembed':>8} {'no-norm':>8} {'gain':>7} {'±se':>6} {'p':>8} {'top1':>5}")
+
+    def row(name, v, flag=""):
         se = v["gain_se"] if v["gain_se"] is not None else float("nan")
-        flag = "" if v["informative"] else "  (says nothing beyond base rates)" if v["gain"] <= 0 else "  (not significant)"
+        p = v["p_value"] if v["p_value"] is not None else float("nan")
         print(f"{name:>7} {v['kl_lens']:7.3f} {v['kl_unembed']:8.3f} {v['kl_unembed_nonorm']:8.3f} "
-              f"{v['gain']:+7.3f} {se:6.3f} {v['top1']:5.2f}{flag}")
-    print(f"{out['n_positive_gain']}/{out['n_heads']} heads have a gain above zero "
-          f"({out['n_informative']} by more than 2 standard errors); median gain {out['median_gain']:+.3f} bits/token")
+              f"{v['gain']:+7.3f} {se:6.3f} {p:8.2g} {v['top1']:5.2f}{flag}")
+    for name, v in sorted(ph.items(), key=lambda kv: -kv[1]["gain"]):
+        row(name, v, "" if v["informative"] else "  (not informative)")
+    for name, c in out["control"].items():
+        row(name, c, f"  (control: scrambled output of {c['source']}; what 'no information' gives)")
+    ctrl = ", ".join(f"{c['gain']:+.3f} ± {c['gain_se'] or float('nan'):.3f}" for c in out["control"].values())
+    se = out.get("median_gain_se")
+    print(f"{out['n_informative']}/{out['n_heads']} heads informative (one-sided test, Benjamini-Hochberg q = {out['q']}); "
+          f"{out['n_informative_2se']} by the gain > 2 SE rule; {out['n_positive_gain']} with a gain above zero; "
+          f"median gain {out['median_gain']:+.3f}" + (f" ± {se:.3f}" if se is not None else "") + " bits/token; "
+          f"control lens {ctrl}")
     if args.transfer_model:
         other = load_model(args.transfer_model, device=args.device, dtype=args.dtype)
         t = run_checkpoint_transfer(other, run, tokens=args.tokens)
@@ -213,9 +225,9 @@ def _scan(args) -> int:
     words = _read_lines(args.token_list, "token list")
     prompts = _read_lines(args.prompts, "prompts")
     contrast = _read_lines(args.contrast, "contrast prompts") if args.contrast else None
-    bank, _ = _bank(args, model)
+    bank, null = _bank(args, model)
     res = scan(model, bank, words, prompts, k=args.k, multi=args.multi_token, contrast=contrast,
-               gains=load_gains(_lens_dir(args)))
+               gains=load_gains(_lens_dir(args)), null=null)
     write_json(_lens_dir(args) / "scan.json", res)
     rep = res["token_report"]
     if rep["multi_token"]:
@@ -225,7 +237,7 @@ def _scan(args) -> int:
     uninf = set(res.get("uninformative_heads", []))
     print(f"{len(res['token_ids'])} tokens, {res['n_prompts']} prompts, top-{args.k}; heads most often reading them:")
     for name, r in top:
-        print(f"  {name:>7} {r:6.3f}" + ("  (lens gain ≤ 0: not meaningful)" if name in uninf else ""))
+        print(f"  {name:>7} {r:6.3f}" + ("  (lens not informative: not meaningful)" if name in uninf else ""))
     if "classifier" in res:
         c = res["classifier"]
         print(f"classifier: held-out accuracy {c['heldout_accuracy']:.2f} (chance {c['chance']:.2f}, "
