@@ -316,4 +316,4 @@ def load_bank(model: Model, folder: Path, allow_other_checkpoint: bool = False) 
         bank.load_state_dict(state)
     except RuntimeError as e:
         raise HeadscopeError(f"lens parameters in {folder} do not match lenses.json: {str(e).splitlines()[0]}") from None
-    return bank, info
+    return bank.to(model.device), info
