@@ -335,7 +335,6 @@ def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8,
         out["transfer"] = t
     write_json(run / "lens" / "eval.json", out)
     write_plots(model, out, run / "lens")
-    run.mark_done("lens_eval", {"n_heads": out["n_heads"], "n_informative": out["n_informative"]})
     return out
 
 

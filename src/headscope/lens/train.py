@@ -42,7 +42,6 @@ from .sampling import Windows, select_positions
 
 INITS = ("lstsq", "identity", "base")
 OPTIMIZERS = ("adam", "sgd")
-STAGE = "lens_train"
 
 
 @dataclass
@@ -215,10 +214,6 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
     ck = folder / "checkpoint"
     key = {"sites": [list(s) for s in sites], "lens": asdict(lens), "train": asdict(cfg),
            "world_size": dist.world_size}
-    if not fresh and (folder / "train.json").exists() and run.is_done(STAGE):
-        done = read_json(folder / "train.json")
-        if done.get("key") == key:
-            return done
     corpus = TokenCorpus(model, cfg.corpus, seq_len=cfg.seq_len, progress=progress and dist.primary)
     windows = Windows(corpus, "train", seed=cfg.seed)
     total_steps = cfg.steps(dist.world_size)
@@ -293,7 +288,6 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
         save_bank(bank, folder, {k: v for k, v in asdict(cfg).items()})
         write_tensors(folder / "null.safetensors", {"null_logits": null})
         write_json(folder / "train.json", summary)
-        run.mark_done(STAGE, {"sites": len(sites), "steps": total_steps})
         for f in ("state.safetensors", "state.json", "null.safetensors"):
             if (ck / f).exists():
                 (ck / f).unlink()
