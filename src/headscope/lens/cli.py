@@ -56,9 +56,9 @@ def scan_cmd(model, args) -> int:
     words = _read_lines(args.token_list, "token list")
     prompts = _read_lines(args.prompts, "prompts")
     contrast = _read_lines(args.contrast, "contrast prompts") if args.contrast else None
-    bank, _ = _bank(args, model)
+    bank, null = _bank(args, model)
     res = scan(model, bank, words, prompts, k=args.k, multi=args.multi_token, contrast=contrast,
-               gains=load_gains(_lens_dir(args)))
+               gains=load_gains(_lens_dir(args)), null=null)
     write_json(_lens_dir(args) / "scan.json", res)
     rep = res["token_report"]
     if rep["multi_token"]:
@@ -68,7 +68,7 @@ def scan_cmd(model, args) -> int:
     uninf = set(res.get("uninformative_heads", []))
     print(f"{len(res['token_ids'])} tokens, {res['n_prompts']} prompts, top-{args.k}; heads most often reading them:")
     for name, r in top:
-        print(f"  {name:>7} {r:6.3f}" + ("  (lens gain ≤ 0: not meaningful)" if name in uninf else ""))
+        print(f"  {name:>7} {r:6.3f}" + ("  (lens not informative: not meaningful)" if name in uninf else ""))
     if "classifier" in res:
         c = res["classifier"]
         print(f"classifier: held-out accuracy {c['heldout_accuracy']:.2f} (chance {c['chance']:.2f}, "

@@ -32,8 +32,8 @@ class TrainOptions:
     """rank for --kind lowrank"""
     vocab_bias: bool = flag(default=True, negative_prefix="--no-")
     """learn the vocabulary bias c (affine/lowrank)"""
-    shared: bool = False
-    """one lens per layer shared by all its heads"""
+    shared: Literal["none", "layer", "all"] = "none"
+    """one lens per head (none), per layer shared by its heads (layer), or one for all heads (all)"""
     tokens: int = 4096
     """tokens of KL refinement after the closed-form start (0: closed form only)"""
     init: Literal["lstsq", "base", "identity"] = "lstsq"
@@ -86,11 +86,12 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """Held-out KL of every lens against the unembedding baseline and the null lens; information gain."""
+    """Held-out KL of every lens against the unembedding baseline, the null lens and a control lens;
+    information gain with SEs clustered by document; informative = one-sided test, BH q = 0.05."""
 
-    tokens: int = 4096
-    """held-out tokens"""
-    transfer_tokens: int = 1024
+    tokens: int = 8192
+    """held-out tokens, sampled across the held-out documents (position 0 left out)"""
+    transfer_tokens: int = 0
     """tokens for the cross-head transfer matrix (0: skip)"""
     batch_size: int = 8
     """sequences per forward pass"""
@@ -111,10 +112,10 @@ class ShowOptions:
     """sites '20.3,21.*' (default: every trained head)"""
     k: int = field(default=5, alias=["-k"])
     """tokens per position"""
-    by: Literal["prob", "lift"] = "prob"
-    """rank by lens probability or by lift over the null"""
+    by: Literal["kl", "prob", "lift"] = "kl"
+    """rank by the token's term q·log(q/q_null) of KL(lens ‖ null), by lens probability, or by lift"""
     show_uninformative: bool = False
-    """also print heads whose gain is not significant"""
+    """also print heads that are not informative (BH q = 0.05)"""
     json: bool = False
     """print JSON"""
 
@@ -179,19 +180,32 @@ def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> dict:
     """lens.eval: held-out KL and information gain of every lens in RUN/lens."""
     from .evaluate import run_eval
     out = run_eval(model, run, tokens=opts.tokens, batch_size=opts.batch_size, transfer_tokens=opts.transfer_tokens)
-    return {k: out.get(k) for k in ("tokens", "n_heads", "n_positive_gain", "n_informative", "median_gain")}
+    keys = ("tokens", "documents", "n_heads", "n_positive_gain", "n_informative", "n_informative_2se", "median_gain",
+            "median_gain_se")
+    return {k: out.get(k) for k in keys} | {"control_gain": [c["gain"] for c in out["control"].values()]}
 
 
 def report_eval(summary: dict, opts: EvalOptions, run) -> None:
     from ..runs import read_json
     out = read_json(run / "lens" / "eval.json")
-    print(f"held-out tokens: {out['tokens']}; null lens KL {out['kl_null']:.3f} bits/token")
-    print(f"{'head':>7} {'lens':>7} {'unembed':>8} {'gain':>7} {'±se':>6}")
-    for name, v in sorted(out["per_head"].items(), key=lambda kv: -kv[1]["gain"]):
+    print(f"held-out tokens: {out['tokens']} (position 0 left out) in {out['windows']} windows from {out['documents']} "
+          f"documents; null lens KL {out['kl_null']:.3f} bits/token")
+    print(f"{'head':>9} {'lens':>7} {'unembed':>8} {'gain':>7} {'±se':>6} {'p':>8}")
+
+    def row(name, v, flag=""):
         se = v["gain_se"] if v["gain_se"] is not None else float("nan")
-        flag = "" if v["informative"] else "  (not significant)"
-        print(f"{name:>7} {v['kl_lens']:7.3f} {v['kl_unembed']:8.3f} {v['gain']:+7.3f} {se:6.3f}{flag}")
-    print(f"{out['n_informative']}/{out['n_heads']} heads informative; median gain {out['median_gain']:+.3f} bits/token")
+        p = v["p_value"] if v["p_value"] is not None else float("nan")
+        print(f"{name:>9} {v['kl_lens']:7.3f} {v['kl_unembed']:8.3f} {v['gain']:+7.3f} {se:6.3f} {p:8.2g}{flag}")
+    for name, v in sorted(out["per_head"].items(), key=lambda kv: -kv[1]["gain"]):
+        row(name, v, "" if v["informative"] else "  (not informative)")
+    for name, c in out["control"].items():
+        row(name, c, f"  (control: scrambled output of {c['source']}; what 'no information' gives)")
+    ctrl = ", ".join(f"{c['gain']:+.3f} ± {c['gain_se'] or float('nan'):.3f}" for c in out["control"].values())
+    se = out.get("median_gain_se")
+    print(f"{out['n_informative']}/{out['n_heads']} heads informative (one-sided test, Benjamini-Hochberg q = {out['q']}); "
+          f"{out['n_informative_2se']} by the gain > 2 SE rule; {out['n_positive_gain']} with a gain above zero; "
+          f"median gain {out['median_gain']:+.3f}" + (f" ± {se:.3f}" if se is not None else "") + " bits/token; "
+          f"control lens {ctrl}")
     print(f"→ {run / 'lens' / 'eval.json'}")
 
 
