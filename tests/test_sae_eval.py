@@ -243,3 +243,31 @@ def test_reconstruction_metrics_match_numpy(tmp_path):
     freq = (acts > 0).float().mean(0)
     assert res["dead_frac"] == pytest.approx(float((freq == 0).float().mean()))
     assert sum(res["density_hist"]["counts"]) == int((freq > 0).sum())
+
+
+def test_run_eval_writes_cis_and_the_atlas_says_how_good(tmp_path):
+    from headscope.runs import RunDir, read_json, read_tensors
+    from headscope.sae.atlas_data import atlas_data
+    from headscope.sae.evaluate import run_eval
+    from headscope.sae.io import save_sae
+    from headscope.errors import HeadscopeError
+    model = tiny_model("gpt2")
+    run = RunDir(tmp_path / "run", model.identity())
+    sae = _identity_sae(model, 1, scale=0.5)
+    sae.cfg.model = model.identity()
+    save_sae(sae, run.path / "sae" / "H")
+    corpus = many_docs_corpus(tmp_path)
+    with pytest.raises(HeadscopeError):
+        run_eval(model, run, "H", n_tokens=10, corpus=corpus, seq_len=64, progress=False)
+    assert not (run.path / "sae/H/eval.json").exists()
+    ev = run_eval(model, run, "H", n_tokens=640, batch_size=4, corpus=corpus, seq_len=64, mean_tokens=640,
+                  n_boot=200, progress=False)
+    disk = read_json(run.path / "sae/H/eval.json")
+    assert disk["recovered"]["headline"]["score"] == ev["recovered"]["headline"]["score"]
+    seq = read_tensors(run.path / "sae/H/per_sequence.safetensors")
+    assert seq["kl_sae"].shape == (10,) and float(seq["kl_sae"].sum() / seq["n"].sum()) == pytest.approx(ev["kl_sae"])
+    data = atlas_data(run.path)
+    s = data["saes"][0]
+    assert s["eval"]["headline"]["ci"] == ev["recovered"]["headline"]["ci"]
+    # the tiny random model barely reacts to ablation: the sentence must say the ratio means little
+    assert "KL recovered vs zero-ablation" in s["reconstruction"] and "too little" in s["reconstruction"]

@@ -32,7 +32,7 @@ def test_stage_functions_and_atlas_data(tmp_path):
     assert (tmp_path / "run/sae/L1/eval_density.png").stat().st_size > 1000
     an = run_analysis(model, run, "L1")
     assert set(an["heads"]) == {"0", "1", "2", "3"}
-    assert all(h["n_groups"] >= 1 for h in an["heads"].values() if h["top_features"])
+    assert all(h["n_groups"] == len(h["groups"]) and h["verdict"] for h in an["heads"].values())
     idx = run_dashboards(model, run, "L1", n_tokens=512, batch_size=4, page_size=16, progress=False)
     assert idx["alive"] == int((read_tensors(tmp_path / "run/sae/L1/feature_counts.safetensors")["counts"] > 0).sum()) \
         or idx["alive"] > 0
