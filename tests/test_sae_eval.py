@@ -254,16 +254,17 @@ def test_run_eval_writes_cis_and_the_atlas_says_how_good(tmp_path):
     model = tiny_model("gpt2")
     run = RunDir(tmp_path / "run", model.identity())
     sae = _identity_sae(model, 1, scale=0.5)
-    sae.cfg.model = model.identity()
+    sae.cfg.model, sae.cfg.context_size = model.identity(), 64
     save_sae(sae, run.path / "sae" / "H")
     corpus = many_docs_corpus(tmp_path)
     with pytest.raises(HeadscopeError):
-        run_eval(model, run, "H", n_tokens=10, corpus=corpus, seq_len=64, progress=False)
+        run_eval(model, run, "H", n_tokens=10, corpus=corpus, progress=False)
     assert not (run.path / "sae/H/eval.json").exists()
-    ev = run_eval(model, run, "H", n_tokens=640, batch_size=4, corpus=corpus, seq_len=64, mean_tokens=640,
-                  n_boot=200, progress=False)
-    disk = read_json(run.path / "sae/H/eval.json")
-    assert disk["recovered"]["headline"]["score"] == ev["recovered"]["headline"]["score"]
+    from headscope.sae.instrument import EvalOptions
+    summary = run_eval(model, run, EvalOptions(name="H", n_tokens=640, batch_size=4, corpus=corpus, mean_tokens=640,
+                                               n_boot=200), progress=False)
+    ev = read_json(run.path / "sae/H/eval.json")
+    assert summary["headline"] == ev["recovered"]["headline"] and summary["fve"] == ev["fve"]
     seq = read_tensors(run.path / "sae/H/per_sequence.safetensors")
     assert seq["kl_sae"].shape == (10,) and float(seq["kl_sae"].sum() / seq["n"].sum()) == pytest.approx(ev["kl_sae"])
     data = atlas_data(run.path)

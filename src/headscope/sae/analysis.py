@@ -1,5 +1,5 @@
 """Per-head view of an SAE and a polysemanticity test calibrated against a null:
-``run_analysis(model, run, name) -> dict``.
+``run_analysis(model, run, AnalysisOptions(name=…)) -> dict`` (the ``sae.analysis`` stage).
 
 Writes ``sae/<name>/attribution.safetensors`` (key ``weight_attribution`` [F, H]) and
 ``sae/<name>/heads.json``. Features that never fired during ``sae eval`` (``feature_counts.safetensors``)
@@ -46,6 +46,7 @@ import torch
 
 from ..models.load import Model
 from ..runs import RunDir, read_tensors, write_json, write_tensors
+from .instrument import AnalysisOptions
 from .attribution import weight_attribution
 from .io import load_sae
 from .train import sae_dir
@@ -239,31 +240,32 @@ def _null_rate(source: str, k_null: dict, q: float) -> float:
 
 
 # -- the stage -----------------------------------------------------------------------------------------
-def run_analysis(model: Model, run: RunDir, name: str, top_n: int = 10, top_tokens: int = 10, pair_alpha: float = 0.01,
-                 q: float = 0.05, n_null: int = 256, seed: int = 0, progress: bool = True) -> dict:
-    """Weight attribution [F, H] and the per-head polysemanticity test of SAE ``name``; writes
-    ``attribution.safetensors`` and ``heads.json`` ({name, layer, criterion, alive_known, heads:
+def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions | str, progress: bool = True, **legacy) -> dict:
+    """Weight attribution [F, H] and the per-head polysemanticity test of SAE ``opts.name``; writes
+    ``attribution.safetensors`` and ``heads.json`` (last) ({name, layer, criterion, alive_known, heads:
     {"h": {top_features, groups, n_groups, k1, k2, p_poly, q_poly, p_struct, q_struct, polysemantic,
     verdict, pair_threshold, null_mean_k2, n_features_majority}}, polysemantic_frac, structured_frac,
-    null_polysemantic_frac {untrained, permuted}, uncalibrated {rule, real, untrained, permuted}})."""
-    from ..errors import HeadscopeError
-    if top_n < 2 or top_tokens < 1 or n_null < 20 or not 0 < pair_alpha < 1 or not 0 < q < 1:
-        raise HeadscopeError("analysis needs top_n ≥ 2, top_tokens ≥ 1, n_null ≥ 20, 0 < pair_alpha < 1, 0 < q < 1")
-    folder = sae_dir(run, name)
+    null_polysemantic_frac {untrained, permuted}, uncalibrated {rule, real, untrained, permuted}}).
+    Uses ``feature_counts.safetensors`` of ``sae eval`` when present (dead features left out).
+    Returns a small summary. ``run_analysis(model, run, name, **fields)`` is accepted too."""
+    if isinstance(opts, str):
+        opts = AnalysisOptions(name=opts, **legacy)
+    elif legacy:
+        raise TypeError(f"run_analysis: unexpected keyword(s) {', '.join(legacy)} next to AnalysisOptions")
+    folder = sae_dir(run, opts.name)
     sae = load_sae(folder, model)
     alive = None
     if (folder / "feature_counts.safetensors").is_file():
         alive = read_tensors(folder / "feature_counts.safetensors")["counts"] > 0
     w = weight_attribution(sae)
-    res = polysemanticity(model, sae, alive, top_n=top_n, top_tokens=top_tokens, pair_alpha=pair_alpha, q=q,
-                          n_null=n_null, seed=seed, progress=progress)
-    out = {"name": name, "layer": sae.cfg.layer,
-           "criterion": {"top_n": top_n, "top_tokens": top_tokens, "pair_alpha": pair_alpha, "q": q, "n_null": n_null,
-                         "nulls": ["untrained", "permuted"], "multiple_comparisons": "Benjamini-Hochberg over heads"},
+    res = polysemanticity(model, sae, alive, top_n=opts.top_n, top_tokens=opts.top_tokens, pair_alpha=opts.pair_alpha,
+                          q=opts.q, n_null=opts.n_null, seed=opts.seed, progress=progress)
+    out = {"name": opts.name, "layer": sae.cfg.layer,
+           "criterion": {"top_n": opts.top_n, "top_tokens": opts.top_tokens, "pair_alpha": opts.pair_alpha, "q": opts.q,
+                         "n_null": opts.n_null, "nulls": ["untrained", "permuted"],
+                         "multiple_comparisons": "Benjamini-Hochberg over heads"},
            "alive_known": alive is not None,
            "heads": {str(h): v for h, v in res["heads"].items()}} | res["summary"]
     write_tensors(folder / "attribution.safetensors", {"weight_attribution": w})
     write_json(folder / "heads.json", out)
-    run.mark_done(f"sae/{name}/analysis", {"polysemantic_frac": out["polysemantic_frac"],
-                                           "null_polysemantic_frac": out["null_polysemantic_frac"]})
-    return out
+    return {"name": opts.name, "heads": len(out["heads"])} | res["summary"]

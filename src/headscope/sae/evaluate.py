@@ -1,4 +1,5 @@
-"""Evaluating an attention-output SAE on held-out tokens: ``run_eval(model, run, name) -> dict``.
+"""Evaluating an attention-output SAE on held-out tokens: ``run_eval(model, run, EvalOptions(name=…)) -> dict``
+(the ``sae.eval`` stage).
 
 Data: ``n_tokens // seq_len`` held-out sequences spread evenly over the whole held-out split (so over
 its documents, not the first few), each tagged with the document its first token belongs to.
@@ -57,8 +58,11 @@ from ..runs import RunDir, read_json, write_json, write_tensors
 from .io import load_sae
 from .train import sae_dir
 
+from ..options import check
+from .instrument import EvalOptions, eval_outputs
+
 DENSE = 0.1
-MIN_EFFECT = 0.05
+MIN_EFFECT = EvalOptions.__dataclass_fields__["min_effect"].default
 """Default ``min_effect``: nats per predicted token an ablation must change (lower CI bound)."""
 LEVEL = 0.95
 HEADLINE_ORDER = ("kl_recovered_mean", "kl_recovered_zero")
@@ -313,32 +317,34 @@ def plot_density(res: dict, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def run_eval(model: Model, run: RunDir, name: str, *, n_tokens: int = 8192, batch_size: int = 4, corpus: str | None = None,
-             seq_len: int | None = None, progress: bool = True, force: bool = False, mean_tokens: int = 16384,
-             n_boot: int = 2000, min_effect: float = MIN_EFFECT, seed: int = 0) -> dict:
-    """Evaluate SAE ``name`` of the run directory on held-out tokens; writes ``eval.json``,
-    ``sparsity.safetensors``, ``feature_counts.safetensors``, ``per_sequence.safetensors`` (the
-    per-sequence sums behind the CIs, keys as ``PER_SEQ_KEYS`` + ``doc``, ``n``) and
-    ``eval_density.png`` into ``sae/<name>/``. Returns the metrics. Always recomputes (``force`` is
-    accepted for the CLI and ignored: the study decides freshness)."""
-    folder = sae_dir(run, name)
-    if n_tokens < 1 or batch_size < 1 or n_boot < 1:
-        raise HeadscopeError("--tokens, --batch-size and --n-boot must be at least 1")
-    if min_effect < 0:
-        raise HeadscopeError(f"min_effect must be ≥ 0, got {min_effect}")
+SUMMARY_KEYS = ("name", "layer", "n_tokens", "n_documents", "l0", "fve", "dead_frac", "ce_recovered_zero",
+                "ce_recovered_mean", "kl_recovered_zero", "kl_recovered_mean")
+
+
+def run_eval(model: Model, run: RunDir, opts: EvalOptions | str, progress: bool = True, **legacy) -> dict:
+    """Evaluate SAE ``opts.name`` of the run directory on held-out tokens; writes :func:`eval_outputs`
+    into ``sae/<name>/``: ``eval.json`` (written last), ``sparsity.safetensors``,
+    ``feature_counts.safetensors``, ``per_sequence.safetensors`` (the per-sequence sums behind the CIs:
+    ``PER_SEQ_KEYS`` + ``doc``, ``n``, each [n_seq]) and ``eval_density.png``. Returns a small summary
+    (``SUMMARY_KEYS`` + ``headline``). ``run_eval(model, run, name, n_tokens=…, …)`` (the options as
+    keywords) is accepted for callers not yet on the options dataclass (sae/sweep.py)."""
+    if isinstance(opts, str):
+        opts = EvalOptions(name=opts, **legacy)
+    elif legacy:
+        raise TypeError(f"run_eval: unexpected keyword(s) {', '.join(legacy)} next to EvalOptions")
+    folder = sae_dir(run, opts.name)
     sae = load_sae(folder, model)
     tj = folder / "train.json"
     train_cfg = read_json(tj)["config"] if tj.is_file() else {}
-    corpus_spec = corpus or train_cfg.get("corpus", "default")
-    sl = seq_len or train_cfg.get("seq_len", sae.cfg.context_size)
+    corpus_spec = opts.corpus or train_cfg.get("corpus", "default")
+    sl = train_cfg.get("seq_len", sae.cfg.context_size)
+    check(opts.n_tokens >= sl, f"--tokens {opts.n_tokens} is less than one sequence of {sl} tokens")
     tc = TokenCorpus(model, corpus_spec, seq_len=sl)
-    if n_tokens < sl:
-        raise HeadscopeError(f"--tokens {n_tokens} is less than one sequence of {sl} tokens")
-    res = evaluate_sae(model, sae, tc, n_tokens=n_tokens, batch_size=batch_size, progress=progress,
-                       mean_tokens=mean_tokens, n_boot=n_boot, min_effect=min_effect, seed=seed)
+    res = evaluate_sae(model, sae, tc, n_tokens=opts.n_tokens, batch_size=opts.batch_size, progress=progress,
+                       mean_tokens=opts.mean_tokens, n_boot=opts.n_boot, min_effect=opts.min_effect, seed=opts.seed)
     counts = res.pop("_counts")
     seq = res.pop("_per_seq")
-    res.update({"name": name, "corpus": corpus_spec, "requested_tokens": n_tokens})
+    res.update({"name": opts.name, "corpus": corpus_spec, "requested_tokens": opts.n_tokens})
     freq = counts.double() / res["n_tokens"]
     write_tensors(folder / "sparsity.safetensors", {"sparsity": torch.log10(freq.clamp_min(1e-10)).float()})
     write_tensors(folder / "feature_counts.safetensors", {"counts": counts, "n_tokens": torch.tensor([res["n_tokens"]])})
@@ -346,7 +352,4 @@ def run_eval(model: Model, run: RunDir, name: str, *, n_tokens: int = 8192, batc
                                                         for k, v in seq.items()})
     plot_density(res, folder / "eval_density.png")
     write_json(folder / "eval.json", res)   # last: the summary of the files above
-    h = res["recovered"]["headline"]
-    run.mark_done(f"sae/{name}/eval", {"l0": res["l0"], "fve": res["fve"], "headline": h["score"],
-                                       "value": h["value"], "ci": h["ci"], "meaningful": h["meaningful"]})
-    return res
+    return {k: res.get(k) for k in SUMMARY_KEYS} | {"headline": res["recovered"]["headline"]}
