@@ -30,14 +30,14 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
     for name in ran:
         stage = next(s for s in STAGES if s.name == name)
         for art in stage.artifacts:
-            p = out / art.replace("{sae}", "L14")
+            p = out / art.replace("{sae}", "L18")
             assert p.exists(), f"stage {name} did not write {p}"
     # the artifacts the atlas reads, with their documented keys
     scores = json.loads((out / "heads" / "scores.json").read_text())
     assert len(scores["scores"]["induction"]) == 30 and len(scores["scores"]["induction"][0]) == 9
     assert (out / "lens" / "lenses.safetensors").is_file() and (out / "lens" / "eval.json").is_file()
     for f in ("cfg.json", "sae_weights.safetensors", "eval.json", "heads.json", "ioi.json", "dashboards/index.json"):
-        assert (out / "sae" / "L14" / f).is_file(), f
+        assert (out / "sae" / "L18" / f).is_file(), f
     for f in ("find.json", "mine.json", "attribution.json", "ablation.json"):
         assert (out / "neurons" / f).is_file(), f
     assert (out / "explain" / "explanations_keyword.json").is_file() and (out / "explain" / "scores_keyword.json").is_file()
@@ -47,7 +47,7 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
     assert set(ix["sources"]) == {"heads", "lens", "sae", "neurons", "explain"}, (ix["sources"], ix["errors"])
     assert ix["errors"] == {} and len(ix["examples"]) == 2
     assert any(m["id"].startswith("lens.") for m in ix["measures"])
-    assert any(c["key"] == "features_L14" and c["n"] > 0 for c in ix["collections"])
+    assert any(c["key"] == "features_L18" and c["n"] > 0 for c in ix["collections"])
     study = json.loads((out / "study.json").read_text())
     assert study["model"]["spec"] == "default" and all(s["seconds"] >= 0 for s in study["stages"].values())
 
