@@ -317,7 +317,7 @@ def plot_density(res: dict, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-SUMMARY_KEYS = ("name", "layer", "n_tokens", "n_documents", "l0", "fve", "dead_frac", "ce_recovered_zero",
+SUMMARY_KEYS = ("name", "layer", "n_tokens", "n_documents", "l0", "fve", "dead_frac", "dense_frac", "ce_recovered_zero",
                 "ce_recovered_mean", "kl_recovered_zero", "kl_recovered_mean")
 
 
