@@ -30,9 +30,10 @@ def test_stage_functions_and_atlas_data(tmp_path):
     sp = read_tensors(tmp_path / "run/sae/L1/sparsity.safetensors")["sparsity"]
     assert sp.shape == (64,) and (sp <= 0).all()
     assert (tmp_path / "run/sae/L1/eval_density.png").stat().st_size > 1000
-    an = run_analysis(model, run, "L1")
+    run_analysis(model, run, "L1", n_null=50, progress=False)
+    an = read_json(tmp_path / "run/sae/L1/heads.json")
     assert set(an["heads"]) == {"0", "1", "2", "3"}
-    assert all(h["n_groups"] >= 1 for h in an["heads"].values() if h["top_features"])
+    assert all(h["n_groups"] == len(h["groups"]) and h["verdict"] for h in an["heads"].values())
     idx = run_dashboards(model, run, "L1", n_tokens=512, batch_size=4, page_size=16, progress=False)
     assert idx["alive"] == int((read_tensors(tmp_path / "run/sae/L1/feature_counts.safetensors")["counts"] > 0).sum()) \
         or idx["alive"] > 0

@@ -35,7 +35,7 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
     assert len(scores["scores"]["induction"]) == 30 and len(scores["scores"]["induction"][0]) == 9
     assert (out / "lens" / "lenses.safetensors").is_file() and (out / "lens" / "eval.json").is_file()
     for f in ("cfg.json", "sae_weights.safetensors", "eval.json", "heads.json", "ioi.json", "dashboards/index.json"):
-        assert (out / "sae" / "L14" / f).is_file(), f
+        assert (out / "sae" / "L18" / f).is_file(), f
     for f in ("find.json", "mine.json", "attribution.json", "ablation.json"):
         assert (out / "neurons" / f).is_file(), f
     assert (out / "explain" / "explanations_keyword.json").is_file() and (out / "explain" / "scores_keyword.json").is_file()
@@ -45,7 +45,7 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
     assert set(ix["sources"]) == {"heads", "lens", "sae", "neurons", "explain"}, (ix["sources"], ix["errors"])
     assert ix["errors"] == {} and len(ix["examples"]) == 2
     assert any(m["id"].startswith("lens.") for m in ix["measures"])
-    assert any(c["key"] == "features_L14" and c["n"] > 0 for c in ix["collections"])
+    assert any(c["key"] == "features_L18" and c["n"] > 0 for c in ix["collections"])
     study = json.loads((out / "study.json").read_text())
     assert study["model"]["spec"] == "default"
 

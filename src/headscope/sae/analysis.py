@@ -1,36 +1,271 @@
-"""Per-head view of an SAE: ``run_analysis(model, run, name) -> dict``.
+"""Per-head view of an SAE and a polysemanticity test calibrated against a null:
+``run_analysis(model, run, AnalysisOptions(name=…)) -> dict`` (the ``sae.analysis`` stage).
 
 Writes ``sae/<name>/attribution.safetensors`` (key ``weight_attribution`` [F, H]) and
-``sae/<name>/heads.json``: for each head h (key ``"h"``) its top features by weight attribution with
-their top output tokens, its feature groups and the polysemanticity estimate (criterion in
-:mod:`.attribution`). Features that never fired during ``sae eval`` (``feature_counts.safetensors``)
+``sae/<name>/heads.json``. Features that never fired during ``sae eval`` (``feature_counts.safetensors``)
 are left out when that file exists.
+
+**Top features of head h**: the ``top_n`` (10) live features with the largest weight attribution
+``w[f, h]`` (:func:`headscope.sae.attribution.weight_attribution`).
+
+**Related features.** For two of them, their decoder blocks for head h (``W_dec[f, h]`` in the head's
+Dh space) have a cosine, and their top-``top_tokens`` output tokens through that head
+(``W_dec[f, h] · W_O[h] · diag(γ_final) · W_Uᵀ``) a Jaccard overlap. Neither has a meaningful fixed
+threshold (random 64-d directions almost never reach cos 0.3, while high-norm unembeddings make random
+directions share top tokens), so both are calibrated: a pair is *related* when its cosine or its
+Jaccard is as large as at most ``pair_alpha / 2`` (0.5 %) of the pairs of the null features of the
+same head (pooled over both nulls below). The head's *groups* are the connected components of the
+relation with ≥ 2 features; k1 ≥ k2 are the sizes of the two largest (0 if absent).
+
+**Nulls** (``n_null`` draws each, per head, with the same top-n selection):
+
+* ``untrained``: a shape-matched untrained SAE (``type(sae)(sae.cfg, seed=…)``): random decoders.
+* ``permuted``: the real decoder with each feature's H head blocks permuted at random (the head a
+  block belongs to is shuffled, the blocks themselves are the real ones), so a head's "top features"
+  are real blocks from unrelated heads.
+
+The pair relation is calibrated on the untrained pairs and on the permuted pairs whose two blocks come
+from different heads (two blocks of one source head keep that head's real structure).
+
+**Test.** A head is *polysemantic* when it has at least two groups, more than the null has:
+p = max over the two nulls of (1 + #{null draws with k2 ≥ k2_obs}) / (1 + n_null) (1 when k2_obs < 2),
+Benjamini–Hochberg over the heads (``scipy.stats.false_discovery_control``) at ``q`` = 0.05. The same
+with k1 tests for *any* structure: a head with significant k1 but not k2 is ``one group``; a head with
+neither is ``no structure beyond the null`` — which is what a head whose features point in unrelated
+directions (e.g. an induction head copying different tokens) looks like: this criterion cannot call it
+either way. ``null_polysemantic_frac`` is the rate at which the same test, applied to each null draw
+against the other draws, calls a head polysemantic (the negative control; ≈ 0 by construction), and
+``uncalibrated`` gives the old fixed rule (cos ≥ 0.3 or Jaccard ≥ 0.2, ≥ 2 connected components) on
+the real SAE and on the nulls, to show what it could not tell apart.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from ..models.load import Model
 from ..runs import RunDir, read_tensors, write_json, write_tensors
-from .attribution import head_features, weight_attribution
+from .instrument import AnalysisOptions
+from .attribution import weight_attribution
 from .io import load_sae
 from .train import sae_dir
 
+OLD_COS, OLD_JACCARD = 0.3, 0.2
 
-def run_analysis(model: Model, run: RunDir, name: str, top_n: int = 10, cos_threshold: float = 0.3,
-                 token_jaccard: float = 0.2) -> dict:
-    folder = sae_dir(run, name)
+
+# -- pieces ----------------------------------------------------------------------------------------
+def _top_features(w: torch.Tensor, alive: torch.Tensor, top_n: int) -> torch.Tensor:
+    """[H, n]: per head, the ``top_n`` live features of largest attribution (``w`` [F, H])."""
+    n = min(top_n, int(alive.sum()))
+    return w.masked_fill(~alive[:, None], -1.0).topk(n, dim=0).indices.T
+
+
+@torch.no_grad()
+def _head_token_map(model: Model, layer: int, h: int) -> torch.Tensor:
+    """[Dh, V]: logits that a unit of head h's z adds directly (W_O[h] · diag(γ_final) · W_Uᵀ)."""
+    W_O = model.W_O(layer).detach().float().cpu()[h]                            # [Dh, d]
+    gain = model.norm_gain(model.final_norm).detach().float().cpu()
+    return (W_O * gain) @ model.W_U.detach().float().cpu().T
+
+
+def _top_tokens(blocks: torch.Tensor, tmap: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+    """[..., k] ids of the k largest logits of each block ([..., Dh]) through ``tmap`` [Dh, V]."""
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    out = [(flat[i:i + chunk] @ tmap).topk(min(k, tmap.shape[1]), dim=-1).indices for i in range(0, len(flat), chunk)]
+    return torch.cat(out).reshape(*blocks.shape[:-1], -1)
+
+
+def pair_similarity(blocks: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and token Jaccards between the features of each draw: ``blocks`` [D, n, Dh] and
+    ``tokens`` [D, n, k] → (cos [D, n, n], jaccard [D, n, n])."""
+    b = blocks / blocks.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = b @ b.transpose(-1, -2)
+    k = tokens.shape[-1]
+    inter = (tokens[:, :, None, :, None] == tokens[:, None, :, None, :]).sum((-1, -2)).double()
+    return cos.double(), inter / (2 * k - inter)
+
+
+def _upper(x: torch.Tensor) -> np.ndarray:
+    n = x.shape[-1]
+    i, j = np.triu_indices(n, 1)
+    return x[..., i, j].numpy()
+
+
+def _exceedance(null: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """P-value of each ``obs`` against the sample ``null``: (1 + #{null ≥ obs}) / (1 + N)."""
+    s = np.sort(null)
+    return (1 + len(s) - np.searchsorted(s, obs, side="left")) / (1 + len(s))
+
+
+def group_sizes(related: np.ndarray) -> tuple[list[list[int]], int, int]:
+    """Connected components of a boolean relation [n, n]: (groups with ≥ 2 members, largest first;
+    k1; k2) where k1 ≥ k2 are the two largest group sizes (0 if absent)."""
+    n = related.shape[0]
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i, j in zip(*np.nonzero(np.triu(related, 1))):
+        parent[find(int(i))] = find(int(j))
+    comps: dict[int, list[int]] = {}
+    for i in range(n):
+        comps.setdefault(find(i), []).append(i)
+    groups = sorted((c for c in comps.values() if len(c) >= 2), key=len, reverse=True)
+    sizes = [len(g) for g in groups] + [0, 0]
+    return groups, sizes[0], sizes[1]
+
+
+def _stat_p(obs: int, null: np.ndarray) -> float:
+    """(1 + #{null ≥ obs}) / (1 + N); 1 when obs < 2 (no group at all is no evidence)."""
+    return 1.0 if obs < 2 else float((1 + (null >= obs).sum()) / (1 + len(null)))
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    from scipy.stats import false_discovery_control
+    return false_discovery_control(np.asarray(p, dtype=float), method="bh") if len(p) else np.zeros(0)
+
+
+# -- the test ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n: int = 10, top_tokens: int = 10,
+                    pair_alpha: float = 0.01, q: float = 0.05, n_null: int = 256, seed: int = 0,
+                    progress: bool = False) -> dict:
+    """Per-head polysemanticity test against the two nulls (module docstring). ``sae``: any SAE with
+    ``cfg`` (layer, n_heads, d_head, d_sae) and ``W_dec`` [F, H·Dh]; ``alive``: bool [F].
+    Returns ``{"heads": {h: {...}}, "summary": {...}}``."""
+    L, H, Dh, F = sae.cfg.layer, sae.cfg.n_heads, sae.cfg.d_head, sae.cfg.d_sae
+    alive = torch.ones(F, dtype=torch.bool) if alive is None else alive.cpu().bool()
+    dec = sae.W_dec.detach().float().cpu().reshape(F, H, Dh)
+    w = weight_attribution(sae).detach().float().cpu()
+    top = _top_features(w, alive, top_n)                                         # [H, n]
+    n = top.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    # null blocks per head: [D, H, n, Dh] for each source
+    null_blocks = {"untrained": torch.empty(n_null, H, n, Dh), "permuted": torch.empty(n_null, H, n, Dh)}
+    # the head each null block comes from: pairs from one source head keep the real structure of that
+    # head, so only pairs of different sources calibrate the pair relation (untrained: all differ)
+    source = {"untrained": torch.arange(n_null * H * n).reshape(n_null, H, n),
+              "permuted": torch.empty(n_null, H, n, dtype=torch.long)}
+    from tqdm import tqdm
+    for d in tqdm(range(n_null), desc="polysemanticity nulls", unit=" draw", disable=not progress):
+        u = type(sae)(sae.cfg, seed=seed + 1 + d)
+        ud = u.W_dec.detach().float().cpu().reshape(F, H, Dh)
+        ut = _top_features(weight_attribution(u).detach().float().cpu(), torch.ones(F, dtype=torch.bool), n)
+        null_blocks["untrained"][d] = ud[ut, torch.arange(H)[:, None]]
+        perm = torch.rand(F, H, generator=g).argsort(dim=1)                     # block perm[f, h] sits at head h
+        pt = _top_features(w.gather(1, perm), alive, n)                         # [H, n]
+        src = perm[pt, torch.arange(H)[:, None]]                                # [H, n]
+        null_blocks["permuted"][d] = dec[pt, src]
+        source["permuted"][d] = src
+    heads, k_null = {}, {s: np.zeros((n_null, H, 2), dtype=int) for s in null_blocks}
+    old_null = {s: np.zeros((n_null, H), dtype=bool) for s in null_blocks}
+    old_real = np.zeros(H, dtype=bool)
+    for h in range(H):
+        tmap = _head_token_map(model, L, h)
+        real_blocks = dec[top[h], h][None]                                       # [1, n, Dh]
+        real_tok = _top_tokens(real_blocks, tmap, top_tokens)
+        sims = {"real": pair_similarity(real_blocks, real_tok)}
+        for s, nb in null_blocks.items():
+            sims[s] = pair_similarity(nb[:, h], _top_tokens(nb[:, h], tmap, top_tokens))
+        cross = {s: _upper(source[s][:, h, :, None] != source[s][:, h, None, :]) for s in null_blocks}
+        cos_null = np.concatenate([_upper(sims[s][0])[cross[s]] for s in null_blocks])
+        jac_null = np.concatenate([_upper(sims[s][1])[cross[s]] for s in null_blocks])
+
+        def relation(cos, jac):
+            p = np.minimum(_exceedance(cos_null, cos.numpy().ravel()), _exceedance(jac_null, jac.numpy().ravel()))
+            return p.reshape(cos.shape) <= pair_alpha / 2
+
+        rel = {k: relation(*v) for k, v in sims.items()}
+        for s in null_blocks:
+            for d in range(n_null):
+                _, k1, k2 = group_sizes(rel[s][d])
+                k_null[s][d, h] = (k1, k2)
+                old = (sims[s][0][d] >= OLD_COS).numpy() | (sims[s][1][d] >= OLD_JACCARD).numpy()
+                old_null[s][d, h] = _n_components(old) >= 2
+        old = (sims["real"][0][0] >= OLD_COS).numpy() | (sims["real"][1][0] >= OLD_JACCARD).numpy()
+        old_real[h] = _n_components(old) >= 2
+        groups, k1, k2 = group_sizes(rel["real"][0])
+        feats = top[h].tolist()
+        heads[h] = {
+            "top_features": [{"feature": f, "attribution": round(float(w[f, h]), 4),
+                              "top_tokens": model.token_str(real_tok[0, i, :5].tolist())} for i, f in enumerate(feats)],
+            "groups": [[feats[i] for i in grp] for grp in groups],
+            "n_groups": len(groups), "k1": k1, "k2": k2,
+            "p_poly": max(_stat_p(k2, k_null[s][:, h, 1]) for s in null_blocks),
+            "p_struct": max(_stat_p(k1, k_null[s][:, h, 0]) for s in null_blocks),
+            "pair_threshold": {"cos": round(float(np.quantile(cos_null, 1 - pair_alpha / 2)), 4),
+                               "jaccard": round(float(np.quantile(jac_null, 1 - pair_alpha / 2)), 4)},
+            "null_mean_k2": {s: round(float(k_null[s][:, h, 1].mean()), 3) for s in null_blocks},
+            "n_features_majority": int(((w[:, h] > 0.5) & alive).sum()),
+        }
+    q_poly = _bh([heads[h]["p_poly"] for h in range(H)])
+    q_struct = _bh([heads[h]["p_struct"] for h in range(H)])
+    for h in range(H):
+        poly, struct = bool(q_poly[h] <= q), bool(q_struct[h] <= q)
+        heads[h].update({"q_poly": float(q_poly[h]), "q_struct": float(q_struct[h]), "polysemantic": poly,
+                         "verdict": "polysemantic" if poly else "one group" if struct else "no structure beyond the null"})
+    summary = {
+        "polysemantic_frac": float(np.mean([heads[h]["polysemantic"] for h in range(H)])),
+        "structured_frac": float(np.mean([heads[h]["verdict"] != "no structure beyond the null" for h in range(H)])),
+        "null_polysemantic_frac": {s: _null_rate(s, k_null, q) for s in null_blocks},
+        "uncalibrated": {"rule": f"cos >= {OLD_COS} or token Jaccard >= {OLD_JACCARD}, >= 2 groups (singletons count)",
+                         "real": float(old_real.mean())} | {s: float(old_null[s].mean()) for s in null_blocks},
+    }
+    return {"heads": heads, "summary": summary}
+
+
+def _n_components(related: np.ndarray) -> int:
+    groups, _, _ = group_sizes(related)
+    return related.shape[0] - sum(len(g) for g in groups) + len(groups)
+
+
+def _null_rate(source: str, k_null: dict, q: float) -> float:
+    """Mean over the draws of ``source`` of the fraction of heads the test calls polysemantic when
+    that draw is the SAE under test (its p-values against the other draws of both nulls)."""
+    k2 = {s: v[..., 1] for s, v in k_null.items()}                             # [D, H]
+    D, H = k2[source].shape
+    rates = []
+    for d in range(D):
+        ps = []
+        for h in range(H):
+            obs = int(k2[source][d, h])
+            p = max(_stat_p(obs, np.delete(k2[s][:, h], d) if s == source else k2[s][:, h]) for s in k2)
+            ps.append(p)
+        rates.append(float((_bh(np.array(ps)) <= q).mean()))
+    return float(np.mean(rates))
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions | str, progress: bool = True, **legacy) -> dict:
+    """Weight attribution [F, H] and the per-head polysemanticity test of SAE ``opts.name``; writes
+    ``attribution.safetensors`` and ``heads.json`` (last) ({name, layer, criterion, alive_known, heads:
+    {"h": {top_features, groups, n_groups, k1, k2, p_poly, q_poly, p_struct, q_struct, polysemantic,
+    verdict, pair_threshold, null_mean_k2, n_features_majority}}, polysemantic_frac, structured_frac,
+    null_polysemantic_frac {untrained, permuted}, uncalibrated {rule, real, untrained, permuted}}).
+    Uses ``feature_counts.safetensors`` of ``sae eval`` when present (dead features left out).
+    Returns a small summary. ``run_analysis(model, run, name, **fields)`` is accepted too."""
+    if isinstance(opts, str):
+        opts = AnalysisOptions(name=opts, **legacy)
+    elif legacy:
+        raise TypeError(f"run_analysis: unexpected keyword(s) {', '.join(legacy)} next to AnalysisOptions")
+    folder = sae_dir(run, opts.name)
     sae = load_sae(folder, model)
     alive = None
     if (folder / "feature_counts.safetensors").is_file():
         alive = read_tensors(folder / "feature_counts.safetensors")["counts"] > 0
     w = weight_attribution(sae)
-    write_tensors(folder / "attribution.safetensors", {"weight_attribution": w})
-    heads = head_features(model, sae, alive, top_n=top_n, cos_threshold=cos_threshold, token_jaccard=token_jaccard)
-    res = {"name": name, "layer": sae.cfg.layer, "criterion": {"top_n": top_n, "cos_threshold": cos_threshold,
-                                                               "token_jaccard": token_jaccard},
+    res = polysemanticity(model, sae, alive, top_n=opts.top_n, top_tokens=opts.top_tokens, pair_alpha=opts.pair_alpha,
+                          q=opts.q, n_null=opts.n_null, seed=opts.seed, progress=progress)
+    out = {"name": opts.name, "layer": sae.cfg.layer,
+           "criterion": {"top_n": opts.top_n, "top_tokens": opts.top_tokens, "pair_alpha": opts.pair_alpha, "q": opts.q,
+                         "n_null": opts.n_null, "nulls": ["untrained", "permuted"],
+                         "multiple_comparisons": "Benjamini-Hochberg over heads"},
            "alive_known": alive is not None,
-           "heads": {str(h): v for h, v in heads.items()},
-           "polysemantic_frac": sum(v["polysemantic"] for v in heads.values()) / max(1, len(heads))}
-    write_json(folder / "heads.json", res)
-    run.mark_done(f"sae/{name}/analysis", {"polysemantic_frac": res["polysemantic_frac"]})
-    return res
+           "heads": {str(h): v for h, v in res["heads"].items()}} | res["summary"]
+    write_tensors(folder / "attribution.safetensors", {"weight_attribution": w})
+    write_json(folder / "heads.json", out)
+    return {"name": opts.name, "heads": len(out["heads"])} | res["summary"]

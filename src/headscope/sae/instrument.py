@@ -77,33 +77,62 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """L0, FVE, CE/KL recovered against zero- and mean-ablation, feature density, on held-out tokens."""
+    """L0, FVE, KL/CE recovered against zero- and mean-ablation with bootstrap CIs (clustered by
+    document), feature density, on held-out sequences spread over the documents."""
 
     name: str
     """the SAE's name in the run directory"""
     n_tokens: int = field(default=8192, alias=["--tokens"])
-    """held-out tokens"""
+    """held-out tokens (n_tokens // seq_len sequences, spread over the held-out split)"""
     batch_size: int = 4
     """sequences per forward pass"""
     corpus: Optional[str] = None
     """corpus (default: the SAE's)"""
+    mean_tokens: int = 16384
+    """train tokens (spread over the split) for the mean-ablation baseline"""
+    n_boot: int = 2000
+    """bootstrap resamples for the confidence intervals"""
+    min_effect: float = 0.05
+    """a recovered score is meaningful only if its ablation effect's lower 95 % bound is at least this (nats/token)"""
+    seed: int = 0
+    """bootstrap seed"""
 
     def __post_init__(self):
         check(self.n_tokens >= 1 and self.batch_size >= 1, "--tokens and --batch-size must be at least 1")
+        check(self.mean_tokens >= 1 and self.n_boot >= 1, "--mean-tokens and --n-boot must be at least 1")
+        check(self.min_effect >= 0, f"--min-effect must be 0 or more, got {self.min_effect}")
+
+
+def eval_outputs(name: str) -> list[str]:
+    """Run-dir-relative files the ``sae.eval`` stage writes (eval.json last)."""
+    return [f"sae/{name}/{f}" for f in ("sparsity.safetensors", "feature_counts.safetensors",
+                                        "per_sequence.safetensors", "eval_density.png", "eval.json")]
 
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """Weight attribution of every feature to heads; per-head top features; polysemanticity."""
+    """Weight attribution of every feature to heads; per-head top features; polysemanticity tested
+    against an untrained-SAE null and a head-permuted null (BH over heads)."""
 
     name: str
     """the SAE's name in the run directory"""
     top_n: int = 10
     """top features per head"""
-    cos_threshold: float = 0.3
-    """decoder-block cosine above which two features are related"""
-    token_jaccard: float = 0.2
-    """top-token overlap above which two features are related"""
+    top_tokens: int = 10
+    """output tokens per feature compared between features"""
+    pair_alpha: float = 0.01
+    """two features are related when their cosine or token overlap is in the top pair_alpha/2 of null pairs"""
+    q: float = 0.05
+    """Benjamini-Hochberg false-discovery rate over heads"""
+    n_null: int = 256
+    """draws of each null"""
+    seed: int = 0
+    """seed of the nulls"""
+
+    def __post_init__(self):
+        check(self.top_n >= 2 and self.top_tokens >= 1, "--top-n must be at least 2 and --top-tokens at least 1")
+        check(self.n_null >= 20, f"--n-null must be at least 20, got {self.n_null}")
+        check(0 < self.pair_alpha < 1 and 0 < self.q < 1, "--pair-alpha and --q must lie in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -223,20 +252,6 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
     return {k: res[k] for k in ("name", "layer", "n_steps", "tokens", "tokens_per_s", "final") if k in res}
 
 
-def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> dict:
-    from .evaluate import run_eval
-    res = run_eval(model, run, opts.name, n_tokens=opts.n_tokens, batch_size=opts.batch_size, corpus=opts.corpus,
-                   progress=progress, force=True)
-    return {k: v for k, v in res.items() if k != "density_hist"}
-
-
-def stage_analysis(model, run, opts: AnalysisOptions, progress: bool = True) -> dict:
-    from .analysis import run_analysis
-    res = run_analysis(model, run, opts.name, top_n=opts.top_n, cos_threshold=opts.cos_threshold,
-                       token_jaccard=opts.token_jaccard)
-    return {"heads": len(res["heads"]), "polysemantic_frac": res.get("polysemantic_frac")}
-
-
 def stage_dashboards(model, run, opts: DashboardOptions, progress: bool = True) -> dict:
     from .dashboards import run_dashboards
     idx = run_dashboards(model, run, opts.name, n_tokens=opts.n_tokens, batch_size=opts.batch_size,
@@ -279,13 +294,14 @@ INSTRUMENT = Instrument(
         Stage("sae.train", TrainOptions, "headscope.sae.instrument:stage_train",
               writes=lambda o: _sae_files(o.sae_name) + [f"sae/{o.sae_name}/train.json"],
               doc="one attention-output SAE", report="headscope.sae.instrument:report_json"),
-        Stage("sae.eval", EvalOptions, "headscope.sae.instrument:stage_eval",
-              reads=lambda o: _sae_files(o.name), writes=lambda o: [f"sae/{o.name}/eval.json"],
-              doc="SAE metrics: L0, explained variance, CE/KL recovered, density",
+        Stage("sae.eval", EvalOptions, "headscope.sae.evaluate:run_eval",
+              reads=lambda o: _sae_files(o.name), writes=lambda o: eval_outputs(o.name),
+              doc="SAE metrics: L0, explained variance, KL/CE recovered with bootstrap CIs, density",
               report="headscope.sae.instrument:report_json"),
-        Stage("sae.analysis", AnalysisOptions, "headscope.sae.instrument:stage_analysis",
-              reads=lambda o: _sae_files(o.name), writes=lambda o: [f"sae/{o.name}/heads.json"],
-              doc="head attribution of the features; polysemanticity of each head",
+        Stage("sae.analysis", AnalysisOptions, "headscope.sae.analysis:run_analysis",
+              reads=lambda o: _sae_files(o.name),
+              writes=lambda o: [f"sae/{o.name}/attribution.safetensors", f"sae/{o.name}/heads.json"],
+              doc="head attribution of the features; polysemanticity of each head against two nulls",
               report="headscope.sae.instrument:report_json"),
         Stage("sae.dashboards", DashboardOptions, "headscope.sae.instrument:stage_dashboards",
               reads=lambda o: _sae_files(o.name), writes=lambda o: [f"sae/{o.name}/dashboards"],
