@@ -61,12 +61,14 @@ def cmd_build(args) -> int:
 
 def cmd_serve(args) -> int:
     from .build import DEFAULT_EXAMPLES, build_atlas
-    from .server import make_server
+    from .server import bind, make_server
     run_dir = _run_dir(args.run_dir)
+    bind(args.host, args.port).close()  # a bad --host/--port fails now, before the model loads
     model = _load(args, run_dir)
     if args.rebuild or not (run_dir / "atlas" / "index.html").is_file():
         build_atlas(run_dir, model=model, examples=DEFAULT_EXAMPLES)
-    server = make_server(run_dir, model=model, host=args.host, port=args.port, verbose=args.verbose)
+    server = make_server(run_dir, model=model, host=args.host, port=args.port, verbose=args.verbose,
+                         allow_hosts=args.allow_host or ())
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"headscope: warning: serving on {host}, reachable from other machines", file=sys.stderr)
@@ -105,6 +107,9 @@ def register(sub) -> None:
     model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     s.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 picks a free one)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable); by default only the bound "
+                        "address and localhost names are answered (DNS-rebinding protection)")
     s.add_argument("--rebuild", action="store_true", help="rebuild the atlas before serving")
     s.add_argument("--verbose", action="store_true", help="log every request")
     s.set_defaults(func=cmd_serve)

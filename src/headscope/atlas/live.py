@@ -45,6 +45,10 @@ def parse_request(body, model, max_chars: int = MAX_CHARS, max_heads: int = MAX_
         raise BadRequest(f"prompt too long: {len(prompt)} characters (at most {max_chars})")
     if "\x00" in prompt:
         raise BadRequest("prompt contains a NUL character")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("prompt is not valid Unicode (it contains a lone surrogate)") from None
     heads = body.get("heads", [])
     if not isinstance(heads, list) or not all(isinstance(x, str) for x in heads):
         raise BadRequest("'heads' must be a list of strings like \"3.1\"")
