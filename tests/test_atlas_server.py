@@ -292,3 +292,25 @@ def test_server_without_model_has_no_live_box(tmp_path, tiny):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_atlas_files_are_world_readable_and_concurrent_builds_do_not_collide(tmp_path, tiny):
+    """Data pages are written like index.html (readable by the web server's other users), and several
+    builds of one run at once (two studies refreshing the atlas) all succeed and leave one whole atlas."""
+    import os
+    import stat
+    from concurrent.futures import ThreadPoolExecutor as Pool
+    run = RunDir(tmp_path / "r", tiny.identity())
+    with Pool(4) as ex:
+        res = list(ex.map(lambda _: build_atlas(run.path, progress=False), range(4)))
+    assert all(r["n_pages"] > 0 for r in res)
+    atlas = run.path / "atlas"
+    files = [p for p in atlas.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".js" and "data" in p.parts for p in files)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o444 & ~umask == 0o444 & ~umask, p
+    for d in [atlas] + [p for p in atlas.rglob("*") if p.is_dir()]:
+        assert stat.S_IMODE(d.stat().st_mode) & 0o555 & ~umask == 0o555 & ~umask, d
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".atlas")) == []

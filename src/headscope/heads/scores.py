@@ -19,6 +19,7 @@ Every score is reduced inside the capture hook, so memory is [B, H] per layer, n
 from __future__ import annotations
 
 import sys
+import uuid
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def heatmap(values: np.ndarray, title: str, path, cmap: str = "viridis", vmin=0.
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.png")  # unique: concurrent runs do not collide
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
@@ -174,7 +175,7 @@ def prefix_plot(scores: torch.Tensor, prefix_lengths: list[int], path, top: int 
     ax.legend(title="layer.head")
     ax.set_title("Prefix induction")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.png")  # unique: concurrent runs do not collide
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)

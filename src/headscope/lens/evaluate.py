@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
+import uuid
 
 import torch
 
@@ -202,7 +203,7 @@ def write_plots(model: Model, out: dict, folder) -> None:
                      fontsize=9)
         fig.colorbar(im, ax=ax, extend="both")
         fig.tight_layout()
-        tmp = folder / "transfer.tmp.png"
+        tmp = folder / f".transfer.{uuid.uuid4().hex}.tmp.png"  # unique: concurrent runs do not collide
         fig.savefig(tmp, dpi=110)
         plt.close(fig)
         tmp.replace(folder / "transfer.png")
