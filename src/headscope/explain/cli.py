@@ -61,6 +61,17 @@ def register(sub) -> None:
     b.set_defaults(func=_baseline)
 
 
+def _check_backend(args) -> None:
+    """Backend options a user can get wrong, checked before the model loads (one-line errors)."""
+    from urllib.parse import urlsplit
+    from ..errors import HeadscopeError
+    u = urlsplit(args.base_url)
+    if args.backend == "openai" and (u.scheme not in ("http", "https") or not u.netloc or " " in args.base_url):
+        raise HeadscopeError(f"--base-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {args.base_url!r}")
+    if args.concurrency < 1 or args.max_retries < 0 or not args.timeout > 0:
+        raise HeadscopeError("--concurrency must be at least 1, --max-retries at least 0 and --timeout above 0")
+
+
 def _options(args, dry_run=None) -> dict:
     return {"base_url": args.base_url, "llm": args.llm, "api_key_env": args.api_key_env,
             "concurrency": args.concurrency, "max_retries": args.max_retries, "timeout": args.timeout,
@@ -85,6 +96,7 @@ def _run(args) -> int:
     from .stages import make_backend, run_explain
     if args.dry_run and args.backend != "openai":
         raise HeadscopeError("--dry-run applies to --backend openai")
+    _check_backend(args)
     model, run = _open(args)
     dry = Path(args.dry_run) if args.dry_run else None
     if dry is not None and dry.exists():
@@ -104,6 +116,7 @@ def _run(args) -> int:
 
 def _score(args) -> int:
     from .stages import make_backend, run_score
+    _check_backend(args)
     model, run = _open(args)
     backend = make_backend(args.backend, run, model, **_options(args))
     s = run_score(model, run, backend, args.which, explanations=args.explanations, max_test=args.max_test,
@@ -130,6 +143,7 @@ def _report(res: dict) -> None:
 
 def _baseline(args) -> int:
     from .stages import make_backend, run_random_baseline
+    _check_backend(args)
     model, run = _open(args)
     backend = make_backend(args.backend, run, model, **_options(args))
     _report(run_random_baseline(model, run, backend, seed=args.seed, per_layer=args.per_layer, force=args.force,

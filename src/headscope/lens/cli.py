@@ -170,7 +170,9 @@ def _bank(args, model):
     if not args.out:
         raise HeadscopeError("give the run directory that holds the lenses with --out")
     bank, _ = load_bank(model, Path(args.out) / "lens" if (Path(args.out) / "lens").is_dir() else Path(args.out))
-    return bank, load_null(Path(args.out) / "lens" if (Path(args.out) / "lens").is_dir() else Path(args.out))
+    if not (_lens_dir(args) / "null.safetensors").is_file():
+        raise HeadscopeError(f"missing {_lens_dir(args) / 'null.safetensors'}: rerun `headscope lens train`")
+    return bank, load_null(_lens_dir(args))
 
 
 def _lens_dir(args) -> Path:
@@ -182,6 +184,7 @@ def _show(args) -> int:
     from .apply import format_show, load_gains, show
     from .lenses import parse_sites
     model = load_from_args(args)
+    _check_k(args.k, model)
     bank, null = _bank(args, model)
     sites = None
     if args.heads:  # 'L.*' means the trained heads of layer L; an explicit 'L.H' must have a lens
@@ -194,6 +197,11 @@ def _show(args) -> int:
     res = show(model, bank, args.prompt, sites, k=args.k, gains=load_gains(_lens_dir(args)), null=null, by=args.by)
     print(json.dumps(res, indent=1) if args.json else format_show(res, args.show_uninformative))
     return 0
+
+
+def _check_k(k: int, model) -> None:
+    if not 1 <= k <= model.d_vocab:
+        raise HeadscopeError(f"-k must be between 1 and {model.d_vocab} (the vocabulary), got {k}")
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -210,6 +218,7 @@ def _scan(args) -> int:
     from ..runs import write_json
     from .apply import load_gains, scan
     model = load_from_args(args)
+    _check_k(args.k, model)
     words = _read_lines(args.token_list, "token list")
     prompts = _read_lines(args.prompts, "prompts")
     contrast = _read_lines(args.contrast, "contrast prompts") if args.contrast else None
@@ -244,6 +253,8 @@ def _site(text: str) -> tuple[int, int]:
 
 def _steer(args) -> int:
     from .apply import Steer, steer
+    if args.new_tokens < 1:
+        raise HeadscopeError(f"--new-tokens must be at least 1, got {args.new_tokens}")
     model = load_from_args(args)
     edits = []
     for a in args.add:

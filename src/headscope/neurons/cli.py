@@ -104,7 +104,10 @@ def _find(args) -> int:
 
 
 def _mine(args) -> int:
+    from ..errors import HeadscopeError
     from .stages import run_mine
+    if args.top_k < 1 or args.top_k_test < 1:
+        raise HeadscopeError(f"--top-k and --top-k-test must be at least 1, got {args.top_k} and {args.top_k_test}")
     model, run = _open(args)
     res = run_mine(model, run, args.which, corpus=args.corpus, seq_len=args.seq_len, top_k=args.top_k,
                    top_k_test=args.top_k_test, keep=args.keep, max_prompt_tokens=args.max_prompt_tokens,
@@ -115,7 +118,10 @@ def _mine(args) -> int:
 
 
 def _attribute(args) -> int:
+    from ..errors import HeadscopeError
     from .stages import run_attribute
+    if not 0 <= args.low <= args.high <= 1:
+        raise HeadscopeError(f"--low and --high must satisfy 0 <= low <= high <= 1, got {args.low} and {args.high}")
     model, run = _open(args)
     res = run_attribute(model, run, args.which, gated=args.gated, norm_scale=args.norm_scale, k_sigma=args.k_sigma,
                         low=args.low, high=args.high, batch_size=args.batch_size, force=args.force,

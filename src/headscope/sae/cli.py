@@ -77,6 +77,8 @@ def cmd_cache(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluate import run_eval
+    if a.tokens < 1 or a.batch_size < 1:
+        raise HeadscopeError(f"--tokens and --batch-size must be at least 1, got {a.tokens} and {a.batch_size}")
     model = load_from_args(a)
     res = run_eval(model, _run(a, model), a.name, n_tokens=a.tokens, batch_size=a.batch_size, force=a.force)
     _print({k: v for k, v in res.items() if k != "density_hist"})
@@ -85,8 +87,11 @@ def cmd_eval(a) -> int:
 
 def cmd_sweep(a) -> int:
     from .sweep import run_sweep
+    try:
+        values = [float(v) for v in a.values.split(",")]
+    except ValueError:
+        raise HeadscopeError(f"--values must be comma-separated numbers, got {a.values!r}") from None
     model = load_from_args(a)
-    values = [float(v) for v in a.values.split(",")]
     opts = _train_options(a)
     res = run_sweep(model, _run(a, model), a.layer, values=values, eval_tokens=a.eval_tokens, **opts)
     _print(res["points"])
@@ -112,6 +117,8 @@ def cmd_dfa(a) -> int:
     model = load_from_args(a)
     run = _run(a, model)
     sae = load_sae(sae_dir(run, a.name), model)
+    if not 0 <= a.feature < sae.cfg.d_sae:
+        raise HeadscopeError(f"--feature {a.feature} does not exist: SAE {a.name} has features 0..{sae.cfg.d_sae - 1}")
     ids = model.to_tokens(a.prompt)
     S = ids.shape[1]
     t = a.dest if a.dest >= 0 else S + a.dest
