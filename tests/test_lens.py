@@ -132,6 +132,8 @@ def test_train_loss_decreases_and_eval(tmp_path, models):
     ids = _ids(7, 2, 16)
     res = evaluate_bank(m, bank, null, [ids], progress=False)
     R, lp = site_batch(m, ids, bank.sites)
+    keep = (torch.arange(ids.numel()) % ids.shape[1]) != 0  # position 0 (BOS) is left out
+    R, lp = R[:, keep], lp[keep]
     p = lp.double().exp().numpy()
     lq = torch.log_softmax(bank(R).detach().double(), -1).numpy()
     kl = (p * (lp.double().numpy() - lq)).sum(-1).mean(-1) / np.log(2)
@@ -175,7 +177,16 @@ def test_shared_lens_trains(tmp_path, models):
     s = run_train(m, run, [(1, 0), (1, 2), (2, 1)], LensConfig(shared=True),
                   TrainConfig(**{**SMALL, "tokens": 256}), progress=False)
     bank, info = load_bank(m, run / "lens")
-    assert bank.n_lenses == 2 and info["lens"]["shared"] and s["steps"] == 4
+    assert bank.n_real_lenses == 2 and bank.n_lenses == 3 and info["lens"]["shared"] == "layer" and s["steps"] == 4
+    assert info["controls"] == [[1, 2]] and bank.lens_index.tolist() == [0, 0, 1, 2]
+    # one lens for every head of every layer (the cross-layer question), plus the control lens
+    run2 = RunDir(tmp_path / "r2", m.identity())
+    run_train(m, run2, [(1, 0), (1, 2), (2, 1)], LensConfig(shared="all"), TrainConfig(**{**SMALL, "tokens": 256}),
+              progress=False)
+    bank2, _ = load_bank(m, run2 / "lens")
+    assert bank2.n_lenses == 2 and bank2.lens_index.tolist() == [0, 0, 0, 1]
+    with pytest.raises(HeadscopeError, match="unknown sharing"):
+        LensConfig(shared="heads").check()
 
 
 def test_bad_input(tmp_path, models):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from headscope.study import STAGES, builtin_config, load_config, plan, run_study
+from headscope.study import builtin_config, load_config, plan, run_study
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,13 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
     out = tmp_path / "demo"
     cfg = load_config(builtin_config("ci"))
     steps = plan(cfg)
-    assert not steps.missing, steps.missing
     rec = run_study(cfg, out=out, model=default_model)
-    ran = [s.name for s, _, _ in steps.steps]
-    assert list(rec["stages"]) == ran
-    for name in ran:
-        stage = next(s for s in STAGES if s.name == name)
-        for art in stage.artifacts:
-            p = out / art.replace("{sae}", "L14")
-            assert p.exists(), f"stage {name} did not write {p}"
+    ran = [s.name for s, _ in steps.steps]
+    assert list(rec["stages"]) == ran + ["atlas"]
+    for stage, opts in steps.steps:
+        for art in stage.writes(opts):
+            assert (out / art).exists(), f"stage {stage.name} did not write {art}"
+        assert (out / "stages" / f"{stage.name}.json").is_file()
     # the artifacts the atlas reads, with their documented keys
     scores = json.loads((out / "heads" / "scores.json").read_text())
     assert len(scores["scores"]["induction"]) == 30 and len(scores["scores"]["induction"][0]) == 9
@@ -49,7 +47,7 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
     assert any(m["id"].startswith("lens.") for m in ix["measures"])
     assert any(c["key"] == "features_L14" and c["n"] > 0 for c in ix["collections"])
     study = json.loads((out / "study.json").read_text())
-    assert study["model"]["spec"] == "default" and all(s["seconds"] >= 0 for s in study["stages"].values())
+    assert study["model"]["spec"] == "default"
 
     # a second run reuses every finished stage
     before = {k: v["finished"] for k, v in study["stages"].items()}

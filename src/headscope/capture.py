@@ -175,28 +175,9 @@ def _values(model: Model, out: torch.Tensor) -> torch.Tensor:
     raise HeadscopeError(f"unknown qkv layout '{layout}'")
 
 
-def capture(
-    model: Model,
-    input_ids: torch.Tensor,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    layers: Iterable[int] | None = None,
-    what: Iterable[str] = ("z",),
-    interventions: Sequence[HeadIntervention | NeuronIntervention] = (),
-    reduce: dict[str, Callable[[int, torch.Tensor], torch.Tensor]] | None = None,
-    store_device: str | torch.device | None = None,
-    stop_after: int | None = None,
-    grad: bool = False,
-) -> Captured:
-    """One forward pass over ``input_ids`` [B, S], returning the tensors named in ``what``.
-
-    ``layers``: layers to capture per-layer tensors from (default all). ``reduce[name](layer, t)``
-    is applied inside the hook before storing, so e.g. ``{"result": lambda l, r: r[:, -1]}`` keeps
-    only the last position and memory stays bounded. ``store_device``: where captured tensors are
-    gathered (default: where they are produced). ``stop_after``: stop the forward pass after that
-    block (no logits then). ``grad``: keep the autograd graph (default: no_grad).
-    """
-    what = set(what)
+def validate(model: Model, input_ids: torch.Tensor, layers: Iterable[int] | None, what: set[str],
+             interventions: Sequence[HeadIntervention | NeuronIntervention], stop_after: int | None) -> list[int]:
+    """Check a capture request before any hook is registered; returns the sorted layers to read."""
     unknown = what - set(PER_LAYER) - set(GLOBAL)
     if unknown:
         raise HeadscopeError(f"unknown capture name(s) {sorted(unknown)}; choose from {PER_LAYER + GLOBAL}")
@@ -223,121 +204,189 @@ def capture(
             raise HeadscopeError("logits/logprobs need the full forward pass; drop stop_after")
     if model.arch.mlp_kind != "gated" and "mlp_up" in what:
         raise HeadscopeError(f"'mlp_up' exists only for gated MLPs; {model.name} has a standard MLP")
-    reduce = reduce or {}
-    out = Captured(tensors={name: {} for name in what if name in PER_LAYER})
-    fired: dict[str, bool] = {}
-    handles = []
-    a = model.arch
-    H, Dh = model.n_heads, model.d_head
+    return layers
 
-    def store(name: str, layer: int, t: torch.Tensor):
-        t = t if grad else t.detach()
-        if name in reduce:
-            t = reduce[name](layer, t)
-        if store_device is not None:
-            t = t.to(store_device)
-        out.tensors[name][layer] = t
 
-    def hook(module, key, fn, pre=False, with_kwargs=False):
-        fired[key] = False
+@dataclass(frozen=True)
+class HookPoint:
+    """Where a read-only capture name comes from: a submodule of the block (an :class:`ArchSpec` field, or
+    the block itself when ``module`` returns None), read before (``pre``) or after it runs."""
+
+    module: Callable[[object], str | None]
+    pre: bool
+    read: Callable[[Model, int, tuple, object], torch.Tensor]
+    """``read(model, layer, args, output_or_kwargs)`` → the tensor to store."""
+
+
+def _read_pattern(model: Model, layer: int, args, output) -> torch.Tensor:
+    if not isinstance(output, (tuple, list)) or len(output) < 2 or output[1] is None:
+        raise HeadscopeError(f"layer {layer}: attention module returned no weights under eager attention")
+    return output[1]
+
+
+HOOK_POINTS: dict[str, HookPoint] = {
+    "pattern": HookPoint(lambda a: a.attn, False, _read_pattern),
+    "v": HookPoint(lambda a: a.v_proj, False, lambda m, l, args, out: _values(m, out)),
+    "mlp_pre": HookPoint(lambda a: a.mlp_gate if a.mlp_kind == "gated" else a.mlp_in, False,
+                         lambda m, l, args, out: out),
+    "mlp_up": HookPoint(lambda a: a.mlp_in, False, lambda m, l, args, out: out),
+    "resid_pre": HookPoint(lambda a: None, True, lambda m, l, args, kw: args[0] if args else kw["hidden_states"]),
+    "resid_post": HookPoint(lambda a: None, False, lambda m, l, args, out: _first(out)),
+}
+"""The read-only capture names. ``z``/``result``/``attn_out``/``mlp_post`` are read by the hooks that also
+apply interventions (:class:`_Hooks` ``z_edits``, ``attn_out``, ``neurons``); ``logits``/``logprobs`` come
+from the model's output."""
+
+
+class _Hooks:
+    """Registers the hooks of one capture and records which fired (every one must)."""
+
+    def __init__(self, model: Model, out: Captured, reduce: dict, store_device, grad: bool):
+        self.model, self.out, self.reduce, self.store_device, self.grad = model, out, reduce, store_device, grad
+        self.fired: dict[str, bool] = {}
+        self.handles: list = []
+
+    def store(self, name: str, layer: int, t: torch.Tensor) -> None:
+        t = t if self.grad else t.detach()
+        if name in self.reduce:
+            t = self.reduce[name](layer, t)
+        if self.store_device is not None:
+            t = t.to(self.store_device)
+        self.out.tensors[name][layer] = t
+
+    def add(self, module, key: str, fn, pre: bool = False, with_kwargs: bool = False) -> None:
+        self.fired[key] = False
 
         def wrapped(mod, *args):
-            fired[key] = True
+            self.fired[key] = True
             return fn(*args)
 
         if pre:
-            handles.append(module.register_forward_pre_hook(wrapped, with_kwargs=with_kwargs))
+            self.handles.append(module.register_forward_pre_hook(wrapped, with_kwargs=with_kwargs))
         else:
-            handles.append(module.register_forward_hook(wrapped))
+            self.handles.append(module.register_forward_hook(wrapped))
 
-    head_ivs = {}
-    neuron_ivs = {}
+    def read_only(self, layer: int, name: str) -> None:
+        point = HOOK_POINTS[name]
+        sub = point.module(self.model.arch)
+        module = self.model.block(layer) if sub is None else self.model.block_module(layer, sub)
+        if point.pre:
+            self.add(module, f"{name}{layer}", lambda args, kw: self.store(
+                name, layer, point.read(self.model, layer, args, kw)), pre=True, with_kwargs=True)
+        else:
+            self.add(module, f"{name}{layer}", lambda args, output: self.store(
+                name, layer, point.read(self.model, layer, args, output)))
+
+    def z_edits(self, layer: int, edits: list, want: set[str]) -> None:
+        """z (and head results) at the input of the output projection, after the head interventions."""
+        model = self.model
+        H, Dh = model.n_heads, model.d_head
+
+        def z_hook(args):
+            z = args[0]
+            zh = z.reshape(*z.shape[:-1], H, Dh)
+            for iv in edits:
+                zh = _apply_edit(zh, iv.heads, iv.kind, iv.value, iv.positions)
+            if "z" in want:
+                self.store("z", layer, zh)
+            if "result" in want:
+                self.store("result", layer, torch.einsum("bshk,hkd->bshd", zh, model.W_O(layer).to(zh.device)))
+            return (zh.reshape(z.shape),) + tuple(args[1:]) if edits else None
+        self.add(model.block_module(layer, model.arch.o_proj), f"z{layer}", z_hook, pre=True)
+
+    def attn_out(self, layer: int, adds: list, want: set[str]) -> None:
+        """The output projection's output, after the residual-space ``add`` interventions."""
+        def o_hook(args, output):
+            y = output
+            for iv in adds:  # value added once per listed head (once if heads is None)
+                v = torch.as_tensor(iv.value, device=y.device, dtype=y.dtype)
+                y = y.clone()
+                y[:, _pos_index(iv.positions)] += (len(iv.heads) if iv.heads else 1) * v
+            if "attn_out" in want:
+                self.store("attn_out", layer, y)
+            return y if adds else None
+        self.add(self.model.block_module(layer, self.model.arch.o_proj), f"o{layer}", o_hook)
+
+    def neurons(self, layer: int, edits: list, want: set[str]) -> None:
+        """Neuron activations at the input of W_out, after the neuron interventions."""
+        def n_hook(args):
+            x = args[0].unsqueeze(-1)
+            for iv in edits:
+                val = iv.value
+                if iv.kind in ("mean", "patch", "add") and val is not None:
+                    val = torch.as_tensor(val).unsqueeze(-1)
+                x = _apply_edit(x, iv.neurons, iv.kind, val, iv.positions)
+            act = x.squeeze(-1)
+            if "mlp_post" in want:
+                self.store("mlp_post", layer, act)
+            return (act,) + tuple(args[1:]) if edits else None
+        self.add(self.model.block_module(layer, self.model.arch.mlp_out), f"post{layer}", n_hook, pre=True)
+
+    def stop_after(self, layer: int, keep_resid: bool) -> None:
+        def stop(args, output):
+            if keep_resid:
+                self.store("resid_post", layer, _first(output))
+            raise _Stop()
+        self.add(self.model.block(layer), f"stop{layer}", stop)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def check_fired(self) -> None:
+        missing = [k for k, v in self.fired.items() if not v]
+        if missing:
+            raise HeadscopeError(f"hooks never fired: {missing} ({self.model.arch.family} adapter does not match "
+                                 f"the model)")
+
+
+def capture(
+    model: Model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    layers: Iterable[int] | None = None,
+    what: Iterable[str] = ("z",),
+    interventions: Sequence[HeadIntervention | NeuronIntervention] = (),
+    reduce: dict[str, Callable[[int, torch.Tensor], torch.Tensor]] | None = None,
+    store_device: str | torch.device | None = None,
+    stop_after: int | None = None,
+    grad: bool = False,
+) -> Captured:
+    """One forward pass over ``input_ids`` [B, S], returning the tensors named in ``what``.
+
+    ``layers``: layers to capture per-layer tensors from (default all). ``reduce[name](layer, t)``
+    is applied inside the hook before storing, so e.g. ``{"result": lambda l, r: r[:, -1]}`` keeps
+    only the last position and memory stays bounded. ``store_device``: where captured tensors are
+    gathered (default: where they are produced). ``stop_after``: stop the forward pass after that
+    block (no logits then). ``grad``: keep the autograd graph (default: no_grad).
+    """
+    what = set(what)
+    layers = validate(model, input_ids, layers, what, interventions, stop_after)
+    out = Captured(tensors={name: {} for name in what if name in PER_LAYER})
+    hooks = _Hooks(model, out, reduce or {}, store_device, grad)
+    head_ivs: dict[int, list] = {}
+    neuron_ivs: dict[int, list] = {}
     for iv in interventions:
         (head_ivs if isinstance(iv, HeadIntervention) else neuron_ivs).setdefault(iv.layer, []).append(iv)
-
     hook_layers = sorted(set(layers) | set(head_ivs) | set(neuron_ivs))
     if stop_after is not None:
         hook_layers = [l for l in hook_layers if l <= stop_after]
-
     for layer in hook_layers:
-        block = model.block(layer)
-        want = layer in layers
-        o_proj = model.block_module(layer, a.o_proj)
+        want = what if layer in layers else set()
         z_edits = [iv for iv in head_ivs.get(layer, []) if iv.kind != "add"]
         r_adds = [iv for iv in head_ivs.get(layer, []) if iv.kind == "add"]
-        if z_edits or (want and what & {"z", "result"}):
-            def z_hook(args, layer=layer, z_edits=z_edits, want=want):
-                z = args[0]
-                zh = z.reshape(*z.shape[:-1], H, Dh)
-                for iv in z_edits:
-                    zh = _apply_edit(zh, iv.heads, iv.kind, iv.value, iv.positions)
-                if want and "z" in what:
-                    store("z", layer, zh)
-                if want and "result" in what:
-                    W_O = model.W_O(layer).to(zh.device)
-                    store("result", layer, torch.einsum("bshk,hkd->bshd", zh, W_O))
-                if z_edits:
-                    return (zh.reshape(z.shape),) + tuple(args[1:])
-                return None
-            hook(o_proj, f"z{layer}", z_hook, pre=True)
-        if r_adds or (want and "attn_out" in what):
-            def o_hook(args, output, layer=layer, r_adds=r_adds, want=want):
-                y = output
-                for iv in r_adds:  # value added once per listed head (once if heads is None)
-                    v = torch.as_tensor(iv.value, device=y.device, dtype=y.dtype)
-                    y = y.clone()
-                    y[:, _pos_index(iv.positions)] += (len(iv.heads) if iv.heads else 1) * v
-                if want and "attn_out" in what:
-                    store("attn_out", layer, y)
-                return y if r_adds else None
-            hook(o_proj, f"o{layer}", o_hook)
-        if want and "pattern" in what:
-            def p_hook(args, output, layer=layer):
-                if not isinstance(output, (tuple, list)) or len(output) < 2 or output[1] is None:
-                    raise HeadscopeError(f"layer {layer}: attention module returned no weights under eager attention")
-                store("pattern", layer, output[1])
-            hook(model.block_module(layer, a.attn), f"p{layer}", p_hook)
-        if want and "v" in what:
-            hook(model.block_module(layer, a.v_proj), f"v{layer}",
-                 lambda args, output, layer=layer: store("v", layer, _values(model, output)))
-        if want and "mlp_pre" in what:
-            pre_mod = a.mlp_gate if a.mlp_kind == "gated" else a.mlp_in
-            hook(model.block_module(layer, pre_mod), f"pre{layer}",
-                 lambda args, output, layer=layer: store("mlp_pre", layer, output))
-        if want and "mlp_up" in what:
-            hook(model.block_module(layer, a.mlp_in), f"up{layer}",
-                 lambda args, output, layer=layer: store("mlp_up", layer, output))
-        n_edits = neuron_ivs.get(layer, [])
-        if n_edits or (want and "mlp_post" in what):
-            def n_hook(args, layer=layer, n_edits=n_edits, want=want):
-                act = args[0]
-                x = act.unsqueeze(-1)
-                for iv in n_edits:
-                    val = iv.value
-                    if iv.kind in ("mean", "patch", "add") and val is not None:
-                        val = torch.as_tensor(val).unsqueeze(-1)
-                    x = _apply_edit(x, iv.neurons, iv.kind, val, iv.positions)
-                act2 = x.squeeze(-1)
-                if want and "mlp_post" in what:
-                    store("mlp_post", layer, act2)
-                return (act2,) + tuple(args[1:]) if n_edits else None
-            hook(model.block_module(layer, a.mlp_out), f"post{layer}", n_hook, pre=True)
-        if want and "resid_pre" in what:
-            def rp_hook(args, kwargs, layer=layer):
-                hs = args[0] if args else kwargs["hidden_states"]
-                store("resid_pre", layer, hs)
-            hook(block, f"rp{layer}", rp_hook, pre=True, with_kwargs=True)
-        if (want and "resid_post" in what) or stop_after == layer:
-            def rq_hook(args, output, layer=layer):
-                if want and "resid_post" in what:
-                    store("resid_post", layer, _first(output))
-                if stop_after == layer:
-                    raise _Stop()
-            hook(block, f"rq{layer}", rq_hook)
-    if stop_after is not None and stop_after not in hook_layers:
-        def stop_hook(args, output):
-            raise _Stop()
-        hook(model.block(stop_after), f"stop{stop_after}", stop_hook)
+        if z_edits or want & {"z", "result"}:
+            hooks.z_edits(layer, z_edits, want)
+        if r_adds or "attn_out" in want:
+            hooks.attn_out(layer, r_adds, want)
+        if neuron_ivs.get(layer) or "mlp_post" in want:
+            hooks.neurons(layer, neuron_ivs.get(layer, []), want)
+        for name in HOOK_POINTS:
+            if name in want and not (name == "resid_post" and stop_after == layer):
+                hooks.read_only(layer, name)
+    if stop_after is not None:
+        hooks.stop_after(stop_after, keep_resid=stop_after in layers and "resid_post" in what)
 
     ids = input_ids.to(model.device) if str(model.device) != "meta" else input_ids
     ctx = torch.enable_grad() if grad else torch.no_grad()
@@ -354,11 +403,8 @@ def capture(
             except _Stop:
                 out.stopped_at = stop_after
     finally:
-        for h in handles:
-            h.remove()
-    missing = [k for k, v in fired.items() if not v]
-    if missing:
-        raise HeadscopeError(f"hooks never fired: {missing} ({model.arch.family} adapter does not match the model)")
+        hooks.remove()
+    hooks.check_fired()
     return out
 
 

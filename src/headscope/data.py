@@ -146,6 +146,8 @@ class TokenCorpus:
             raise HeadscopeError(f"sequence length must be at least 2, got {seq_len}")
         model.check_length(seq_len)
         self.spec, self.seq_len, self.holdout, self.bos = spec, seq_len, holdout, model.bos_id
+        self.eos = model.tokenizer.eos_token_id if model.tokenizer.eos_token_id is not None else self.bos
+        self._doc_ends: dict[str, np.ndarray] = {}
         key = hashlib.sha1(f"{_spec_key(spec)}|{_tokenizer_key(model)}|{holdout}|{max_docs}".encode()).hexdigest()[:16]
         self.dir = cache_dir() / "corpora" / key
         if not all((self.dir / f"{s}.npy").is_file() for s in SPLITS):
@@ -220,3 +222,22 @@ class TokenCorpus:
         end = total if max_tokens is None else min(total, start + max(1, max_tokens // self.seq_len))
         for b in range(start, end, batch_size):
             yield torch.stack([self.sequence(split, i) for i in range(b, min(b + batch_size, end))])
+
+    def document_of(self, split: str, offsets) -> np.ndarray:
+        """Index of the document that holds each stream offset of ``split`` [n] (documents end with
+        EOS in the stream; the EOS belongs to the document it ends)."""
+        if split not in self._doc_ends:
+            self._doc_ends[split] = np.flatnonzero(np.asarray(self._stream(split)) == self.eos)
+        return np.searchsorted(self._doc_ends[split], np.asarray(offsets), side="left")
+
+    def n_documents(self, split: str) -> int:
+        """Documents in ``split``."""
+        return int(self.document_of(split, [self.n_tokens(split) - 1])[0]) + 1 if self.n_tokens(split) else 0
+
+    def window(self, split: str, offset: int) -> torch.Tensor:
+        """``[BOS] + stream[offset : offset + S − 1]`` of ``split``, [S] (a packed sequence at any offset)."""
+        n = self.seq_len - 1
+        if offset < 0 or offset + n > self.n_tokens(split):
+            raise HeadscopeError(f"window at {offset} runs past the {split} split ({self.n_tokens(split)} tokens)")
+        body = np.asarray(self._stream(split)[offset:offset + n], dtype=np.int64)
+        return torch.cat([torch.tensor([self.bos]), torch.from_numpy(body)])

@@ -1,12 +1,17 @@
 """Applying trained lenses: read heads on a prompt (show), localise token sets (scan), separate two
 prompt sets (classifier) and steer generation (steer).
 
-Every reading is gated by the held-out information gain from ``eval.json``: a head whose gain is not
-above zero reads nothing beyond base rates, and its tokens are not presented as meaningful.
+Every reading is gated by the one informative rule (verdict.py: one-sided test of the held-out gain,
+Benjamini–Hochberg over heads) applied to ``eval.json``: a head that is not informative reads nothing
+beyond base rates, and its tokens are not presented as meaningful. What a lens "says" at a position is
+ranked by default by each token's term q·log(q/q_null) of KL(lens ‖ null): a token needs both
+probability under the lens and lift over the null; tokens whose term is not above ``MIN_TERM_BITS``
+are not shown. Position 0 (BOS: the same context in every prompt) is never read.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +26,27 @@ from .evaluate import baseline_logits
 from .lenses import LensBank
 
 MULTI_TOKEN = ("first", "skip")
+RANKINGS = ("kl", "prob", "lift")
+MIN_TERM_BITS = 1e-3
+"""A token's KL term must exceed this (bits) to be shown under the default ``kl`` ranking."""
+
+
+def kl_terms(logq: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """Per-token terms q·(log q − log q_null) of KL(lens ‖ null), in bits: logq [..., V], null logits [V]."""
+    log_null = torch.log_softmax(null.to(logq.device).float(), -1)
+    return logq.exp() * (logq - log_null) / math.log(2)
 
 
 def load_gains(lens_folder: Path) -> dict[str, dict] | None:
-    """Per-head eval metrics from ``eval.json`` (None when the lenses were never evaluated)."""
+    """Per-head eval metrics from ``eval.json`` with ``informative`` decided by the one rule
+    (verdict.from_eval); None when the lenses were never evaluated."""
+    from .verdict import from_eval
     p = Path(lens_folder) / "eval.json"
-    return read_json(p)["per_head"] if p.exists() else None
+    if not p.exists():
+        return None
+    ev = read_json(p)
+    flags = from_eval(ev)
+    return {n: {**v, "informative": flags[n]} for n, v in ev["per_head"].items()}
 
 
 def select_sites(bank: LensBank, sites: list[tuple[int, int]] | None) -> list[int]:
@@ -48,36 +68,46 @@ def _sub_logits(bank: LensBank, R: torch.Tensor, idx: list[int]) -> torch.Tensor
 # -- show ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def show(model: Model, bank: LensBank, prompt: str, sites: list[tuple[int, int]] | None = None, k: int = 5,
-         gains: dict | None = None, null: torch.Tensor | None = None, by: str = "prob") -> dict:
-    """Per position, the top-k tokens of each selected head's lens and of its unembedding baseline.
+         gains: dict | None = None, null: torch.Tensor | None = None, by: str = "kl") -> dict:
+    """Per position t ≥ 1, the top-k tokens of each selected head's lens and of its unembedding baseline.
 
-    ``by="prob"`` ranks by lens probability; ``by="lift"`` by log q_lens − log q_null (what the head
-    adds beyond base rates; needs ``null``). Returns {"tokens": [...], "heads": {"L.H": {"gain",
-    "informative", "positions": [{"lens": [[tok, p], ...], "unembed": [[tok, p], ...]}]}}}."""
-    if by not in ("prob", "lift"):
-        raise HeadscopeError(f"unknown ranking '{by}' (choose prob or lift)")
-    if by == "lift" and null is None:
-        raise HeadscopeError("ranking by lift needs the null lens (null.safetensors)")
+    ``by="kl"`` (default) ranks by the token's term q·log(q/q_null) of KL(lens ‖ null) and keeps only
+    terms above ``MIN_TERM_BITS`` (a lens that says what the null says shows nothing); ``by="prob"`` by
+    lens probability; ``by="lift"`` by log q_lens − log q_null. ``gains`` from :func:`load_gains`.
+    Returns {"tokens": [...], "by", "heads": {"L.H": {"gain", "informative", "positions": [{"t", "lens":
+    [[tok, p, term_bits], ...], "unembed": [[tok, p], ...]}]}}}."""
+    if by not in RANKINGS:
+        raise HeadscopeError(f"unknown ranking '{by}' (choose from {', '.join(RANKINGS)})")
+    if by in ("lift", "kl") and null is None:
+        raise HeadscopeError(f"ranking by {by} needs the null lens (null.safetensors)")
     ids = model.to_tokens(prompt)
     idx = select_sites(bank, sites)
     chosen = [bank.sites[i] for i in idx]
     R, _ = site_batch(model, ids, chosen, logprobs=False)
     logq = torch.log_softmax(_sub_logits(bank, R, idx), -1)
     lq_base = torch.log_softmax(baseline_logits(model, R), -1)
+    term = kl_terms(logq, null) if null is not None else None
     if by == "lift":
         rank = logq - torch.log_softmax(null.to(logq.device).float(), -1)
+    elif by == "kl":
+        rank = term
     else:
         rank = logq
     out = {"tokens": model.token_str(ids[0]), "by": by, "heads": {}}
     for j, (l, h) in enumerate(chosen):
         name = f"{l}.{h}"
         g = (gains or {}).get(name)
-        info = {"gain": g["gain"] if g else None, "informative": bool(g and g["gain"] > 0), "positions": []}
-        for t in range(R.shape[1]):
-            top = rank[j, t].topk(k).indices
+        info = {"gain": g["gain"] if g else None, "gain_se": g.get("gain_se") if g else None,
+                "informative": bool(g and g.get("informative")), "positions": []}
+        for t in range(1, R.shape[1]):  # position 0 (BOS) has the same context in every prompt
+            top = rank[j, t].topk(min(k, rank.shape[-1])).indices
+            if by == "kl":
+                top = top[term[j, t, top] > MIN_TERM_BITS]
             base = lq_base[j, t].topk(k)
             info["positions"].append({
-                "lens": [[s, float(logq[j, t, i].exp())] for s, i in zip(model.token_str(top), top)],
+                "t": t,
+                "lens": [[s, float(logq[j, t, i].exp()), float(term[j, t, i]) if term is not None else None]
+                         for s, i in zip(model.token_str(top), top)],
                 "unembed": [[s, float(p.exp())] for s, p in zip(model.token_str(base.indices), base.values)]})
         out["heads"][name] = info
     return out
@@ -88,14 +118,17 @@ def format_show(res: dict, show_uninformative: bool = False) -> str:
     lines = []
     for name, info in res["heads"].items():
         g = info["gain"]
-        head = f"head {name}: information gain " + ("unknown (run `headscope lens eval`)" if g is None else f"{g:+.3f} bits/token")
+        se = info.get("gain_se")
+        head = f"head {name}: information gain " + ("unknown (run `headscope lens eval`)" if g is None else
+                                                    f"{g:+.3f}" + (f" ± {se:.3f}" if se is not None else "") + " bits/token")
         lines.append(head)
-        if g is not None and g <= 0 and not show_uninformative:
-            lines.append("  gain ≤ 0: this lens reads nothing beyond base rates from this head; tokens not shown "
-                         "(--show-uninformative to print them anyway)")
+        if g is not None and not info["informative"] and not show_uninformative:
+            lines.append("  not informative (gain not significantly above zero, BH q = 0.05): this lens reads nothing "
+                         "beyond base rates from this head; tokens not shown (--show-uninformative to print them anyway)")
             continue
-        for t, pos in enumerate(info["positions"]):
-            lens = " ".join(f"{s!r}:{p:.2f}" for s, p in pos["lens"])
+        for pos in info["positions"]:
+            t = pos["t"]
+            lens = " ".join(f"{s!r}:{p:.2f}" for s, p, _ in pos["lens"]) or "(nothing beyond the null)"
             base = " ".join(f"{s!r}" for s, _ in pos["unembed"])
             lines.append(f"  {t:>3} {res['tokens'][t]!r:>14} | lens {lens} | unembed {base}")
     return "\n".join(lines)
@@ -136,9 +169,11 @@ def resolve_token_list(model: Model, words: list[str], multi: str = "first") -> 
 
 @torch.no_grad()
 def prompt_features(model: Model, bank: LensBank, prompts: list[str], token_ids: list[int], k: int = 10,
-                    batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per prompt and site: hit rate [P, K] (fraction of the prompt's positions where any listed token
-    is in the lens' top-k) and log-mass [P, K] (mean over positions of log Σ_{t∈list} q_lens(t))."""
+                    batch_size: int = 8, null: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt and site: hit rate [P, K] (fraction of the prompt's positions t ≥ 1 where any listed
+    token is among the lens' top-k by KL term q·log(q/q_null) with a term above ``MIN_TERM_BITS``, or
+    by probability when ``null`` is None) and log-mass [P, K] (mean over those positions of
+    log Σ_{t∈list} q_lens(t))."""
     if not prompts:
         raise HeadscopeError("the prompt set is empty")
     tok = torch.tensor(token_ids, device=model.device)
@@ -147,10 +182,17 @@ def prompt_features(model: Model, bank: LensBank, prompts: list[str], token_ids:
         chunk = prompts[a:a + batch_size]
         rows = [model.to_tokens(p)[0] for p in chunk]
         for ids in rows:  # one prompt at a time: no padding positions in the statistics
+            if ids.shape[0] < 2:
+                raise HeadscopeError(f"prompt {prompts[a]!r}… is a single token: nothing to read after BOS")
             R, _ = site_batch(model, ids.unsqueeze(0), bank.sites, logprobs=False)
-            logq = torch.log_softmax(bank(R), -1)  # [K, S, V]
-            top = logq.topk(min(k, logq.shape[-1]), -1).indices  # [K, S, k]
-            hit = torch.isin(top, tok).any(-1).float().mean(-1)
+            logq = torch.log_softmax(bank(R[:, 1:]), -1)  # [K, S−1, V]: position 0 (BOS) left out
+            if null is not None:
+                term = kl_terms(logq, null)
+                v, top = term.topk(min(k, logq.shape[-1]), -1)  # [K, S−1, k]
+                hit = (torch.isin(top, tok) & (v > MIN_TERM_BITS)).any(-1).float().mean(-1)
+            else:
+                top = logq.topk(min(k, logq.shape[-1]), -1).indices
+                hit = torch.isin(top, tok).any(-1).float().mean(-1)
             m = torch.logsumexp(logq[..., tok], -1).mean(-1)
             hits.append(hit.cpu())
             mass.append(m.cpu())
@@ -165,19 +207,22 @@ def heatmap(model: Model, sites: list[tuple[int, int]], values: torch.Tensor) ->
 
 
 def scan(model: Model, bank: LensBank, words: list[str], prompts: list[str], k: int = 10, multi: str = "first",
-         contrast: list[str] | None = None, gains: dict | None = None, seed: int = 0) -> dict:
-    """How often each head's lens puts a listed token in its top-k over ``prompts`` (layer×head heatmap
-    of hit rates), and with ``contrast`` a prompt-set classifier (see :func:`classify`)."""
+         contrast: list[str] | None = None, gains: dict | None = None, seed: int = 0,
+         null: torch.Tensor | None = None) -> dict:
+    """How often each head's lens puts a listed token in its top-k (by KL term with ``null``, the
+    default of the CLI) over ``prompts`` (layer×head heatmap of hit rates), and with ``contrast`` a
+    prompt-set classifier (see :func:`classify`). ``gains`` from :func:`load_gains`: heads that are not
+    informative are listed in ``uninformative_heads``."""
     token_ids, report = resolve_token_list(model, words, multi)
-    hits, mass = prompt_features(model, bank, prompts, token_ids, k)
+    hits, mass = prompt_features(model, bank, prompts, token_ids, k, null=null)
     rate = hits.mean(0)
-    out = {"k": k, "tokens": model.token_str(token_ids), "token_ids": token_ids, "token_report": report,
+    out = {"k": k, "ranking": "kl" if null is not None else "prob", "tokens": model.token_str(token_ids), "token_ids": token_ids, "token_report": report,
            "n_prompts": len(prompts), "hit_rate": {f"{l}.{h}": float(r) for (l, h), r in zip(bank.sites, rate)},
            "heatmap_hit_rate": heatmap(model, bank.sites, rate)}
     if gains:
-        out["uninformative_heads"] = [n for n in out["hit_rate"] if n in gains and gains[n]["gain"] <= 0]
+        out["uninformative_heads"] = [n for n in out["hit_rate"] if n in gains and not gains[n]["informative"]]
     if contrast is not None:
-        h2, m2 = prompt_features(model, bank, contrast, token_ids, k)
+        h2, m2 = prompt_features(model, bank, contrast, token_ids, k, null=null)
         X = torch.cat([torch.cat([hits, mass], 1), torch.cat([h2, m2], 1)])
         y = torch.cat([torch.ones(len(prompts)), torch.zeros(len(contrast))])
         names = [f"{l}.{h}:hit" for l, h in bank.sites] + [f"{l}.{h}:logmass" for l, h in bank.sites]

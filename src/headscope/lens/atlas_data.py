@@ -3,9 +3,13 @@
 ``atlas_data(run_dir) -> {"per_head": {"L.H": {...}}, "summary": {...}, "transfer": {...}, "scan": {...}}``
 
 Per head (only heads with a lens): kl_lens / kl_unembed / kl_unembed_nonorm / kl_null (bits/token, held
-out), gain (= kl_null − kl_lens) and gain_se, informative (gain > 2·SE), top1, entropy, and
-``top_tokens``: the tokens whose lens log-probability most exceeds the null's on average over held-out
-positions (computed by eval) — present only when the head is informative (a head with no gain says nothing, so no tokens are shown).
+out), gain (= kl_null − kl_lens), gain_se (clustered by document), p_value, informative (the one rule of
+verdict.py: one-sided test, Benjamini–Hochberg q = 0.05 over heads; recomputed here from eval.json),
+informative_2se (the old rule, for comparison), top1, entropy, and ``top_tokens``: the tokens with the
+largest mean term q·log(q/q_null) of KL(lens ‖ null) over held-out positions (computed by eval) —
+present only when the head is informative (a head with no gain says nothing, so no tokens are shown).
+``summary.control``: the control lens(es) — same training on a scrambled head output — with their gain
+and SE, the value a head with nothing to read gets.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runs import read_json
+from .verdict import from_eval
 
 
 def atlas_data(run_dir: Path) -> dict:
@@ -22,18 +27,25 @@ def atlas_data(run_dir: Path) -> dict:
         return {}
     ev = read_json(folder / "eval.json")
     info = read_json(folder / "lenses.json") if (folder / "lenses.json").exists() else {}
+    flags = from_eval(ev) or {}
     per_head = {}
     for name, v in ev.get("per_head", {}).items():
         d = {k: v.get(k) for k in ("kl_lens", "kl_unembed", "kl_unembed_nonorm", "kl_null", "gain", "gain_se",
-                                   "informative", "improvement", "top1", "top1_unembed", "entropy")}
+                                   "p_value", "informative_2se", "improvement", "top1", "top1_unembed", "entropy")}
+        d["informative"] = bool(flags.get(name, False))
         tops = ev.get("top_tokens", {}).get(name)
-        if v.get("informative") and tops:
+        if d["informative"] and tops:
             d["top_tokens"] = tops
         per_head[name] = d
     out = {"per_head": per_head,
-           "summary": {"tokens": ev.get("tokens"), "kl_null": ev.get("kl_null"), "n_heads": ev.get("n_heads"),
-                       "n_positive_gain": ev.get("n_positive_gain"), "n_informative": ev.get("n_informative"),
-                       "median_gain": ev.get("median_gain"), "lens": info.get("lens"),
+           "summary": {"tokens": ev.get("tokens"), "documents": ev.get("documents"), "kl_null": ev.get("kl_null"),
+                       "n_heads": ev.get("n_heads"), "n_positive_gain": ev.get("n_positive_gain"),
+                       "n_informative": sum(d["informative"] for d in per_head.values()),
+                       "n_informative_2se": ev.get("n_informative_2se"), "rule": f"one-sided test, BH q = {ev.get('q', 0.05)}",
+                       "median_gain": ev.get("median_gain"), "median_gain_se": ev.get("median_gain_se"),
+                       "control": {k: {f: c.get(f) for f in ("source", "gain", "gain_se", "p_value", "kl_lens")}
+                                   for k, c in ev.get("control", {}).items()},
+                       "lens": info.get("lens"),
                        "train": {k: info.get("train", {}).get(k) for k in ("tokens", "init", "init_tokens", "objective")},
                        "heatmap_gain": ev.get("heatmap_gain")}}
     if "transfer" in ev:

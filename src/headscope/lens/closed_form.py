@@ -63,6 +63,8 @@ class Moments:
     @torch.no_grad()
     def update(self, R: torch.Tensor, logp: torch.Tensor) -> None:
         """Add a batch: R [K, N, d] site results, logp [N, V]."""
+        if self.full and self.bank.cfg.norm:  # the regressor is N(r), computed where the model lives
+            R = self.bank.norm(R.to(self.bank.model.device))
         R, logp = R.float().cpu(), logp.float().cpu()
         self.n += logp.shape[0]
         self.psum += logp.exp().sum(0).double()
@@ -72,8 +74,6 @@ class Moments:
         y = logp - logp.mean(-1, keepdim=True)
         if self.full:
             X = y
-            if self.bank.cfg.norm:
-                R = self.bank.norm(R)
         else:
             X = y @ self.P.T  # [N, d]
         idx = self.bank.lens_index.cpu()

@@ -1,38 +1,49 @@
-"""Held-out evaluation of a bank of lenses against the unembedding baseline and the null lens.
+"""Held-out evaluation of a bank of lenses against the unembedding baseline, the null lens and a
+control lens.
 
-Per site (layer ℓ, head h), on held-out tokens (bits/token; p = the model's final distribution):
+Per site (layer ℓ, head h), on held-out windows spread over all documents of the held-out split
+(sampling.Windows), position 0 left out (bits/token; p = the model's final distribution):
 
 * ``kl_lens``      KL(p ‖ lens(r_h))
-* ``kl_unembed``   KL(p ‖ softmax(W_U·N(r_h) + b_U))   — the unembedding baseline (DESIGN.md)
+* ``kl_unembed``   KL(p ‖ softmax(W_U·N(r_h) + b_U))   — the unembedding baseline (docs/design.md)
 * ``kl_unembed_nonorm`` KL(p ‖ softmax(W_U·r_h + b_U))
-* ``kl_null``      KL(p ‖ softmax(c0)), c0 = log mean p over training tokens (ignores the head)
+* ``kl_null``      KL(p ‖ softmax(c0)), c0 = log mean p over every training position (ignores the head)
 * ``gain``         kl_null − kl_lens: what the lens reads out of this head beyond base rates, with
-  ``gain_se`` its standard error over held-out sequences and ``informative`` = gain > 2·SE.
-* ``top_tokens``   per site, the tokens with the largest mean lift log q_lens − log q_null over positions;
-* ``improvement``  kl_unembed − kl_lens; ``top1`` agreement of the lens' argmax with p's;
-  ``entropy`` of the lens (bits) and ``entropy_model``.
+  ``gain_se`` its standard error clustered by document, ``p_value`` of the one-sided test gain > 0 and
+  ``informative`` = Benjamini–Hochberg discovery at q = 0.05 over all heads (verdict.py; the old rule
+  gain > 2·SE is kept as ``informative_2se``).
+* ``control``      the same metrics for the control lens(es): trained and evaluated on a head output
+  scrambled across sequences and positions, they show what a gain looks like when there is nothing to
+  read (it should sit at or below zero within its SE).
+* ``top_tokens``   per site, the tokens with the largest mean term q·log(q/q_null) of KL(lens ‖ null)
+  over held-out positions (needs both probability and lift); ``improvement`` kl_unembed − kl_lens;
+  ``top1`` agreement of the lens' argmax with p's; ``entropy`` of the lens (bits) and ``entropy_model``.
 
-``run_eval`` writes ``run/lens/eval.json``; the cross-site transfer matrix (lens of site i applied to
-site j's output: KL and gain) goes in the same file under ``transfer``. ``run_checkpoint_transfer``
-applies the lenses to another checkpoint of the same architecture (``transfer_checkpoint.json``).
+``run_eval`` writes ``run/lens/eval.json`` (and the plots); an optional cross-site transfer matrix (lens
+of site i applied to site j's output) goes in the same file under ``transfer``.
+``run_checkpoint_transfer`` applies the lenses to another checkpoint of the same architecture
+(``transfer_checkpoint.json``).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import uuid
 
+import numpy as np
 import torch
 
 from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, write_json
+from ..stats import cluster_bootstrap_se, clustered_mean_se, one_sided_p
 from .collect import site_batch
 from .lenses import LensBank, load_bank, softcap
 from .objectives import LN2
+from .sampling import Windows, select_positions
 from .train import load_null
+from .verdict import Q, decide
 
 MAX_TRANSFER_SITES = 24
 
@@ -59,31 +70,46 @@ def baseline_logits(model: Model, R: torch.Tensor, norm: bool = True) -> torch.T
     return softcap(logits, model.logit_softcap)
 
 
+def eval_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator that scrambles the control rows of evaluation batch ``batch``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch + 7)
+
+
 @torch.no_grad()
 def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chunk: int = 256,
-                  progress: bool = True, total: int | None = None, top_k: int = 10) -> dict:
-    """Metrics per site over ``batches`` (an iterable of ids [B, S]); see the module docstring.
-    Positions go in chunks of ``chunk``, sites in blocks of at most ``BLOCK_ELEMENTS`` logits."""
+                  progress: bool = True, total: int | None = None, top_k: int = 10, seed: int = 0) -> dict:
+    """Metrics per site over ``batches`` (an iterable of (ids [B, S], docs [B]) or of ids alone, each
+    sequence then its own document); see the module docstring. Positions go in chunks of ``chunk``,
+    sites in blocks of at most ``BLOCK_ELEMENTS`` logits. Control lenses are evaluated like sites and
+    reported under ``control``."""
     from tqdm import tqdm
-    K = len(bank.sites)
+    K = len(bank.all_sites)
     names = ("kl_lens", "kl_unembed", "kl_unembed_nonorm", "top1", "top1_unembed", "entropy")
     sums = {n: torch.zeros(K, dtype=torch.float64) for n in names}
     null_sum = 0.0
     ent_model = 0.0
-    seq_gain = []  # per-sequence mean gain [K] (nats)
-    lq_sum = torch.zeros(K, model.d_vocab, dtype=torch.float64)  # Σ over positions of the lens log-probs
+    win_gain, win_tokens, win_docs = [], [], []  # per window: mean gain [K] (nats), kept positions, document
+    term_sum = torch.zeros(K, model.d_vocab, dtype=torch.float64)  # Σ over positions of q·(log q − log q_null)
     n = 0
     null = null.to(model.device).float()
-    bar = tqdm(total=total, desc=f"lens eval ({K} heads)", unit="batch", disable=not progress, file=sys.stderr,
+    log_null = torch.log_softmax(null, -1)
+    bar = tqdm(total=total, desc=f"lens eval ({len(bank.sites)} heads + {len(bank.control_sites)} control)",
+               unit="batch", disable=not progress, file=sys.stderr,
                bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}]")
-    for ids in batches:
+    n_seq = 0
+    for bi, item in enumerate(batches):
+        ids, docs = item if isinstance(item, tuple) else (item, None)
+        docs = np.arange(n_seq, n_seq + ids.shape[0]) if docs is None else np.asarray(docs)
+        n_seq += ids.shape[0]
         ids = ids.to(model.device)
         B, S = ids.shape
-        R, logp = site_batch(model, ids, bank.sites)
-        kl_null_t = (logp.exp() * (logp - torch.log_softmax(null, -1))).sum(-1)  # [N]
-        kl_lens_t = torch.empty(K, R.shape[1])
-        for a in range(0, R.shape[1], chunk):
-            b = min(R.shape[1], a + chunk)
+        R, logp = site_batch(model, ids, bank.all_sites)
+        R, logp, _ = select_positions(R, logp, ids.cpu(), len(bank.control_sites), eval_generator(seed, bi))
+        N = R.shape[1]
+        kl_null_t = (logp.exp() * (logp - log_null)).sum(-1)  # [N]
+        kl_lens_t = torch.empty(K, N)
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
             lp = logp[a:b]
             p = lp.exp()
             neg_h = (p * lp).sum(-1)  # [n]
@@ -98,10 +124,11 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
                 kl, lse = _kl_lse(lg, p, neg_h)
                 kl_lens_t[ks, a:b] = kl.cpu()
                 sums["top1"][ks] += (lg.argmax(-1) == target).double().sum(-1).cpu()
-                lq_sum[ks] += (lg.sum(1) - lse.sum(1, keepdim=True)).double().cpu()
-                q_l = torch.einsum("knv,knv->kn", torch.exp(lg - lse.unsqueeze(-1)), lg)
-                sums["entropy"][ks] += (lse - q_l).double().sum(-1).cpu()
-                del lg
+                lg.sub_(lse.unsqueeze(-1))  # log q, in place
+                q = lg.exp()
+                sums["entropy"][ks] += (-(q * lg).sum(-1)).double().sum(-1).cpu()
+                term_sum[ks] += (q * (lg - log_null)).sum(1).double().cpu()
+                del lg, q
                 bl = baseline_logits(model, r, True)
                 sums["kl_unembed"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
                 sums["top1_unembed"][ks] += (bl.argmax(-1) == target).double().sum(-1).cpu()
@@ -109,36 +136,75 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
                 bl = baseline_logits(model, r, False)
                 sums["kl_unembed_nonorm"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
                 del bl
-                bar.update((ks.stop - ks.start) * (b - a) / (K * R.shape[1]))  # fractions of a batch
+                bar.update((ks.stop - ks.start) * (b - a) / (K * N))  # fractions of a batch
         sums["kl_lens"] += kl_lens_t.double().sum(-1)
         null_sum += float(kl_null_t.sum())
-        diff = (kl_null_t.cpu().unsqueeze(0) - kl_lens_t).view(K, B, S).mean(-1)  # [K, B]
-        seq_gain.append(diff.double())
-        n += R.shape[1]
+        per_win = N // B  # every window keeps the same positions
+        diff = (kl_null_t.cpu().unsqueeze(0) - kl_lens_t).view(K, B, per_win).mean(-1)  # [K, B]
+        win_gain.append(diff.double())
+        win_tokens += [per_win] * B
+        win_docs += list(docs)
+        n += N
     bar.close()
     if n == 0:
         raise HeadscopeError("no held-out tokens to evaluate on")
-    g = torch.cat(seq_gain, 1)  # [K, n_seq]
-    se = g.std(1, unbiased=True) / math.sqrt(g.shape[1]) if g.shape[1] > 1 else torch.full((K,), float("nan"))
-    per_head = {}
+    gw = torch.cat(win_gain, 1).numpy() / LN2  # [K, windows] bits
+    w = np.asarray(win_tokens, dtype=np.float64)
+    _, se, G = clustered_mean_se(gw, w, win_docs)
+    df = G - 1 if G >= 2 else None
+    p_val = one_sided_p(gw @ w / w.sum(), se, df)
     kl_null = null_sum / n / LN2
-    for i, (l, h) in enumerate(bank.sites):
+    rows = {}
+    for i, (l, h) in enumerate(bank.all_sites):
         kl_lens = float(sums["kl_lens"][i]) / n / LN2
         kl_u = float(sums["kl_unembed"][i]) / n / LN2
-        gain = kl_null - kl_lens
-        gse = float(se[i]) / LN2
-        per_head[f"{l}.{h}"] = {
+        gse = float(se[i])
+        rows[i] = {
             "layer": l, "head": h, "kl_lens": kl_lens, "kl_unembed": kl_u,
             "kl_unembed_nonorm": float(sums["kl_unembed_nonorm"][i]) / n / LN2, "kl_null": kl_null,
-            "gain": gain, "gain_se": gse if math.isfinite(gse) else None,
-            "informative": bool(gain > 0 and (not math.isfinite(gse) or gain > 2 * gse)),
+            "gain": kl_null - kl_lens, "gain_se": gse if math.isfinite(gse) else None,
+            "p_value": float(p_val[i]) if math.isfinite(p_val[i]) else None,
             "improvement": kl_u - kl_lens, "top1": float(sums["top1"][i]) / n,
             "top1_unembed": float(sums["top1_unembed"][i]) / n,
             "entropy": float(sums["entropy"][i]) / n / LN2, "entropy_model": ent_model / n / LN2}
-    lift = lq_sum / n - torch.log_softmax(null.double().cpu(), -1)
-    top = lift.topk(min(top_k, lift.shape[-1]), -1).indices
-    top_tokens = {f"{l}.{h}": model.token_str(top[i]) for i, (l, h) in enumerate(bank.sites)}
-    return {"tokens": n, "kl_null": kl_null, "per_head": per_head, "top_tokens": top_tokens}
+    Kr = len(bank.sites)
+    per_head = {f"{l}.{h}": rows[i] for i, (l, h) in enumerate(bank.sites)}
+    verdict = decide(per_head, df)
+    for name, v in verdict.items():
+        per_head[name].update(v)
+    control = {}
+    for j, (l, h) in enumerate(bank.control_sites):
+        c = rows[Kr + j]
+        c["source"] = f"{l}.{h}"
+        c["input"] = "source head output from another sequence of the batch at a random position"
+        c["informative_2se"] = bool(c["gain_se"] is not None and c["gain"] > 2 * c["gain_se"])
+        control[f"control{j}"] = c
+    term = term_sum / n / LN2  # [K, V] mean KL term per token, bits
+    top_tokens, top_terms = {}, {}
+    for i, (l, h) in enumerate(bank.sites):
+        v, ix = term[i].topk(min(top_k, term.shape[-1]))
+        keep = v > 0
+        top_tokens[f"{l}.{h}"] = model.token_str(ix[keep])
+        top_terms[f"{l}.{h}"] = [round(float(x), 6) for x in v[keep]]
+    # per-document sums of each head's gain, for a bootstrap SE of the median gain over heads
+    docs_u, inv = np.unique(np.asarray(win_docs), return_inverse=True)
+    doc_sum = np.zeros((Kr, len(docs_u)))
+    np.add.at(doc_sum.T, inv, (gw[:Kr] * w).T)
+    doc_n = np.bincount(inv, weights=w)
+    med_se = cluster_bootstrap_se(doc_sum, doc_n, lambda m: np.median(m, -1))
+    return {"tokens": n, "windows": int(len(w)), "documents": int(G), "df": df, "q": Q,
+            "positions_left_out": "position 0 of every window (BOS: its context is the same in every sequence)",
+            "kl_null": kl_null, "per_head": per_head, "control": control,
+            "median_gain_se": med_se if math.isfinite(med_se) else None,
+            "top_tokens": top_tokens, "top_tokens_kl_bits": top_terms}
+
+
+def eval_windows(model: Model, corpus: TokenCorpus, tokens: int, batch_size: int, split: str = "heldout", seed: int = 0):
+    """(batches of (ids, docs), number of batches, windows) for ``tokens`` held-out tokens spread over the
+    documents of ``split``."""
+    win = Windows(corpus, split, seed=seed)
+    n = min(len(win), max(2, math.ceil(tokens / corpus.seq_len)))  # the whole split at most
+    return win.batches(batch_size, n), math.ceil(n / batch_size), win
 
 
 @torch.no_grad()
@@ -150,8 +216,10 @@ def transfer_matrix(model: Model, bank: LensBank, batches, sites_idx: list[int],
     n = 0
     sub = [bank.sites[i] for i in sites_idx]
     own = bank.lens_index[torch.tensor(sites_idx)]
-    for ids in batches:
+    for item in batches:
+        ids = item[0] if isinstance(item, tuple) else item
         R, logp = site_batch(model, ids.to(model.device), sub)
+        R, logp, _ = select_positions(R, logp, ids)
         for a in range(0, R.shape[1], chunk):
             b = min(R.shape[1], a + chunk)
             p = logp[a:b].exp()
@@ -172,22 +240,45 @@ def _heatmap(model: Model, per_head: dict, key: str) -> list[list[float | None]]
 
 
 def write_plots(model: Model, out: dict, folder) -> None:
-    """``eval_gain.png`` / ``eval_improvement.png`` (layer × head, blank where no lens, red = positive)
-    and ``transfer.png`` (gain of lens i read on head j) from an ``eval.json`` dict."""
-    import numpy as np
+    """``eval_gain.png`` (layer × head gain, red = positive; heads that are not informative under the
+    BH rule are marked with a dot; the control lens' gain in the title), ``eval_improvement.png`` and,
+    when computed, ``transfer.png`` (gain of lens i read on head j), from an ``eval.json`` dict."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    from ..heads.scores import heatmap
+    from ..runs import atomic_write_bytes
+    import io
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
+        plt.close(fig)
+        atomic_write_bytes(folder / name, buf.getvalue())
+
+    ctrl = "; ".join(f"control lens {c['gain']:+.3f} ± {c['gain_se'] or float('nan'):.3f}" for c in out.get("control", {}).values())
     for key, what in (("heatmap_gain", "information gain over the null lens"),
                       ("heatmap_improvement", "KL improvement over the unembedding")):
         v = np.array([[np.nan if x is None else x for x in row] for row in out[key]], dtype=float)
         m = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
-        heatmap(v, f"{what}\n(bits/token) — {model.name}", folder / f"eval_{key.split('_')[1]}.png",
-                cmap="RdBu_r", vmin=-m, vmax=m)
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * v.shape[1] + 2.5), max(3.5, 0.24 * v.shape[0] + 1.8)))
+        im = ax.imshow(v, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(v.shape[1]))
+        title = f"{what} (bits/token) — {model.name}"
+        if key == "heatmap_gain":
+            for name, ph in out["per_head"].items():
+                if not ph.get("informative"):
+                    ax.plot(ph["head"], ph["layer"], "k.", ms=3)
+            title += (f"\n{out['n_informative']}/{out['n_heads']} informative (BH q={out.get('q', Q)}; dot: not), "
+                      f"{out['tokens']} tokens, {out['documents']} docs" + (f"\n{ctrl}" if ctrl else ""))
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        save(fig, f"eval_{key.split('_')[1]}.png")
     t = out.get("transfer")
     if t:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         g = np.array(t["gain"], dtype=float)
         m = float(np.abs(np.diag(g)).max()) or 1.0  # colours span the own-head gains; larger values clip
         k = len(t["sites"])
@@ -198,74 +289,79 @@ def write_plots(model: Model, out: dict, folder) -> None:
         ax.set_xlabel("head whose output is read")
         ax.set_ylabel("lens of head")
         ax.set_title(f"transfer: gain over the null lens (bits/token), {t['tokens']} tokens\n"
-                     f"colours clipped at ±{m:.2f}; off-diagonal median "
-                     f"{float(np.median(g[~np.eye(k, dtype=bool)])) if k > 1 else float('nan'):+.2f}",
-                     fontsize=9)
+                     "(a closed-form lens lives in its own head's subspace: off-diagonal losses are by construction)",
+                     fontsize=8)
         fig.colorbar(im, ax=ax, extend="both")
         fig.tight_layout()
-        tmp = folder / f".transfer.{uuid.uuid4().hex}.tmp.png"  # unique: concurrent runs do not collide
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(folder / "transfer.png")
+        save(fig, "transfer.png")
 
 
-def run_eval(model: Model, run: RunDir, tokens: int = 4096, batch_size: int = 8, seq_len: int | None = None,
-             corpus: str | None = None, transfer_tokens: int = 1024, transfer_sites: list[tuple[int, int]] | None = None,
-             progress: bool = True) -> dict:
-    """Evaluate the lenses in ``run/lens`` on held-out tokens; write ``run/lens/eval.json`` (see module
-    docstring; keys: tokens, kl_null, per_head{"L.H": metrics}, heatmap_gain / heatmap_improvement
-    [n_layers][n_heads] (None where no lens), n_heads, n_informative, transfer{sites, kl, gain})."""
+def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8, seq_len: int | None = None,
+             corpus: str | None = None, transfer_tokens: int = 0, transfer_sites: list[tuple[int, int]] | None = None,
+             progress: bool = True, seed: int = 0) -> dict:
+    """Evaluate the lenses in ``run/lens`` on ``tokens`` held-out tokens spread over the held-out documents;
+    write ``run/lens/eval.json`` (see module docstring; keys: tokens, windows, documents, df, q, kl_null,
+    per_head{"L.H": metrics}, control{…}, top_tokens, heatmap_gain / heatmap_improvement
+    [n_layers][n_heads] (None where no lens), n_heads, n_positive_gain, n_informative (BH),
+    n_informative_2se, median_gain (± median_gain_se, cluster bootstrap), transfer{sites, kl, gain})."""
+    if tokens < 1:
+        raise HeadscopeError("--tokens must be at least 1")
     bank, info = load_bank(model, run / "lens")
     null = load_null(run / "lens")
     tr = info.get("train", {})
     seq_len = seq_len or tr.get("seq_len", 128)
     corpus_spec = corpus or tr.get("corpus", "default")
     data = TokenCorpus(model, corpus_spec, seq_len=seq_len, progress=progress)
-    n_batches = math.ceil(max(1, tokens // seq_len) / batch_size)
-    out = evaluate_bank(model, bank, null, data.batches("heldout", batch_size, max_tokens=tokens),
-                        progress=progress, total=n_batches)
+    batches, n_batches, _ = eval_windows(model, data, tokens, batch_size, seed=seed)
+    out = evaluate_bank(model, bank, null, batches, progress=progress, total=n_batches, seed=seed)
     ph = out["per_head"]
     out["heatmap_gain"] = _heatmap(model, ph, "gain")
     out["heatmap_improvement"] = _heatmap(model, ph, "improvement")
     out["n_heads"] = len(ph)
     out["n_positive_gain"] = sum(v["gain"] > 0 for v in ph.values())
     out["n_informative"] = sum(v["informative"] for v in ph.values())
-    out["median_gain"] = float(torch.tensor([v["gain"] for v in ph.values()]).median())
+    out["n_informative_2se"] = sum(v["informative_2se"] for v in ph.values())
+    out["median_gain"] = float(np.median([v["gain"] for v in ph.values()]))
     if transfer_tokens and len(bank.sites) > 1:
         if transfer_sites:
             idx = [bank.sites.index(tuple(s)) for s in transfer_sites if tuple(s) in bank.sites]
         else:
             step = max(1, math.ceil(len(bank.sites) / MAX_TRANSFER_SITES))
             idx = list(range(0, len(bank.sites), step))[:MAX_TRANSFER_SITES]
-        t = transfer_matrix(model, bank, data.batches("heldout", batch_size, max_tokens=transfer_tokens), idx)
+        tb, _, _ = eval_windows(model, data, transfer_tokens, batch_size, seed=seed)
+        t = transfer_matrix(model, bank, tb, idx)
         kn = out["kl_null"]
         t["gain"] = [[kn - v for v in row] for row in t["kl"]]
         out["transfer"] = t
     write_json(run / "lens" / "eval.json", out)
     write_plots(model, out, run / "lens")
-    run.mark_done("lens_eval", {"n_heads": out["n_heads"], "n_informative": out["n_informative"]})
     return out
 
 
-def run_checkpoint_transfer(other: Model, run: RunDir, tokens: int = 2048, batch_size: int = 8,
+def run_checkpoint_transfer(other: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8,
                             progress: bool = True) -> dict:
     """Apply the lenses of ``run`` (trained on one checkpoint) to ``other``, a checkpoint of the same
     architecture (e.g. the fine-tuned model), on its own held-out tokens and its own null lens (fitted on
-    ``tokens`` of its train split). Writes ``run/lens/transfer_checkpoint.json``."""
+    ``tokens`` train tokens spread over the train documents, position 0 left out). Writes
+    ``run/lens/transfer_checkpoint.json``."""
     bank, info = load_bank(other, run / "lens", allow_other_checkpoint=True)
     tr = info.get("train", {})
     data = TokenCorpus(other, tr.get("corpus", "default"), seq_len=tr.get("seq_len", 128), progress=progress)
     psum, n = None, 0
+    train_batches, _, _ = eval_windows(other, data, tokens, batch_size, split="train", seed=1)
     with torch.no_grad():
-        for ids in data.batches("train", batch_size, max_tokens=tokens):
+        for ids, _ in train_batches:
             _, lp = site_batch(other, ids.to(other.device), bank.sites[:1])
+            lp = lp[select_positions(torch.zeros(1, lp.shape[0], 1), None, ids)[2].to(lp.device)]
             s = lp.exp().double().sum(0)
             psum = s if psum is None else psum + s
             n += lp.shape[0]
     null = torch.log((psum / n).clamp_min(1e-30)).float()
-    out = evaluate_bank(other, bank, null, data.batches("heldout", batch_size, max_tokens=tokens), progress=progress)
+    batches, nb, _ = eval_windows(other, data, tokens, batch_size)
+    out = evaluate_bank(other, bank, null, batches, progress=progress, total=nb)
     out["source_model"] = info["model"]
     out["target_model"] = other.identity()
     out["n_positive_gain"] = sum(v["gain"] > 0 for v in out["per_head"].values())
+    out["n_informative"] = sum(v["informative"] for v in out["per_head"].values())
     write_json(run / "lens" / "transfer_checkpoint.json", out)
     return out

@@ -1,9 +1,15 @@
 """Lens parameterizations for many heads at once: one :class:`LensBank` holds the lenses of K sites.
 
 A *site* is one head (layer ℓ, head h); its input is the head result r_h = z_h · W_O[h] (no b_O), shape
-[d] per token (see DESIGN.md). A lens maps r_h to vocabulary logits [V]. Row-vector convention (x is a
+[d] per token (see docs/design.md). A lens maps r_h to vocabulary logits [V]. Row-vector convention (x is a
 row, so "A·r" of the issue is ``r @ A`` here). Every parameter has a leading lens axis [L, ...]; a
-bank with ``shared=True`` has one lens per *layer* (L = number of layers) used by all heads of that layer.
+bank with ``shared="layer"`` has one lens per *layer* used by all heads of that layer, ``shared="all"``
+one lens for every head of every chosen layer (the paper's question of one lens across layers).
+
+A bank also holds **control lenses** (``controls``: source sites, one lens each, never shared): trained
+and evaluated like the others on a head output scrambled across sequences and positions (see
+sampling.py), they show what "no information" looks like. ``bank.sites`` are the real sites;
+``bank.all_sites`` = sites + controls is what the statistics read (controls last).
 
 Kinds (N = the model's final norm, optional with ``norm=True``; W_U [V, d], b_U [V] or 0):
 
@@ -35,7 +41,9 @@ from ..models.load import Model
 from ..runs import read_json, read_tensors, write_json, write_tensors
 
 KINDS = ("affine", "lowrank", "full")
-LENS_FORMAT = 1
+LENS_FORMAT = 2
+"""2: statistics without position 0, null refitted on every token seen, control lenses."""
+SHARING = ("none", "layer", "all")
 SITE = "result"
 
 
@@ -51,12 +59,17 @@ class LensConfig:
     """Rank of A for ``lowrank``."""
     vocab_bias: bool = True
     """Learn the vocabulary bias c (affine/lowrank): lets the lens carry token base rates."""
-    shared: bool = False
-    """One lens per layer shared by all its heads, instead of one per head."""
+    shared: str = "none"
+    """``none`` (one lens per head), ``layer`` (one per layer, shared by its heads) or ``all`` (one lens
+    for every head); ``True``/``False`` mean ``layer``/``none``."""
 
     def check(self) -> "LensConfig":
         if self.kind not in KINDS:
             raise HeadscopeError(f"unknown lens kind '{self.kind}' (choose from {', '.join(KINDS)})")
+        if self.shared is True or self.shared is False:
+            self.shared = "layer" if self.shared else "none"
+        if self.shared not in SHARING:
+            raise HeadscopeError(f"unknown sharing '{self.shared}' (choose from {', '.join(SHARING)})")
         if self.kind == "lowrank" and self.rank < 1:
             raise HeadscopeError(f"lens rank must be at least 1, got {self.rank}")
         return self
@@ -108,16 +121,27 @@ class LensBank(nn.Module):
     ``W_U`` [V, d], ``b_U`` [V] and the final norm are frozen references to the model, not parameters.
     """
 
-    def __init__(self, model: Model, sites: list[tuple[int, int]], cfg: LensConfig, seed: int = 0):
+    def __init__(self, model: Model, sites: list[tuple[int, int]], cfg: LensConfig, seed: int = 0,
+                 controls: list[tuple[int, int]] = ()):
         super().__init__()
         cfg.check()
         if not sites:
             raise HeadscopeError("no heads to build lenses for")
         self.cfg, self.sites = cfg, [tuple(s) for s in sites]
+        self.control_sites = [tuple(s) for s in controls]
+        self.all_sites = self.sites + self.control_sites
         self.model_ref = [model]  # not a submodule: never saved or trained
-        self.lens_layers = sorted({l for l, _ in self.sites}) if cfg.shared else None
-        L = len(self.lens_layers) if cfg.shared else len(self.sites)
-        idx = [self.lens_layers.index(l) for l, _ in self.sites] if cfg.shared else list(range(L))
+        self.lens_layers = sorted({l for l, _ in self.sites}) if cfg.shared == "layer" else None
+        if cfg.shared == "layer":
+            idx = [self.lens_layers.index(l) for l, _ in self.sites]
+        elif cfg.shared == "all":
+            idx = [0] * len(self.sites)
+        else:
+            idx = list(range(len(self.sites)))
+        n_real = max(idx) + 1
+        idx += [n_real + i for i in range(len(self.control_sites))]
+        L = len(set(idx))
+        self.n_real_lenses = n_real
         self.register_buffer("lens_index", torch.tensor(idx, dtype=torch.long), persistent=False)
         d, V = model.d_model, model.d_vocab
         W_U = model.W_U.detach().float().cpu()
@@ -157,15 +181,25 @@ class LensBank(nn.Module):
         return sum(p[0].numel() for p in self.parameters())
 
     # -- forward -------------------------------------------------------------------------------
+    def _rows(self, r: torch.Tensor, lenses: torch.Tensor | None) -> torch.Tensor | None:
+        """The lens of each row of r [K, N, d]: ``lenses``, or each site's own (sites, then controls);
+        None when row k simply uses lens k (no gather needed)."""
+        if lenses is not None:
+            return lenses
+        K = r.shape[0]
+        if K > len(self.lens_index):
+            raise HeadscopeError(f"{K} rows of head outputs for a bank of {len(self.lens_index)} sites")
+        if self.cfg.shared == "none" and K == self.n_lenses:
+            return None
+        return self.lens_index[:K]
+
     def _p(self, name: str, lenses: torch.Tensor | None):
         p = getattr(self, name)
-        idx = self.lens_index if lenses is None else lenses
-        if not self.cfg.shared and lenses is None:
-            return p
-        return p[idx]
+        return p if lenses is None else p[lenses]
 
     def transform(self, r: torch.Tensor, lenses: torch.Tensor | None = None) -> torch.Tensor:
         """Affine/lowrank: the residual-space vector s·(r + r·A + b) [K, N, d] (before the norm)."""
+        lenses = self._rows(r, lenses)
         if self.cfg.kind == "affine":
             x = r + torch.bmm(r, self._p("A", lenses))
         else:
@@ -179,6 +213,7 @@ class LensBank(nn.Module):
         r [K, N, d]. ``lenses`` [K] picks which lens reads each row (default: each site's own),
         which is how transfer matrices apply one head's lens to another head's output."""
         r = r.float()
+        lenses = self._rows(r, lenses)
         if self.cfg.kind == "full":
             x = self.norm(r) if self.cfg.norm else r
             W, beta = self._p("W", lenses), self._p("beta", lenses)
@@ -242,7 +277,7 @@ class LensBank(nn.Module):
 def bank_info(bank: LensBank, train_cfg: dict | None = None) -> dict:
     m = bank.model
     return {"format": LENS_FORMAT, "model": m.identity(), "site": SITE, "sites": [list(s) for s in bank.sites],
-            "lens": asdict(bank.cfg), "train": train_cfg or {}}
+            "controls": [list(s) for s in bank.control_sites], "lens": asdict(bank.cfg), "train": train_cfg or {}}
 
 
 def save_bank(bank: LensBank, folder: Path, train_cfg: dict | None = None) -> None:
@@ -268,16 +303,17 @@ def load_bank(model: Model, folder: Path, allow_other_checkpoint: bool = False) 
         saved.pop("unembed_sha1", None)
     model.check_identity(saved, what=f"lens {folder}")
     try:
-        cfg = LensConfig(**info["lens"])
+        cfg = LensConfig(**info["lens"]).check()
         sites = [tuple(s) for s in info["sites"]]
+        controls = [tuple(s) for s in info.get("controls", [])]
     except (KeyError, TypeError) as e:
         raise HeadscopeError(f"corrupt lens file {folder / 'lenses.json'}: {e}") from None
-    for l, h in sites:
+    for l, h in sites + controls:
         model.check_layer(l), model.check_head(h)
-    bank = LensBank(model, sites, cfg)
+    bank = LensBank(model, sites, cfg, controls=controls)
     state = read_tensors(folder / "lenses.safetensors")
     try:
         bank.load_state_dict(state)
     except RuntimeError as e:
         raise HeadscopeError(f"lens parameters in {folder} do not match lenses.json: {str(e).splitlines()[0]}") from None
-    return bank, info
+    return bank.to(model.device), info

@@ -3,17 +3,22 @@
 ``run_train(model, run, sites, ...)`` writes into ``run/lens/``:
 
 * ``lenses.safetensors`` + ``lenses.json`` — the trained bank (see :mod:`headscope.lens.lenses`);
-* ``null.safetensors`` — ``null_logits`` [V], the null lens c0 = log mean p (fitted on training tokens);
+* ``null.safetensors`` — ``null_logits`` [V], the null lens c0 = log mean p over **every** training
+  position the lenses saw (closed-form pass and refinement; position 0 left out);
 * ``train.json`` — options, per-step mean KL history, final per-site training loss;
 * ``checkpoint/`` — ``state.safetensors`` (parameters, optimizer state, generator state) and
   ``state.json`` (step, options) every ``checkpoint_every`` steps; removed when training finishes.
 
-One optimisation step = one global batch of ``batch_size`` sequences per rank; the refinement reads
-the train sequences after those the closed-form pass used. The model runs once per
+Sequences come from :class:`~headscope.lens.sampling.Windows` (the train split cut into windows in a
+seeded random order, so they spread over all documents); the closed-form pass reads the first ones,
+step k of the refinement reads windows [I + k·B·W + rank·B, … + B) after them (W ranks, I = windows of
+the closed-form pass), so a resumed run continues exactly where it stopped. Position 0 (and any
+position whose context is identical across the batch) is left out of every statistic; a control lens
+(source: the middle site, scrambled across sequences and positions) is trained alongside (sampling.py).
+One optimisation step = one global batch of ``batch_size`` sequences per rank. The model runs once per
 batch (no grad); every site's lens logits [K, n, V] are computed together in chunks of ``chunk_tokens``
 positions and backpropagated chunk by chunk (gradient accumulation), so memory is bounded by
-K·chunk_tokens·V floats. Step k reads sequences [I + k·B·W + rank·B, … + B) of the train split (W ranks, I = sequences of the closed-form pass),
-so a resumed run continues exactly where it stopped.
+K·chunk_tokens·V floats.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from .closed_form import CALIB_TOKENS, Moments, calibrate_scale
 from .collect import site_batch
 from .lenses import LensBank, LensConfig, save_bank, softcap
 from .objectives import LN2, OBJECTIVES, loss, next_tokens, shortlist
+from .sampling import Windows, select_positions
 
 INITS = ("lstsq", "identity", "base")
 OPTIMIZERS = ("adam", "sgd")
-STAGE = "lens_train"
 
 
 @dataclass
@@ -113,18 +118,30 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * max(decay, 0.0)
 
 
-def _global_batch(corpus: TokenCorpus, step: int, cfg: TrainConfig, dist: Distributed, first_seq: int = 0) -> torch.Tensor | None:
+def _global_batch(windows: Windows, step: int, cfg: TrainConfig, dist: Distributed, first_seq: int = 0) -> torch.Tensor | None:
     """The ids [B, S] this rank reads at ``step`` (None when the split is used up)."""
     start = first_seq + (step * dist.world_size + dist.rank) * cfg.batch_size
-    end = min(start + cfg.batch_size, corpus.n_sequences("train"))
+    end = min(start + cfg.batch_size, len(windows))
     if start >= end:
         return None
-    return torch.stack([corpus.sequence("train", i) for i in range(start, end)])
+    return windows.ids(start, end)
+
+
+def control_generator(cfg: TrainConfig, dist: Distributed, step: int, phase: int = 1) -> torch.Generator:
+    """The generator that scrambles the control rows of one batch (phase 0: closed-form pass, 1: step)."""
+    return torch.Generator().manual_seed(((cfg.seed * 2 + phase) * 1_000_003 + step) * 64 + dist.rank)
+
+
+def control_sites(sites: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The control lens' source head: the middle site of the bank."""
+    return [tuple(sites[len(sites) // 2])]
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
-def _save_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, step: int, key: dict, history: list) -> None:
+def _save_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, step: int, key: dict, history: list,
+                     null_sums: dict) -> None:
     tensors = {f"param.{k}": v for k, v in bank.state_dict().items()}
+    tensors.update({f"null.{k}": v for k, v in null_sums.items()})
     sd = opt.state_dict()
     for i, st in sd["state"].items():
         for k, v in st.items():
@@ -152,9 +169,10 @@ def _load_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, key: dic
         opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
         gen.set_state(t["rng.generator"])
         torch.set_rng_state(t["rng.torch"])
+        null_sums = {"psum": t["null.psum"], "n": t["null.n"]}
     except (KeyError, RuntimeError, ValueError) as e:
         raise HeadscopeError(f"corrupt lens checkpoint in {folder}: {str(e).splitlines()[0]}; pass --fresh") from None
-    return int(info["step"]), list(info.get("history", []))
+    return int(info["step"]), list(info.get("history", [])), null_sums
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -196,41 +214,45 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
     ck = folder / "checkpoint"
     key = {"sites": [list(s) for s in sites], "lens": asdict(lens), "train": asdict(cfg),
            "world_size": dist.world_size}
-    if not fresh and (folder / "train.json").exists() and run.is_done(STAGE):
-        done = read_json(folder / "train.json")
-        if done.get("key") == key:
-            return done
     corpus = TokenCorpus(model, cfg.corpus, seq_len=cfg.seq_len, progress=progress and dist.primary)
+    windows = Windows(corpus, "train", seed=cfg.seed)
+    total_steps = cfg.steps(dist.world_size)
+    first = _init_sequences(cfg, dist)
+    windows.need(first + total_steps * cfg.batch_size * dist.world_size,
+                 f"{cfg.init_tokens} statistics + {cfg.tokens} refinement tokens")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank)
-    bank = LensBank(model, sites, lens, seed=cfg.seed).to(model.device)
+    bank = LensBank(model, sites, lens, seed=cfg.seed, controls=control_sites(sites)).to(model.device)
+    n_control = len(bank.control_sites)
     opt = _make_optimizer(bank, cfg)
-    total_steps = cfg.steps(dist.world_size)
     step, history = 0, []
     resumed = False
     if not fresh and (ck / "state.json").exists():
-        step, history = _load_checkpoint(ck, bank, opt, gen, key)
-        null = read_tensors(ck / "null.safetensors")["null_logits"]
+        step, history, ref = _load_checkpoint(ck, bank, opt, gen, key)
+        init_sums = read_tensors(ck / "null.safetensors")
         resumed = True
     else:
-        null = _initialise(model, bank, corpus, sites, cfg, dist, progress)
+        init_sums = _initialise(model, bank, windows, cfg, dist, progress)
+        ref = {"psum": torch.zeros_like(init_sums["psum"]), "n": torch.zeros((), dtype=torch.float64)}
         if dist.primary:
-            write_tensors(ck / "null.safetensors", {"null_logits": null})
-            _save_checkpoint(ck, bank, opt, gen, 0, key, history)
+            write_tensors(ck / "null.safetensors", init_sums)
+            _save_checkpoint(ck, bank, opt, gen, 0, key, history, ref)
         dist.barrier()
     bar = tqdm(total=total_steps, initial=step, desc=f"lens train ({len(sites)} heads)", unit="step",
                disable=not (progress and dist.primary), file=sys.stderr)
     last = None
     while step < total_steps:
-        ids = _global_batch(corpus, step, cfg, dist, first_seq=_init_sequences(cfg, dist))
-        if ids is None:
-            raise HeadscopeError(f"the train split of corpus '{cfg.corpus}' has {corpus.n_sequences('train')} "
-                                 f"sequences, too few for {cfg.tokens} tokens; lower --tokens")
-        R, logp = site_batch(model, ids.to(model.device), sites)
+        ids = _global_batch(windows, step, cfg, dist, first_seq=first)
+        R, logp = site_batch(model, ids.to(model.device), bank.all_sites)
+        R, logp, keep = select_positions(R, logp, ids, n_control, control_generator(cfg, dist, step))
+        sums = torch.cat([logp.exp().sum(0).double().cpu(), torch.tensor([float(logp.shape[0])], dtype=torch.float64)])
+        dist.all_reduce(sums, "sum")  # every rank keeps the global sums: the checkpoint needs no gather
+        ref["psum"] += sums[:-1]
+        ref["n"] += sums[-1]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
         opt.zero_grad(set_to_none=True)
-        per = train_step(bank, R, logp, next_tokens(ids).to(model.device), cfg, gen)
+        per = train_step(bank, R, logp, next_tokens(ids).to(model.device)[keep], cfg, gen)
         dist.all_reduce_grads(bank.parameters())
         if cfg.clip:
             bank.clip_per_lens(cfg.clip)
@@ -242,24 +264,30 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
         bar.set_postfix(loss=f"{float(per.mean()) / LN2:.3f} bits")
         bar.update(1)
         if dist.primary and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == stop_at_step):
-            _save_checkpoint(ck, bank, opt, gen, step, key, history)
+            _save_checkpoint(ck, bank, opt, gen, step, key, history, ref)
         if stop_at_step is not None and step >= stop_at_step and step < total_steps:
             bar.close()
             if dist.primary and not cfg.checkpoint_every:
-                _save_checkpoint(ck, bank, opt, gen, step, key, history)
+                _save_checkpoint(ck, bank, opt, gen, step, key, history, ref)
             dist.barrier()
             return {"stopped_at": step}
     bar.close()
+    n_null = float(init_sums["n"]) + float(ref["n"])
+    null = torch.log(((init_sums["psum"] + ref["psum"]) / n_null).clamp_min(1e-30)).float()
     summary = {"key": key, "sites": [list(s) for s in sites], "lens": asdict(lens), "train": asdict(cfg),
                "steps": total_steps, "tokens_seen": total_steps * cfg.batch_size * cfg.seq_len * dist.world_size,
-               "resumed": resumed, "history": history,
+               "resumed": resumed, "history": history, "controls": [list(s) for s in bank.control_sites],
+               "null_positions": int(n_null), "positions_left_out_per_sequence": 1,
+               "init_documents": int(len(set(windows.docs[:first].tolist()))),
+               "documents": int(len(set(windows.docs[:first + total_steps * cfg.batch_size * dist.world_size].tolist()))),
                "final_loss_bits": {f"{l}.{h}": float(last[i]) / LN2 for i, (l, h) in enumerate(sites)}
-               if last is not None else {}}
+               if last is not None else {},
+               "final_loss_bits_control": {f"{l}.{h}": float(last[len(sites) + i]) / LN2
+                                           for i, (l, h) in enumerate(bank.control_sites)} if last is not None else {}}
     if dist.primary:
         save_bank(bank, folder, {k: v for k, v in asdict(cfg).items()})
         write_tensors(folder / "null.safetensors", {"null_logits": null})
         write_json(folder / "train.json", summary)
-        run.mark_done(STAGE, {"sites": len(sites), "steps": total_steps})
         for f in ("state.safetensors", "state.json", "null.safetensors"):
             if (ck / f).exists():
                 (ck / f).unlink()
@@ -278,9 +306,10 @@ def _init_sequences(cfg: TrainConfig, dist: Distributed) -> int:
     return _init_batches(cfg, dist) * cfg.batch_size * dist.world_size
 
 
-def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: TrainConfig,
-                dist: Distributed, progress: bool) -> torch.Tensor:
-    """Closed-form / base-rate start (``cfg.init``); returns the null logits c0 [V]."""
+def _initialise(model: Model, bank: LensBank, windows: Windows, cfg: TrainConfig,
+                dist: Distributed, progress: bool) -> dict:
+    """Closed-form / base-rate start (``cfg.init``); returns the null's sums {"psum" [V], "n"} over the
+    positions read (float64; the refinement adds its own)."""
     from tqdm import tqdm
     moments = Moments(bank)
     n_batches = _init_batches(cfg, dist)
@@ -289,10 +318,11 @@ def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: T
     bar = tqdm(total=n_batches, desc="lens init (sufficient statistics)", unit="batch",
                disable=not (progress and dist.primary), file=sys.stderr)
     for i in range(n_batches):
-        ids = _global_batch(corpus, i, cfg, dist)
+        ids = _global_batch(windows, i, cfg, dist)
         if ids is None:
             break
-        R, logp = site_batch(model, ids.to(model.device), sites)
+        R, logp = site_batch(model, ids.to(model.device), bank.all_sites)
+        R, logp, _ = select_positions(R, logp, ids, len(bank.control_sites), control_generator(cfg, dist, i, phase=0))
         moments.update(R, logp)
         if sum(c[1].shape[0] for c in calib) < n_calib:  # calibration positions: spread over the batch
             stride = max(1, logp.shape[0] // n_calib)
@@ -316,7 +346,7 @@ def _initialise(model: Model, bank: LensBank, corpus: TokenCorpus, sites, cfg: T
     elif cfg.init == "base":
         with torch.no_grad():
             bank.beta.copy_(c0.expand_as(bank.beta))
-    return c0.cpu()
+    return {"psum": moments.psum.clone(), "n": moments.n.clone()}
 
 
 def load_null(run_or_folder) -> torch.Tensor:
