@@ -194,8 +194,26 @@ def world(tmp_path_factory):
     for name, text in CONFIGS.items():
         (root / f"{name}.toml").write_text(text)
     os.chmod(ro, 0o555)
-    yield {"root": root, "model": model_dir}
+    pristine = tmp_path_factory.mktemp("pristine")
+    shutil.copytree(root, pristine / "root", symlinks=True, ignore=shutil.ignore_patterns("model", "ro"))
+    yield {"root": root, "model": model_dir, "pristine": pristine / "root"}
     os.chmod(ro, 0o755)
+
+
+def restore(world, changed: list[str]) -> None:
+    """Undo what a failing row wrote, so that the next rows see the fixture as it was."""
+    root, pristine = world["root"], world["pristine"]
+    for top in sorted({c.split(os.sep)[0] for c in changed} - {"model", "ro", "."}):
+        target = root / top
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        src = pristine / top
+        if src.is_dir():
+            shutil.copytree(src, target)
+        elif src.exists():
+            shutil.copy2(src, target)
 
 
 def expand(cmd: str, world) -> list[str]:
@@ -223,8 +241,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 @pytest.fixture()
 def quiet_hub(monkeypatch):
-    """No download-style progress bars from transformers and no API key from the environment."""
+    """No download-style progress bars from transformers, no API key from the environment, and a server
+    that would start serving fails instead of blocking the test."""
     import transformers
+    from headscope.atlas import server
+
+    def refuse(self):
+        raise RuntimeError("a bad input started the atlas server")
+    monkeypatch.setattr(server.AtlasServer, "serve_forever", refuse)
     transformers.utils.logging.disable_progress_bar()
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("HEADSCOPE_BASE_URL", "https://api.openai.com/v1")
@@ -244,11 +268,13 @@ def test_bad_input_is_one_line_and_writes_nothing(cmd, match, world, quiet_hub, 
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.strip()]
     after = snapshot(world["root"])
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, 0) != after.get(k, 0))
+    if changed:
+        restore(world, changed)
     assert rc == 2, f"exit status {rc}, stderr: {err[-800:]}"
     assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{err[-1500:]}"
     assert lines[0].startswith("headscope: error: ") or lines[0].startswith("headscope"), lines[0]
     assert re.search(match, lines[0]), f"{lines[0]!r} does not match {match!r}"
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, 0) != after.get(k, 0))
     assert not changed, f"written: {changed[:10]}"
 
 

@@ -177,22 +177,26 @@ class LiveEngine:
         return out
 
     def _lens_view(self, prompt: str, ids, heads, out: dict, k: int = 5) -> None:
-        """Per position, the top-k tokens of each picked head's lens and of its unembedding baseline
-        (``headscope.lens.apply.show``)."""
+        """Per position t ≥ 1, the top-k tokens of each picked head's lens (by probability) and of its
+        unembedding baseline (``headscope.lens.apply.show``); position 0's lists are empty."""
         if not self.lens:
             return
         sites = [s for s in heads if s in self.lens["sites"]]
         if not sites:
             return
         from ..lens.apply import show
-        res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"])
+        res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"], by="prob")
+        S = len(out["tokens"])
         for name, info in res["heads"].items():
-            pos = info["positions"]
-            out["heads"][name]["lens"] = {
-                "lens": [[t for t, _ in p["lens"]] for p in pos],
-                "lens_prob": [[round(q, 4) for _, q in p["lens"]] for p in pos],
-                "unembedding": [[t for t, _ in p["unembed"]] for p in pos],
-                "gain": info.get("gain")}
+            view = {"lens": [[] for _ in range(S)], "lens_prob": [[] for _ in range(S)],
+                    "unembedding": [[] for _ in range(S)], "gain": info.get("gain"),
+                    "informative": info.get("informative")}
+            for p in info["positions"]:  # position 0 is not modelled: its lists stay empty
+                t = p["t"]
+                view["lens"][t] = [x[0] for x in p["lens"]]
+                view["lens_prob"][t] = [round(x[1], 4) for x in p["lens"]]
+                view["unembedding"][t] = [x[0] for x in p["unembed"]]
+            out["heads"][name]["lens"] = view
 
     def _sae_view(self, prompt: str, ids, heads, out: dict, k: int = 5, n_src: int = 5) -> None:
         """For each SAE: per position the ``k`` most active features, each with its DFA over source
