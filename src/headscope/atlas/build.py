@@ -221,6 +221,7 @@ def example_lens(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[st
     try:
         from ..lens.apply import load_gains, show
         from ..lens.lenses import load_bank
+        from .live import lens_lists
     except ModuleNotFoundError:
         return None
     bank, _ = load_bank(model, Path(run_dir) / "lens")
@@ -230,15 +231,11 @@ def example_lens(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[st
     for i, text in enumerate(prompts):
         ids = model.to_tokens(text)[:, :MAX_EXAMPLE_TOKENS]
         short = model.tokenizer.decode(ids[0, 1:].tolist())
-        res = show(model, bank, short, k=k, gains=gains)
+        res = show(model, bank, short, k=k, gains=gains, by="prob")
         for name, info in res["heads"].items():
             layer, head = map(int, name.split("."))
-            pos = info["positions"]
-            out.setdefault(layer, {}).setdefault(str(head), []).append({
-                "prompt": i, "gain": info.get("gain"),
-                "lens": [[t for t, _ in p["lens"]] for p in pos],
-                "lens_prob": [[round(q, 4) for _, q in p["lens"]] for p in pos],
-                "unembedding": [[t for t, _ in p["unembed"]] for p in pos]})
+            out.setdefault(layer, {}).setdefault(str(head), []).append(
+                {"prompt": i, **lens_lists(info, len(res["tokens"]))})
     return out
 
 

@@ -27,6 +27,21 @@ MAX_TOKENS = 128
 MAX_HEADS = 12
 
 
+def lens_lists(info: dict, n_tokens: int) -> dict:
+    """One head of :func:`headscope.lens.apply.show` as per-position lists aligned with the prompt's
+    ``n_tokens`` tokens: {"lens": [S][k] tokens, "lens_prob": [S][k], "unembedding": [S][k], "gain",
+    "informative"}; position 0 is not modelled, so its lists are empty."""
+    view = {"lens": [[] for _ in range(n_tokens)], "lens_prob": [[] for _ in range(n_tokens)],
+            "unembedding": [[] for _ in range(n_tokens)], "gain": info.get("gain"),
+            "informative": info.get("informative")}
+    for p in info["positions"]:
+        t = p["t"]
+        view["lens"][t] = [x[0] for x in p["lens"]]
+        view["lens_prob"][t] = [round(x[1], 4) for x in p["lens"]]
+        view["unembedding"][t] = [x[0] for x in p["unembed"]]
+    return view
+
+
 class BadRequest(HeadscopeError):
     """A malformed or oversized live-prompt request (HTTP 400)."""
 
@@ -186,17 +201,8 @@ class LiveEngine:
             return
         from ..lens.apply import show
         res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"], by="prob")
-        S = len(out["tokens"])
         for name, info in res["heads"].items():
-            view = {"lens": [[] for _ in range(S)], "lens_prob": [[] for _ in range(S)],
-                    "unembedding": [[] for _ in range(S)], "gain": info.get("gain"),
-                    "informative": info.get("informative")}
-            for p in info["positions"]:  # position 0 is not modelled: its lists stay empty
-                t = p["t"]
-                view["lens"][t] = [x[0] for x in p["lens"]]
-                view["lens_prob"][t] = [round(x[1], 4) for x in p["lens"]]
-                view["unembedding"][t] = [x[0] for x in p["unembed"]]
-            out["heads"][name]["lens"] = view
+            out["heads"][name]["lens"] = lens_lists(info, len(out["tokens"]))
 
     def _sae_view(self, prompt: str, ids, heads, out: dict, k: int = 5, n_src: int = 5) -> None:
         """For each SAE: per position the ``k`` most active features, each with its DFA over source
