@@ -61,14 +61,15 @@ def test_lens_view_baseline_is_the_unembedding_of_the_head_result(engine, tiny):
     assert "lens" not in res["heads"]["0.0"]  # no lens trained for 0.0
     lens = res["heads"]["2.1"]["lens"]
     S = len(res["tokens"])
-    assert len(lens["lens"]) == len(lens["unembedding"]) == S and all(len(x) == 5 for x in lens["lens"])
+    assert len(lens["lens"]) == len(lens["unembedding"]) == S and lens["lens"][0] == lens["unembedding"][0] == []
+    assert all(len(x) == 5 for x in lens["lens"][1:])  # position 0 is not modelled
     assert all(np.all(np.diff(p) <= 1e-6) for p in lens["lens_prob"])  # sorted by probability
     ids = tiny.to_tokens(PROMPT)
     r = capture(tiny, ids, layers=[2], what={"result"})["result"][2][0, :, 1]          # [S, d]
     with torch.no_grad():
         logits = tiny.final_norm(r) @ tiny.W_U.T
     top = logits.argmax(-1)
-    assert [x[0] for x in lens["unembedding"]] == tiny.token_str(top)
+    assert [x[0] for x in lens["unembedding"][1:]] == tiny.token_str(top)[1:]
 
 
 def test_sae_view_dfa_sums_to_the_linear_preactivation(engine, tiny):

@@ -1,17 +1,21 @@
-"""`headscope atlas serve`: only the atlas folder is served, bad requests get 4xx, the server survives."""
+"""`headscope atlas serve`: only the atlas folder is served, bad requests get 4xx, the server survives,
+foreign Host headers are refused, and 300 live prompts 50 at a time are all answered correctly."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from headscope.atlas.build import build_atlas
 from headscope.atlas.live import MAX_HEADS, parse_request, BadRequest
-from headscope.atlas.server import MAX_BODY, make_server, safe_path, serve_in_thread
+from headscope.atlas import server as server_mod
+from headscope.atlas.server import MAX_BODY, allowed_hosts, make_server, safe_path, serve_in_thread
 from headscope.capture import capture
 from headscope.errors import HeadscopeError
 from headscope.runs import RunDir
@@ -35,13 +39,16 @@ def server(tiny, tmp_path_factory):
     srv.server_close()
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def request(srv, method, path, body=None, headers=None):
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+    conn.request(method, path, body=body, headers=headers if headers is not None else (JSON if body else {}))
     r = conn.getresponse()
     data = r.read()
     conn.close()
-    return r.status, dict(r.getheaders()), data
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
 
 
 def raw(srv, text: bytes) -> bytes:
@@ -58,10 +65,10 @@ def raw(srv, text: bytes) -> bytes:
 
 def test_serves_the_atlas_only(server):
     st, hd, body = request(server, "GET", "/")
-    assert st == 200 and b"static/atlas.js" in body and hd["Content-Type"].startswith("text/html")
-    assert "default-src 'self'" in hd["Content-Security-Policy"] and hd["X-Content-Type-Options"] == "nosniff"
+    assert st == 200 and b"static/atlas.js" in body and hd["content-type"].startswith("text/html")
+    assert "default-src 'self'" in hd["content-security-policy"] and hd["x-content-type-options"] == "nosniff"
     st, hd, body = request(server, "GET", "/data/index.js?x=1")
-    assert st == 200 and body.startswith(b"window.__atlas_page(") and "javascript" in hd["Content-Type"]
+    assert st == 200 and body.startswith(b"window.__atlas_page(") and "javascript" in hd["content-type"]
     for path in ("/../run.json", "/%2e%2e/run.json", "/%2E%2E/secret.txt", "/data/..%2f..%2fsecret.txt",
                  "/%252e%252e/secret.txt", "/static/%2e%2e/%2e%2e/run.json", "/..%5c..%5crun.json",
                  "/data/index.js%00.png", "/.hidden", "//etc/passwd", "/nope.js", "/api/nothing"):
@@ -69,7 +76,7 @@ def test_serves_the_atlas_only(server):
         assert st == 404, path
         assert b"do not serve" not in body and b"format_version" not in body
     # a raw request line with '..' that no client would normalise
-    resp = raw(server, b"GET /../../secret.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    resp = raw(server, b"GET /../../secret.txt HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert resp.startswith(b"HTTP/1.1 404") and b"do not serve" not in resp
 
 
@@ -123,24 +130,68 @@ def test_bad_requests_then_still_working(server, body, status, msg):
     assert st == 200
 
 
+def test_lone_surrogate_and_deep_nesting_are_400(server):
+    for body in (b'{"prompt": "a \\ud800 b"}', b'{"prompt": "\\udfff"}', b"[" * 5000 + b"]" * 5000,
+                 b'{"prompt": "x", "heads": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        st, hd, out = request(server, "POST", "/api/prompt", body)
+        assert st == 400 and hd["content-type"] == "application/json", (body[:30], st, out[:200])
+        assert json.loads(out)["error"]
+    st, _, _ = request(server, "POST", "/api/prompt", json.dumps({"prompt": "hello"}))
+    assert st == 200
+
+
+def test_post_needs_json_content_type(server):
+    body = json.dumps({"prompt": "hello"})
+    for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"},
+                    {"Content-Type": "multipart/form-data; boundary=x"}):
+        st, _, out = request(server, "POST", "/api/prompt", body, headers)
+        assert st == 415 and "application/json" in json.loads(out)["error"], headers
+    st, _, _ = request(server, "POST", "/api/prompt", body, {"Content-Type": "application/json; charset=utf-8"})
+    assert st == 200
+
+
+def test_foreign_host_headers_are_refused(server):
+    port = server.server_address[1]
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io", "localhost.attacker.example",
+                 "", "[::2]"):
+        for method, path, body in (("GET", "/", None), ("GET", "/data/index.js", None), ("GET", "/api/info", None),
+                                   ("POST", "/api/prompt", json.dumps({"prompt": "x"}))):
+            st, _, out = request(server, method, path, body, {"Host": host, **JSON})
+            assert st == 400 and b"format_version" not in out and b"atlas" not in out, (host, path)
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        st, _, _ = request(server, "GET", "/api/info", None, {"Host": host})
+        assert st == 200, host
+    resp = raw(server, b"GET / HTTP/1.0\r\n\r\n")  # no Host header at all
+    assert resp.startswith(b"HTTP/1.1 400")
+
+
+def test_allowed_hosts_unit():
+    assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "[::1]", "localhost"]
+    assert "[::1]" in allowed_hosts("::1") and "box.lan" in allowed_hosts("127.0.0.1", ["Box.lan"])
+    wild = allowed_hosts("0.0.0.0")
+    assert socket.gethostname().lower() in wild and "attacker.example" not in wild
+
+
 def test_oversized_and_odd_requests(server):
     big = json.dumps({"prompt": "x" * (MAX_BODY + 10)})
     st, _, out = request(server, "POST", "/api/prompt", big)
     assert st == 413
-    resp = raw(server, b"POST /api/prompt HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
+    head = b"POST /api/prompt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    resp = raw(server, head + b"Content-Length: 99999999999\r\n\r\n")
     assert resp.startswith(b"HTTP/1.1 413")
-    resp = raw(server, b"POST /api/prompt HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
-    assert resp.startswith(b"HTTP/1.1 413")
-    resp = raw(server, b"POST /api/prompt HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
-    assert resp.startswith(b"HTTP/1.1 400")
-    resp = raw(server, b"POST /api/prompt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    for bad in (b"-5", b"abc"):
+        resp = raw(server, head + b"Content-Length: " + bad + b"\r\n\r\n")
+        assert resp.startswith(b"HTTP/1.1 400"), resp[:40]
+    resp = raw(server, head + b"Connection: close\r\n\r\n")
     assert resp.startswith(b"HTTP/1.1 411")
     resp = raw(server, b"GARBAGE\r\n\r\n")
     assert b"400" in resp  # HTTP/0.9-style garbage gets a bare error page
     st, _, _ = request(server, "PUT", "/api/prompt", "{}")
     assert st == 405
     st, _, _ = request(server, "POST", "/data/index.js", "{}")
-    assert st == 404
+    assert st == 405
+    st, hd, body = request(server, "HEAD", "/data/index.js")
+    assert st == 200 and body == b"" and int(hd["content-length"]) > 0
     st, _, body = request(server, "GET", "/")
     assert st == 200
 
@@ -149,6 +200,77 @@ def test_parse_request_unit(tiny):
     assert parse_request({"prompt": "hi", "heads": [" 1.2", "1.2", "0.3"]}, tiny) == ("hi", [(1, 2), (0, 3)])
     with pytest.raises(BadRequest):
         parse_request({"prompt": "a\x00b"}, tiny)
+    with pytest.raises(BadRequest, match="surrogate"):
+        parse_request({"prompt": "a\ud800b"}, tiny)
+
+
+def test_client_disconnects_are_quiet(server, capfd):
+    """Clients that hang up mid-request or before reading the answer: no traceback, the server keeps going."""
+    body = json.dumps({"prompt": "The cat sat on the mat. " * 4, "heads": ["1.2"]}).encode()
+    for i in range(40):
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            head = (f"POST /api/prompt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            s.sendall(head + (body if i % 2 else body[: len(body) // 2]))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+    st, _, _ = request(server, "POST", "/api/prompt", json.dumps({"prompt": "hello"}))
+    assert st == 200
+    time.sleep(0.5)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err and len(err.splitlines()) <= 40, err[-2000:]
+
+
+def test_idle_connections_are_dropped_and_do_not_block(tiny, tmp_path, monkeypatch):
+    """200 connections that never send a request neither stop others from being served nor stay open
+    past the request-head deadline."""
+    monkeypatch.setattr(server_mod, "HEADER_TIMEOUT", 1.0)
+    run = RunDir(tmp_path / "r", tiny.identity())
+    build_atlas(run.path, progress=False)
+    srv = make_server(run.path, model=tiny, port=0)
+    serve_in_thread(srv)
+    socks = []
+    try:
+        socks = [socket.create_connection(srv.server_address[:2], timeout=30) for _ in range(200)]
+        socks[0].sendall(b"GET / HTTP/1.1\r\nHost: local")  # a trickled, never finished request head
+        st, _, _ = request(srv, "POST", "/api/prompt", json.dumps({"prompt": "hello"}))
+        assert st == 200
+        deadline = time.time() + 30
+        closed = 0
+        for s in socks:  # each is closed by the server (recv returns b"" or the reset)
+            s.settimeout(max(0.1, deadline - time.time()))
+            try:
+                closed += s.recv(100) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == len(socks)
+    finally:
+        for s in socks:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_load_300_prompts_50_in_parallel(server):
+    """Every one of 300 live prompts sent 50 at a time from 127.0.0.1 is answered, with exactly the
+    answer the same request gets alone."""
+    words = "the cat sat on a mat and then ran far away from home".split()
+    reqs = [json.dumps({"prompt": " ".join(words[i % 7: i % 7 + 3 + i % 5]) + f" {i % 30}",
+                        "heads": [f"{i % 2}.{i % 4}", "1.0"]}) for i in range(30)]
+    alone = []
+    for r in reqs:
+        st, _, out = request(server, "POST", "/api/prompt", r)
+        assert st == 200
+        alone.append(json.loads(out))
+
+    def one(i):
+        st, _, out = request(server, "POST", "/api/prompt", reqs[i % len(reqs)])
+        return i, st, out
+
+    with ThreadPoolExecutor(50) as ex:
+        got = list(ex.map(one, range(300)))
+    assert [st for _, st, _ in got] == [200] * 300
+    for i, _, out in got:
+        assert json.loads(out) == alone[i % len(reqs)], i
 
 
 def test_server_needs_a_built_atlas(tmp_path, tiny):
@@ -170,3 +292,25 @@ def test_server_without_model_has_no_live_box(tmp_path, tiny):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_atlas_files_are_world_readable_and_concurrent_builds_do_not_collide(tmp_path, tiny):
+    """Data pages are written like index.html (readable by the web server's other users), and several
+    builds of one run at once (two studies refreshing the atlas) all succeed and leave one whole atlas."""
+    import os
+    import stat
+    from concurrent.futures import ThreadPoolExecutor as Pool
+    run = RunDir(tmp_path / "r", tiny.identity())
+    with Pool(4) as ex:
+        res = list(ex.map(lambda _: build_atlas(run.path, progress=False), range(4)))
+    assert all(r["n_pages"] > 0 for r in res)
+    atlas = run.path / "atlas"
+    files = [p for p in atlas.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".js" and "data" in p.parts for p in files)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o444 & ~umask == 0o444 & ~umask, p
+    for d in [atlas] + [p for p in atlas.rglob("*") if p.is_dir()]:
+        assert stat.S_IMODE(d.stat().st_mode) & 0o555 & ~umask == 0o555 & ~umask, d
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".atlas")) == []

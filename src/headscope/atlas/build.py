@@ -18,11 +18,13 @@ atlas intact.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HeadscopeError
-from ..runs import RunDir, atomic_write_bytes, read_json
+from ..runs import RunDir, read_json
 from .collect import clean, collect
 
 CHUNK = 50
@@ -219,6 +221,7 @@ def example_lens(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[st
     try:
         from ..lens.apply import load_gains, show
         from ..lens.lenses import load_bank
+        from .live import lens_lists
     except ModuleNotFoundError:
         return None
     bank, _ = load_bank(model, Path(run_dir) / "lens")
@@ -228,15 +231,11 @@ def example_lens(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[st
     for i, text in enumerate(prompts):
         ids = model.to_tokens(text)[:, :MAX_EXAMPLE_TOKENS]
         short = model.tokenizer.decode(ids[0, 1:].tolist())
-        res = show(model, bank, short, k=k, gains=gains)
+        res = show(model, bank, short, k=k, gains=gains, by="prob")
         for name, info in res["heads"].items():
             layer, head = map(int, name.split("."))
-            pos = info["positions"]
-            out.setdefault(layer, {}).setdefault(str(head), []).append({
-                "prompt": i, "gain": info.get("gain"),
-                "lens": [[t for t, _ in p["lens"]] for p in pos],
-                "lens_prob": [[round(q, 4) for _, q in p["lens"]] for p in pos],
-                "unembedding": [[t for t, _ in p["unembed"]] for p in pos]})
+            out.setdefault(layer, {}).setdefault(str(head), []).append(
+                {"prompt": i, **lens_lists(info, len(res["tokens"]))})
     return out
 
 
@@ -272,16 +271,17 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
         ex_lens = example_lens(model, run_dir, examples)
 
     final = run_dir / "atlas"
-    tmp = run_dir / f".atlas.tmp.{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=".atlas.tmp.", dir=run_dir))  # unique: concurrent builds do not collide
+    os.chmod(tmp, 0o755)  # the served folder is world-readable like any web root (mkdtemp makes it 0700)
     pages = 0
 
     def write(key: str, data) -> None:
         nonlocal pages
         if not all(SAFE_KEY.match(p) for p in key.split("/")):
             raise HeadscopeError(f"internal: unsafe atlas page key {key!r}")
-        atomic_write_bytes(tmp / "data" / f"{key}.js", page_js(key, data))
+        path = tmp / "data" / f"{key}.js"  # a plain write (0644 under the usual umask): the whole folder is
+        path.parent.mkdir(parents=True, exist_ok=True)  # committed at once by the rename below
+        path.write_bytes(page_js(key, data))
         pages += 1
 
     try:
@@ -329,12 +329,16 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
                        for k, v in (info.get("stages") or {}).items() if isinstance(v, dict)},
         }
         write("index", clean(index))
-        old = run_dir / f".atlas.old.{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        lock = os.open(run_dir, os.O_RDONLY)  # one swap at a time (concurrent builds): flock the run folder
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = Path(tempfile.mkdtemp(prefix=".atlas.old.", dir=run_dir))  # empty: the rename replaces it
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+        finally:
+            os.close(lock)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

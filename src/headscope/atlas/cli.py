@@ -1,8 +1,7 @@
-"""``headscope atlas build RUN_DIR`` and ``headscope atlas serve RUN_DIR``."""
+"""``headscope atlas build RUN_DIR`` and ``headscope atlas serve RUN_DIR`` (declared in ``atlas/instrument.py``)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -61,12 +60,14 @@ def cmd_build(args) -> int:
 
 def cmd_serve(args) -> int:
     from .build import DEFAULT_EXAMPLES, build_atlas
-    from .server import make_server
+    from .server import bind, make_server
     run_dir = _run_dir(args.run_dir)
+    bind(args.host, args.port).close()  # a bad --host/--port fails now, before the model loads
     model = _load(args, run_dir)
     if args.rebuild or not (run_dir / "atlas" / "index.html").is_file():
         build_atlas(run_dir, model=model, examples=DEFAULT_EXAMPLES)
-    server = make_server(run_dir, model=model, host=args.host, port=args.port, verbose=args.verbose)
+    server = make_server(run_dir, model=model, host=args.host, port=args.port, verbose=args.verbose,
+                         allow_hosts=args.allow_host or ())
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"headscope: warning: serving on {host}, reachable from other machines", file=sys.stderr)
@@ -79,32 +80,3 @@ def cmd_serve(args) -> int:
     finally:
         server.server_close()
     return 0
-
-
-def register(sub) -> None:
-    from ..cli import add_model_args
-    p = sub.add_parser("atlas", help="the head atlas: build the web page of a run, or serve it with live prompts")
-    asub = p.add_subparsers(dest="atlas_command", metavar="ACTION", required=True)
-
-    def model_args(q):
-        add_model_args(q)
-        q.set_defaults(model=None)
-        q.add_argument("--no-model", action="store_true",
-                       help="do not load the model (no example attention patterns, no live prompts)")
-
-    b = asub.add_parser("build", help="write RUN_DIR/atlas/ (open index.html from disk)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("run_dir", metavar="RUN_DIR")
-    model_args(b)
-    b.add_argument("--example", action="append", metavar="TEXT",
-                   help="example prompt whose attention patterns every head page shows (repeatable)")
-    b.set_defaults(func=cmd_build)
-
-    s = asub.add_parser("serve", help="serve RUN_DIR/atlas on 127.0.0.1 with the live prompt box")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    s.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 picks a free one)")
-    s.add_argument("--rebuild", action="store_true", help="rebuild the atlas before serving")
-    s.add_argument("--verbose", action="store_true", help="log every request")
-    s.set_defaults(func=cmd_serve)

@@ -37,6 +37,9 @@ class ServeOptions:
     """address to bind"""
     port: int = 8765
     """port (0 picks a free one)"""
+    allow_host: list[str] = field(default_factory=list)
+    """also answer requests whose Host header is one of these names; by default only the bound address and
+    localhost names are answered (DNS-rebinding protection)"""
     rebuild: bool = False
     """rebuild the atlas before serving"""
     verbose: bool = False

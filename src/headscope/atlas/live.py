@@ -27,6 +27,21 @@ MAX_TOKENS = 128
 MAX_HEADS = 12
 
 
+def lens_lists(info: dict, n_tokens: int) -> dict:
+    """One head of :func:`headscope.lens.apply.show` as per-position lists aligned with the prompt's
+    ``n_tokens`` tokens: {"lens": [S][k] tokens, "lens_prob": [S][k], "unembedding": [S][k], "gain",
+    "informative"}; position 0 is not modelled, so its lists are empty."""
+    view = {"lens": [[] for _ in range(n_tokens)], "lens_prob": [[] for _ in range(n_tokens)],
+            "unembedding": [[] for _ in range(n_tokens)], "gain": info.get("gain"),
+            "informative": info.get("informative")}
+    for p in info["positions"]:
+        t = p["t"]
+        view["lens"][t] = [x[0] for x in p["lens"]]
+        view["lens_prob"][t] = [round(x[1], 4) for x in p["lens"]]
+        view["unembedding"][t] = [x[0] for x in p["unembed"]]
+    return view
+
+
 class BadRequest(HeadscopeError):
     """A malformed or oversized live-prompt request (HTTP 400)."""
 
@@ -45,6 +60,10 @@ def parse_request(body, model, max_chars: int = MAX_CHARS, max_heads: int = MAX_
         raise BadRequest(f"prompt too long: {len(prompt)} characters (at most {max_chars})")
     if "\x00" in prompt:
         raise BadRequest("prompt contains a NUL character")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("prompt is not valid Unicode (it contains a lone surrogate)") from None
     heads = body.get("heads", [])
     if not isinstance(heads, list) or not all(isinstance(x, str) for x in heads):
         raise BadRequest("'heads' must be a list of strings like \"3.1\"")
@@ -173,22 +192,17 @@ class LiveEngine:
         return out
 
     def _lens_view(self, prompt: str, ids, heads, out: dict, k: int = 5) -> None:
-        """Per position, the top-k tokens of each picked head's lens and of its unembedding baseline
-        (``headscope.lens.apply.show``)."""
+        """Per position t ≥ 1, the top-k tokens of each picked head's lens (by probability) and of its
+        unembedding baseline (``headscope.lens.apply.show``); position 0's lists are empty."""
         if not self.lens:
             return
         sites = [s for s in heads if s in self.lens["sites"]]
         if not sites:
             return
         from ..lens.apply import show
-        res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"])
+        res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"], by="prob")
         for name, info in res["heads"].items():
-            pos = info["positions"]
-            out["heads"][name]["lens"] = {
-                "lens": [[t for t, _ in p["lens"]] for p in pos],
-                "lens_prob": [[round(q, 4) for _, q in p["lens"]] for p in pos],
-                "unembedding": [[t for t, _ in p["unembed"]] for p in pos],
-                "gain": info.get("gain")}
+            out["heads"][name]["lens"] = lens_lists(info, len(out["tokens"]))
 
     def _sae_view(self, prompt: str, ids, heads, out: dict, k: int = 5, n_src: int = 5) -> None:
         """For each SAE: per position the ``k`` most active features, each with its DFA over source

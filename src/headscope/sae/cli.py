@@ -43,6 +43,8 @@ def cmd_dfa(model, a) -> int:
     from .train import sae_dir
     run = _run(a, model)
     sae = load_sae(sae_dir(run, a.name), model)
+    if not 0 <= a.feature < sae.cfg.d_sae:
+        raise HeadscopeError(f"--feature {a.feature} does not exist: SAE {a.name} has features 0..{sae.cfg.d_sae - 1}")
     ids = model.to_tokens(a.prompt)
     S = ids.shape[1]
     t = a.dest if a.dest >= 0 else S + a.dest

@@ -1,0 +1,317 @@
+"""Every bad input is a one-line error: exit status 2, exactly one line on stderr, nothing written.
+
+One table row per bad input, across every command. A row is the command line a user would type, with
+placeholders for the fixture's paths, and a regular expression the error line must match. Each row
+runs ``headscope.cli.main(argv)`` in-process against a tiny random model saved to disk and a finished
+tiny run (heads, lens, SAE, neurons, atlas), and checks that no file under the test's folder was
+created, changed or removed (a bad ``--force`` must not overwrite good data; a bad ``--out`` must not
+create a run directory).
+
+A new command joins the table with one ``bad(...)`` row per bad input. Rows that are not fixed yet are
+``pending(...)``: a strict xfail naming who fixes it, so the row fails loudly once it is fixed and the
+marker must go.
+
+Placeholders: ``{model}`` the saved tiny model, ``{run}`` the finished run, ``{nonull}`` a copy of its
+lenses without the null lens, ``{new}`` a path that does not exist (and must not afterwards),
+``{file}`` an existing plain file, ``{empty}`` an empty file, ``{ro}`` a read-only folder, ``{toml:X}``
+a study config from ``CONFIGS[X]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from headscope.cli import main
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+LEAD = "lead: stage contract / options dataclasses (issue 11)"
+
+CONFIGS = {
+    "typo_int": '[heads.score]\nn_seqs = "two"\n',
+    "typo_layers": "[lens.train]\nlayers = [2]\n",
+    "typo_k": '[sae.train]\nlayer = 1\nk = "8"\n',
+    "unknown_table": "[nonsense]\nx = 1\n",
+    "bad_range": "[heads.score]\nn_seqs = 0\n",
+}
+
+STUDY = """
+[heads.score]
+n_seqs = 4
+half_len = 8
+prefix_examples = 4
+prefix_lengths = [1, 2]
+[lens.train]
+layers = "2"
+heads = "0,1"
+tokens = 256
+init_tokens = 256
+batch_size = 4
+[lens.eval]
+tokens = 256
+[sae.train]
+layer = 1
+n_tokens = 1024
+batch_size = 256
+k = 8
+[neurons.find]
+per_layer = 3
+require_space = false
+min_chars = 1
+[neurons.mine]
+top_k = 4
+top_k_test = 2
+max_tokens = 2000
+"""
+
+
+def bad(cmd: str, match: str, id: str | None = None):
+    """A bad input that is handled: ``cmd`` (shell words, placeholders) fails with one line matching ``match``."""
+    return pytest.param(cmd, match, id=id or cmd)
+
+
+def pending(cmd: str, match: str, reason: str, id: str | None = None):
+    """A bad input that is not handled yet (strict xfail: fixing it fails this row until the marker goes)."""
+    return pytest.param(cmd, match, id=id or cmd, marks=pytest.mark.xfail(strict=True, reason=reason))
+
+
+def as_user(cmd: str, match: str, id: str | None = None):
+    """A row that needs permissions to bite (read-only folders): skipped when the tests run as root."""
+    return pytest.param(cmd, match, id=id or cmd,
+                        marks=pytest.mark.skipif(AS_ROOT, reason="root ignores read-only permissions"))
+
+
+M = "--model {model}"
+ROWS = [
+    # ---- heads
+    bad(f"heads score {M} --out {{new}} --n-seqs 0", r"n.seqs"),
+    bad(f"heads score {M} --out {{new}} --batch-size 0", r"batch.size"),
+    bad(f"heads score {M} --out {{new}} --prefix-examples -1", r"prefix.examples"),
+    pending(f"heads score {M} --out {{new}} --layers abc", r"cannot parse layers 'abc'",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    pending(f"heads score {M} --out {{new}} --layers 99", r"layer 99 is out of range",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    pending(f"heads score {M} --out {{new}} --half-len 100000", r"context",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    bad(f"heads score {M} --out {{file}} --n-seqs 2", r"--out .* is a file"),
+    bad(f"heads score {M} --out {{new}} --n-seqs two", r"n.seqs"),
+    # ---- lens
+    pending(f"lens train {M} --out {{new}} --layers 99", r"layer 99 is out of range",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    pending(f"lens train {M} --out {{new}} --heads 9.9", r"layer 9 is out of range",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    bad(f"lens train {M} --out {{new}} --tokens -1", r"tokens"),
+    pending(f"lens train {M} --out {{new}} --batch-size 100000 --tokens 16 --init-tokens 16", r"batch.size",
+            "lens: train.py blames the token counts when --batch-size is too large for the corpus"),
+    bad(f"lens train {M} --out {{file}}", r"--out .* is a file"),
+    as_user(f"lens train {M} --out {{ro}}/sub --tokens 0", r"not writable"),
+    bad(f"lens train {M} --out {{new}} --kind bogus", r"kind"),
+    bad(f"lens eval {M} --out {{new}}", r"lens train"),
+    bad(f"lens eval {M} --out {{file}}", r"--out .* is a file"),
+    bad(f"lens show {M} --out {{run}} -k 100000 hello", r"-k"),
+    bad(f"lens show {M} --out {{run}} -k 0 hello", r"-k"),
+    bad(f"lens show {M} --out {{run}} -k -1 hello", r"-k"),
+    bad(f"lens show {M} --out {{run}} --heads 0.0 hello", r"no lens trained for head"),
+    bad(f"lens show {M} --out {{new}} hello", r"no run directory"),
+    pending(f"lens show {M} --out {{nonull}} hello", r"[^s]/lens/null\.safetensors",
+            "lens: a missing null lens is reported as lens/lens/null.safetensors (lens/train.py load_null)"),
+    bad(f"lens scan {M} --out {{run}} --token-list {{new}} --prompts {{file}}", r"token list file not found"),
+    bad(f"lens scan {M} --out {{run}} --token-list {{file}} --prompts {{empty}}", r"prompts file .* is empty"),
+    bad(f"lens scan {M} --out {{run}} --token-list {{file}} --prompts {{file}} -k 0", r"-k"),
+    bad(f"lens steer {M} --out {{run}} hello --add 9.9:x", r"layer 9 is out of range"),
+    bad(f"lens steer {M} --out {{run}} hello --scale 0.0:abc", r"cannot parse --scale"),
+    bad(f"lens steer {M} --out {{run}} hello --ablate 0.0 --new-tokens 0", r"new.tokens"),
+    # ---- sae
+    bad(f"sae dfa {M} --out {{run}} --name L1 --feature 9999 --prompt hello", r"feature"),
+    bad(f"sae dfa {M} --out {{run}} --name L1 --feature -1 --prompt hello", r"feature"),
+    bad(f"sae dfa {M} --out {{run}} --name nope --feature 1 --prompt hello", r"nope"),
+    bad(f"sae dfa {M} --out {{run}} --name L1 --feature 1 --prompt hello --dest 99", r"--dest 99 is out of range"),
+    pending(f"sae train {M} --out {{new}} --layer 99", r"layer 99 is out of range",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    bad(f"sae train {M} --out {{new}} --layer 0 --k 0", r"\bk\b"),
+    bad(f"sae train {M} --out {{new}} --layer 0 --n-tokens 0", r"n.tokens"),
+    bad(f"sae train {M} --out {{new}} --layer 0 --batch-size 0", r"batch.size"),
+    pending(f"sae train {M} --out {{new}} --layer 0 --cache {{new}}", r"cache",
+            LEAD + ": cli._stage_handler creates RUN/run.json before the stage's model-dependent checks"),
+    bad(f"sae train {M} --out {{new}} --layer 0 --architecture bogus", r"architecture"),
+    bad(f"sae eval {M} --out {{run}} --name nope", r"nope"),
+    pending(f"sae eval {M} --out {{run}} --name L1 --n-tokens 0 --force", r"n.tokens",
+            "sae: the message names --tokens, the flag is --n-tokens"),
+    bad(f"sae sweep {M} --out {{new}} --layer 0 --values a b", r"values"),
+    bad(f"sae cache {M} --layers 99 --dir {{new}}", r"layer 99 is out of range"),
+    pending(f"sae cache {M} --layers 0 --dir {{file}} --tokens 100", r"--dir|not a directory|is a file",
+            "sae: sae/store.py checks --dir only when it writes the first shard (after a progress bar)"),
+    bad(f"sae analysis {M} --out {{run}} --name nope", r"nope"),
+    pending(f"sae dashboards {M} --out {{run}} --name L1 --n-tokens 0", r"n.tokens",
+            "sae: the message names --tokens, the flag is --n-tokens"),
+    pending(f"sae ioi {M} --out {{run}} --name L1 --n-prompts 0", r"n.prompts",
+            "sae: the message names --prompts, the flag is --n-prompts"),
+    # ---- neurons
+    bad(f"neurons mine {M} --out {{run}} --top-k 0 --force", r"top.k"),
+    bad(f"neurons mine {M} --out {{run}} --keep 2 --force", r"keep"),
+    bad(f"neurons find {M} --out {{run}} --per-layer 0 --force", r"per.layer"),
+    bad(f"neurons find {M} --out {{run}} --layers 77 --force", r"layer 77 is out of range"),
+    bad(f"neurons find {M} --out {{run}} --reject-file {{new}} --force", r"reject"),
+    bad(f"neurons attribute {M} --out {{run}} --low 0.9 --high 0.1 --force", r"low.*high|high.*low"),
+    bad(f"neurons attribute {M} --out {{new}}", r"neurons mine"),
+    bad(f"neurons find {M} --out {{new}} --which bogus", r"which"),
+    bad(f"neurons ablate {M} --out {{new}}", r"no run directory|neurons attribute"),
+    bad(f"neurons ablate {M} --out {{run}} --mode bogus", r"mode"),
+    # ---- explain
+    bad(f"explain run {M} --out {{run}} --backend openai --base-url 'not a url'", r"base.url"),
+    bad(f"explain run {M} --out {{run}} --backend openai --base-url http://127.0.0.1:9/v1 --concurrency 0",
+        r"concurrency"),
+    bad("explain compare --out {new}", r"no run directory"),
+    bad(f"explain baseline {M} --out {{new}}", r"no run directory|neurons"),
+    bad(f"explain baseline {M} --out {{run}} --timeout 0", r"timeout"),
+    bad(f"explain dry-run {M} --out {{run}} --backend openai --base-url 'not a url'", r"base.url"),
+    bad(f"explain score {M} --out {{new}}", r"no run directory|neurons mine"),
+    # ---- atlas
+    bad("atlas serve {run} --no-model --port 70000", r"--port 70000 is out of range"),
+    bad("atlas serve {run} --no-model --port -1", r"--port -1 is out of range"),
+    bad("atlas serve {run} --no-model --host 999.1.1.1 --port 0", r"cannot listen on 999\.1\.1\.1"),
+    bad("atlas serve {new} --no-model", r"no run directory"),
+    bad("atlas serve {file} --no-model", r"no run directory"),
+    bad("atlas build {new} --no-model", r"no run directory"),
+    bad("atlas serve {run} --no-model --port abc", r"port"),
+    # ---- study
+    bad(f"study {{new}} {M} --out {{new}}", r"study config not found"),
+    bad(f"study {{file}} {M} --out {{new}}", r"not valid TOML"),
+    bad(f"study {{toml:unknown_table}} {M} --out {{new}}", r"unknown table|nonsense"),
+    bad(f"study {{toml:typo_int}} {M} --out {{new}}", r"n_seqs"),
+    bad(f"study {{toml:typo_layers}} {M} --out {{new}}", r"layers"),
+    bad(f"study {{toml:typo_k}} {M} --out {{new}}", r"\bk\b"),
+    bad(f"study {{toml:bad_range}} {M} --out {{new}}", r"n.seqs"),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved tiny model, a finished tiny run (every instrument + atlas) and a few odd paths."""
+    from headscope.atlas.build import build_atlas
+    from headscope.models.load import load_model
+    from headscope.study import load_config, run_study
+    from headscope.testing.tiny import save_tiny_model
+    root = tmp_path_factory.mktemp("bad")
+    model_dir = save_tiny_model("llama_gqa", root / "model")
+    model = load_model(str(model_dir))
+    (root / "study.toml").write_text(STUDY)
+    run_study(load_config(root / "study.toml"), out=root / "run", model=model, progress=False)
+    build_atlas(root / "run", model=None, progress=False)
+    nonull = root / "nonull"
+    shutil.copytree(root / "run" / "lens", nonull / "lens")
+    shutil.copy(root / "run" / "run.json", nonull / "run.json")
+    (nonull / "lens" / "null.safetensors").unlink()
+    (root / "file.txt").write_text("the\nword\n")
+    (root / "empty.txt").write_text("")
+    ro = root / "ro"
+    ro.mkdir()
+    for name, text in CONFIGS.items():
+        (root / f"{name}.toml").write_text(text)
+    os.chmod(ro, 0o555)
+    pristine = tmp_path_factory.mktemp("pristine")
+    shutil.copytree(root, pristine / "root", symlinks=True, ignore=shutil.ignore_patterns("model", "ro"))
+    yield {"root": root, "model": model_dir, "pristine": pristine / "root"}
+    os.chmod(ro, 0o755)
+
+
+def restore(world, changed: list[str]) -> None:
+    """Undo what a failing row wrote, so that the next rows see the fixture as it was."""
+    root, pristine = world["root"], world["pristine"]
+    for top in sorted({c.split(os.sep)[0] for c in changed} - {"model", "ro", "."}):
+        target = root / top
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        src = pristine / top
+        if src.is_dir():
+            shutil.copytree(src, target)
+        elif src.exists():
+            shutil.copy2(src, target)
+
+
+def expand(cmd: str, world) -> list[str]:
+    root = world["root"]
+    paths = {"model": world["model"], "run": root / "run", "nonull": root / "nonull", "new": root / "new",
+             "file": root / "file.txt", "empty": root / "empty.txt", "ro": root / "ro"}
+    cmd = re.sub(r"\{toml:(\w+)\}", lambda m: shlex.quote(str(root / f"{m.group(1)}.toml")), cmd)
+    return [w.format(**{k: str(v) for k, v in paths.items()}) for w in shlex.split(cmd)]
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file and folder under ``root`` with its size and modification time (the saved model excluded)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == "model":
+            dirnames[:] = []
+            continue
+        out[rel + "/"] = None
+        for f in filenames:
+            st = os.stat(os.path.join(dirpath, f))
+            out[os.path.join(rel, f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture()
+def quiet_hub(monkeypatch):
+    """No download-style progress bars from transformers, no API key from the environment, and a server
+    that would start serving fails instead of blocking the test."""
+    import transformers
+    from headscope.atlas import server
+
+    def refuse(self):
+        raise RuntimeError("a bad input started the atlas server")
+    monkeypatch.setattr(server.AtlasServer, "serve_forever", refuse)
+    transformers.utils.logging.disable_progress_bar()
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HEADSCOPE_BASE_URL", "https://api.openai.com/v1")
+    yield
+    transformers.utils.logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("cmd,match", ROWS)
+def test_bad_input_is_one_line_and_writes_nothing(cmd, match, world, quiet_hub, capsys):
+    argv = expand(cmd, world)
+    before = snapshot(world["root"])
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    after = snapshot(world["root"])
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, 0) != after.get(k, 0))
+    if changed:
+        restore(world, changed)
+    assert rc == 2, f"exit status {rc}, stderr: {err[-800:]}"
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{err[-1500:]}"
+    assert lines[0].startswith("headscope: error: ") or lines[0].startswith("headscope"), lines[0]
+    assert re.search(match, lines[0]), f"{lines[0]!r} does not match {match!r}"
+    assert not changed, f"written: {changed[:10]}"
+
+
+def test_the_table_covers_every_command():
+    """Each subcommand the CLI offers has at least one row (a new command must add its bad inputs)."""
+    from headscope.cli import build_parser
+    parser = build_parser()
+    commands = set()
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            subs = [a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction"]
+            if not subs:
+                commands.add(name)
+            for a in subs:
+                commands |= {f"{name} {n}" for n in a.choices}
+    covered = {" ".join(p.values[0].split()[:2]) for p in ROWS} | {p.values[0].split()[0] for p in ROWS}
+    exempt = {"demo"}  # demo: a study of a built-in config; its bad inputs are the study's
+    missing = sorted(c for c in commands - exempt if c not in covered)
+    assert not missing, f"commands without a bad-input row: {missing}"
+    assert len(ROWS) >= 40
