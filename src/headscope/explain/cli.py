@@ -1,5 +1,7 @@
 """``headscope explain run|score|compare|baseline``: written explanations of (neuron, head) pairs,
-their scores on held-out prompts, and the random-neuron baseline."""
+their scores on held-out prompts, and the random-neuron baseline; ``explain features|score-features``:
+the same for SAE features (detection and fuzzing beside shuffled explanations); ``explain label``: a
+one-line label per head from what headscope measured."""
 
 from __future__ import annotations
 
@@ -59,6 +61,128 @@ def register(sub) -> None:
     b.add_argument("--force", action="store_true")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_baseline)
+    from .features import FeatureExplainOptions, FeatureScoreOptions
+    f = es.add_parser("features", help="explain SAE features from max-activating and random held-out contexts")
+    _dataclass_args(f, FeatureExplainOptions); _client_args(f); add_model_args(f); add_out_arg(f)
+    f.add_argument("--dry-run", default=None, metavar="JSONL",
+                   help="openai backend: write the requests to JSONL; send nothing")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_features)
+    g = es.add_parser("score-features", help="detection and fuzzing scores of feature explanations, beside "
+                                             "shuffled explanations, with bootstrap CIs")
+    _dataclass_args(g, FeatureScoreOptions); _client_args(g); add_model_args(g); add_out_arg(g)
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=_score_features)
+    from .head_label import LabelOptions
+    lb = es.add_parser("label", help="a one-line label per head from what headscope measured (+ an LLM summary)")
+    _dataclass_args(lb, LabelOptions); _client_args(lb); add_model_args(lb); add_out_arg(lb)
+    lb.add_argument("--quiet", action="store_true")
+    lb.set_defaults(func=_label)
+
+
+def _dataclass_args(p, cls) -> None:
+    """One --flag per field of an options dataclass (help: the string under the field)."""
+    import ast
+    import dataclasses
+    import inspect
+    import typing
+    docs = {}
+    try:
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = b.value.value
+    except (OSError, TypeError):
+        pass
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        t, flag = hints[fld.name], "--" + fld.name.replace("_", "-")
+        kw = {"default": fld.default, "help": (docs.get(fld.name, "") + " (default: %(default)s)").strip()}
+        if typing.get_origin(t) is typing.Literal:
+            kw["choices"] = typing.get_args(t)
+        elif typing.get_origin(t) is list:
+            kw |= {"nargs": "+", "type": typing.get_args(t)[0], "default": list(fld.default)}
+        elif t is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = t
+        p.add_argument(flag, dest=fld.name, **kw)
+
+
+def _client_args(p) -> None:
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--cache-dir", default=None, help="response cache (default: RUN/explain/cache)")
+
+
+def _opts(args, cls):
+    import dataclasses
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _client(args, dry_run=None) -> dict:
+    return {"api_key_env": args.api_key_env, "concurrency": args.concurrency, "max_retries": args.max_retries,
+            "timeout": args.timeout, "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
+            "dry_run": dry_run, "device": args.device}
+
+
+def _fmt_ci(m: dict) -> str:
+    if not m or m.get("mean") is None:
+        return "n/a"
+    ci = m.get("ci")
+    return f"{m['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _features(args) -> int:
+    from ..errors import HeadscopeError
+    from .features import FeatureExplainOptions, make_feature_backend, run_explain_features
+    opts = _opts(args, FeatureExplainOptions)
+    if args.dry_run and opts.backend != "openai":
+        raise HeadscopeError("--dry-run applies to --backend openai")
+    model, run = _open(args)
+    dry = Path(args.dry_run) if args.dry_run else None
+    if dry is not None and dry.exists():
+        dry.unlink()
+    be = make_feature_backend(opts, run, model, **_client(args, dry))
+    res = run_explain_features(model, run, opts, progress=not args.quiet, backend=be)
+    if "dry_run" in res:
+        print(f"dry run: {res['explain_requests']} explanation requests written to {res['dry_run']}")
+    else:
+        print(f"{res['features']} features of SAE {res['sae']} explained with the {res['backend']} backend")
+    return 0
+
+
+def _score_features(args) -> int:
+    from .features import FeatureScoreOptions, make_feature_backend, run_score_features
+    opts = _opts(args, FeatureScoreOptions)
+    model, run = _open(args)
+    be = make_feature_backend(opts, run, model, **_client(args))
+    s = run_score_features(model, run, opts, progress=not args.quiet, backend=be)
+    print(f"SAE {s['sae']}: judgements read from {s['probabilities']}")
+    for kind in opts.scorers:
+        k = s[kind]
+        line = (f"{kind}: balanced accuracy {_fmt_ci(k['balanced_accuracy'])} vs shuffled explanations "
+                f"{_fmt_ci(k['shuffled_balanced_accuracy'])} (difference {_fmt_ci(k['difference'])}, "
+                f"{k['units']} features, {k['skipped']} skipped)")
+        if k.get("auroc"):
+            line += f"; AUROC {_fmt_ci(k['auroc'])} vs {_fmt_ci(k['shuffled_auroc'])}"
+        print(line)
+    return 0
+
+
+def _label(args) -> int:
+    from .head_label import LabelOptions, run_labels
+    opts = _opts(args, LabelOptions)
+    from ..runs import RunDir
+    if opts.backend == "none":
+        model, run = None, RunDir(args.out)
+    else:
+        model, run = _open(args)
+    res = run_labels(model, run, opts, progress=not args.quiet, client=_client(args))
+    print(f"{res['heads']} heads labelled ({res['summaries']} written summaries) -> {res['path']}")
+    return 0
 
 
 def _options(args, dry_run=None) -> dict:
