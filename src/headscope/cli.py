@@ -20,6 +20,7 @@ COMMANDS = (
     "headscope.sae.cli",
     "headscope.neurons.cli",
     "headscope.explain.cli",
+    "headscope.export.cli",
     "headscope.atlas.cli",
     "headscope.study",
 )
