@@ -73,6 +73,12 @@ def register(sub) -> None:
     _dataclass_args(g, FeatureScoreOptions); _client_args(g); add_model_args(g); add_out_arg(g)
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=_score_features)
+    from .pair_scores import PairScoreOptions
+    sp = es.add_parser("score-pairs", help="detection scores of (neuron, head) explanations beside shuffled "
+                                          "explanations, with bootstrap CIs and AUROC")
+    _dataclass_args(sp, PairScoreOptions); _client_args(sp); add_model_args(sp); add_out_arg(sp)
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=_score_pairs)
     from .head_label import LabelOptions
     lb = es.add_parser("label", help="a one-line label per head from what headscope measured (+ an LLM summary)")
     _dataclass_args(lb, LabelOptions); _client_args(lb); add_model_args(lb); add_out_arg(lb)
@@ -169,6 +175,22 @@ def _score_features(args) -> int:
         if k.get("auroc"):
             line += f"; AUROC {_fmt_ci(k['auroc'])} vs {_fmt_ci(k['shuffled_auroc'])}"
         print(line)
+    return 0
+
+
+def _score_pairs(args) -> int:
+    from .pair_scores import PairScoreOptions, run_score_pairs
+    opts = _opts(args, PairScoreOptions)
+    model, run = _open(args)
+    c = {k: v for k, v in _client(args).items() if k != "device"} | {"device": args.device}
+    s = run_score_pairs(model, run, opts, progress=not args.quiet, client=c)
+    k = s["detection"]
+    line = (f"{opts.which} pairs, judgements from {s['probabilities']}: balanced accuracy "
+            f"{_fmt_ci(k['balanced_accuracy'])} vs shuffled explanations {_fmt_ci(k['shuffled_balanced_accuracy'])} "
+            f"(difference {_fmt_ci(k['difference'])}, {k['units']} pairs, {k['skipped']} skipped)")
+    if k.get("auroc"):
+        line += f"; AUROC {_fmt_ci(k['auroc'])} vs {_fmt_ci(k['shuffled_auroc'])}"
+    print(line)
     return 0
 
 
