@@ -51,7 +51,7 @@ class FeatureExplainOptions:
     backend: Literal["statistical", "openai", "local"] = "statistical"
     """statistical: offline token-rate rule; openai: any OpenAI-compatible endpoint; local: HF chat model"""
     features: int = 64
-    """features explained, drawn at random among the alive ones (0: all)"""
+    """features explained, drawn at random among the alive ones (0: all; fewer are a subset of more)"""
     n_explain: int = 10
     """max-activating contexts shown, and as many random held-out contexts"""
     n_test: int = 10
@@ -187,8 +187,9 @@ def run_feature_contexts(model, run: RunDir, opts: FeatureExplainOptions, progre
     alive = sorted(recs)
     _check(len(alive) >= 2, f"SAE '{name}' has {len(alive)} alive feature(s) in its dashboards: a shuffled-"
                             "explanation baseline needs at least two")
-    rng = random.Random(opts.seed)
-    chosen = sorted(rng.sample(alive, opts.features)) if 0 < opts.features < len(alive) else alive
+    order = list(alive)
+    random.Random(opts.seed).shuffle(order)  # a prefix: fewer features are a subset of more
+    chosen = sorted(order[:opts.features]) if 0 < opts.features < len(alive) else alive
     sae = load_sae(folder, model).to(model.device)
     tj = folder / "train.json"
     cfg = read_json(tj)["config"] if tj.is_file() else {}
@@ -202,17 +203,18 @@ def run_feature_contexts(model, run: RunDir, opts: FeatureExplainOptions, progre
     out = {}
     for f in chosen:
         r = recs[f]
+        rf = random.Random(f"{opts.seed}:{f}")  # a feature's contexts do not depend on which others were drawn
         active = [Context(e["context"], e["acts"]) for e in r["examples"][:opts.n_explain]]
         top_keys = {(e["seq"], e["pos"]) for e in r["examples"][:opts.n_explain]}
-        shown = [Context(t, a[:, f].tolist()) for t, a in rng.sample(explain_wins, min(opts.n_explain, half))]
+        shown = [Context(t, a[:, f].tolist()) for t, a in rf.sample(explain_wins, min(opts.n_explain, half))]
         samples = [e for q in r["quantiles"] for e in q["examples"] if (e["seq"], e["pos"]) not in top_keys]
-        rng.shuffle(samples)
+        rf.shuffle(samples)
         pos = [Context(e["context"], e["acts"]) for e in samples[:opts.n_test]]
         zero = [(t, a[:, f]) for t, a in test_wins if float(a[:, f].max()) <= 0]
         neg = [Context(t, a.tolist()) for t, a in zero[:opts.n_test]]
         fuzz = []
         for c in pos:
-            fz = _fuzzed(c, rng)
+            fz = _fuzzed(c, rf)
             if fz is not None:
                 fuzz += [(Context(c.tokens, c.acts, c.marked()), True), (fz, False)]
         out[str(f)] = {"explain": {"active": [c.to_json() for c in active], "random": [c.to_json() for c in shown]},
@@ -269,11 +271,16 @@ def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: 
     ex_path = d / f"explanations_{ex_name}.json"
     _check(ex_path.is_file(), f"missing {ex_path}: run `headscope explain features --backend {ex_name}` first")
     ctx = read_json(d / "contexts.json")
-    ex = read_json(ex_path)["features"]
+    exj = read_json(ex_path)
+    same = ("n_explain", "n_test", "windows", "seed")
+    diff = [k for k in same if exj.get("options", {}).get(k) != ctx["options"].get(k)]
+    _check(not diff, f"{ex_path.name} was made from other contexts than contexts.json ({', '.join(diff)} differ): "
+                     f"rerun `headscope explain features --backend {ex_name}` with the options of the last run")
+    ex = exj["features"]
     units = []
     for f, e in ex.items():
         c = ctx["features"].get(f)
-        if c is None:
+        if c is None:  # explained in an earlier run that drew other features
             continue
         units.append({"id": f, "explanation": e["explanation"],
                       "items": {k: [(Context.from_json(x), bool(t)) for x, t in c[k]] for k in opts.scorers}})
