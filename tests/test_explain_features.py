@@ -29,7 +29,7 @@ def sae_run(tmp_path_factory):
 
 def test_contexts_are_what_they_claim(sae_run):
     model, run = sae_run
-    opts = FeatureExplainOptions(features=6, n_explain=4, n_test=5, windows=200)
+    opts = FeatureExplainOptions(sae="L1", features=6, n_explain=4, n_test=5, windows=200)
     ctx = run_feature_contexts(model, run, opts, progress=False)
     assert ctx["sae"] == "L1" and len(ctx["features"]) == 6
     left, right = ctx["window"]
@@ -49,12 +49,12 @@ def test_contexts_are_what_they_claim(sae_run):
 
 def test_statistical_explanations_and_scores(sae_run):
     model, run = sae_run
-    opts = FeatureExplainOptions(features=8, n_explain=6, n_test=6, windows=300)
+    opts = FeatureExplainOptions(sae="L1", features=8, n_explain=6, n_test=6, windows=300)
     res = run_explain_features(model, run, opts, progress=False)
     assert res["features"] == 8
     ex = read_json(run / "explain/features/L1/explanations_statistical.json")
     assert all(e["explanation"].startswith("Fires on the tokens") for e in ex["features"].values())
-    s = run_score_features(model, run, FeatureScoreOptions(), progress=False)
+    s = run_score_features(model, run, FeatureScoreOptions(sae="L1"), progress=False)
     assert s["probabilities"] == "rule"
     out = read_json(run / "explain/features/L1/scores_statistical_by_statistical.json")
     assert len(out["features"]) == 8
@@ -65,7 +65,7 @@ def test_statistical_explanations_and_scores(sae_run):
             assert set(summ[key]) >= {"mean", "ci", "n"}
         assert (run / f"explain/features/L1/scores_statistical_by_statistical_{kind}.png").is_file()
     with pytest.raises(HeadscopeError, match="choose from detection, fuzzing"):
-        FeatureScoreOptions(scorers=["vibes"])
+        FeatureScoreOptions(sae="L1", scorers=["vibes"])
 
 
 def test_endpoint_judge_reads_logprobs(sae_run, tmp_path):
@@ -75,12 +75,12 @@ def test_endpoint_judge_reads_logprobs(sae_run, tmp_path):
     s = Server(default=("lp", "Yes", {"Yes": -0.1, "No": -2.5}))
     try:
         be = OpenAIExplainer(ChatClient(s.url, "m", concurrency=2, timeout=5))
-        opts = FeatureExplainOptions(backend="openai", features=3, n_explain=3, n_test=2, windows=100)
+        opts = FeatureExplainOptions(sae="L1", backend="openai", features=3, n_explain=3, n_test=2, windows=100)
         s.default = ("ok", "Fires on commas.")
         run_explain_features(model, run, opts, progress=False, backend=be)
         assert "<<" in s.requests[0]["body"]["messages"][1]["content"]   # activating tokens highlighted
         s.default = ("lp", "Yes", {"Yes": -0.1, "No": -2.5})
-        res = run_score_features(model, run, FeatureScoreOptions(backend="openai", scorers=["detection"]),
+        res = run_score_features(model, run, FeatureScoreOptions(sae="L1", backend="openai", scorers=["detection"]),
                                  progress=False, backend=be)
         assert res["probabilities"] == "logprobs"
         out = read_json(run / "explain/features/L1/scores_openai_by_openai.json")

@@ -51,9 +51,9 @@ def sae_run(tmp_path_factory):
               buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
     run_eval(model, run, "L1", n_tokens=512, batch_size=4, progress=False)
     run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
-    run_explain_features(model, run, FeatureExplainOptions(features=6, n_explain=4, n_test=4, windows=200),
+    run_explain_features(model, run, FeatureExplainOptions(sae="L1", features=6, n_explain=4, n_test=4, windows=200),
                          progress=False)
-    run_score_features(model, run, FeatureScoreOptions(), progress=False)
+    run_score_features(model, run, FeatureScoreOptions(sae="L1"), progress=False)
     return model, run, tmp
 
 
@@ -66,7 +66,7 @@ def _jsonl_gz(folder):
 
 def test_neuronpedia_layout_and_field_names(sae_run):
     model, run, tmp = sae_run
-    res = export_neuronpedia(run, tmp / "np", NeuronpediaOptions(model_id="tiny-gpt2", batch_size=5))
+    res = export_neuronpedia(run, tmp / "np", NeuronpediaOptions(model_id="tiny-gpt2", batch_size=5, to=str(tmp / "np")))
     src = tmp / "np/tiny-gpt2/1-headscope-att"
     assert res["folder"] == str(src)
     feats, acts, expl = (_jsonl_gz(src / d) for d in ("features", "activations", "explanations"))
@@ -96,13 +96,13 @@ def test_neuronpedia_layout_and_field_names(sae_run):
     assert {e["index"] for e in expl} == set(ex) and all(e["typeName"] == "headscope-statistical" for e in expl)
     assert all(json.loads(e["notes"])["scores"]["statistical"]["detection"] for e in expl)
     with pytest.raises(HeadscopeError, match="exists"):
-        export_neuronpedia(run, tmp / "np", NeuronpediaOptions(model_id="tiny-gpt2"))
+        export_neuronpedia(run, tmp / "np", NeuronpediaOptions(model_id="tiny-gpt2", to=str(tmp / "np")))
 
 
 def test_hf_folder_loads_in_saelens(sae_run):
     from sae_lens import SAE
     model, run, tmp = sae_run
-    res = export_hf(run, tmp / "repo", HFOptions(repo_id="me/tiny-attn-sae"))
+    res = export_hf(run, tmp / "repo", HFOptions(repo_id="me/tiny-attn-sae", to=str(tmp / "repo")))
     sae_id = res["sae_id"]
     assert sae_id == "blocks.1.attn.hook_z"
     d = tmp / "repo" / sae_id

@@ -32,9 +32,9 @@ def run_dir(tmp_path_factory):
               buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
     run_analysis(model, run, "L1")
     run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
-    run_explain_features(model, run, FeatureExplainOptions(features=0, n_explain=5, n_test=4, windows=200),
+    run_explain_features(model, run, FeatureExplainOptions(sae="L1", features=0, n_explain=5, n_test=4, windows=200),
                          progress=False)
-    run_score_features(model, run, FeatureScoreOptions(), progress=False)
+    run_score_features(model, run, FeatureScoreOptions(sae="L1"), progress=False)
     run_labels(None, run, LabelOptions())
     build_atlas(run.path, progress=False)
     return run.path
@@ -112,3 +112,40 @@ def test_browser_label_feature_page_and_search(browser, run_dir):  # noqa: F811
     assert page.locator(".hits-feature a").count() == 0
     assert not errors, errors
     page.close()
+
+
+class _Writer:
+    """A stand-in LLM back-end that writes a fixed summary and records the prompts it got."""
+
+    name = "stub"
+
+    def __init__(self):
+        self.prompts = []
+
+    def complete_many(self, msgs):
+        self.prompts += msgs
+        return ["Writes summaries."] * len(msgs)
+
+
+def test_llm_summary_from_the_facts_and_dropped_when_stale(run_dir, tmp_path):
+    import shutil
+    from headscope.explain.atlas_data import atlas_data
+    from headscope.explain.head_label import LabelOptions, run_labels
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy, ignore=shutil.ignore_patterns("atlas"))
+    run = RunDir(run_copy)
+    w = _Writer()
+    res = run_labels(None, run, LabelOptions(summary="openai"), progress=False, backend=w)
+    assert res["summaries"] == res["heads"] == len(w.prompts) > 0
+    labels = read_json(run_copy / "explain/labels.json")["heads"]
+    hk = next(k for k, v in labels.items() if v["summary"])
+    prompt = next(m[0]["content"] for m in w.prompts if f"head {hk} " in m[0]["content"])
+    assert all(f["text"] in prompt for f in labels[hk]["facts"])   # the LLM sees the facts, and only those
+    assert atlas_data(run_copy)["per_head"][hk]["label"]["summary"] == "Writes summaries."
+    # new results change the facts: the old summary is no longer shown
+    ef = run_copy / "explain/features/L1/explanations_statistical.json"
+    data = read_json(ef)
+    for e in data["features"].values():
+        e["explanation"] = "Fires on something else."
+    ef.write_text(json.dumps(data))
+    assert atlas_data(run_copy)["per_head"][hk]["label"]["summary"] is None

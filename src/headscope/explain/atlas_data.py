@@ -4,8 +4,9 @@
 "feature_explanations": {sae: {f: [...]}}, "neuron_explanations": {"L.N": [...]}}`` or None when the
 run holds no explanation and no head label.
 
-* ``per_head["L.H"]``: ``label`` (from ``explain/labels.json``: the one-line label, its facts with their
-  sources, the LLM summary) and, for (neuron, head) pairs, ``mean_E``, ``n_explained`` and
+* ``per_head["L.H"]``: ``label`` (the one-line label and its facts with their sources, assembled from the
+  run's current artifacts by :func:`headscope.explain.head_label.head_facts`; the LLM summary from
+  ``explain/labels.json`` when it was written from the same facts) and, for (neuron, head) pairs, ``mean_E``, ``n_explained`` and
   ``explanations``: [{neuron, token, backend, explanation, E, TPR, TNR}].
 * ``scores``: per pair back-end, the summary of E over congruent neurons (and random ones, and their
   comparison, when the baseline was run).
@@ -91,19 +92,33 @@ def _features(root: Path) -> tuple[dict, list]:
     return expl, rows
 
 
+def _labels(run_dir: Path, per_head: dict) -> None:
+    """Every head's label from the run's current artifacts (so it is never stale), with the LLM summary of
+    ``explain/labels.json`` only when that summary was written from these same facts."""
+    from .head_label import head_facts
+    saved = read_json(run_dir / "explain/labels.json") if (run_dir / "explain/labels.json").is_file() else {}
+    opts = saved.get("options", {})
+    facts = head_facts(run_dir, opts.get("top_frac", 0.05))
+    for hk, fs in facts.items():
+        if not fs:
+            continue
+        old = saved.get("heads", {}).get(hk, {})
+        same = [f["text"] for f in old.get("facts", [])] == [f["text"] for f in fs]
+        per_head.setdefault(hk, {})["label"] = {
+            "label": " · ".join(f["text"] for f in fs[:opts.get("max_facts", 6)]), "facts": fs,
+            "summary": old.get("summary") if same else None}
+
+
 def atlas_data(run_dir: Path) -> dict | None:
     run_dir = Path(run_dir)
     d = run_dir / "explain"
-    if not d.is_dir():
+    if not (run_dir / "run.json").is_file():
         return None
     per_head: dict[str, dict] = {}
     neurons: dict[str, list] = {}
-    scores = _pairs(d, per_head, neurons)
-    if (d / "labels.json").is_file():
-        for hk, lab in read_json(d / "labels.json")["heads"].items():
-            if lab.get("label") or lab.get("summary"):
-                per_head.setdefault(hk, {})["label"] = lab
-    fexpl, frows = _features(d / "features")
+    scores = _pairs(d, per_head, neurons) if d.is_dir() else {}
+    _labels(run_dir, per_head)
+    fexpl, frows = _features(d / "features") if d.is_dir() else ({}, [])
     out = {"per_head": per_head}
     if scores:
         out["scores"] = {"backends": list(scores), **scores}

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -43,13 +43,51 @@ def _check(cond: bool, msg: str) -> None:
 
 
 @dataclass(frozen=True)
-class FeatureExplainOptions:
+class LLMOptions:
+    """Where an LLM back-end runs (shared by the feature, pair-score and label steps)."""
+
+    llm: str = "gpt-4o"
+    """openai backend: model name at the endpoint"""
+    base_url: str = "https://api.openai.com/v1"
+    """openai backend: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
+    explainer_model: str = "default"
+    """local backend: model spec (default: the embedded model)"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: environment variable holding the key"""
+    concurrency: int = 4
+    """openai backend: requests in flight"""
+    max_retries: int = 5
+    """openai backend: retries per request"""
+    timeout: float = 60.0
+    """openai backend: seconds per request"""
+    cache_dir: Optional[str] = None
+    """openai backend: response cache (default: RUN/explain/cache)"""
+
+    def __post_init__(self):
+        _check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
+               "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
+
+    def client_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
+        return {"base_url": self.base_url, "llm": self.llm, "local_model": self.explainer_model,
+                "api_key_env": self.api_key_env, "concurrency": self.concurrency, "max_retries": self.max_retries,
+                "timeout": self.timeout, "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
+                "dry_run": dry_run, "device": device}
+
+
+def backend_name(backend: str) -> str:
+    """File-name form of a feature back-end: ``keyword`` (the pair explainer's old name, which a study's
+    shared ``[explain] backend`` may carry) is the offline ``statistical`` explainer."""
+    return "statistical" if backend in ("keyword", "statistical") else backend
+
+
+@dataclass(frozen=True)
+class FeatureExplainOptions(LLMOptions):
     """Explain SAE features from their max-activating and random held-out contexts."""
 
     sae: str = ""
-    """SAE name under RUN/sae/ (default: the only one)"""
-    backend: Literal["statistical", "openai", "local"] = "statistical"
-    """statistical: offline token-rate rule; openai: any OpenAI-compatible endpoint; local: HF chat model"""
+    """SAE name under RUN/sae/ (required, e.g. L14)"""
+    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
+    """statistical (= keyword): offline token-rate rule; openai: any OpenAI-compatible endpoint; local: HF chat model"""
     features: int = 64
     """features explained, drawn at random among the alive ones (0: all; fewer are a subset of more)"""
     n_explain: int = 10
@@ -60,14 +98,10 @@ class FeatureExplainOptions:
     """random held-out windows encoded (the random and non-activating contexts come from them)"""
     seed: int = 0
     """which features and windows"""
-    llm: str = "gpt-4o"
-    """openai backend: model name at the endpoint"""
-    base_url: str = "https://api.openai.com/v1"
-    """openai backend: OpenAI-compatible base URL"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
 
     def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.sae), "--sae is required: the SAE's name under RUN/sae/ (e.g. L14)")
         _check(self.features >= 0, "--features must be at least 0")
         _check(self.n_explain >= 1, "--n-explain must be at least 1")
         _check(self.n_test >= 1, "--n-test must be at least 1")
@@ -75,40 +109,42 @@ class FeatureExplainOptions:
 
 
 @dataclass(frozen=True)
-class FeatureScoreOptions:
+class FeatureScoreOptions(LLMOptions):
     """Score feature explanations: detection and fuzzing, each beside the shuffled-explanation baseline."""
 
     sae: str = ""
-    """SAE name under RUN/sae/ (default: the only one)"""
-    backend: Literal["statistical", "openai", "local"] = "statistical"
-    """the judge"""
+    """SAE name under RUN/sae/ (required, e.g. L14)"""
+    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
+    """the judge (statistical = keyword: the offline rule)"""
     explanations: str = ""
     """whose explanations to score (default: the judge's own back-end)"""
-    scorers: list[str] = ("detection", "fuzzing")
+    scorers: list[str] = field(default_factory=lambda: ["detection", "fuzzing"])
     """detection and/or fuzzing"""
     seed: int = 0
     """the shuffled-explanation derangement and the bootstrap"""
-    llm: str = "gpt-4o"
-    """openai backend: model name at the endpoint"""
-    base_url: str = "https://api.openai.com/v1"
-    """openai backend: OpenAI-compatible base URL"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
 
     def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.sae), "--sae is required: the SAE's name under RUN/sae/ (e.g. L14)")
         bad = [s for s in self.scorers if s not in KINDS]
         _check(not bad and len(self.scorers) > 0, f"--scorers: choose from {', '.join(KINDS)} (got {bad})")
 
+    @property
+    def explanations_name(self) -> str:
+        return backend_name(self.explanations or self.backend)
 
-def make_feature_backend(opts, run: RunDir | None = None, model=None, **client):
-    """The context explainer/judge named by ``opts.backend`` (``client``: concurrency, max_retries, timeout,
-    cache_dir, dry_run, api_key_env for the endpoint)."""
-    if opts.backend == "statistical":
+
+def make_feature_backend(opts, run: RunDir | None = None, model=None, dry_run: Path | None = None,
+                         backend: str | None = None):
+    """The context explainer/judge named by ``backend`` (default ``opts.backend``), with the endpoint /
+    local-model settings of ``opts`` (an :class:`LLMOptions`)."""
+    name = backend_name(backend or opts.backend)
+    if name == "statistical":
         from .token_stats import TokenStatExplainer
         return TokenStatExplainer()
     from .stages import make_backend
-    return feature_backend(make_backend(opts.backend, run, model, base_url=opts.base_url, llm=opts.llm,
-                                        local_model=opts.explainer_model, **client))
+    dev = str(getattr(model, "device", "cpu"))
+    return feature_backend(make_backend(name, run, model, **opts.client_kwargs(dev, dry_run)))
 
 
 def sae_name(run: RunDir, name: str = "") -> str:
@@ -267,7 +303,7 @@ def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: 
     backend = feature_backend(backend) if backend is not None else make_feature_backend(opts, run, model)
     name = sae_name(run, opts.sae)
     d = features_dir(run, name)
-    ex_name = opts.explanations or backend.name
+    ex_name = backend_name(opts.explanations) if opts.explanations else backend.name
     ex_path = d / f"explanations_{ex_name}.json"
     _check(ex_path.is_file(), f"missing {ex_path}: run `headscope explain features --backend {ex_name}` first")
     ctx = read_json(d / "contexts.json")

@@ -13,7 +13,7 @@ Facts, in this order, only when the run holds them (an absent instrument adds no
   token each predicts; and the (neuron, head) explanation scores when scored.
 
 ``label`` is the facts joined by " · " (at most ``max_facts``). ``summary``: one or two sentences the LLM
-writes from the facts alone (prompted not to add anything); None with ``backend = "none"``.
+writes from the facts alone (prompted not to add anything); None with ``summary = "none"``.
 File: ``explain/labels.json`` = ``{"backend", "options", "heads": {"L.H": {"label", "facts": [{"text",
 "source", "kind"}], "summary"}}}``.
 """
@@ -27,8 +27,9 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from ..errors import HeadscopeError
+from ..options import check
 from ..runs import RunDir, read_json, write_json
+from .features import LLMOptions
 
 SUMMARY_PROMPT = """Here is what measurements say about attention head {head} of a language model:
 {facts}
@@ -37,27 +38,20 @@ In one or two sentences, summarise what this head does. Use only the facts above
 
 
 @dataclass(frozen=True)
-class LabelOptions:
+class LabelOptions(LLMOptions):
     """A one-line label per head from headscope's measurements, plus an LLM summary."""
 
-    backend: Literal["none", "openai", "local"] = "none"
-    """none: the facts only; openai / local: also a written summary"""
+    summary: Literal["none", "openai", "local"] = "none"
+    """none: the facts only; openai / local: also a summary written by that back-end"""
     top_frac: float = 0.05
     """quote a head score when the head ranks in this top fraction of all heads"""
     max_facts: int = 6
     """facts in the one-line label"""
-    llm: str = "gpt-4o"
-    """openai backend: model name at the endpoint"""
-    base_url: str = "https://api.openai.com/v1"
-    """openai backend: OpenAI-compatible base URL"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
 
     def __post_init__(self):
-        if not 0 < self.top_frac <= 1:
-            raise HeadscopeError("--top-frac must be in (0, 1]")
-        if self.max_facts < 1:
-            raise HeadscopeError("--max-facts must be at least 1")
+        super().__post_init__()
+        check(0 < self.top_frac <= 1, "--top-frac must be in (0, 1]")
+        check(self.max_facts >= 1, "--max-facts must be at least 1")
 
 
 def _first_line(text: str, n: int = 90) -> str:
@@ -150,20 +144,16 @@ def head_facts(run_dir: Path, top_frac: float = 0.05) -> dict[str, list[dict]]:
     return facts
 
 
-def run_labels(model, run: RunDir, opts: LabelOptions, progress: bool = True, backend=None,
-               client: dict | None = None) -> dict:
+def run_labels(model, run: RunDir, opts: LabelOptions, progress: bool = True, backend=None) -> dict:
     """Write ``explain/labels.json`` (see the module docstring); returns ``{"heads", "summaries", "path"}``."""
     facts = head_facts(run.path, opts.top_frac)
     heads = {hk: {"label": " · ".join(f["text"] for f in fs[:opts.max_facts]) if fs else None,
                   "facts": fs, "summary": None} for hk, fs in facts.items()}
     n_sum = 0
-    if opts.backend != "none" or backend is not None:
+    if opts.summary != "none" or backend is not None:
         if backend is None:
-            from .contexts import feature_backend
-            from .stages import make_backend
-            client = {k: v for k, v in (client or {}).items() if k != "device"}
-            backend = feature_backend(make_backend(opts.backend, run, model, base_url=opts.base_url, llm=opts.llm,
-                                                   local_model=opts.explainer_model, **client))
+            from .features import make_feature_backend
+            backend = make_feature_backend(opts, run, model, backend=opts.summary)
         todo = [hk for hk, v in heads.items() if v["facts"]]
         msgs = [[{"role": "user", "content": SUMMARY_PROMPT.format(
             head=hk, facts="\n".join(f"- {f['text']}" for f in heads[hk]["facts"]))}] for hk in todo]
@@ -175,6 +165,6 @@ def run_labels(model, run: RunDir, opts: LabelOptions, progress: bool = True, ba
             bar.update(len(todo[s:s + 16]))
         bar.close()
     path = run / "explain" / "labels.json"
-    write_json(path, {"backend": opts.backend if backend is None else getattr(backend, "name", opts.backend),
+    write_json(path, {"backend": opts.summary if backend is None else getattr(backend, "name", opts.summary),
                       "options": asdict(opts), "heads": heads})
     return {"heads": sum(1 for v in heads.values() if v["label"]), "summaries": n_sum, "path": str(path)}

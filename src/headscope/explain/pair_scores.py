@@ -24,12 +24,13 @@ from tqdm import tqdm
 from ..errors import HeadscopeError
 from ..runs import RunDir, read_json, write_json
 from .contexts import Context, JudgeRequest
+from .features import LLMOptions
 from .prompts import ClassifyRequest
 from .scorers import score_units
 
 
 @dataclass(frozen=True)
-class PairScoreOptions:
+class PairScoreOptions(LLMOptions):
     """Detection scores of (neuron, head) explanations beside shuffled explanations, with CIs."""
 
     backend: str = "keyword"
@@ -42,14 +43,9 @@ class PairScoreOptions:
     """held-out prompts per pair"""
     seed: int = 0
     """the shuffled-explanation derangement and the bootstrap"""
-    llm: str = "gpt-4o"
-    """openai backend: model name at the endpoint"""
-    base_url: str = "https://api.openai.com/v1"
-    """openai backend: OpenAI-compatible base URL"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_test < 2:
             raise HeadscopeError("--max-test must be at least 2")
 
@@ -80,13 +76,14 @@ def pair_units(run: RunDir, which: str, explanations: list[dict], max_test: int)
     return units
 
 
-def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool = True, backend=None,
-                    client: dict | None = None) -> dict:
+def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool = True, backend=None) -> dict:
     """Write ``pair_scores_<explanations>_by_<judge>.json`` (see the module docstring); returns the summary."""
     from .stages import explain_dir, make_backend
     if backend is None:
+        kw = opts.client_kwargs(str(getattr(model, "device", "cpu")))
+        kw.pop("base_url"), kw.pop("llm"), kw.pop("local_model")
         backend = make_backend(opts.backend, run, model, base_url=opts.base_url, llm=opts.llm,
-                               local_model=opts.explainer_model, **(client or {}))
+                               local_model=opts.explainer_model, **kw)
     d = explain_dir(run, opts.which)
     ex_name = opts.explanations or backend.name
     ex_path = d / f"explanations_{ex_name}.json"

@@ -40,6 +40,12 @@ class HFOptions:
     """the repository id the card's loading example names"""
     license: str = "mit"
     """license in the card's front matter"""
+    to: str = ""
+    """the repository folder to create (required)"""
+
+    def __post_init__(self):
+        if not self.to:
+            raise HeadscopeError("--to is required: the repository folder to create")
 
 
 def _fmt(v) -> str:
@@ -96,6 +102,13 @@ def model_card(cfg: dict, sae_id: str, opts: HFOptions, ident: dict, ev: dict | 
               "```", "", "The SAE reads `hook_z` of shape [batch, pos, n_heads, d_head] "
               "(`reshape_activations: hook_z` in `cfg.json`).", ""]
     return "\n".join(lines)
+
+
+def cmd_export(run: RunDir, opts: HFOptions) -> int:
+    """``headscope export hf``."""
+    r = export_hf(run, Path(opts.to), opts)
+    print(f"{', '.join(r['files'])} + README.md -> {r['folder']} (sae_id {r['sae_id']})")
+    return 0
 
 
 def export_hf(run: RunDir, out: Path, opts: HFOptions) -> dict:

@@ -65,6 +65,14 @@ class NeuronpediaOptions:
     """placeholder creator/author id (Neuronpedia sets the uploader's)"""
     batch_size: int = 512
     """features per batch file"""
+    to: str = ""
+    """folder to write <model_id>/<source_id>/ into (required)"""
+
+    def __post_init__(self):
+        if not self.to:
+            raise HeadscopeError("--to is required: the folder to write the export into")
+        if self.batch_size < 1:
+            raise HeadscopeError("--batch-size must be at least 1")
 
 
 def _id(*parts) -> str:
@@ -99,6 +107,13 @@ def _activation(ex: dict, model_id: str, source: str, f: int, creator: str, kind
     if bin_range is not None:
         rec["binMin"], rec["binMax"] = bin_range
     return rec
+
+
+def cmd_export(run: RunDir, opts: NeuronpediaOptions) -> int:
+    """``headscope export neuronpedia``."""
+    r = export_neuronpedia(run, Path(opts.to), opts)
+    print(f"{r['features']} features, {r['activations']} activations, {r['explanations']} explanations -> {r['folder']}")
+    return 0
 
 
 def export_neuronpedia(run: RunDir, out: Path, opts: NeuronpediaOptions) -> dict:
