@@ -18,18 +18,22 @@ EVIL = 'x <script>window.__xss=1</script> "><img src=x onerror="window.__xss=2">
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 TINY_STUDY = """
-[heads]
+[heads.score]
 n_seqs = 4
 half_len = 8
 prefix_examples = 4
 prefix_lengths = [1, 2]
-[lens]
+[lens.train]
 layers = "1-2"
 heads = "all"
-train = { tokens = 1024, init_tokens = 1024, batch_size = 4 }
+tokens = 1024
+init_tokens = 1024
+batch_size = 4
 [lens.eval]
 tokens = 512
 [sae]
+name = "L1"
+[sae.train]
 layer = 1
 n_tokens = 4096
 batch_size = 256
