@@ -37,3 +37,18 @@ def test_feature_commands_record_and_reuse(gpt2_dir, tmp_path, capsys):
     to = tmp_path / "repo"
     assert main(["export", "hf", "--out", str(run.path), "--to", str(to), "--sae", "L1"]) == 0
     assert (to / "README.md").is_file() and (to / "blocks.1.attn.hook_z/cfg.json").is_file()
+
+
+def test_features_dry_run_sends_nothing(gpt2_dir, tmp_path, capsys):
+    model = load_model(str(gpt2_dir))
+    run = RunDir(tmp_path / "run", model.identity())
+    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256,
+              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
+    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    jl = tmp_path / "reqs.jsonl"
+    assert main(["explain", "features-dry-run", "--model", str(gpt2_dir), "--out", str(run.path), "--sae", "L1",
+                 "--features", "3", "--windows", "100", "--base-url", "http://127.0.0.1:9/v1", "--jsonl", str(jl)]) == 0
+    lines = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert len(lines) == 3 and "dry run: 3 feature explanation requests" in capsys.readouterr().out
+    assert all("<<" in x["body"]["messages"][1]["content"] for x in lines)   # activating tokens marked
+    assert not (run.path / "explain/features/L1/explanations_openai.json").exists()

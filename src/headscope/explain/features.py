@@ -22,6 +22,7 @@ the model and SAE. Files (``RUN/explain/features/<sae>/``): ``contexts.json``, t
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,30 @@ class FeatureScoreOptions(LLMOptions):
     @property
     def explanations_name(self) -> str:
         return backend_name(self.explanations or self.backend)
+
+
+@dataclass(frozen=True)
+class FeatureDryRunOptions(FeatureExplainOptions):
+    """Write the feature-explanation requests an OpenAI-compatible endpoint would get to JSONL; send nothing
+    (the contexts are computed and written, since the requests show them)."""
+
+    jsonl: str = "explain-feature-requests.jsonl"
+    """where to write the requests"""
+
+
+def cmd_features_dry_run(model, run: RunDir, opts: FeatureDryRunOptions) -> int:
+    """``headscope explain features-dry-run``: the requests as JSONL, with a rough token estimate."""
+    from .prompts import estimate_tokens
+    dry = Path(opts.jsonl)
+    if dry.exists():
+        dry.unlink()
+    be = make_feature_backend(opts, run, model, dry_run=dry, backend="openai")
+    res = run_explain_features(model, run, opts, progress=False, backend=be)
+    lines = [json.loads(x) for x in dry.read_text().splitlines()] if dry.is_file() else []
+    toks = sum(estimate_tokens(x["body"]["messages"]) for x in lines)
+    print(f"dry run: {res['explain_requests']} feature explanation requests written to {dry} "
+          f"(≈{toks} input tokens, ≤{len(lines) * be.backend.max_tokens} output tokens)")
+    return 0
 
 
 def make_feature_backend(opts, run: RunDir | None = None, model=None, dry_run: Path | None = None,

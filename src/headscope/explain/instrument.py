@@ -205,6 +205,11 @@ def _feat(o, name: str) -> str:
     return f"explain/features/{o.sae}/{name}"
 
 
+def _feature_dry_run_options():
+    from .features import FeatureDryRunOptions
+    return FeatureDryRunOptions
+
+
 def _feature_stages():
     from .features import FeatureExplainOptions, FeatureScoreOptions, backend_name
     from .head_label import LabelOptions
@@ -259,6 +264,8 @@ INSTRUMENT = Instrument(
                 doc="E of congruent vs random neurons", needs_model=False),
         Command("explain.dry-run", DryRunOptions, "headscope.explain.instrument:cmd_dry_run",
                 doc="write the endpoint requests to JSONL and estimate tokens; send nothing"),
+        Command("explain.features-dry-run", _feature_dry_run_options(), "headscope.explain.features:cmd_features_dry_run",
+                doc="write the feature-explanation requests to JSONL; send nothing"),
     ),
     atlas_data="headscope.explain.atlas_data:atlas_data",
 )
