@@ -51,7 +51,7 @@ def test_page_js_escapes_markup():
 def test_build_heads_only(scored_run, tiny):
     res = build_atlas(scored_run.path, model=tiny, examples=["A B C A B C", EVIL], progress=False)
     root = scored_run.path / "atlas"
-    assert res["sources"] == ["heads"] and (root / "index.html").is_file()
+    assert res["sources"] == ["heads", "explain"] and (root / "index.html").is_file()  # explain: labels from the scores
     assert (root / "static" / "atlas.js").is_file() and (root / "static" / "atlas.css").is_file()
     key, ix = read_page(root / "data" / "index.js")
     assert key == "index" and ix["n_layers"] == tiny.n_layers and ix["n_heads"] == tiny.n_heads

@@ -43,6 +43,24 @@ class Server:
                         self.send_response(action[1])
                         if action[1] == 429:
                             self.send_header("Retry-After", "0")
+                    elif kind == "lp":  # ("lp", text, {token: logprob}): answers with log-probabilities
+                        if not body.get("logprobs"):
+                            raise AssertionError("log-probabilities were not asked for")
+                        alts = [{"token": t, "logprob": v, "bytes": None} for t, v in action[2].items()]
+                        first = {"token": action[1], "logprob": action[2].get(action[1], -1.0), "bytes": None,
+                                 "top_logprobs": alts}
+                        data = json.dumps({"choices": [{"index": 0, "finish_reason": "length",
+                                                        "message": {"role": "assistant", "content": action[1]},
+                                                        "logprobs": {"content": [first]}}]}).encode()
+                        self.send_response(200)
+                    elif kind == "no_lp":  # a server that refuses the logprobs parameter (HTTP 400)
+                        if body.get("logprobs"):
+                            data = b'{"error": {"message": "logprobs is not supported by this server"}}'
+                            self.send_response(400)
+                        else:
+                            data = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                                        "content": action[1]}}]}).encode()
+                            self.send_response(200)
                     elif kind == "raw":
                         data = action[1]
                         self.send_response(200)
@@ -189,3 +207,41 @@ def test_missing_api_key(monkeypatch):
     assert api_key_from_env("http://127.0.0.1:8000/v1", "HEADSCOPE_TEST_KEY") is None
     monkeypatch.setenv("HEADSCOPE_TEST_KEY", "k")
     assert api_key_from_env("https://api.openai.com/v1", "HEADSCOPE_TEST_KEY") == "k"
+
+
+def test_yes_no_from_logprobs(server):
+    """P(yes) = e^lp(yes) / (e^lp(yes) + e^lp(no)), spellings merged; other tokens ignored."""
+    import math
+    server.script = [("lp", "Yes", {"Yes": -0.2, " yes": -2.0, "No": -1.5, "Maybe": -3.0})]
+    ex = OpenAIExplainer(client(server.url))
+    [p] = ex.classify_many([ClassifyRequest("Active on lists.", "x")])
+    y, n = math.exp(-0.2) + math.exp(-2.0), math.exp(-1.5)
+    assert p == pytest.approx(y / (y + n))
+    body = server.requests[0]["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["max_tokens"] == 1
+    assert ex.probabilities == "logprobs"
+
+
+def test_server_without_logprobs_falls_back_to_text_and_says_so(server):
+    server.default = ("no_lp", "No")
+    ex = OpenAIExplainer(client(server.url, concurrency=1))
+    assert ex.classify_many([ClassifyRequest("e", "x"), ClassifyRequest("e", "y")]) == [0.0, 0.0]
+    assert ex.probabilities.startswith("text")
+    assert ex.client.logprobs_supported is False
+    # once known, later judgements do not ask again: 1 refused + 2 plain requests
+    assert [bool(r["body"].get("logprobs")) for r in server.requests] == [True, False, False]
+
+
+def test_server_ignoring_logprobs_is_noticed(server):
+    server.default = ("ok", "Yes")  # answers, but without log-probabilities
+    ex = OpenAIExplainer(client(server.url))
+    assert ex.classify_many([ClassifyRequest("e", "x")]) == [1.0]
+    assert ex.probabilities.startswith("text")
+
+
+def test_logprobs_are_cached(server, tmp_path):
+    cache = ResponseCache(tmp_path / "c")
+    server.script = [("lp", "No", {"Yes": -1.0, "No": -0.5})]
+    a = OpenAIExplainer(client(server.url, cache=cache)).classify_many([ClassifyRequest("e", "x")])
+    b = OpenAIExplainer(client(server.url, cache=cache)).classify_many([ClassifyRequest("e", "x")])
+    assert a == b and 0 < a[0] < 0.5 and len(server.requests) == 1

@@ -20,6 +20,7 @@ INSTRUMENT_MODULES = (
     "headscope.sae.instrument",
     "headscope.neurons.instrument",
     "headscope.explain.instrument",
+    "headscope.export.instrument",
     "headscope.atlas.instrument",
 )
 """In pipeline order: a study runs the stages of these instruments in this order."""

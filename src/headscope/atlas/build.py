@@ -9,6 +9,8 @@ opens from disk without a server; each page is small so a model with thousands o
     RUN/atlas/data/layer/<L>.js                  {"layer": L, "heads": {"<H>": {source: per-head data}},
                                                   "patterns": [{"prompt": i, "heads": {"<H>": [S][S]}}]}
     RUN/atlas/data/search/<c>.js                 {"tokens": {token: ["L.H", ...]}} (c: first character)
+    RUN/atlas/data/search/docs.js                {"docs": [[kind, id, href, title, text], ...]}: heads,
+                                                  features and neurons by token and explanation text
     RUN/atlas/data/c/<source>/<key>/ids.js       {"ids": [...], "summary": [[id, {scalar fields}], ...]}
     RUN/atlas/data/c/<source>/<key>/<chunk>.js   {"items": {id: item}} (CHUNK items a page)
 
@@ -154,6 +156,51 @@ def _search_index(sources: dict, L: int, H: int) -> dict[str, dict[str, list[str
     return shards
 
 
+MAX_DOC_CHARS = 600
+"""Most characters of text per searchable head, feature or neuron."""
+
+
+def _docs(sources: dict, coll_index: list[dict], colls: list, L: int, H: int) -> list[list[str]]:
+    """One searchable document per head, SAE feature and neuron: its tokens and explanation texts
+    (lower-cased, ≤ MAX_DOC_CHARS), with the atlas link that opens it."""
+    docs = []
+    for l in range(L):
+        for hh in range(H):
+            hk = f"{l}.{hh}"
+            toks: list[str] = []
+            texts: list[str] = []
+            lab = None
+            for data in sources.values():
+                d = (data.get("per_head") or {}).get(hk)
+                if d is None:
+                    continue
+                _tokens_in(d, toks)
+                if isinstance(d, dict) and isinstance(d.get("label"), dict):
+                    lab = d["label"]
+                    texts += [lab.get("label") or "", lab.get("summary") or ""]
+                for e in (d.get("explanations") or []) if isinstance(d, dict) else []:
+                    texts.append(str(e.get("explanation", "")))
+            words = " ".join(dict.fromkeys(normalize_token(t) for t in toks if normalize_token(t)))
+            text = (" ".join(t for t in texts if t) + " " + words).strip().lower()
+            if text:
+                title = (isinstance(lab, dict) and lab.get("label")) or ""
+                docs.append(["head", hk, f"#/head/{hk}", str(title)[:120], text[:MAX_DOC_CHARS]])
+    for ci, (c, (src, key, items)) in enumerate(zip(coll_index, colls)):
+        kind = "feature" if src == "sae" and key.startswith("features_") else "neuron" if src == "neurons" else None
+        if kind is None:
+            continue
+        for iid, item in items:
+            summ = _summary(item)
+            toks = [str(summ.get("fires_on_token", "")), str(item.get("token", ""))]
+            toks += [str(t) for t in summ.get("top_logit_tokens", [])] + [str(t) for t in item.get("top_tokens", [])[:6]]
+            ex = [str(e.get("explanation", "")) for e in item.get("explanations") or []]
+            words = " ".join(dict.fromkeys(normalize_token(t) for t in toks if normalize_token(t)))
+            title = (ex[0].splitlines()[0][:120] if ex else "")
+            name = f"{key[len('features_'):]} #{iid}" if kind == "feature" else iid
+            docs.append([kind, name, f"#/item/{ci}/{iid}", title, (" ".join(ex) + " " + words).strip().lower()[:MAX_DOC_CHARS]])
+    return docs
+
+
 def _collections(sources: dict) -> tuple[list[tuple[str, str, list[tuple[str, dict]]]], dict]:
     """Split each source's top-level keys into collections (many items: pages) and small globals."""
     colls, globs = [], {}
@@ -184,6 +231,9 @@ def _summary(item: dict) -> dict:
     logits = item.get("logits")
     if isinstance(logits, dict) and isinstance(logits.get("top"), list):
         out["top_logit_tokens"] = [t[0] for t in logits["top"][:5] if isinstance(t, list) and t]
+    expl = item.get("explanations")
+    if isinstance(expl, list) and expl and isinstance(expl[0], dict) and expl[0].get("explanation"):
+        out["explanation"] = str(expl[0]["explanation"]).strip().splitlines()[0][:80]
     ex = item.get("examples")
     if isinstance(ex, list) and ex and isinstance(ex[0], dict) and "context" in ex[0] and "index" in ex[0]:
         try:
@@ -319,12 +369,13 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             write(f"{base}/ids", {"ids": [iid for iid, _ in items],
                                   "summary": [[iid, _summary(item)] for iid, item in items]})
             coll_index.append({"source": src, "key": key, "base": base, "n": len(items), "chunk": CHUNK})
+        write("search/docs", {"docs": _docs(sources, coll_index, colls, L, H)})
         index = {
             "version": 1, "built": time.time(), "model": ident, "n_layers": L, "n_heads": H,
             "sources": list(sources), "errors": errors,
             "measures": _measures(sources, L, H),
             "globals": globs, "collections": coll_index,
-            "search_shards": sorted(shards), "examples": ex_list,
+            "search_shards": sorted(shards), "search_docs": True, "examples": ex_list,
             "stages": {k: {kk: vv for kk, vv in v.items() if _is_number(vv) or isinstance(vv, str)}
                        for k, v in (info.get("stages") or {}).items() if isinstance(v, dict)},
         }

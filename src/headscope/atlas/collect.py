@@ -60,7 +60,26 @@ def collect(run_dir: Path, sources: tuple[str, ...] | None = None) -> dict:
             data = expand_sae_pages(run_dir, data)
         if data and any(v not in (None, {}, [], "") for v in data.values()):
             out["sources"][name] = clean(data)
+    attach_explanations(out["sources"])
     return out
+
+
+def attach_explanations(sources: dict) -> None:
+    """Move the explain source's ``feature_explanations`` ({sae: {feature: [...]}}) and
+    ``neuron_explanations`` ({"L.N": [...]}) into the records of the SAE feature and neuron collections
+    (as ``explanations``), so the feature and neuron pages show them; those without a page are dropped."""
+    ex = sources.get("explain")
+    if not ex:
+        return
+    for sae, feats in (ex.pop("feature_explanations", None) or {}).items():
+        coll = (sources.get("sae") or {}).get(f"features_{sae}") or {}
+        for f, rows in feats.items():
+            if f in coll:
+                coll[f]["explanations"] = rows
+    coll = (sources.get("neurons") or {}).get("neurons") or {}
+    for n, rows in (ex.pop("neuron_explanations", None) or {}).items():
+        if n in coll:
+            coll[n]["explanations"] = rows
 
 
 def expand_sae_pages(run_dir: Path, data: dict) -> dict:

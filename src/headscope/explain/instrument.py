@@ -200,6 +200,46 @@ def cmd_dry_run(model, run, opts: DryRunOptions) -> int:
     return 0
 
 
+# -- SAE features, pair scores with baselines, head labels (issue 13) ---------------------------------------
+def _feat(o, name: str) -> str:
+    return f"explain/features/{o.sae}/{name}"
+
+
+def _feature_dry_run_options():
+    from .features import FeatureDryRunOptions
+    return FeatureDryRunOptions
+
+
+def _feature_stages():
+    from .features import FeatureExplainOptions, FeatureScoreOptions, backend_name
+    from .head_label import LabelOptions
+    from .pair_scores import PairScoreOptions
+    sae_in = lambda o: [f"sae/{o.sae}/cfg.json", f"sae/{o.sae}/sae_weights.safetensors",
+                        f"sae/{o.sae}/dashboards/index.json"]
+    return (
+        Stage("explain.features", FeatureExplainOptions, "headscope.explain.features:run_explain_features",
+              reads=sae_in,
+              writes=lambda o: [_feat(o, "contexts.json"), _feat(o, f"explanations_{backend_name(o.backend)}.json")],
+              doc="explanations of SAE features from max-activating and random held-out contexts",
+              report="headscope.explain.reports:report_features"),
+        Stage("explain.score-features", FeatureScoreOptions, "headscope.explain.features:run_score_features",
+              reads=lambda o: [_feat(o, "contexts.json"), _feat(o, f"explanations_{o.explanations_name}.json")],
+              writes=lambda o: [_feat(o, f"scores_{o.explanations_name}_by_{backend_name(o.backend)}.json")],
+              doc="detection and fuzzing scores of feature explanations beside shuffled explanations",
+              report="headscope.explain.reports:report_feature_scores"),
+        Stage("explain.score-pairs", PairScoreOptions, "headscope.explain.pair_scores:run_score_pairs",
+              reads=lambda o: [f"{_dir(o.which)}/explanations_{o.explanations or o.backend}.json",
+                               f"{_neurons(o.which)}/attribution.json"],
+              writes=lambda o: [f"{_dir(o.which)}/pair_scores_{o.explanations or o.backend}_by_{o.backend}.json"],
+              doc="detection scores of (neuron, head) explanations beside shuffled explanations, with CIs",
+              report="headscope.explain.reports:report_pair_scores"),
+        Stage("explain.label", LabelOptions, "headscope.explain.head_label:run_labels",
+              writes=lambda o: ["explain/labels.json"],
+              doc="a one-line label per head from what headscope measured (+ an LLM summary)",
+              report="headscope.explain.reports:report_labels"),
+    )
+
+
 INSTRUMENT = Instrument(
     name="explain",
     help="explain and score when each head drives a neuron",
@@ -218,12 +258,14 @@ INSTRUMENT = Instrument(
               writes=lambda o: [f"explain/comparison_{o.backend}.json"],
               doc="random-neuron baseline through the same pipeline, for comparison",
               report="headscope.explain.instrument:report_compare"),
-    ),
+    ) + _feature_stages(),
     commands=(
         Command("explain.compare", CompareOptions, "headscope.explain.instrument:cmd_compare",
                 doc="E of congruent vs random neurons", needs_model=False),
         Command("explain.dry-run", DryRunOptions, "headscope.explain.instrument:cmd_dry_run",
                 doc="write the endpoint requests to JSONL and estimate tokens; send nothing"),
+        Command("explain.features-dry-run", _feature_dry_run_options(), "headscope.explain.features:cmd_features_dry_run",
+                doc="write the feature-explanation requests to JSONL; send nothing"),
     ),
     atlas_data="headscope.explain.atlas_data:atlas_data",
 )

@@ -140,7 +140,7 @@ function gridPage(main) {
   }
   const select = h("select", { id: "measure", onchange: (e) => { GRID.measure = e.target.value; drawGrid(); } },
     ms.map((m) => h("option", { value: m.id, selected: m.id === GRID.measure ? "selected" : null }, m.label)));
-  const search = h("input", { id: "search", type: "search", placeholder: "search heads by token, e.g. the", size: 28 });
+  const search = h("input", { id: "search", type: "search", placeholder: "search heads, features, neurons by token or explanation", size: 40 });
   const hitsBox = h("div", { id: "hits", class: "muted" });
   search.addEventListener("keydown", (e) => { if (e.key === "Enter") doSearch(search.value, hitsBox); });
   const controls = h("div", { class: "controls" },
@@ -252,19 +252,36 @@ async function doSearch(q, box) {
   const norm = String(q).replace(/[Ġ▁]/g, " ").trim().toLowerCase();
   if (!norm) { GRID.hits = null; drawGrid(); return; }
   const c = /^[a-z0-9]/.test(norm) ? norm[0] : "_";
-  let page = { tokens: {} };
-  if (A.index.search_shards.includes(c)) {
-    try { page = await load("search/" + c); } catch (e) { box.appendChild(h("span", { class: "error" }, e.message)); return; }
-  }
+  let page = { tokens: {} }, docs = { docs: [] };
+  try {
+    if (A.index.search_shards.includes(c)) page = await load("search/" + c);
+    if (A.index.search_docs) docs = await load("search/docs");
+  } catch (e) { box.appendChild(h("span", { class: "error" }, e.message)); return; }
   const exact = page.tokens[norm] || [];
   const prefix = Object.keys(page.tokens).filter((t) => t !== norm && t.startsWith(norm)).slice(0, 20);
   const heads = new Set(exact);
   prefix.forEach((t) => page.tokens[t].forEach((k) => heads.add(k)));
+  // explanation text and tokens of heads, features and neurons: every word of the query must occur
+  const words = norm.split(/\s+/).filter(Boolean);
+  const found = { head: [], feature: [], neuron: [] };
+  for (const d of docs.docs) {
+    if (words.every((w) => d[4].includes(w)) && found[d[0]]) found[d[0]].push(d);
+  }
+  found.head.forEach((d) => heads.add(d[1]));
   GRID.hits = heads;
   drawGrid();
-  box.appendChild(h("span", {}, heads.size ? `${heads.size} head(s) have “` : "No head has “", tokText(norm),
-    "” among their top tokens" + (prefix.length ? ` (also matching: ${prefix.slice(0, 8).map(tokText).join(", ")})` : "") + " ",
+  box.appendChild(h("div", {}, heads.size ? `${heads.size} head(s) match “` : "No head matches “", tokText(norm),
+    "” (top tokens, labels, explanations)" + (prefix.length ? ` (tokens also matching: ${prefix.slice(0, 8).map(tokText).join(", ")})` : "") + " ",
     h("a", { href: "#/", onclick: () => { GRID.hits = null; drawGrid(); clear(box); } }, "clear")));
+  const list = (kind, label) => {
+    const xs = kind === "head" ? [...heads].map((k) => (found.head.find((d) => d[1] === k) || ["head", k, "#/head/" + k, "", ""])) : found[kind];
+    if (!xs.length) return null;
+    return h("div", { class: "hits-" + kind }, h("b", {}, `${label} (${xs.length})`),
+      h("ul", { class: "hitlist" }, xs.slice(0, 30).map((d) => h("li", {}, h("a", { href: safeHref(d[2]), class: "hit-" + kind }, d[1]),
+        d[3] ? h("span", { class: "muted small" }, " " + d[3]) : null))),
+      xs.length > 30 ? h("span", { class: "muted small" }, `… and ${xs.length - 30} more`) : null);
+  };
+  box.appendChild(h("div", { class: "hits" }, list("head", "heads"), list("feature", "SAE features"), list("neuron", "neurons")));
 }
 
 /* ---------- head page ---------- */
@@ -284,6 +301,7 @@ async function headPage(main, key) {
   let page;
   try { page = await load("layer/" + L); } catch (e) { main.appendChild(h("p", { class: "error" }, e.message)); return; }
   const data = page.heads[String(H)] || {};
+  if (data.explain && data.explain.label) main.appendChild(labelCard(data.explain.label));
   main.appendChild(measuresCard(L, H));
   const order = ["heads", "lens", "sae", "neurons", "explain"].concat(Object.keys(data));
   const done = new Set();
@@ -720,6 +738,7 @@ function contextView(ex, maxAct) {
 
 function renderFeature(item, c, id) {
   const wrap = h("div", {});
+  if (item.explanations && item.explanations.length) wrap.appendChild(explanationsCard(item.explanations, "Explanations and their scores"));
   const L = item.layer;
   const dens = item.density;
   wrap.appendChild(section("Summary", h("table", { class: "kv" },
@@ -778,7 +797,35 @@ RENDER.neurons = function (d) {
   return card;
 };
 
+function labelCard(lab) {
+  const card = h("section", { class: "card label", id: "head-label" }, h("h2", {}, "In one line"));
+  if (lab.label) card.appendChild(h("p", { class: "label-line" }, lab.label));
+  if (lab.summary) card.appendChild(h("blockquote", { class: "label-summary" }, lab.summary, h("span", { class: "muted small" }, "  (written by an LLM from the facts below)")));
+  if (lab.facts && lab.facts.length) card.appendChild(h("ul", { class: "facts" }, lab.facts.map((f) => h("li", {},
+    f.text, h("span", { class: "muted small" }, " — source: "), factLink(f)))));
+  return card;
+}
+function factLink(f) {
+  if (f.kind === "sae" && f.feature !== undefined) return h("span", {}, featureLink(f.sae, f.feature), h("span", { class: "muted small" }, " " + f.source));
+  return h("code", { class: "small" }, f.source);
+}
+
+function scoreLine(s) {
+  if (!s) return h("span", { class: "muted small" }, "not scored");
+  const part = (k, label) => s[k] ? `${label}: ${fmt(s[k].balanced_accuracy)} (shuffled explanation ${fmt(s[k].shuffled_balanced_accuracy)})` +
+    (isNum(s[k].auroc) ? `, AUROC ${fmt(s[k].auroc)} (shuffled ${fmt(s[k].shuffled_auroc)})` : "") : null;
+  return h("span", { class: "muted small scores" }, [part("detection", "detection"), part("fuzzing", "fuzzing")].filter(Boolean).join(" · ") + ` · judge ${s.judge}`);
+}
+
+function explanationsCard(rows, title) {
+  return section(title, rows.map((e) => h("div", { class: "explanation" },
+    h("div", {}, h("b", {}, e.backend), " ", e.head ? h("span", {}, "via head ", headLink(e.head), " ") : null,
+      e.scores !== undefined ? scoreLine(e.scores) : h("span", { class: "muted small" }, ` E ${fmt(e.E)} · TPR ${fmt(e.TPR)} · TNR ${fmt(e.TNR)}`)),
+    h("blockquote", {}, e.explanation || "(no explanation)"))));
+}
+
 RENDER.explain = function (d) {
+  if (!d.explanations) return h("span");
   const card = section("Explanations: when does this head drive the neuron?");
   card.appendChild(h("p", { class: "muted" }, `${d.n_explained} explained (neuron, head) pair(s); mean score E = (TPR + TNR)/2 on held-out prompts: ${fmt(d.mean_E)}`));
   for (const e of d.explanations || []) {
@@ -791,6 +838,7 @@ RENDER.explain = function (d) {
 
 function renderNeuron(n, c, id) {
   const wrap = h("div", {});
+  if (n.explanations && n.explanations.length) wrap.appendChild(explanationsCard(n.explanations, "Explanations (when each head drives this neuron) and their scores"));
   wrap.appendChild(section("Neuron", h("table", { class: "kv" },
     h("tr", {}, h("td", {}, "predicts"), h("td", {}, tok(n.token))),
     h("tr", {}, h("td", {}, "congruence W_out·W_U (dot / cos)"), h("td", {}, `${fmt(n.dot)} / ${fmt(n.cos)}`)),

@@ -1,0 +1,108 @@
+"""Detection scores of (neuron, head) pair explanations beside the shuffled-explanation baseline
+(``headscope explain score-pairs``).
+
+The same scorer as for SAE features (:mod:`headscope.explain.scorers`): each pair's held-out prompts
+(its neuron's *test* split, each ending with the neuron's token, as the pair explainer shows them) are
+judged with the pair's own explanation and with another pair's explanation (a seeded derangement);
+truth = the head is active on the prompt (the attribution's mask). Reported per pair and as means with
+bootstrap CIs: balanced accuracy = the E = (TPR + TNR)/2 of ``explain score``, and AUROC when the
+judge gives graded probabilities (local model logits, endpoint log-probabilities, the statistical rule).
+
+Fuzzing does not apply to pairs: the unit is judged per prompt (is the head active when the model
+predicts the neuron's token at the end), so no token inside the prompt is "the activating one" to mark.
+File: ``explain/[random/]pair_scores_<explanations>_by_<judge>.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from tqdm import tqdm
+
+from ..errors import HeadscopeError
+from ..runs import RunDir, read_json, write_json
+from .contexts import Context, JudgeRequest
+from .features import LLMOptions
+from .prompts import ClassifyRequest
+from .scorers import score_units
+
+
+@dataclass(frozen=True)
+class PairScoreOptions(LLMOptions):
+    """Detection scores of (neuron, head) explanations beside shuffled explanations, with CIs."""
+
+    backend: str = "keyword"
+    """the judge: a pair back-end of `headscope explain score` (keyword/statistical, openai, local)"""
+    explanations: str = ""
+    """whose explanations to score (default: the judge's own back-end)"""
+    which: Literal["top", "random"] = "top"
+    """the congruent neuron set or the random-neuron baseline set"""
+    max_test: int = 20
+    """held-out prompts per pair"""
+    seed: int = 0
+    """the shuffled-explanation derangement and the bootstrap"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_test < 2:
+            raise HeadscopeError("--max-test must be at least 2")
+
+
+def _pair_key(p: dict) -> str:
+    return f"{p['neuron']}:{p['layer']}.{p['head']}"
+
+
+def pair_units(run: RunDir, which: str, explanations: list[dict], max_test: int) -> list[dict]:
+    """Scoring units of the explained pairs: their held-out prompts as contexts (BOS dropped, the
+    neuron's token appended), truth = head active."""
+    from ..neurons.stages import load_attribution, pair_labels
+    mined, att_json, att = load_attribution(run, which)
+    n_heads = int(run.model_identity["n_heads"])
+    by_key = {_pair_key(p): p for p in att_json["pairs"]}
+    units = []
+    for e in explanations:
+        p = by_key.get(_pair_key(e))
+        if p is None:
+            continue
+        nrn = mined["neurons"][p["neuron"]]
+        labels, split = pair_labels(att, n_heads, p)
+        prompts = nrn["train"] + nrn["test"]
+        items = [(Context(list(pr["tokens"][1:]) + [nrn["token"]], [0.0] * len(pr["tokens"])), bool(lab))
+                 for pr, lab, s in zip(prompts, labels, split) if s == 1][:max_test]
+        units.append({"id": f"{nrn['layer']}.{nrn['neuron']}:{p['name']}", "explanation": e["explanation"],
+                      "items": {"detection": items}})
+    return units
+
+
+def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool = True, backend=None) -> dict:
+    """Write ``pair_scores_<explanations>_by_<judge>.json`` (see the module docstring); returns the summary."""
+    from .stages import explain_dir, make_backend
+    if backend is None:
+        kw = opts.client_kwargs(str(getattr(model, "device", "cpu")))
+        kw.pop("base_url"), kw.pop("llm"), kw.pop("local_model")
+        backend = make_backend(opts.backend, run, model, base_url=opts.base_url, llm=opts.llm,
+                               local_model=opts.explainer_model, **kw)
+    d = explain_dir(run, opts.which)
+    ex_name = opts.explanations or backend.name
+    ex_path = d / f"explanations_{ex_name}.json"
+    if not ex_path.is_file():
+        raise HeadscopeError(f"missing {ex_path}: run `headscope explain run --backend {ex_name}` first")
+    units = pair_units(run, opts.which, read_json(ex_path)["pairs"], opts.max_test)
+    if len(units) < 2:
+        raise HeadscopeError(f"{len(units)} explained pair(s) in {ex_path}: a shuffled baseline needs at least two")
+
+    def judge(reqs: list[JudgeRequest]):
+        return backend.classify_many([ClassifyRequest(r.explanation, r.context.text(mark=False)) for r in reqs])
+    n = sum(2 * len(u["items"]["detection"]) for u in units)
+    bar = tqdm(total=n, desc=f"scoring pairs ({backend.name})", unit=" judgement", disable=not progress,
+               file=sys.stderr)
+    res = score_units(judge, units, ("detection",), seed=opts.seed, progress=bar.update)
+    bar.close()
+    probs = getattr(backend, "probabilities", None) or ("logits" if backend.name == "local" else "rule")
+    out = {"scorer": backend.config(), "explanations": ex_name, "options": asdict(opts), "probabilities": probs,
+           "fuzzing": "not applicable: pairs are judged per prompt, no token is the activating one",
+           "pairs": res["units"], "summary": res["summary"]}
+    write_json(d / f"pair_scores_{ex_name}_by_{backend.name}.json", out)
+    return {"probabilities": probs, **res["summary"]}

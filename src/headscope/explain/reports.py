@@ -1,0 +1,41 @@
+"""One-paragraph CLI summaries of the feature, pair-score and label stages (``report=`` of their Stage)."""
+
+from __future__ import annotations
+
+
+def fmt_ci(m: dict | None) -> str:
+    if not m or m.get("mean") is None:
+        return "n/a"
+    ci = m.get("ci")
+    return f"{m['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _scorer_line(kind: str, k: dict, what: str) -> str:
+    line = (f"{kind}: balanced accuracy {fmt_ci(k['balanced_accuracy'])} vs shuffled explanations "
+            f"{fmt_ci(k['shuffled_balanced_accuracy'])} (difference {fmt_ci(k['difference'])}, one-sided "
+            f"Wilcoxon p = {k['difference'].get('p_wilcoxon')}; {k['units']} {what}, {k['skipped']} skipped)")
+    if k.get("auroc"):
+        line += f"; AUROC {fmt_ci(k['auroc'])} vs {fmt_ci(k['shuffled_auroc'])}"
+    return line
+
+
+def report_features(s: dict, opts, run) -> None:
+    if "dry_run" in s:
+        print(f"dry run: {s['explain_requests']} explanation requests written to {s['dry_run']}")
+    else:
+        print(f"{s['features']} features of SAE {s['sae']} explained with the {s['backend']} backend")
+
+
+def report_feature_scores(s: dict, opts, run) -> None:
+    print(f"SAE {s['sae']}: judgements read from {s['probabilities']}")
+    for kind in opts.scorers:
+        print(_scorer_line(kind, s[kind], "features"))
+
+
+def report_pair_scores(s: dict, opts, run) -> None:
+    print(f"{opts.which} pairs, judgements from {s['probabilities']}")
+    print(_scorer_line("detection", s["detection"], "pairs"))
+
+
+def report_labels(s: dict, opts, run) -> None:
+    print(f"{s['heads']} heads labelled ({s['summaries']} written summaries) -> {s['path']}")

@@ -1,0 +1,146 @@
+"""Scorers for explanations of any unit (SAE feature, (neuron, head) pair): detection and fuzzing, each
+beside its random baseline, with confidence intervals.
+
+A unit to score is ``{"id", "explanation", "items": {kind: [(context, truth), ...]}}``; ``kind`` is
+``detection`` (activating vs non-activating contexts, shown without marks) or ``fuzzing`` (the real
+activating tokens marked vs as many random tokens of the same contexts marked). The judge answers
+P(yes) ∈ [0, 1] or None (unparsed) per item.
+
+Per unit and kind:
+
+* ``balanced_accuracy`` = (TPR + TNR) / 2 with "yes" = P ≥ 0.5 (None counts as "no");
+* ``auroc`` = P(P_pos > P_neg) + ½ P(tie) = U / (n_pos · n_neg) (Mann–Whitney U, scipy), only when the
+  back-end gives graded probabilities (some P strictly between 0 and 1) — a Yes/No text answer has none;
+* the same two numbers with the **shuffled explanation** (baseline): every unit's items judged with the
+  explanation of another unit (a seeded derangement), so the baseline has the same items, the same judge
+  and explanations of the same style, and only the match between explanation and unit is broken.
+
+Summary over units: the mean of each, a 95 % bootstrap CI (``scipy.stats.bootstrap``, percentile, 2000
+resamples, seeded), the paired difference real − shuffled with its CI, and the one-sided Wilcoxon
+signed-rank p-value of that difference (``scipy.stats.wilcoxon``). Units whose items are all one class
+are left out of that kind (``skipped``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .contexts import JudgeRequest
+
+KINDS = ("detection", "fuzzing")
+
+
+def balanced_accuracy(probs: list[float | None], truth: list[bool]) -> float | None:
+    """(TPR + TNR)/2 with P ≥ 0.5 as yes; None when the truth is all one class."""
+    pos = [p for p, t in zip(probs, truth) if t]
+    neg = [p for p, t in zip(probs, truth) if not t]
+    if not pos or not neg:
+        return None
+    tpr = sum(p is not None and p >= 0.5 for p in pos) / len(pos)
+    tnr = sum(not (p is not None and p >= 0.5) for p in neg) / len(neg)
+    return (tpr + tnr) / 2
+
+
+def graded(probs: list[float | None]) -> bool:
+    """Whether the judge gave probabilities (some strictly between 0 and 1), so that AUROC means something."""
+    return any(p is not None and 0.0 < p < 1.0 for p in probs)
+
+
+def auroc(probs: list[float | None], truth: list[bool]) -> float | None:
+    """U / (n_pos · n_neg) of the Mann–Whitney test (None → 0.5); None for one class."""
+    from scipy.stats import mannwhitneyu
+    pos = [0.5 if p is None else p for p, t in zip(probs, truth) if t]
+    neg = [0.5 if p is None else p for p, t in zip(probs, truth) if not t]
+    if not pos or not neg:
+        return None
+    return float(mannwhitneyu(pos, neg, alternative="two-sided").statistic) / (len(pos) * len(neg))
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded random permutation with no fixed point (n ≥ 2): unit i gets the explanation of perm[i]."""
+    if n < 2:
+        raise ValueError("a shuffled-explanation baseline needs at least two units")
+    rng = np.random.default_rng(seed)
+    while True:
+        p = rng.permutation(n)
+        if not (p == np.arange(n)).any():
+            return [int(x) for x in p]
+
+
+def mean_ci(x: list[float], seed: int = 0, level: float = 0.95) -> dict:
+    """Mean and percentile-bootstrap CI (scipy.stats.bootstrap, 2000 resamples); CI None below 2 values."""
+    x = [float(v) for v in x if v is not None]
+    if not x:
+        return {"mean": None, "ci": None, "n": 0}
+    out = {"mean": float(np.mean(x)), "ci": None, "n": len(x)}
+    if len(x) >= 2 and np.ptp(x) > 0:
+        from scipy.stats import bootstrap
+        r = bootstrap((np.asarray(x),), np.mean, confidence_level=level, n_resamples=2000, method="percentile",
+                      random_state=np.random.default_rng(seed))
+        out["ci"] = [float(r.confidence_interval.low), float(r.confidence_interval.high)]
+    elif len(x) >= 2:
+        out["ci"] = [out["mean"], out["mean"]]
+    return out
+
+
+def paired(real: list[float | None], base: list[float | None], seed: int = 0) -> dict:
+    """real − baseline over the units that have both: mean, bootstrap CI, one-sided Wilcoxon p."""
+    d = [r - b for r, b in zip(real, base) if r is not None and b is not None]
+    out = mean_ci(d, seed)
+    out["p_wilcoxon"] = None
+    if len(d) >= 2 and any(v != 0 for v in d):
+        from scipy.stats import wilcoxon
+        out["p_wilcoxon"] = float(wilcoxon(d, alternative="greater").pvalue)
+    return out
+
+
+def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: int = 0, chunk: int = 64,
+                progress=None) -> dict:
+    """Judge every unit's items with its own and with a shuffled explanation (see the module docstring).
+
+    ``judge(list[JudgeRequest]) -> list[P | None]``. Returns ``{"units": [{id, <kind>: {balanced_accuracy,
+    auroc, shuffled_balanced_accuracy, shuffled_auroc, n_pos, n_neg, unparsed, shuffled_from}}],
+    "summary": {<kind>: {balanced_accuracy, shuffled_balanced_accuracy, difference, auroc, shuffled_auroc,
+    auroc_difference, graded, units, skipped}}}``."""
+    perm = derangement(len(units), seed)
+    reqs: list[JudgeRequest] = []
+    spans = []
+    for u, unit in enumerate(units):
+        for kind in kinds:
+            items = unit["items"].get(kind, [])
+            start = len(reqs)
+            reqs += [JudgeRequest(kind, unit["explanation"], c) for c, _ in items]
+            reqs += [JudgeRequest(kind, units[perm[u]]["explanation"], c) for c, _ in items]
+            spans.append((u, kind, start, len(items)))
+    probs: list = []
+    for s in range(0, len(reqs), chunk):
+        probs += judge(reqs[s:s + chunk])
+        if progress is not None:
+            progress(min(chunk, len(reqs) - s))
+    rows = [{"id": unit["id"]} for unit in units]
+    for u, kind, start, n in spans:
+        truth = [t for _, t in units[u]["items"].get(kind, [])]
+        real, shuf = probs[start:start + n], probs[start + n:start + 2 * n]
+        rows[u][kind] = {
+            "balanced_accuracy": balanced_accuracy(real, truth), "auroc": auroc(real, truth),
+            "shuffled_balanced_accuracy": balanced_accuracy(shuf, truth), "shuffled_auroc": auroc(shuf, truth),
+            "n_pos": sum(truth), "n_neg": len(truth) - sum(truth), "unparsed": sum(p is None for p in real),
+            "shuffled_from": units[perm[u]]["id"], "graded": graded(real + shuf),
+            "probs": [None if p is None else round(float(p), 4) for p in real], "truth": truth}
+    summary = {}
+    for kind in kinds:
+        rs = [r[kind] for r in rows if kind in r]
+        ok = [r for r in rs if r["balanced_accuracy"] is not None]
+        g = any(r["graded"] for r in ok)
+        col = lambda k: [r[k] for r in ok]
+        summary[kind] = {
+            "balanced_accuracy": mean_ci(col("balanced_accuracy"), seed),
+            "shuffled_balanced_accuracy": mean_ci(col("shuffled_balanced_accuracy"), seed),
+            "difference": paired(col("balanced_accuracy"), col("shuffled_balanced_accuracy"), seed),
+            "graded": g, "units": len(ok), "skipped": len(rs) - len(ok),
+            "unparsed": sum(r["unparsed"] for r in rs), "judgements": sum(r["n_pos"] + r["n_neg"] for r in rs)}
+        if g:
+            summary[kind] |= {"auroc": mean_ci(col("auroc"), seed),
+                              "shuffled_auroc": mean_ci(col("shuffled_auroc"), seed),
+                              "auroc_difference": paired(col("auroc"), col("shuffled_auroc"), seed)}
+    return {"units": rows, "summary": summary}

@@ -1,0 +1,1 @@
+"""Export headscope's results in other tools' layouts (files only; nothing is uploaded)."""
