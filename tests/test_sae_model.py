@@ -72,7 +72,7 @@ def test_bad_inputs():
     with pytest.raises(HeadscopeError, match="d_in"):
         SAEConfig(d_in=30, d_sae=8, n_heads=4, d_head=8, layer=0)
     with pytest.raises(HeadscopeError, match="architecture"):
-        _cfg("gated")
+        _cfg("mystery")
     with pytest.raises(HeadscopeError, match="k must"):
         _cfg("topk", d_sae=8, k=9)
     with pytest.raises(HeadscopeError, match="width d_in=32"):
