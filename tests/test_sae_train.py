@@ -24,7 +24,7 @@ def model():
     return tiny_model("llama_gqa")
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk"])
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"])
 def test_resume_equals_uninterrupted(tmp_path, model, arch):
     corpus = small_corpus(tmp_path)
     opts = dict(OPTS, corpus=corpus, architecture=arch, k=4, l1_coeff=0.5,
@@ -116,5 +116,10 @@ def test_bad_options(tmp_path, model):
         run_train(model, run, 1, progress=False, batch_size=0)
     with pytest.raises(HeadscopeError, match="unknown SAE training option"):
         run_train(model, run, 1, progress=False, bogus=1)
+    with pytest.raises(HeadscopeError, match="cannot train SAE architecture 'gated'"):
+        run_train(model, run, 1, progress=False, architecture="gated")
+    with pytest.raises(HeadscopeError, match="matryoshka widths must increase"):
+        run_train(model, run, 1, progress=False, architecture="matryoshka_batchtopk", matryoshka_widths="20,10",
+                  corpus=small_corpus(tmp_path))
     with pytest.raises(HeadscopeError, match="exceeds"):
         run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), batch_size=4096, buffer_tokens=1024)

@@ -41,15 +41,23 @@ class TrainConfig:
     layer: int
     """Layer whose z is encoded."""
     architecture: str = "topk"
-    """``standard`` (ReLU + L1, the paper's) or ``topk``."""
+    """``standard`` (ReLU + L1, the paper's), ``topk``, ``jumprelu``, ``batchtopk`` or ``matryoshka_batchtopk``."""
     expansion: int = 4
     """d_sae = expansion · d_in (ignored when ``d_sae`` is set)."""
     d_sae: int | None = None
     """Number of features."""
     k: int = 32
-    """TopK: active features per token."""
+    """TopK: active features per token; BatchTopK / Matryoshka: on average over the batch."""
     l1_coeff: float = 5.0
     """Standard: L1 coefficient (in units of the normalised input, where E‖x‖ = sqrt(d_in))."""
+    l0_coeff: float = 1.0
+    """JumpReLU: L0 coefficient λ in MSE + λ·L0 (MSE in units of the normalised input, E‖x‖ = sqrt(d_in))."""
+    bandwidth: float = 0.05
+    """JumpReLU: width of the straight-through estimator's kernel."""
+    matryoshka_widths: str = ""
+    """Matryoshka: comma-separated nested prefix widths (default d_sae/16, /8, /4, /2, d_sae)."""
+    threshold_lr: float = 0.01
+    """BatchTopK / Matryoshka: rate of the running mean that sets the inference threshold."""
     lr: float = 1e-3
     """Adam learning rate (β = 0.9, 0.99)."""
     batch_size: int = 1024
@@ -196,9 +204,16 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         raise HeadscopeError(f"unknown SAE training option(s): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(layer=layer, **options)
     model.check_layer(layer)
-    for key in ("batch_size", "n_tokens", "buffer_tokens", "expansion", "k"):
+    for key in ("batch_size", "n_tokens", "buffer_tokens", "expansion", "k", "bandwidth"):
         if getattr(cfg, key) <= 0:
             raise HeadscopeError(f"{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")
+    from .model import TRAINABLE
+    if cfg.architecture not in TRAINABLE:
+        raise HeadscopeError(f"cannot train SAE architecture '{cfg.architecture}' (choose from {', '.join(TRAINABLE)})")
+    try:
+        widths = [int(v) for v in cfg.matryoshka_widths.split(",") if v.strip()]
+    except ValueError:
+        raise HeadscopeError(f"matryoshka widths must be comma-separated integers, got '{cfg.matryoshka_widths}'") from None
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
         raise HeadscopeError(f"learning rate must be a positive number, got {cfg.lr}")
     if cfg.init_b_dec not in ("mean", "zero"):
@@ -214,7 +229,8 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     d_in = model.n_heads * model.d_head
     scfg = SAEConfig(d_in=d_in, d_sae=cfg.resolved_d_sae(d_in), n_heads=model.n_heads, d_head=model.d_head,
                      layer=layer, architecture=cfg.architecture, k=cfg.k, model=model.identity(),
-                     context_size=cfg.seq_len, dataset=cfg.corpus)
+                     context_size=cfg.seq_len, dataset=cfg.corpus, matryoshka_widths=widths,
+                     bandwidth=cfg.bandwidth)
     source = source if source is not None else _make_source(model, cfg)
     if source.d_in != d_in:
         raise HeadscopeError(f"activations have width {source.d_in}, but z of {model.name} has d_in {d_in}")
@@ -264,8 +280,9 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
             pg["lr"] = lr_at(cfg, step, n_steps)
         l1 = cfg.l1_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps)))
         dead = since_fired >= dead_tokens
-        o = sae(x)
-        losses = sae.loss(x, o, l1_coeff=l1, dead=dead, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff)
+        o = sae.train_forward(x)
+        losses = sae.loss(x, o, l1_coeff=l1, dead=dead, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
+                          l0_coeff=cfg.l0_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps))))
         if not torch.isfinite(losses["loss"]):
             raise HeadscopeError(f"SAE loss became {losses['loss'].item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -274,6 +291,7 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         sae.remove_parallel_grad()
         opt.step()
         sae.normalize_decoder()
+        sae.after_step(o, cfg.threshold_lr)
         with torch.no_grad():
             fired = (o.acts > 0).sum(0)
             dist.all_reduce(fired, "sum")
@@ -320,7 +338,7 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     final = fold_scale(sae, scale)
     import hashlib
     fp = hashlib.sha1(b"".join(getattr(final, k).detach().contiguous().numpy().tobytes()
-                               for k in ("W_enc", "b_enc", "W_dec", "b_dec"))).hexdigest()[:16]
+                               for k in final.param_names())).hexdigest()[:16]
     summary = {"weights_sha1": fp, "name": name, "layer": layer, "sae": scfg.to_dict() | {"model": None}, "config": asdict(cfg),
                "n_steps": n_steps, "tokens": n_steps * cfg.batch_size * dist.world_size, "world_size": dist.world_size,
                "input_scale": scale, "elapsed_s": elapsed,
@@ -336,10 +354,13 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
 
 @torch.no_grad()
 def fold_scale(sae: AttnSAE, scale: float) -> AttnSAE:
-    """An SAE on raw z equivalent to ``sae`` trained on ``scale · z`` (ReLU and TopK are positively
-    homogeneous, so f_raw = f / scale with W unchanged, b_enc / scale, b_dec / scale)."""
+    """An SAE on raw z equivalent to ``sae`` trained on ``scale · z`` (ReLU, TopK and JumpReLU are
+    positively homogeneous once the threshold scales too, so f_raw = f / scale with W unchanged,
+    b_enc, b_dec and threshold / scale)."""
     new = AttnSAE(sae.cfg).to(sae.W_dec.device)
     new.load_state_dict(sae.state_dict())
     new.b_enc.div_(scale)
     new.b_dec.div_(scale)
+    if hasattr(new, "threshold"):
+        new.threshold.div_(scale)
     return new.cpu()
