@@ -130,3 +130,31 @@ def test_matryoshka_inner_losses():
         rec = out.acts[:, :w] @ sae.W_dec[:w] + sae.b_dec
         assert torch.allclose(l[f"mse_{w}"], (rec - x).pow(2).sum(-1).mean(), rtol=1e-5)
     assert torch.allclose(l["loss"], l["mse"] + l["mse_8"] + l["mse_24"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_training_step_equals_dense(arch):
+    """The sparse kernels (one dense matmul per step) give the dense computation's loss and gradients,
+    AuxK included."""
+    torch.manual_seed(0)
+    sae = AttnSAE(_cfg(arch, k=5), seed=5).double()
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(40, 32, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::5] = True
+    grads = []
+    for sparse in (True, False):
+        sae.zero_grad()
+        o = sae.train_forward(x, sparse=sparse)
+        assert (o.ent is not None) == sparse
+        ls = sae.loss(x, o, dead=dead, k_aux=7)
+        ls["loss"].backward()
+        grads.append((ls["loss"].detach(), ls["aux"].detach(), o.recon.detach(), o.acts.clone(), o.fired(), o.l0(),
+                      [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]))
+    (l1, a1, r1, f1, c1, z1, g1), (l2, a2, r2, f2, c2, z2, g2) = grads
+    assert a1 > 0 and torch.allclose(l1, l2) and torch.allclose(a1, a2) and torch.allclose(r1, r2)
+    assert torch.allclose(f1, f2) and torch.equal(c1, c2) and z1 == pytest.approx(z2)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()

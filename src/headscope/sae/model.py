@@ -132,6 +132,43 @@ class SAEOutput(NamedTuple):
     pre: torch.Tensor
 
 
+class TrainOutput:
+    """What :meth:`AttnSAE.train_forward` returns: ``recon`` [N, d_in], ``pre`` [N, F] and the
+    activations, dense (``acts``) or as sparse entries (``ent``: rows/cols, ``vals`` [M])."""
+
+    def __init__(self, recon, pre, acts=None, vals=None, ent=None, x_c=None):
+        self.recon, self.pre, self._acts, self.vals, self.ent, self.x_c = recon, pre, acts, vals, ent, x_c
+
+    @property
+    def acts(self) -> torch.Tensor:
+        """Dense activations [N, F] (built on demand from the sparse entries, without gradient)."""
+        if self._acts is None:
+            a = torch.zeros(self.ent.n_rows * self.ent.n_cols, dtype=self.vals.dtype, device=self.vals.device)
+            a[self.ent.rows * self.ent.n_cols + self.ent.cols] = self.vals.detach()
+            self._acts = a.reshape(self.ent.n_rows, self.ent.n_cols)
+        return self._acts
+
+    @torch.no_grad()
+    def fired(self) -> torch.Tensor:
+        """[F] long: tokens of the batch on which each feature fired."""
+        if self.ent is not None:
+            return torch.bincount(self.ent.cols[self.vals > 0], minlength=self.ent.n_cols)
+        return (self._acts > 0).sum(0)
+
+    @torch.no_grad()
+    def l0(self) -> float:
+        """Mean number of active features per token."""
+        if self.ent is not None:
+            return float((self.vals > 0).sum()) / self.ent.n_rows
+        return float((self._acts > 0).float().sum(-1).mean())
+
+    @torch.no_grad()
+    def min_positive(self) -> float | None:
+        v = self.vals if self.ent is not None else self._acts
+        v = v[v > 0]
+        return float(v.min()) if v.numel() else None
+
+
 class _SparseDecode(torch.autograd.Function):
     """recon[n] = Σ_j vals[n, j] · W_dec[idx[n, j]], with a deterministic backward (index_add_ in index
     order), so that TopK training is bit-for-bit reproducible and resumable."""
@@ -263,12 +300,15 @@ class AttnSAE(nn.Module):
             recon = recon + x * (1 - self._head_mask)
         return SAEOutput(recon, acts, pre)
 
-    def train_forward(self, x: torch.Tensor) -> SAEOutput:
+    def train_forward(self, x: torch.Tensor, sparse: bool = True) -> "TrainOutput":
         """The training map on a batch x [N, d_in]: BatchTopK keeps the k·N largest activations of the
-        batch; JumpReLU passes the threshold's straight-through gradient; others as :meth:`forward`."""
+        batch; JumpReLU passes the threshold's straight-through gradient; others as :meth:`forward`.
+        TopK and BatchTopK run sparse (:mod:`.sparse`: one dense matmul per step) unless ``sparse=False``."""
         a = self.cfg.architecture
         if a not in TRAINABLE:
             raise HeadscopeError(f"SAE architecture '{a}' can be loaded but not trained here")
+        if sparse and a in ("topk", "batchtopk") and x.dim() == 2:
+            return self._sparse_train_forward(x)
         pre = self.pre_acts(x)
         if a == "topk":
             recon, acts = self._topk_decode(pre)
@@ -283,7 +323,27 @@ class AttnSAE(nn.Module):
         else:
             acts = pre.relu()
             recon = self.decode(acts)
-        return SAEOutput(recon, acts, pre)
+        return TrainOutput(recon, pre, acts=acts)
+
+    def _sparse_train_forward(self, x: torch.Tensor) -> "TrainOutput":
+        from .sparse import Entries, SparseDecode, SparseEncode
+        N, F = x.shape[0], self.cfg.d_sae
+        x_c = x - self.b_dec
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            if self.cfg.architecture == "topk":
+                pv, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+                rows = torch.arange(N, device=x.device).repeat_interleave(self.cfg.k)
+                cols, pv = idx.reshape(-1), pv.reshape(-1)
+            else:
+                _, flat = pre.relu().flatten().topk(self.cfg.k * N, sorted=False)
+                flat = flat.sort().values
+                rows, cols = flat // F, flat % F
+                pv = pre.flatten()[flat]
+        ent = Entries(rows, cols, N, F)
+        v = SparseEncode.apply(x_c, self.W_enc, self.b_enc, pv, ent).relu()
+        recon = SparseDecode.apply(v, self.W_dec, ent) + self.b_dec
+        return TrainOutput(recon, pre, vals=v, ent=ent, x_c=x_c)
 
     def _topk_decode(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # sparse decode: gather the k decoder rows of each token instead of a dense [N, F] matmul
@@ -301,7 +361,7 @@ class AttnSAE(nn.Module):
         return x
 
     # -- losses ------------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, out: SAEOutput, l1_coeff: float = 0.0, dead: torch.Tensor | None = None,
+    def loss(self, x: torch.Tensor, out: TrainOutput, l1_coeff: float = 0.0, dead: torch.Tensor | None = None,
              k_aux: int = 256, aux_coeff: float = 1 / 32, l0_coeff: float = 0.0) -> dict[str, torch.Tensor]:
         """Training losses (mean over tokens) of ``out = train_forward(x)``. ``dead``: bool [F] mask of
         dead features (AuxK). ``l1_coeff``: standard; ``l0_coeff``: JumpReLU."""
@@ -329,12 +389,23 @@ class AttnSAE(nn.Module):
                 prev = w
         aux = torch.zeros((), device=x.device)
         if dead is not None and bool(dead.any()):
-            n_dead = int(dead.sum())
+            # AuxK: the k_aux largest pre-activations of dead features reconstruct the residual
+            dead_idx = dead.nonzero().flatten()
+            n_dead = dead_idx.numel()
             ka = min(k_aux, n_dead)
-            pre_dead = out.pre.masked_fill(~dead, float("-inf"))
-            vals, idx = pre_dead.topk(ka, dim=-1, sorted=False)
             target = (x - out.recon).detach()
-            aux_rec = _SparseDecode.apply(vals.relu(), idx, self.W_dec)
+            if getattr(out, "ent", None) is not None:   # sparse: choose on the detached pre, encode sparsely
+                from .sparse import Entries, SparseDecode, SparseEncode
+                N = x.shape[0]
+                with torch.no_grad():
+                    pv, j = out.pre[:, dead_idx].topk(ka, dim=-1, sorted=False)
+                e = Entries(torch.arange(N, device=x.device).repeat_interleave(ka), dead_idx[j].reshape(-1), N,
+                            self.cfg.d_sae)
+                v = SparseEncode.apply(out.x_c, self.W_enc, self.b_enc, pv.reshape(-1), e).relu()
+                aux_rec = SparseDecode.apply(v, self.W_dec, e)
+            else:
+                vals, j = out.pre[:, dead_idx].topk(ka, dim=-1, sorted=False)
+                aux_rec = _SparseDecode.apply(vals.relu(), dead_idx[j], self.W_dec)
             # as SAELens: scaled down while few features are dead
             aux = (aux_rec - target).pow(2).sum(-1).mean() * min(n_dead / k_aux, 1.0)
         losses["aux"] = aux
@@ -342,14 +413,14 @@ class AttnSAE(nn.Module):
         return losses
 
     @torch.no_grad()
-    def after_step(self, out: SAEOutput, threshold_lr: float = 0.01) -> None:
+    def after_step(self, out: TrainOutput, threshold_lr: float = 0.01) -> None:
         """Per-step updates outside the optimiser: BatchTopK's threshold ← running mean of the smallest
         activation kept in the batch (as SAELens); JumpReLU's threshold kept ≥ 0."""
         a = self.cfg.architecture
         if a in ("batchtopk", "matryoshka_batchtopk"):
-            pos = out.acts[out.acts > 0]
-            if pos.numel():
-                self.threshold.mul_(1 - threshold_lr).add_(threshold_lr * pos.min())
+            m = out.min_positive()
+            if m is not None:
+                self.threshold.mul_(1 - threshold_lr).add_(threshold_lr * m)
         elif a == "jumprelu":
             self.threshold.clamp_(min=0.0)
 

@@ -293,14 +293,14 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         sae.normalize_decoder()
         sae.after_step(o, cfg.threshold_lr)
         with torch.no_grad():
-            fired = (o.acts > 0).sum(0)
+            fired = o.fired()
             dist.all_reduce(fired, "sum")
             since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + x.shape[0] * dist.world_size)
             fired_window += fired
             var = (x - x.mean(0)).pow(2).sum()
             acc["loss"] += losses["loss"].item()
             acc["mse"] += losses["mse"].item()
-            acc["l0"] += (o.acts > 0).float().sum(-1).mean().item()
+            acc["l0"] += o.l0()
             acc["fve"] += 1 - ((o.recon - x).pow(2).sum() / var.clamp_min(1e-12)).item()
             acc["n"] += 1
         if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
