@@ -12,12 +12,20 @@ from ..errors import HeadscopeError
 def _train_args(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
     d = TrainConfig(layer=0)
-    p.add_argument("--arch", choices=("standard", "topk"), default=d.architecture,
-                   help="standard: ReLU + L1 (the paper); topk: TopK with the AuxK dead-feature loss")
+    from .model import TRAINABLE
+    p.add_argument("--arch", choices=TRAINABLE, default=d.architecture,
+                   help="standard: ReLU + L1 (the paper); topk: TopK with the AuxK dead-feature loss; jumprelu: "
+                        "learned thresholds + L0 penalty; batchtopk: top k·batch; matryoshka_batchtopk: BatchTopK "
+                        "with nested prefixes (default %(default)s)")
     p.add_argument("--expansion", type=int, default=d.expansion, help="d_sae = expansion · H·Dh (default %(default)s)")
     p.add_argument("--d-sae", type=int, default=None, help="number of features (overrides --expansion)")
     p.add_argument("--k", type=int, default=d.k, help="TopK: active features per token (default %(default)s)")
     p.add_argument("--l1", type=float, default=d.l1_coeff, help="standard: L1 coefficient on the normalised input")
+    p.add_argument("--l0", type=float, default=d.l0_coeff, help="jumprelu: L0 coefficient (default %(default)s)")
+    p.add_argument("--bandwidth", type=float, default=d.bandwidth,
+                   help="jumprelu: straight-through estimator bandwidth (default %(default)s)")
+    p.add_argument("--matryoshka-widths", default="",
+                   help="matryoshka_batchtopk: comma-separated prefix widths (default d_sae/16,/8,/4,/2,d_sae)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="token rows per step and process")
     p.add_argument("--tokens", type=int, default=d.n_tokens, help="training tokens (default %(default)s)")
@@ -35,6 +43,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train_options(a) -> dict:
     return dict(architecture=a.arch, expansion=a.expansion, d_sae=a.d_sae, k=a.k, l1_coeff=a.l1, lr=a.lr,
+                l0_coeff=a.l0, bandwidth=a.bandwidth, matryoshka_widths=a.matryoshka_widths,
                 batch_size=a.batch_size, n_tokens=a.tokens, warmup_steps=a.warmup_steps,
                 resample_every=a.resample_every, init_b_dec=a.init_b_dec, seed=a.seed, corpus=a.corpus,
                 seq_len=a.seq_len, buffer_tokens=a.buffer_tokens, cache=a.cache, checkpoint_every=a.checkpoint_every)
@@ -86,9 +95,16 @@ def cmd_eval(a) -> int:
 def cmd_sweep(a) -> int:
     from .sweep import run_sweep
     model = load_from_args(a)
-    values = [float(v) for v in a.values.split(",")]
+    from .sweep import parse_grid
+    if bool(a.values) == bool(a.grid):
+        raise HeadscopeError("give either --values (one architecture, --arch) or --grid (several)")
+    grid = parse_grid(a.grid) if a.grid else None
+    try:
+        values = [float(v) for v in a.values.split(",")] if a.values else None
+    except ValueError:
+        raise HeadscopeError(f"--values must be comma-separated numbers, got '{a.values}'") from None
     opts = _train_options(a)
-    res = run_sweep(model, _run(a, model), a.layer, values=values, eval_tokens=a.eval_tokens, **opts)
+    res = run_sweep(model, _run(a, model), a.layer, values=values, grid=grid, eval_tokens=a.eval_tokens, **opts)
     _print(res["points"])
     return 0
 
@@ -166,10 +182,13 @@ def register(subparsers) -> None:
     e.add_argument("--force", action="store_true", help="recompute even if done")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sweep", help="train several SAEs (k or L1 values) and plot the L0 vs CE-recovered frontier")
+    s = sub.add_parser("sweep", help="train SAEs of several architectures / sparsities from one activation cache "
+                                     "and plot the L0 vs CE-recovered frontier")
     add_model_args(s), add_out_arg(s)
     s.add_argument("--layer", type=int, required=True)
-    s.add_argument("--values", required=True, help="comma-separated k values (topk) or L1 coefficients (standard)")
+    s.add_argument("--values", default=None, help="comma-separated values of --arch's sparsity knob: k (topk, "
+                   "batchtopk, matryoshka_batchtopk), L0 coefficient (jumprelu) or L1 coefficient (standard)")
+    s.add_argument("--grid", default=None, help="several architectures: 'topk:16,32 batchtopk:16,32 jumprelu:0.3,1'")
     s.add_argument("--eval-tokens", type=int, default=4096)
     _train_args(s)
     s.set_defaults(func=cmd_sweep)
