@@ -136,8 +136,8 @@ class TrainOutput:
     """What :meth:`AttnSAE.train_forward` returns: ``recon`` [N, d_in], ``pre`` [N, F] and the
     activations, dense (``acts``) or as sparse entries (``ent``: rows/cols, ``vals`` [M])."""
 
-    def __init__(self, recon, pre, acts=None, vals=None, ent=None, x_c=None):
-        self.recon, self.pre, self._acts, self.vals, self.ent, self.x_c = recon, pre, acts, vals, ent, x_c
+    def __init__(self, recon, pre, acts=None, vals=None, ent=None, x=None):
+        self.recon, self.pre, self._acts, self.vals, self.ent, self.x = recon, pre, acts, vals, ent, x
 
     @property
     def acts(self) -> torch.Tensor:
@@ -328,9 +328,8 @@ class AttnSAE(nn.Module):
     def _sparse_train_forward(self, x: torch.Tensor) -> "TrainOutput":
         from .sparse import Entries, SparseDecode, SparseEncode
         N, F = x.shape[0], self.cfg.d_sae
-        x_c = x - self.b_dec
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
             if self.cfg.architecture == "topk":
                 pv, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
                 rows = torch.arange(N, device=x.device).repeat_interleave(self.cfg.k)
@@ -341,9 +340,9 @@ class AttnSAE(nn.Module):
                 rows, cols = flat // F, flat % F
                 pv = pre.flatten()[flat]
         ent = Entries(rows, cols, N, F)
-        v = SparseEncode.apply(x_c, self.W_enc, self.b_enc, pv, ent).relu()
+        v = SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pv, ent).relu()
         recon = SparseDecode.apply(v, self.W_dec, ent) + self.b_dec
-        return TrainOutput(recon, pre, vals=v, ent=ent, x_c=x_c)
+        return TrainOutput(recon, pre, vals=v, ent=ent, x=x)
 
     def _topk_decode(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # sparse decode: gather the k decoder rows of each token instead of a dense [N, F] matmul
@@ -366,8 +365,7 @@ class AttnSAE(nn.Module):
         """Training losses (mean over tokens) of ``out = train_forward(x)``. ``dead``: bool [F] mask of
         dead features (AuxK). ``l1_coeff``: standard; ``l0_coeff``: JumpReLU."""
         a = self.cfg.architecture
-        err = out.recon - x
-        mse = err.pow(2).sum(-1).mean()
+        mse = torch.nn.functional.mse_loss(out.recon, x, reduction="sum") / x.shape[0]
         losses = {"mse": mse}
         if a == "standard":
             losses["l1"] = out.acts.abs().sum(-1).mean()
@@ -401,7 +399,7 @@ class AttnSAE(nn.Module):
                     pv, j = out.pre[:, dead_idx].topk(ka, dim=-1, sorted=False)
                 e = Entries(torch.arange(N, device=x.device).repeat_interleave(ka), dead_idx[j].reshape(-1), N,
                             self.cfg.d_sae)
-                v = SparseEncode.apply(out.x_c, self.W_enc, self.b_enc, pv.reshape(-1), e).relu()
+                v = SparseEncode.apply(out.x, self.b_dec, self.W_enc, self.b_enc, pv.reshape(-1), e).relu()
                 aux_rec = SparseDecode.apply(v, self.W_dec, e)
             else:
                 vals, j = out.pre[:, dead_idx].topk(ka, dim=-1, sorted=False)
@@ -435,8 +433,8 @@ class AttnSAE(nn.Module):
         """Remove from W_dec's gradient the component parallel to each (unit) decoder row."""
         if self.W_dec.grad is None:
             return
-        par = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-        self.W_dec.grad.sub_(par * self.W_dec)
+        par = torch.einsum("fd,fd->f", self.W_dec.grad, self.W_dec)
+        self.W_dec.grad.addcmul_(par[:, None], self.W_dec, value=-1.0)
 
     # -- head structure ----------------------------------------------------------------------------
     def head_blocks(self, which: str = "dec") -> torch.Tensor:

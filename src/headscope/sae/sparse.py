@@ -95,21 +95,25 @@ class SparseDecode(torch.autograd.Function):
 
 
 class SparseEncode(torch.autograd.Function):
-    """``v_e = pre[row_e, col_e]`` with ``pre = x_c · W_enc + b_enc`` already computed (no grad);
-    the backward gives x_c [N, d], W_enc [d, F] and b_enc [F] their gradients from ∂v [M] alone."""
+    """``v_e = pre[row_e, col_e]`` with ``pre = (x − b_dec) · W_enc + b_enc`` already computed (no grad);
+    the backward gives W_enc [d, F], b_enc [F] and b_dec [d] their gradients from ∂v [M] alone:
+    ∂b_enc = Σ_e by feature, ∂b_dec = −W_enc · ∂b_enc (x itself gets a gradient only if it asks)."""
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, pre_vals, ent: Entries):
-        ctx.save_for_backward(x_c, W_enc)
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre_vals, ent: Entries):
+        ctx.save_for_backward(x, b_dec, W_enc)
         ctx.ent = ent
         return pre_vals.clone()
 
     @staticmethod
     def backward(ctx, g):
-        x_c, W_enc = ctx.saved_tensors
+        x, b_dec, W_enc = ctx.saved_tensors
         ent = ctx.ent
-        g_x = ent.sum_rows_by_row(W_enc.T.contiguous(), g) if ctx.needs_input_grad[0] else None
-        g_W = ent.sum_rows_by_col(x_c.contiguous(), g).T if ctx.needs_input_grad[1] else None
-        g_b = torch.zeros(ent.n_cols, dtype=g.dtype, device=g.device).index_add_(0, ent.cols, g) \
-            if ctx.needs_input_grad[2] else None
-        return g_x, g_W, g_b, None, None
+        g_x = g_W = None
+        g_b = torch.zeros(ent.n_cols, dtype=g.dtype, device=g.device).index_add_(0, ent.cols, g)
+        if ctx.needs_input_grad[0]:
+            g_x = ent.sum_rows_by_row(W_enc.T.contiguous(), g)
+        if ctx.needs_input_grad[2]:
+            g_W = ent.sum_rows_by_col((x - b_dec).contiguous(), g).T
+        g_bdec = -(W_enc @ g_b) if ctx.needs_input_grad[1] else None
+        return g_x, g_bdec, g_W, g_b if ctx.needs_input_grad[3] else None, None, None

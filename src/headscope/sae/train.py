@@ -238,7 +238,9 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     n_steps = cfg.n_steps(dist.world_size)
     dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 20, min(10_000_000, cfg.n_tokens // 10))
     sae = AttnSAE(scfg, seed=cfg.seed).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    # fused Adam: one pass over each parameter per step instead of ~8 (profiled: the foreach Adam was
+    # ~20 % of a TopK step on CPU)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=True)
     ck = out / "checkpoint"
     since_fired = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # tokens since each feature fired
     fired_window = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # firings since the last resample
@@ -274,8 +276,6 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     step = step0
     for step, x in batches.iterate(step0, stop):
         x = x.to(device) * scale
-        if not torch.isfinite(x).all():
-            raise HeadscopeError(f"non-finite z activations at layer {layer} in the batch of step {step}")
         for pg in opt.param_groups:
             pg["lr"] = lr_at(cfg, step, n_steps)
         l1 = cfg.l1_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps)))
@@ -283,7 +283,9 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         o = sae.train_forward(x)
         losses = sae.loss(x, o, l1_coeff=l1, dead=dead, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
                           l0_coeff=cfg.l0_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps))))
-        if not torch.isfinite(losses["loss"]):
+        if not torch.isfinite(losses["loss"]):   # checked on the loss: one scalar, not a pass over x
+            if not torch.isfinite(x).all():
+                raise HeadscopeError(f"non-finite z activations at layer {layer} in the batch of step {step}")
             raise HeadscopeError(f"SAE loss became {losses['loss'].item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -297,12 +299,13 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
             dist.all_reduce(fired, "sum")
             since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + x.shape[0] * dist.world_size)
             fired_window += fired
-            var = (x - x.mean(0)).pow(2).sum()
             acc["loss"] += losses["loss"].item()
             acc["mse"] += losses["mse"].item()
             acc["l0"] += o.l0()
-            acc["fve"] += 1 - ((o.recon - x).pow(2).sum() / var.clamp_min(1e-12)).item()
             acc["n"] += 1
+            if (step + 1) % 10 == 0 or step + 1 == stop:   # FVE of the logged step's batch (a pass over x)
+                var = x.var(0, unbiased=False).sum() * x.shape[0]
+                acc["fve"] = 1 - (losses["mse"].item() * x.shape[0] / var.clamp_min(1e-12)).item()
         if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
                 and n_resampled < cfg.resample_max and step + 1 < n_steps:
             g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -315,7 +318,7 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         if (step + 1) % 10 == 0 or step + 1 == stop:
             n = max(1, acc["n"])
             rec = {"step": step + 1, "loss": acc["loss"] / n, "mse": acc["mse"] / n, "l0": acc["l0"] / n,
-                   "fve": acc["fve"] / n, "dead_frac": float((since_fired >= dead_tokens).float().mean()),
+                   "fve": acc["fve"], "dead_frac": float((since_fired >= dead_tokens).float().mean()),
                    "lr": lr_at(cfg, step, n_steps)}
             history.append(rec)
             acc = {k: 0.0 for k in acc} | {"n": 0}
