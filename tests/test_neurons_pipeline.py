@@ -118,9 +118,9 @@ def test_cli_pipeline_and_errors(model_dir, tmp_path, capsys, monkeypatch):
     assert "2 top neurons" in capsys.readouterr().out
     assert main(["neurons", "mine", *base, "--seq-len", "48", "--top-k", "6", "--top-k-test", "4",
                  "--max-tokens", "1000", "--quiet"]) == 0
-    assert "mined" in capsys.readouterr().out
+    assert "train_prompts: 12" in capsys.readouterr().out
     assert main(["neurons", "attribute", *base, "--k-sigma", "1", "--quiet"]) == 0
-    assert "pairs to explain" in capsys.readouterr().out
+    assert "pairs: " in capsys.readouterr().out
     # bad input: one line, exit 2
     assert main(["neurons", "find", *base, "--min-chars", "99", "--force"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]   # after the weight-loading progress bar
