@@ -240,3 +240,54 @@ def test_unmappable_saelens_folders_refused(tmp_path, model):
     save_file(w, str(tmp_path / "jr/sae_weights.safetensors"))
     with pytest.raises(HeadscopeError, match="lacks threshold"):
         load_sae(tmp_path / "jr", model)
+
+
+def test_import_gemma_scope_npz_and_saelens_folder(tmp_path, model):
+    """A Gemma Scope params.npz (JumpReLU, x·W_enc + b_enc) and a SAELens folder import into a run
+    directory; the imported SAE encodes as SAELens does; the CLI stage writes it under sae/<name>."""
+    import numpy as np
+    from sae_lens import SAE
+    from sae_lens.saes.sae import SAEMetadata
+    from headscope.sae.io import import_sae
+    d_in = model.n_heads * model.d_head
+    ref = _saelens_inference("jumprelu", d_in, 32, SAEMetadata(hook_name="blocks.1.attn.hook_z"),
+                             apply_b_dec_to_input=False, reshape_activations="hook_z")
+    (tmp_path / "layer_1/width_16k").mkdir(parents=True)
+    npz = tmp_path / "layer_1/width_16k/params.npz"
+    np.savez(npz, **{k: getattr(ref, k).detach().numpy() for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")})
+    ours = import_sae(npz, tmp_path / "run/sae/gs", model)
+    z = torch.randn(50, model.n_heads, model.d_head)
+    with torch.no_grad():
+        want = ref.encode(z)
+        assert (want > 0).any() and torch.allclose(ours.encode(z.reshape(50, -1)), want, atol=1e-4)
+        back = load_sae(tmp_path / "run/sae/gs", model)
+        assert back.cfg.layer == 1 and torch.allclose(back.encode(z.reshape(50, -1)), want, atol=1e-4)
+        assert torch.allclose(SAE.load_from_disk(str(tmp_path / "run/sae/gs")).encode(z), want, atol=1e-4)
+    with pytest.raises(HeadscopeError, match="give --layer"):
+        np.savez(tmp_path / "params.npz", **{k: getattr(ref, k).detach().numpy() for k in ("W_enc", "W_dec")})
+        import_sae(tmp_path / "params.npz", tmp_path / "run/sae/x", model)
+    with pytest.raises(HeadscopeError, match="lacks b_enc"):
+        import_sae(tmp_path / "params.npz", tmp_path / "run/sae/x", model, layer=1)
+    assert not (tmp_path / "run/sae/x").exists()
+    with pytest.raises(HeadscopeError, match="neither an SAE folder"):
+        import_sae(tmp_path / "nothing", tmp_path / "run/sae/x", model)
+
+
+def test_cli_import_refuses_wrong_layer(tmp_path, capsys):
+    from sae_lens.saes.sae import SAEMetadata
+    from headscope.cli import main
+    m = tiny_model("qwen2")
+    mdir = tmp_path / "tinymodel"
+    m.hf.save_pretrained(mdir)
+    m.tokenizer.save_pretrained(mdir)
+    theirs = _saelens_inference("gated", m.n_heads * m.d_head, 24, SAEMetadata(hook_name="blocks.1.attn.hook_z"),
+                                reshape_activations="hook_z")
+    theirs.save_model(tmp_path / "pre")
+    out = str(tmp_path / "run")
+    assert main(["sae", "import", "--model", str(mdir), "--out", out, "--path", str(tmp_path / "pre"),
+                 "--name", "G1"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == "gated"
+    assert (tmp_path / "run/sae/G1/cfg.json").is_file()
+    assert main(["sae", "import", "--model", str(mdir), "--out", out, "--path", str(tmp_path / "pre"),
+                 "--name", "G2", "--layer", "0"]) == 2
+    assert "trained on layer 1, not layer 0" in capsys.readouterr().err

@@ -224,3 +224,41 @@ def check_sae_for(sae: AttnSAE, model, layer: int | None = None) -> None:
     model.check_layer(c.layer)
     if layer is not None and layer != c.layer:
         raise HeadscopeError(f"SAE was trained on layer {c.layer}, not layer {layer}")
+
+
+def import_sae(src: str | Path, dest: str | Path, model, layer: int | None = None) -> AttnSAE:
+    """Load a pretrained SAE and write it to ``dest`` in headscope's SAELens format (folded: what
+    headscope and SAELens both read back with equal encodings). ``src``: a SAELens folder, or a Gemma
+    Scope ``params.npz`` (JumpReLU on z, ``W_enc [H·Dh, F]``, ``W_dec``, ``b_enc``, ``b_dec``,
+    ``threshold``; encoded as ``x·W_enc + b_enc``) whose layer is ``layer`` or read from a
+    ``layer_<L>`` part of its path."""
+    import tempfile
+    src = Path(src).expanduser()
+    if src.is_file() and src.suffix == ".npz":
+        if layer is None:
+            m = re.search(r"layer_(\d+)", str(src))
+            if not m:
+                raise HeadscopeError(f"cannot tell the layer of {src}: give --layer")
+            layer = int(m.group(1))
+        import numpy as np
+        try:
+            npz = dict(np.load(src))
+        except Exception as e:
+            raise HeadscopeError(f"cannot read {src}: {str(e).splitlines()[0]}") from None
+        _need(npz, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), src)
+        d_in, F = npz["W_enc"].shape
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tensors(Path(tmp) / WEIGHTS, {k: torch.from_numpy(np.ascontiguousarray(npz[k])).float()
+                                               for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")})
+            write_json(Path(tmp) / CFG, {
+                "architecture": "jumprelu", "d_in": int(d_in), "d_sae": int(F), "apply_b_dec_to_input": False,
+                "normalize_activations": "none", "reshape_activations": "hook_z",
+                "metadata": {"sae_lens_version": _sae_lens_version(), "hook_name": f"blocks.{layer}.attn.hook_z",
+                             "hook_head_index": None, "model_name": model.name, "dataset_path": str(src)}})
+            sae = load_sae(tmp, model, layer=layer)
+    elif src.is_dir():
+        sae = load_sae(src, model, layer=layer)
+    else:
+        raise HeadscopeError(f"{src} is neither an SAE folder (cfg.json + {WEIGHTS}) nor a params.npz")
+    save_sae(sae, dest)
+    return sae
