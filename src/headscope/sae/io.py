@@ -126,6 +126,12 @@ def load_sae(path: str | Path, model=None, layer: int | None = None) -> AttnSAE:
     if arch == "jumprelu" and hs.get("architecture") in THRESHOLDED:
         arch = hs["architecture"]   # a BatchTopK / Matryoshka SAE saved in its inference (JumpReLU) form
     k = hs.get("k", k)
+    hook = meta.get("hook_name") or ""
+    m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", hook)
+    saved_layer = hs.get("layer", int(m.group(1)) if m else None)
+    if saved_layer is None:
+        raise HeadscopeError(f"SAE in {path} reads '{hook}', not attention z (blocks.L.attn.hook_z): "
+                             "its features cannot be mapped to heads")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None, False):
         raise HeadscopeError(f"SAE in {path} normalises its inputs at run time (normalize_activations={norm!r}), "
@@ -133,12 +139,6 @@ def load_sae(path: str | Path, model=None, layer: int | None = None) -> AttnSAE:
                              "(SAELens: sae.fold_activation_norm_scaling_factor) and save it with 'none'")
     if cfg.get("finetuning_scaling_factor"):
         raise HeadscopeError(f"SAE in {path} has a finetuning scaling factor, which headscope cannot map")
-    hook = meta.get("hook_name") or ""
-    m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", hook)
-    saved_layer = hs.get("layer", int(m.group(1)) if m else None)
-    if saved_layer is None:
-        raise HeadscopeError(f"SAE in {path} reads '{hook}', not attention z (blocks.L.attn.hook_z): "
-                             "its features cannot be mapped to heads")
     head_index = meta.get("hook_head_index")
     n_heads = meta.get("n_heads") or (model.n_heads if model is not None else None)
     if n_heads is None:

@@ -392,15 +392,14 @@ class AttnSAE(nn.Module):
             n_dead = dead_idx.numel()
             ka = min(k_aux, n_dead)
             target = (x - out.recon).detach()
-            if getattr(out, "ent", None) is not None:   # sparse: choose on the detached pre, encode sparsely
-                from .sparse import Entries, SparseDecode, SparseEncode
-                N = x.shape[0]
-                with torch.no_grad():
-                    pv, j = out.pre[:, dead_idx].topk(ka, dim=-1, sorted=False)
-                e = Entries(torch.arange(N, device=x.device).repeat_interleave(ka), dead_idx[j].reshape(-1), N,
-                            self.cfg.d_sae)
-                v = SparseEncode.apply(out.x, self.b_dec, self.W_enc, self.b_enc, pv.reshape(-1), e).relu()
-                aux_rec = SparseDecode.apply(v, self.W_dec, e)
+            if getattr(out, "ent", None) is not None:
+                # sparse step (pre has no graph): dense matmuls restricted to the dead columns, the encoder
+                # side written x·W_e + (b_enc − b_dec·W_e) so that x needs no [N, d] gradient. Profiled
+                # cheaper than sparse entries (N·k_aux of them) once hundreds of features are dead.
+                W_e = self.W_enc[:, dead_idx]
+                pre_d = torch.addmm(self.b_enc[dead_idx] - self.b_dec @ W_e, x, W_e)         # [N, n_dead]
+                vals, j = pre_d.topk(ka, dim=-1, sorted=False)
+                aux_rec = torch.zeros_like(pre_d).scatter(-1, j, vals.relu()) @ self.W_dec[dead_idx]
             else:
                 vals, j = out.pre[:, dead_idx].topk(ka, dim=-1, sorted=False)
                 aux_rec = _SparseDecode.apply(vals.relu(), dead_idx[j], self.W_dec)
