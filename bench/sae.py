@@ -127,6 +127,11 @@ def child(args) -> dict:
         total = end - t0
         timed = end - stamps[args.warmup] if len(stamps) > args.warmup else total
         tps = (args.steps - args.warmup) * args.batch_size / max(1e-9, timed)
+        # evaluate SAELens' inference SAE (BatchTopK: its JumpReLU with the learned threshold), as for headscope
+        from sae_lens import SAE
+        inf_dir = tempfile.mkdtemp()
+        sae.save_inference_model(inf_dir)
+        sae = SAE.load_from_disk(inf_dir, device=args.device)
         with torch.no_grad():
             x = rows[-args.batch_size:]
             out = sae.decode(sae.encode(x))

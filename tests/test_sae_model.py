@@ -158,3 +158,18 @@ def test_sparse_training_step_equals_dense(arch):
     assert torch.allclose(f1, f2) and torch.equal(c1, c2) and z1 == pytest.approx(z2)
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
+
+
+def test_batch_topk_candidates_exact():
+    """The candidate search equals a top-n over the whole matrix, including the fallback when one row
+    holds more than its share (and with many zeros)."""
+    from headscope.sae.model import _batch_topk_flat
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(64, 200, generator=g).relu()
+    r[5] += 10.0                                   # row 5 holds far more than 4·n/N of the top entries
+    for m in (r, torch.randn(64, 200, generator=g).relu(), torch.zeros(64, 200)):
+        n = 3 * 64
+        got = _batch_topk_flat(m, n)
+        want = m.flatten().topk(n).indices
+        assert got.numel() == n and torch.equal(torch.sort(m.flatten()[got]).values, torch.sort(m.flatten()[want]).values)
+        assert torch.equal(got, got.sort().values)

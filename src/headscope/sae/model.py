@@ -221,6 +221,30 @@ class _Step(torch.autograd.Function):
         return None, -((1.0 / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad).sum(0), None
 
 
+def _batch_topk_flat(r: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted flat indices of the ``n`` largest entries of ``r`` [N, F] (≥ 0). Candidates first: each row's
+    4·n/N largest, then the n largest candidates; exact unless some row has all its candidates above the
+    cut, in which case the whole matrix is searched (a top-n over N·F values is ~10× slower on CPU)."""
+    N, F = r.shape
+    k2 = min(F, 4 * max(1, n // N))
+    if k2 < F:
+        cv, ci = r.topk(k2, dim=-1, sorted=False)
+        v, pos = cv.flatten().topk(n, sorted=False)
+        cut = v.min()
+        row_min = cv.min(-1).values
+        if not bool((row_min > cut).any() or ((row_min == cut) & (cut > 0)).any()):
+            flat = (pos // k2) * F + ci.flatten()[pos]
+            return _sorted(flat)
+    return _sorted(r.flatten().topk(n, sorted=False).indices)
+
+
+def _sorted(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":   # torch's CPU sort was ~40× slower than numpy's here (profiled, under load)
+        import numpy as np
+        return torch.from_numpy(np.sort(t.numpy()))
+    return t.sort().values
+
+
 class AttnSAE(nn.Module):
     """An SAE on one layer's z. ``forward(x [N, d_in]) -> SAEOutput`` is the inference map of every
     architecture; :meth:`train_forward` is the training map (BatchTopK over the batch)."""
@@ -335,8 +359,7 @@ class AttnSAE(nn.Module):
                 rows = torch.arange(N, device=x.device).repeat_interleave(self.cfg.k)
                 cols, pv = idx.reshape(-1), pv.reshape(-1)
             else:
-                _, flat = pre.relu().flatten().topk(self.cfg.k * N, sorted=False)
-                flat = flat.sort().values
+                flat = _batch_topk_flat(pre.relu(), self.cfg.k * N)
                 rows, cols = flat // F, flat % F
                 pv = pre.flatten()[flat]
         ent = Entries(rows, cols, N, F)
