@@ -440,7 +440,10 @@ class AttnSAE(nn.Module):
         if a in ("batchtopk", "matryoshka_batchtopk"):
             m = out.min_positive()
             if m is not None:
-                self.threshold.mul_(1 - threshold_lr).add_(threshold_lr * m)
+                if not bool(self.threshold.any()):   # first update: start at the value, not at 0 (SAELens
+                    self.threshold.fill_(m)          # starts at 0, which biases short runs' threshold low)
+                else:
+                    self.threshold.mul_(1 - threshold_lr).add_(threshold_lr * m)
         elif a == "jumprelu":
             self.threshold.clamp_(min=0.0)
 
