@@ -346,7 +346,8 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     summary = {"weights_sha1": fp, "name": name, "layer": layer, "sae": scfg.to_dict() | {"model": None}, "config": asdict(cfg),
                "n_steps": n_steps, "tokens": n_steps * cfg.batch_size * dist.world_size, "world_size": dist.world_size,
                "input_scale": scale, "elapsed_s": elapsed,
-               "tokens_per_s": (n_steps - step0) * cfg.batch_size * dist.world_size / max(1e-9, time.time() - t0),
+               "tokens_per_s": ((n_steps - step0) * cfg.batch_size * dist.world_size / max(1e-9, time.time() - t0))
+               if n_steps > step0 else None,   # None: everything came from the checkpoint
                "final": next((h for h in reversed(history) if "l0" in h), {}), "history": history}
     if dist.primary:
         save_sae(final, out)
