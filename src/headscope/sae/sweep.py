@@ -94,6 +94,7 @@ def _plot(res: dict, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
     for ax, key, label in ((axes[0], "ce_recovered_zero", "vs zero-ablation"),
                            (axes[1], "ce_recovered_mean", "vs mean-ablation")):
@@ -102,6 +103,7 @@ def _plot(res: dict, path) -> None:
                           and p.get("l0")), key=lambda p: p["l0"])
             ax.plot([p["l0"] for p in pts], [p[key] for p in pts], "o-", label=arch)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(f"CE loss recovered {label}")
         ax.grid(alpha=0.3)
