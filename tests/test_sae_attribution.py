@@ -71,3 +71,25 @@ def test_weight_attribution_and_polysemanticity():
     hf = head_features(model, sae, alive=alive, top_n=4, token_jaccard=1.1)
     assert {t["feature"] for t in hf[0]["top_features"]} == {0, 1} and hf[0]["n_groups"] == 1
     assert not hf[0]["polysemantic"]
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "gated", "matryoshka_batchtopk"])
+def test_dfa_sums_to_linear_preactivation_every_architecture(arch):
+    """DFA attributes the linear part of the encoder: for gated SAEs the magnitude path
+    (W_enc ⊙ exp(r_mag)), whose ReLU gives the feature's value when the gate is open."""
+    model = tiny_model("llama_gqa")
+    cfg = SAEConfig(d_in=model.n_heads * model.d_head, d_sae=16, n_heads=model.n_heads, d_head=model.d_head,
+                    layer=1, architecture=arch, k=4, model=model.identity())
+    sae = AttnSAE(cfg, seed=3)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = model.to_tokens(["a short prompt about heads"])
+    d = dfa(model, sae, ids)
+    z = capture(model, ids, layers=[1], what=("z",))["z"][1].reshape(1, ids.shape[1], -1)
+    with torch.no_grad():
+        pre = sae.pre_acts(z)
+        W = sae.head_blocks("enc").reshape(cfg.d_in, -1)
+        const = pre - (z - 0) @ W
+    assert torch.allclose(d.sum((2, 3)) + const, pre, atol=1e-4)
+    assert torch.allclose(const, const[:, :1].expand_as(const), atol=1e-4)   # the rest is a constant

@@ -17,16 +17,18 @@ from headscope.testing.tiny import tiny_model
 from sae_helpers import small_corpus
 
 
-def test_stage_functions_and_atlas_data(tmp_path):
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"])
+def test_stage_functions_and_atlas_data(tmp_path, arch):
+    """Every trainable architecture goes through the same evaluation, analysis, dashboards and atlas."""
     model = tiny_model("gpt2")
     run = RunDir(tmp_path / "run", model.identity())
     opts = dict(corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256, buffer_tokens=2048, expansion=2,
-                architecture="topk", k=4, seq_len=64)
+                architecture=arch, k=4, seq_len=64, l0_coeff=0.05)
     run_train(model, run, 1, progress=False, **opts)
     ev = run_eval(model, run, "L1", n_tokens=512, batch_size=4, progress=False)
     for key in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean", "kl_recovered_zero", "dead_frac", "dense_frac"):
         assert key in ev
-    assert ev["l0"] <= 4
+    assert ev["l0"] <= 4 if arch == "topk" else 0 < ev["l0"] < 64
     sp = read_tensors(tmp_path / "run/sae/L1/sparsity.safetensors")["sparsity"]
     assert sp.shape == (64,) and (sp <= 0).all()
     assert (tmp_path / "run/sae/L1/eval_density.png").stat().st_size > 1000
@@ -91,3 +93,16 @@ def test_sweep_trains_from_one_cache_and_plots(tmp_path):
     from headscope.errors import HeadscopeError
     with pytest.raises(HeadscopeError, match="positive integers"):
         run_sweep(model, run, 1, values=[2.5], progress=False, cache=str(tmp_path / "run/sae/sweep_L1/cache"))
+    # several architectures from the same cache: one point per (architecture, value), one curve each
+    cache = str(tmp_path / "run/sae/sweep_L1/cache")
+    res = run_sweep(model, run, 1, grid={"topk": [2], "batchtopk": [2], "jumprelu": [0.5],
+                                         "matryoshka_batchtopk": [3]}, eval_tokens=256, progress=False,
+                    cache=cache, corpus=small_corpus(tmp_path), n_tokens=4096, batch_size=256, expansion=2, seq_len=64)
+    assert [p["name"] for p in res["points"]] == ["L1_k2", "L1_btk2", "L1_l0_0.5", "L1_mtk3"]
+    assert [p["architecture"] for p in res["points"]] == ["topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
+    assert all(p["ce_recovered_zero"] is not None and p["l0"] > 0 for p in res["points"])
+    assert read_json(tmp_path / "run/sae/sweep_L1/sweep.json")["architectures"] == res["architectures"]
+    from headscope.sae.sweep import parse_grid
+    assert parse_grid("topk:8,16 jumprelu:0.5") == {"topk": [8.0, 16.0], "jumprelu": [0.5]}
+    with pytest.raises(HeadscopeError, match="not ARCH:V1,V2"):
+        parse_grid("gated:1")

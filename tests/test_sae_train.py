@@ -24,7 +24,7 @@ def model():
     return tiny_model("llama_gqa")
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk"])
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"])
 def test_resume_equals_uninterrupted(tmp_path, model, arch):
     corpus = small_corpus(tmp_path)
     opts = dict(OPTS, corpus=corpus, architecture=arch, k=4, l1_coeff=0.5,
@@ -115,5 +115,29 @@ def test_bad_options(tmp_path, model):
         run_train(model, run, 1, progress=False, batch_size=0)
     with pytest.raises(HeadscopeError, match="unknown SAE training option"):
         run_train(model, run, 1, progress=False, bogus=1)
+    with pytest.raises(HeadscopeError, match="cannot train SAE architecture 'gated'"):
+        run_train(model, run, 1, progress=False, architecture="gated")
+    with pytest.raises(HeadscopeError, match="matryoshka widths must increase"):
+        run_train(model, run, 1, progress=False, architecture="matryoshka_batchtopk", matryoshka_widths="20,10",
+                  corpus=small_corpus(tmp_path))
     with pytest.raises(HeadscopeError, match="exceeds"):
         run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), batch_size=4096, buffer_tokens=1024)
+
+
+def test_cli_options_are_training_options():
+    """Every `sae train` option (the stage contract's dataclass) is a TrainConfig field, with the same
+    default, and the architectures offered are the trainable ones."""
+    import dataclasses
+    import typing
+    from headscope.sae.instrument import TrainOptions
+    from headscope.sae.model import TRAINABLE
+    from headscope.sae.train import TrainConfig
+    tc = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(TrainOptions):
+        if f.name == "name":
+            continue
+        assert f.name in tc, f.name
+        if f.default is not dataclasses.MISSING and tc[f.name].default is not dataclasses.MISSING:
+            assert f.default == tc[f.name].default, f.name
+    arch = typing.get_args(typing.get_type_hints(TrainOptions)["architecture"])
+    assert set(arch) == set(TRAINABLE)

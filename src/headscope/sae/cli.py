@@ -29,10 +29,12 @@ def cmd_cache(model, a) -> int:
 
 
 def cmd_sweep(model, a) -> int:
-    from .sweep import run_sweep
+    from .sweep import parse_grid, run_sweep
     opts = dict(architecture=a.architecture, n_tokens=a.n_tokens, batch_size=a.batch_size, expansion=a.expansion,
-                corpus=a.corpus, cache=a.cache)
-    res = run_sweep(model, _run(a, model), a.layer, values=list(a.values), eval_tokens=a.eval_tokens, **opts)
+                corpus=a.corpus, cache=a.cache, lr=a.lr, seq_len=a.seq_len)
+    grid = parse_grid(a.grid) if a.grid else None
+    res = run_sweep(model, _run(a, model), a.layer, values=list(a.values) or None, grid=grid,
+                    eval_tokens=a.eval_tokens, **opts)
     _print(res["points"])
     return 0
 

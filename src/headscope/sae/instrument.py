@@ -24,16 +24,27 @@ class TrainOptions:
     """layer whose z is encoded"""
     name: Optional[str] = None
     """SAE name in the run directory (default L<layer>)"""
-    architecture: Literal["standard", "topk"] = field(default="topk", alias=["--arch"])
-    """standard: ReLU + L1 (the paper); topk: TopK with the AuxK dead-feature loss"""
+    architecture: Literal["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"] = field(
+        default="topk", alias=["--arch"])
+    """standard: ReLU + L1 (the paper); topk: TopK with the AuxK dead-feature loss; jumprelu: learned
+    per-feature thresholds + L0 penalty; batchtopk: top k·batch while training, a threshold at inference;
+    matryoshka_batchtopk: BatchTopK whose nested prefixes each reconstruct"""
     expansion: int = 4
     """d_sae = expansion · H·Dh"""
     d_sae: Optional[int] = None
     """number of features (overrides --expansion)"""
     k: int = 32
-    """TopK: active features per token"""
+    """TopK: active features per token; BatchTopK / Matryoshka: on average"""
     l1_coeff: float = field(default=5.0, alias=["--l1"])
     """standard: L1 coefficient on the normalised input"""
+    l0_coeff: float = field(default=1.0, alias=["--l0"])
+    """jumprelu: L0 coefficient on the normalised input"""
+    bandwidth: float = 0.05
+    """jumprelu: straight-through estimator bandwidth"""
+    matryoshka_widths: str = ""
+    """matryoshka_batchtopk: comma-separated prefix widths (default d_sae/16,/8,/4,/2,d_sae)"""
+    threshold_lr: float = 0.01
+    """batchtopk / matryoshka: rate of the running mean that sets the inference threshold"""
     lr: float = 1e-3
     """Adam learning rate"""
     batch_size: int = 1024
@@ -64,6 +75,7 @@ class TrainOptions:
         for n in ("expansion", "k", "batch_size", "n_tokens", "seq_len", "buffer_tokens", "checkpoint_every"):
             check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
         check(self.d_sae is None or self.d_sae >= 1, "--d-sae must be at least 1")
+        check(self.bandwidth > 0 and self.l0_coeff >= 0, "--bandwidth must be positive and --l0 at least 0")
 
     @property
     def sae_name(self) -> str:
@@ -191,16 +203,25 @@ class CacheOptions:
 
 @dataclass(frozen=True)
 class SweepOptions:
-    """Trains several SAEs (k or L1 values) and plots the L0 vs CE-recovered frontier."""
+    """Trains SAEs of several architectures / sparsities from ONE activation cache and plots L0 against
+    CE loss recovered (vs zero- and mean-ablation), one curve per architecture."""
 
     layer: int
     """layer whose z is encoded"""
-    values: list[float]
-    """k values (topk) or L1 coefficients (standard)"""
+    values: list[float] = field(default_factory=list)
+    """values of --arch's sparsity knob: k (topk, batchtopk, matryoshka_batchtopk), L0 coefficient
+    (jumprelu) or L1 coefficient (standard)"""
+    grid: Optional[str] = None
+    """several architectures instead of --arch/--values: 'topk:16,32 batchtopk:16,32 jumprelu:0.3,1'"""
     eval_tokens: int = 4096
     """held-out tokens per evaluation"""
-    architecture: Literal["standard", "topk"] = field(default="topk", alias=["--arch"])
-    """SAE architecture"""
+    architecture: Literal["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"] = field(
+        default="topk", alias=["--arch"])
+    """SAE architecture (with --values)"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    seq_len: int = 128
+    """tokens per sequence"""
     n_tokens: int = field(default=2_000_000, alias=["--tokens"])
     """training tokens per SAE"""
     batch_size: int = 1024
@@ -213,7 +234,10 @@ class SweepOptions:
     """activation cache to train from"""
 
     def __post_init__(self):
-        check(len(self.values) >= 1, "--values needs at least one value")
+        check((len(self.values) >= 1) != bool(self.grid), "give either --values (with --arch) or --grid")
+        if self.grid:
+            from .sweep import parse_grid
+            parse_grid(self.grid)
 
 
 @dataclass(frozen=True)
@@ -237,6 +261,21 @@ class DfaOptions:
         check(self.feature >= 0, f"--feature {self.feature}: feature indices start at 0")
 
 
+@dataclass(frozen=True)
+class ImportOptions:
+    """Imports a pretrained attention SAE on z into the run directory: a SAELens folder (standard, gated,
+    topk, jumprelu, batchtopk, matryoshka_batchtopk; whole-layer or one head via hook_head_index) or a
+    Gemma Scope params.npz. It is checked against the model, then written as RUN/sae/<name>/ so that
+    sae eval / analysis / dashboards / ioi / dfa read it like a trained one."""
+
+    path: str
+    """SAELens SAE folder (cfg.json + sae_weights.safetensors) or a Gemma Scope params.npz"""
+    name: str
+    """name of the SAE in the run directory"""
+    layer: Optional[int] = None
+    """layer (needed for a params.npz whose path has no layer_<L> part)"""
+
+
 def _sae_files(name: str) -> list[str]:
     return [f"sae/{name}/cfg.json", f"sae/{name}/sae_weights.safetensors"]
 
@@ -250,6 +289,14 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
     res = run_train(model, run, opts.layer, name=opts.sae_name, dist=dist, progress=progress,
                     **{k: v for k, v in opts.config_kwargs().items() if k != "layer"})
     return {k: res[k] for k in ("name", "layer", "n_steps", "tokens", "tokens_per_s", "final") if k in res}
+
+
+def stage_import(model, run, opts: ImportOptions, progress: bool = True) -> dict:
+    from .io import import_sae
+    sae = import_sae(opts.path, run / f"sae/{opts.name}", model, layer=opts.layer)
+    c = sae.cfg
+    return {"name": opts.name, "layer": c.layer, "architecture": c.architecture, "d_sae": c.d_sae,
+            "head_index": c.head_index}
 
 
 def stage_dashboards(model, run, opts: DashboardOptions, progress: bool = True) -> dict:
@@ -294,6 +341,10 @@ INSTRUMENT = Instrument(
         Stage("sae.train", TrainOptions, "headscope.sae.instrument:stage_train",
               writes=lambda o: _sae_files(o.sae_name) + [f"sae/{o.sae_name}/train.json"],
               doc="one attention-output SAE", report="headscope.sae.instrument:report_json"),
+        Stage("sae.import", ImportOptions, "headscope.sae.instrument:stage_import",
+              writes=lambda o: _sae_files(o.name),
+              doc="a pretrained SAELens / Gemma Scope attention SAE, checked against the model",
+              report="headscope.sae.instrument:report_json"),
         Stage("sae.eval", EvalOptions, "headscope.sae.evaluate:run_eval",
               reads=lambda o: _sae_files(o.name), writes=lambda o: eval_outputs(o.name),
               doc="SAE metrics: L0, explained variance, KL/CE recovered with bootstrap CIs, density",
@@ -316,7 +367,8 @@ INSTRUMENT = Instrument(
         Command("sae.cache", CacheOptions, "headscope.sae.instrument:cmd_cache",
                 doc="run the model once and cache z of several layers to disk shards", new_run=True),
         Command("sae.sweep", SweepOptions, "headscope.sae.instrument:cmd_sweep",
-                doc="train several SAEs and plot the L0 vs CE-recovered frontier", new_run=True),
+                doc="train SAEs of several architectures from one cache; plot the L0 vs CE-recovered frontier",
+                new_run=True),
         Command("sae.dfa", DfaOptions, "headscope.sae.instrument:cmd_dfa",
                 doc="direct feature attribution of one feature on a prompt (and recursive DFA)"),
     ),

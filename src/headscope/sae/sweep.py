@@ -1,10 +1,14 @@
-"""L0 sweep: train several SAEs on one layer (one activation pass, cached to disk) and plot the
-L0 vs CE-recovered frontier. ``run_sweep(model, run, layer, values=[…], **train_options) -> dict``.
+"""L0 / fidelity frontier: train SAEs of several architectures and sparsity settings on one layer
+from ONE cached activation pass, evaluate each, and plot L0 against CE loss recovered (vs zero- and
+mean-ablation) per architecture.
 
-``values`` are k (TopK) or L1 coefficients (standard). The model runs once: z of the layer is cached
-in ``sae/sweep_L<layer>/cache`` and every SAE trains from it. Writes ``sae/sweep_L<layer>/sweep.json``
-(``points``: name, value, l0, fve, ce_recovered_zero, ce_recovered_mean, kl_recovered_zero) and
-``sweep.png``.
+``run_sweep(model, run, layer, grid={"topk": [16, 32], "jumprelu": [0.3, 1.0]}, **train_options)``.
+The value swept per architecture is its sparsity knob (:data:`KNOB`): k for TopK / BatchTopK /
+Matryoshka, the L0 coefficient for JumpReLU, the L1 coefficient for standard SAEs. The model runs once:
+z of the layer is cached in ``sae/sweep_L<layer>/cache`` (the fast path: every SAE trains from the
+cache, no model forward) unless ``cache=`` names an existing one. Writes
+``sae/sweep_L<layer>/sweep.json`` (``points``: name, architecture, value, l0, fve, ce_recovered_zero,
+ce_recovered_mean, kl_recovered_zero, dead_frac, tokens_per_s) and ``sweep.png``.
 """
 
 from __future__ import annotations
@@ -16,15 +20,54 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, write_json
 from .evaluate import run_eval
+from .model import TRAINABLE
 from .store import cache_activations
 from .train import TrainConfig, run_train
 
+KNOB = {"topk": ("k", "k"), "batchtopk": ("k", "btk"), "matryoshka_batchtopk": ("k", "mtk"),
+        "jumprelu": ("l0_coeff", "l0_"), "standard": ("l1_coeff", "l1_")}
+"""architecture -> (TrainConfig field swept, short name used in the SAE's name)."""
 
-def run_sweep(model: Model, run: RunDir, layer: int, values: list[float], eval_tokens: int = 4096,
-              progress: bool = True, **options) -> dict:
-    if not values:
-        raise HeadscopeError("sweep needs at least one value")
-    arch = options.get("architecture", "topk")
+
+def parse_grid(spec: str) -> dict[str, list[float]]:
+    """``"topk:16,32 jumprelu:0.3,1"`` -> {"topk": [16, 32], "jumprelu": [0.3, 1.0]}."""
+    grid: dict[str, list[float]] = {}
+    for part in spec.replace(";", " ").split():
+        arch, _, vals = part.partition(":")
+        if arch not in TRAINABLE or not vals:
+            raise HeadscopeError(f"sweep grid entry '{part}' is not ARCH:V1,V2 with ARCH one of {', '.join(TRAINABLE)}")
+        try:
+            grid[arch] = [float(v) for v in vals.split(",") if v]
+        except ValueError:
+            raise HeadscopeError(f"sweep grid entry '{part}' has a value that is not a number") from None
+    if not grid:
+        raise HeadscopeError("sweep needs at least one ARCH:VALUES entry")
+    return grid
+
+
+def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None = None,
+              grid: dict[str, list[float]] | None = None, eval_tokens: int = 4096, progress: bool = True,
+              **options) -> dict:
+    """Train and evaluate one SAE per (architecture, value); ``values`` alone sweeps
+    ``options["architecture"]`` (default topk)."""
+    if grid is None:
+        grid = {options.get("architecture", "topk"): list(values or [])}
+    options = {k: v for k, v in options.items() if k != "architecture"}
+    jobs = []
+    for arch, vals in grid.items():
+        if arch not in KNOB:
+            raise HeadscopeError(f"cannot sweep architecture '{arch}' (choose from {', '.join(KNOB)})")
+        if not vals:
+            raise HeadscopeError("sweep needs at least one value")
+        field, short = KNOB[arch]
+        for v in vals:
+            if field == "k" and (v != int(v) or v < 1):
+                raise HeadscopeError(f"{arch} sweep values must be positive integers (k), got {v}")
+            if field != "k" and not v > 0:
+                raise HeadscopeError(f"{arch} sweep values must be positive ({field}), got {v}")
+            val = int(v) if field == "k" else float(v)
+            jobs.append((arch, field, val, f"L{layer}_{short}{val:g}"))
+    model.check_layer(layer)
     folder = run / f"sae/sweep_L{layer}"
     if not options.get("cache"):
         d = TrainConfig(layer=layer)
@@ -33,18 +76,14 @@ def run_sweep(model: Model, run: RunDir, layer: int, values: list[float], eval_t
                           shard_tokens=options.get("buffer_tokens", d.buffer_tokens), progress=progress)
         options = {**options, "cache": str(folder / "cache")}
     points = []
-    for v in values:
-        if arch == "topk":
-            if v != int(v) or v < 1:
-                raise HeadscopeError(f"TopK sweep values must be positive integers (k), got {v}")
-            opts, name = {**options, "k": int(v)}, f"L{layer}_k{int(v)}"
-        else:
-            opts, name = {**options, "l1_coeff": float(v)}, f"L{layer}_l1_{v:g}"
-        run_train(model, run, layer, name=name, progress=progress, **opts)
+    for arch, field, val, name in jobs:
+        tr = run_train(model, run, layer, name=name, progress=progress, **{**options, "architecture": arch, field: val})
         ev = run_eval(model, run, name, n_tokens=eval_tokens, corpus=options.get("corpus"), progress=progress)
-        points.append({"name": name, "value": v, **{k: ev.get(k) for k in (
-            "l0", "fve", "ce_recovered_zero", "ce_recovered_mean", "kl_recovered_zero", "dead_frac")}})
-    res = {"layer": layer, "architecture": arch, "points": points}
+        points.append({"name": name, "architecture": arch, "value": val, "tokens_per_s": tr.get("tokens_per_s"),
+                       **{k: ev.get(k) for k in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean",
+                                                  "kl_recovered_zero", "dead_frac")}})
+    res = {"layer": layer, "architectures": list(grid), "architecture": next(iter(grid)), "points": points,
+           "train_tokens": options.get("n_tokens", TrainConfig(layer=layer).n_tokens), "eval_tokens": eval_tokens}
     write_json(folder / "sweep.json", res)
     _plot(res, folder / "sweep.png")
     run.mark_done(f"sae/sweep_L{layer}", {"points": len(points)})
@@ -55,17 +94,21 @@ def _plot(res: dict, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = sorted(res["points"], key=lambda p: p["l0"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("ce_recovered_zero", "vs zero-ablation"), ("ce_recovered_mean", "vs mean-ablation")):
-        xs = [p["l0"] for p in pts if p.get(key) is not None]
-        ys = [p[key] for p in pts if p.get(key) is not None]
-        ax.plot(xs, ys, "o-", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("L0 (active features per token)")
-    ax.set_ylabel("CE loss recovered")
-    ax.set_title(f"layer {res['layer']} ({res['architecture']})")
-    ax.legend()
+    import matplotlib.ticker
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
+    for ax, key, label in ((axes[0], "ce_recovered_zero", "vs zero-ablation"),
+                           (axes[1], "ce_recovered_mean", "vs mean-ablation")):
+        for arch in res["architectures"]:
+            pts = sorted((p for p in res["points"] if p["architecture"] == arch and p.get(key) is not None
+                          and p.get("l0")), key=lambda p: p["l0"])
+            ax.plot([p["l0"] for p in pts], [p[key] for p in pts], "o-", label=arch)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("L0 (active features per token)")
+        ax.set_ylabel(f"CE loss recovered {label}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"layer {res['layer']}: L0 / fidelity frontier ({res['train_tokens']:,} training tokens)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
