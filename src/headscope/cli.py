@@ -94,11 +94,18 @@ def _stage_handler(stage):
             args.device = dist.device(args.device)
             dist.init(args.device)
         model = load_from_args(args)
+        created = not out.exists()
         run = RunDir(out, model.identity()) if dist.primary else None
         dist.barrier()
         run = run or RunDir(out, model.identity())
-        summary, ran = run_stage(model, run, stage, opts, force=args.force, progress=not args.quiet and dist.primary,
-                                 writer_of=writer_of, primary=dist.primary)
+        try:
+            summary, ran = run_stage(model, run, stage, opts, force=args.force,
+                                     progress=not args.quiet and dist.primary, writer_of=writer_of,
+                                     primary=dist.primary)
+        except HeadscopeError:
+            if created and dist.primary:
+                _remove_if_only_run_json(out)
+            raise
         dist.destroy()
         if not dist.primary:
             return 0
@@ -111,6 +118,15 @@ def _stage_handler(stage):
             print(f"{stage.name}: done; artifacts in {out}: {', '.join(stage.writes(opts))}")
         return 0
     return handler
+
+
+def _remove_if_only_run_json(out: Path) -> None:
+    """Undo a run directory this command created when its stage failed before writing anything (a bad
+    option found once the model was loaded): nothing half-written is left behind."""
+    import shutil
+    files = [p for p in out.rglob("*") if p.is_file()]
+    if [p.name for p in files] in (["run.json"], []):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _command_handler(cmd):

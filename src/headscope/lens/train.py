@@ -219,7 +219,8 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
     total_steps = cfg.steps(dist.world_size)
     first = _init_sequences(cfg, dist)
     windows.need(first + total_steps * cfg.batch_size * dist.world_size,
-                 f"{cfg.init_tokens} statistics + {cfg.tokens} refinement tokens")
+                 f"{cfg.init_tokens} statistics tokens + {total_steps} refinement step(s) of --batch-size "
+                 f"{cfg.batch_size} × {dist.world_size} process(es)")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank)
     bank = LensBank(model, sites, lens, seed=cfg.seed, controls=control_sites(sites)).to(model.device)
@@ -353,5 +354,7 @@ def load_null(run_or_folder) -> torch.Tensor:
     """The null lens logits [V] saved by :func:`run_train`."""
     from pathlib import Path
     p = Path(run_or_folder)
-    p = p / "null.safetensors" if (p / "null.safetensors").exists() else p / "lens" / "null.safetensors"
+    if not (p.name == "lens" or (p / "lenses.json").exists() or (p / "null.safetensors").exists()):
+        p = p / "lens"
+    p = p / "null.safetensors"
     return read_tensors(p)["null_logits"]

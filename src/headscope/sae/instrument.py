@@ -110,7 +110,7 @@ class EvalOptions:
     """bootstrap seed"""
 
     def __post_init__(self):
-        check(self.n_tokens >= 1 and self.batch_size >= 1, "--tokens and --batch-size must be at least 1")
+        check(self.n_tokens >= 1 and self.batch_size >= 1, "--n-tokens (--tokens) and --batch-size must be at least 1")
         check(self.mean_tokens >= 1 and self.n_boot >= 1, "--mean-tokens and --n-boot must be at least 1")
         check(self.min_effect >= 0, f"--min-effect must be 0 or more, got {self.min_effect}")
 
@@ -163,7 +163,7 @@ class DashboardOptions:
     """corpus (default: the SAE's)"""
 
     def __post_init__(self):
-        check(self.n_tokens >= 1 and self.n_examples >= 1, "--tokens and --n-examples must be at least 1")
+        check(self.n_tokens >= 1 and self.n_examples >= 1, "--n-tokens (--tokens) and --n-examples must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class IoiOptions:
     """prompt seed"""
 
     def __post_init__(self):
-        check(self.n_prompts >= 1, "--prompts must be at least 1")
+        check(self.n_prompts >= 1, "--n-prompts (--prompts) must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,12 @@ class CacheOptions:
     """corpus spec"""
     seq_len: int = 128
     """tokens per sequence"""
+
+    def __post_init__(self):
+        from pathlib import Path
+        check(not Path(self.dir).exists() or Path(self.dir).is_dir(), f"--dir {self.dir} is a file, not a directory")
+        check(self.shard_tokens >= 1 and (self.tokens is None or self.tokens >= 1),
+              "--tokens and --shard-tokens must be at least 1")
 
 
 @dataclass(frozen=True)
