@@ -174,6 +174,16 @@ ROWS = [
     bad(f"study {{toml:typo_layers}} {M} --out {{new}}", r"layers"),
     bad(f"study {{toml:typo_k}} {M} --out {{new}}", r"\bk\b"),
     bad(f"study {{toml:bad_range}} {M} --out {{new}}", r"n.seqs"),
+    # ---- explain (SAE features, pair scores, head labels) and export
+    bad(f"explain features {M} --out {{run}} --sae nope", r"nope"),
+    bad(f"explain features {M} --out {{run}} --sae L1 --features 0", r"features"),
+    bad(f"explain features-dry-run {M} --out {{run}} --sae nope", r"nope"),
+    bad(f"explain score-features {M} --out {{run}} --sae nope", r"nope"),
+    bad(f"explain score-pairs {M} --out {{run}} --max-test 0", r"max.test"),
+    bad(f"explain label {M} --out {{run}} --top-frac 2", r"top.frac"),
+    bad(f"export hf --out {{run}} --sae nope --to {{new}}", r"nope"),
+    bad(f"export neuronpedia --out {{run}} --sae L1 --to {{new}} --batch-size 0", r"batch.size"),
+    bad(f"sae import {M} --out {{new}} --path {{new}} --name X", r"does not exist|not found|missing"),
 ]
 
 
