@@ -10,8 +10,8 @@ from ..cli import add_model_args, add_out_arg, load_from_args
 
 
 def _backend_args(p):
-    p.add_argument("--backend", default="keyword", choices=("keyword", "openai", "local"),
-                   help="keyword: offline n-gram baseline; openai: any OpenAI-compatible endpoint; "
+    p.add_argument("--backend", default="statistical", choices=("statistical", "openai", "local"),
+                   help="statistical: offline sparse logistic regression over n-grams; openai: any OpenAI-compatible endpoint; "
                         "local: a Hugging Face chat model in-process (default: %(default)s)")
     p.add_argument("--base-url", default=os.environ.get("HEADSCOPE_BASE_URL", "https://api.openai.com/v1"),
                    help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM (default: %(default)s)")
@@ -22,7 +22,7 @@ def _backend_args(p):
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--cache-dir", default=None, help="response cache (default: RUN/explain/cache)")
     p.add_argument("--explainer-model", default="default", help="local backend: model spec (default: the embedded model)")
-    p.add_argument("--keywords", type=int, default=3, help="keyword backend: n-grams per explanation")
+    p.add_argument("--max-terms", type=int, default=5, help="statistical backend: terms of the rule (default: %(default)s)")
 
 
 def _common(p):
@@ -46,11 +46,14 @@ def register(sub) -> None:
     s = es.add_parser("score", help="classify held-out prompts from the explanation alone; E = (TPR+TNR)/2")
     _common(s); _backend_args(s)
     s.add_argument("--explanations", default=None, help="score another backend's explanations (default: the scorer's)")
-    s.add_argument("--max-test", type=int, default=20, help="held-out prompts per pair")
+    s.add_argument("--max-per-class", type=int, default=20, help="held-out prompts per class and pair (balanced)")
+    s.add_argument("--min-per-class", type=int, default=5, help="score a pair only with this many of each class")
+    s.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the shuffled-explanation control (it doubles the scorer's calls)")
     s.set_defaults(func=_score)
     c = es.add_parser("compare", help="E of congruent vs random neurons: mean, std, skew, Mann–Whitney, KS")
     add_out_arg(c)
-    c.add_argument("--scores", default="keyword", help="which backend's scores (default: %(default)s)")
+    c.add_argument("--scores", default="statistical", help="which backend's scores (default: %(default)s)")
     c.set_defaults(func=_compare)
     b = es.add_parser("baseline", help="the random-neuron baseline through the same pipeline, then compare")
     add_model_args(b); add_out_arg(b); _backend_args(b)
@@ -65,7 +68,7 @@ def _options(args, dry_run=None) -> dict:
     return {"base_url": args.base_url, "llm": args.llm, "api_key_env": args.api_key_env,
             "concurrency": args.concurrency, "max_retries": args.max_retries, "timeout": args.timeout,
             "cache_dir": Path(args.cache_dir) if args.cache_dir else None, "dry_run": dry_run,
-            "local_model": args.explainer_model, "device": args.device, "keywords": args.keywords}
+            "local_model": args.explainer_model, "device": args.device, "max_terms": args.max_terms}
 
 
 def _open(args):
@@ -76,8 +79,15 @@ def _open(args):
 
 def _print_summary(s: dict, what: str) -> None:
     f = lambda x: "n/a" if x is None else f"{x:.3f}"
-    print(f"{what}: {s.get('n', 0)} pairs scored ({s.get('skipped', 0)} skipped: test prompts all one class); "
-          f"E mean {f(s.get('mean'))}, std {f(s.get('std'))}, skew {f(s.get('skew'))}")
+    bn = s.get("by_neuron", s)
+    line = (f"{what}: {s.get('n', 0)} pairs scored ({s.get('skipped', 0)} skipped: too few held-out prompts of a "
+            f"class); E mean {f(bn.get('mean'))} [{f(bn.get('low'))}, {f(bn.get('high'))}] over {bn.get('n', 0)} neurons")
+    if "significant_bh" in s:
+        line += f"; {s['significant_bh']} pairs above chance (BH q < 0.05)"
+    if "control" in s:
+        c = s["control"]["by_neuron"]
+        line += f"; shuffled explanations {f(c.get('mean'))} [{f(c.get('low'))}, {f(c.get('high'))}]"
+    print(line)
 
 
 def _run(args) -> int:
@@ -106,7 +116,8 @@ def _score(args) -> int:
     from .stages import make_backend, run_score
     model, run = _open(args)
     backend = make_backend(args.backend, run, model, **_options(args))
-    s = run_score(model, run, backend, args.which, explanations=args.explanations, max_test=args.max_test,
+    s = run_score(model, run, backend, args.which, explanations=args.explanations,
+                  max_per_class=args.max_per_class, min_per_class=args.min_per_class, control=args.control,
                   force=args.force, progress=not args.quiet)
     _print_summary(s, f"{args.which} neurons, {backend.name} scorer")
     return 0
@@ -123,9 +134,10 @@ def _compare(args) -> int:
 def _report(res: dict) -> None:
     _print_summary(res["top"], "congruent neurons")
     _print_summary(res["random"], "random neurons")
-    mw, ks = res["mann_whitney"], res["ks"]
+    mw, ks, dm = res["mann_whitney"], res["ks"], res["difference_of_means"]
     f = lambda x: "n/a" if x is None else f"{x:.3g}"
-    print(f"Mann–Whitney U = {f(mw['U'])}, p = {f(mw['p'])}; KS D = {f(ks['D'])}, p = {f(ks['p'])}")
+    print(f"per neuron: congruent − random = {f(dm['diff'])} [{f(dm['low'])}, {f(dm['high'])}]; Mann–Whitney U = "
+          f"{f(mw['U'])}, p = {f(mw['p'])}; KS D = {f(ks['D'])}, p = {f(ks['p'])}")
 
 
 def _baseline(args) -> int:

@@ -63,5 +63,5 @@ def atlas_data(run_dir: Path) -> dict | None:
             entry["mean_drop_inactive"] = sum(ia) / len(ia)
     summary = {"n_neurons": len(neurons), "n_pairs": len(att["pairs"]), "options": att.get("options", {})}
     if abl:
-        summary["ablation"] = abl["pooled"]
+        summary["ablation"] = {**abl["summary"], **({"vs_random": abl["vs_random"]} if "vs_random" in abl else {})}
     return {"per_head": per_head, "neurons": neurons, "summary": summary}

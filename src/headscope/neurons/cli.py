@@ -32,6 +32,8 @@ def register(sub) -> None:
     f.add_argument("--min-chars", type=int, default=3, help="minimum characters of the token (default: %(default)s)")
     f.add_argument("--reject-file", default=None, help="file of tokens to reject, one per line (replaces the built-in list)")
     f.add_argument("--seed", type=int, default=0, help="seed of the random set")
+    f.add_argument("--unembed", default="centred", choices=("centred", "raw"),
+                   help="W_U centred over the vocabulary (TransformerLens' center_unembed; default) or raw")
     f.set_defaults(func=_find)
 
     m = ns.add_parser("mine", help="max-activating prompts per neuron (train and held-out)",
@@ -62,7 +64,7 @@ def register(sub) -> None:
     a.add_argument("--batch-size", type=int, default=32)
     a.set_defaults(func=_attribute)
 
-    b = ns.add_parser("ablate", help="drop in P(token) when a head is zeroed, active vs inactive prompts (KS test)")
+    b = ns.add_parser("ablate", help="drop in P(token) when a head is zeroed, active vs inactive prompts, per pair and neuron")
     _common(b)
     b.add_argument("--max-pairs", type=int, default=None, help="ablate at most this many pairs")
     b.add_argument("--mode", default="z", choices=("z", "value"),
@@ -91,7 +93,7 @@ def _find(args) -> int:
         reject = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
     res = run_find(model, run, args.which, layers=layers, last_k=args.last_k, per_layer=args.per_layer,
                    rank_by=args.rank_by, kind=args.kind, require_space=args.require_space, min_chars=args.min_chars,
-                   reject=reject, seed=args.seed, force=args.force)
+                   reject=reject, seed=args.seed, unembed=args.unembed, force=args.force)
     from ..runs import read_json
     from .stages import set_dir
     found = read_json(set_dir(run, args.which) / "find.json")["neurons"]
@@ -131,6 +133,11 @@ def _ablate(args) -> int:
     res = run_ablate(model, run, args.which, max_pairs=args.max_pairs, mode=args.mode, batch_size=args.batch_size, force=args.force,
                      progress=not args.quiet)
     fmt = lambda x: "n/a" if x is None else f"{x:.4g}"
-    print(f"mean drop in P(token): head active {fmt(res.get('mean_drop_active'))}, inactive "
-          f"{fmt(res.get('mean_drop_inactive'))}; KS D = {fmt(res.get('D'))}, p = {fmt(res.get('p'))}")
+    print(f"{res['pairs']} pairs over {res['neurons']} neurons; per-neuron effect (mean drop active − inactive) "
+          f"{fmt(res['effect']['mean'])} [{fmt(res['effect']['low'])}, {fmt(res['effect']['high'])}], Wilcoxon p = "
+          f"{fmt(res['wilcoxon']['p'])}; {res['significant_bh']} pairs significant (Mann–Whitney, BH q < 0.05)")
+    if "vs_random" in res:
+        v = res["vs_random"]
+        print(f"random neurons: effect {fmt(v['random']['mean'])}; congruent − random {fmt(v['difference']['diff'])} "
+              f"[{fmt(v['difference']['low'])}, {fmt(v['difference']['high'])}], Mann–Whitney p = {fmt(v['mann_whitney']['p'])}")
     return 0

@@ -20,7 +20,7 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
 from . import ablation, attribution, congruence, mining
-from .stats import describe, ks_2samp
+from .stats import bh, bootstrap_diff_of_means, bootstrap_mean, describe, mann_whitney, wilcoxon_signed
 
 SETS = ("top", "random")
 
@@ -57,21 +57,25 @@ def _need(path: Path, stage: str) -> dict:
 # -- find ---------------------------------------------------------------------------------------
 def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | None = None, last_k: int = 3,
              per_layer: int = 20, rank_by: str = "dot", kind: str = "prediction", require_space: bool = True,
-             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, force: bool = False) -> dict:
+             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, unembed: str = "centred",
+             force: bool = False) -> dict:
     """Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron, token_id, token, dot, cos,
-    kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``."""
+    kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``. ``unembed``:
+    ``"centred"`` (default, TransformerLens' ``center_unembed``) or ``"raw"`` W_U, see
+    :mod:`headscope.neurons.congruence`."""
     if layers is None:
         layers = list(range(max(0, model.n_layers - last_k), model.n_layers))
     opts = {"layers": layers, "per_layer": per_layer, "rank_by": rank_by, "kind": kind,
             "require_space": require_space, "min_chars": min_chars,
-            "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed}
+            "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed, "unembed": unembed}
     path = set_dir(run, which) / "find.json"
     if not force and (done := _current(path, None, opts)):
         return {"neurons": len(done["neurons"]), "skipped": True}
     if which == "top":
-        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"])
+        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"],
+                                      unembed=unembed)
     else:
-        res = congruence.random_neurons(model, layers, per_layer, seed, kind)
+        res = congruence.random_neurons(model, layers, per_layer, seed, kind, unembed=unembed)
     write_json(path, {"options": opts, **res})
     run.mark_done(f"neurons.{which}.find", {"neurons": len(res["neurons"])})
     return {"neurons": len(res["neurons"]), "per_layer": res["per_layer"]}
@@ -196,27 +200,18 @@ def pair_labels(att: dict[str, torch.Tensor], n_heads: int, pair: dict) -> tuple
     return att["active"][i, ok, k].bool().tolist(), split[ok].tolist()
 
 
-# -- ablate -------------------------------------------------------------------------------------
-def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
-               batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
-    """Writes ``<set>/ablation.json``: ``{"source", "pairs": [{neuron, layer, head, name, mean_drop_active,
-    mean_drop_inactive, n_active, n_inactive}], "pooled": {"active": describe, "inactive": describe,
-    "ks": {D, p, n1, n2}}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P] NaN-padded,
-    ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png`` (histograms of drops, active vs inactive)."""
+# -- ablate ---------------------------------------------------------------------------------------
+def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mode: str, batch_size: int,
+                progress: bool) -> dict:
+    """Ablate a set's pairs; write its ablation.safetensors / .png; return the JSON content."""
     d = set_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
-    opts = {"max_pairs": max_pairs, "mode": mode}
-    path = d / "ablation.json"
-    if not force and (done := _current(path, d / "attribution.json", opts)):
-        return {"mean_drop_active": done["pooled"]["active"]["mean"],
-                "mean_drop_inactive": done["pooled"]["inactive"]["mean"], **done["pooled"]["ks"], "skipped": True}
     pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
     if not pairs:
-        raise HeadscopeError("no (neuron, head) pairs to ablate: no head is active on 25–75% of any neuron's "
-                             "prompts; mine more prompts or neurons")
+        raise HeadscopeError(f"no (neuron, head) pairs to ablate in the {which} set: no head is active on 25–75% "
+                             "of any neuron's prompts; mine more prompts or neurons")
     prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
     tokens = [n["token_id"] for n in mined["neurons"]]
-    ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
     drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress, mode)
     P = max(len(x) for x in drops)
     D = torch.full((len(pairs), P), float("nan"))
@@ -229,15 +224,80 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
         ACT[r, : len(dr)] = lab.to(torch.uint8)
         a, ia = dr[lab].tolist(), dr[~lab].tolist()
         act_all += a; inact_all += ia
+        mw = mann_whitney(a, ia, alternative="greater")
         rows.append({**{k: pair[k] for k in ("neuron", "layer", "head", "name")},
                      "mean_drop_active": float(np.mean(a)) if a else None,
-                     "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia)})
-    pooled = {"active": describe(act_all), "inactive": describe(inact_all), "ks": ks_2samp(act_all, inact_all)}
+                     "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia),
+                     "effect": float(np.mean(a) - np.mean(ia)) if a and ia else None, "p": mw["p"], "auc": mw["auc"]})
+    n_sig = 0
+    for r, q in zip(rows, bh([r["p"] for r in rows])):
+        r["q"] = q
+        r["significant"] = q is not None and q < 0.05
+        n_sig += r["significant"]
+    per_neuron = _neuron_effects(rows)
+    summary = {"unit": "neuron", "pairs": len(rows), "neurons": len(per_neuron),
+               "effect": bootstrap_mean(list(per_neuron.values())),
+               "wilcoxon": wilcoxon_signed(list(per_neuron.values())), "significant_bh": n_sig,
+               "pooled_descriptive": {"active": describe(act_all), "inactive": describe(inact_all)}}
     write_tensors(d / "ablation.safetensors", {"drops": D, "active": ACT})
     from .plots import histogram_png
     histogram_png(d / "ablation.png", {"head active": act_all, "head inactive": inact_all},
                   f"Drop in P(neuron's token) when the head is zeroed ({which} neurons)", "P(clean) − P(ablated)")
-    write_json(path, {"options": opts, "source": file_hash(d / "attribution.json"), "pairs": rows, "pooled": pooled})
-    run.mark_done(f"neurons.{which}.ablate", pooled["ks"])
-    return {"mean_drop_active": pooled["active"]["mean"], "mean_drop_inactive": pooled["inactive"]["mean"],
-            **pooled["ks"]}
+    return {"options": {"max_pairs": max_pairs, "mode": mode}, "source": file_hash(d / "attribution.json"),
+            "pairs": rows, "per_neuron": {str(k): v for k, v in per_neuron.items()}, "summary": summary}
+
+
+def _neuron_effects(rows: list[dict]) -> dict[int, float]:
+    """Mean of the pairs' effects per neuron (pairs of one neuron share its prompts: not independent)."""
+    acc: dict[int, list[float]] = {}
+    for r in rows:
+        if r["effect"] is not None:
+            acc.setdefault(r["neuron"], []).append(r["effect"])
+    return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
+
+
+def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
+               baseline: bool = True, batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
+    """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
+    (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
+    not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
+    pair) and BH q over the pairs. The unit of the run's test is the **neuron** (its pairs share prompts):
+    the per-neuron mean effect, its bootstrap 95 % interval, and a Wilcoxon signed-rank test against 0.
+    With ``baseline`` and a random set attributed (``explain baseline`` / ``neurons attribute --set
+    random``), the random set is ablated the same way and the per-neuron effects compared (Mann–Whitney,
+    bootstrap difference of means).
+
+    Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name,
+    mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, p, auc, q, significant}],
+    "per_neuron": {i: effect}, "summary": {unit, pairs, neurons, effect: {mean, low, high, n}, wilcoxon,
+    significant_bh, pooled_descriptive}, "vs_random": {...}}``, ``<set>/ablation.safetensors`` (``drops``
+    [n_pairs, P] NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""
+    d = set_dir(run, which)
+    load_attribution(run, which)
+    do_random = baseline and which == "top" and (set_dir(run, "random") / "attribution.json").is_file()
+    opts = {"max_pairs": max_pairs, "mode": mode, "baseline": do_random}
+    path = d / "ablation.json"
+    if not force and (done := _current(path, d / "attribution.json", opts)):
+        return {**_ablate_summary(done), "skipped": True}
+    ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
+    res = _ablate_set(model, run, which, max_pairs, mode, batch_size, progress)
+    res["options"] = opts
+    if do_random:
+        rnd = _ablate_set(model, run, "random", max_pairs, mode, batch_size, progress)
+        write_json(set_dir(run, "random") / "ablation.json", rnd)
+        a, b = list(res["per_neuron"].values()), list(rnd["per_neuron"].values())
+        res["vs_random"] = {"unit": "neuron", "random": rnd["summary"]["effect"],
+                            "difference": bootstrap_diff_of_means(a, b), "mann_whitney": mann_whitney(a, b)}
+    write_json(path, res)
+    out = _ablate_summary(res)
+    run.mark_done(f"neurons.{which}.ablate", {k: v for k, v in out.items() if k != "vs_random"})
+    return out
+
+
+def _ablate_summary(data: dict) -> dict:
+    s = data["summary"]
+    out = {"pairs": s["pairs"], "neurons": s["neurons"], "effect": s["effect"], "wilcoxon": s["wilcoxon"],
+           "significant_bh": s["significant_bh"]}
+    if "vs_random" in data:
+        out["vs_random"] = data["vs_random"]
+    return out
