@@ -7,7 +7,8 @@ neuron's token that every example ends with is removed first):
 * ``last`` w — the example ends with the word w; ``last`` "w1 w2" — with that bigram;
 * ``near`` w / "w1 w2" — the word or bigram occurs among the last ``window`` words.
 
-Only features present in at least two training examples are kept. The model is
+Only features present in at least two training examples are kept, and of features that are identical
+on the training examples only the simplest (fewest words, ``last`` before ``near``). The model is
 score = b + Σ_j β_j·x_j with x_j ∈ {0, 1}, fitted by proximal gradient (FISTA) on the class-balanced
 logistic loss (each class weighs ½, so the intercept does not just learn the base rate: the held-out
 examples are scored balanced) + λ‖β‖₁. λ is chosen from a geometric grid below λ_max (where β = 0) by
@@ -58,16 +59,17 @@ def describe_term(kind: str, gram: str, window: int) -> str:
     return f'[ends with "{gram}"]' if kind == "last" else f'["{gram}" in the last {window} words]'
 
 
-def fit_l1_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 500, tol: float = 1e-7
-                    ) -> tuple[float, np.ndarray]:
+def fit_l1_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 300, tol: float = 1e-5,
+                    init: tuple[float, np.ndarray] | None = None) -> tuple[float, np.ndarray]:
     """Class-balanced logistic regression with an L1 penalty on β (not on b), by FISTA.
-    X [n, F] in {0, 1}, y [n] in {0, 1}. Returns (b, β [F])."""
+    X [n, F] in {0, 1}, y [n] in {0, 1}; ``init``: a warm start (b, β). Returns (b, β [F])."""
     n, F = X.shape
     npos = max(1, int(y.sum())); nneg = max(1, n - int(y.sum()))
     w = np.where(y > 0, 0.5 / npos, 0.5 / nneg)                      # each class weighs ½
     Z = np.hstack([np.ones((n, 1)), X])
     L = 0.25 * np.linalg.norm(Z * np.sqrt(w)[:, None], 2) ** 2 + 1e-12  # Lipschitz constant of the loss
-    theta = np.zeros(F + 1); v = theta.copy(); t = 1.0
+    theta = np.zeros(F + 1) if init is None else np.concatenate([[init[0]], init[1]])
+    v = theta.copy(); t = 1.0
     for _ in range(iters):
         p = 1 / (1 + np.exp(-(Z @ v)))
         g = Z.T @ (w * (p - y))
@@ -118,21 +120,28 @@ class StatisticalExplainer:
         for f in feats:
             for k in f:
                 counts[k] = counts.get(k, 0) + 1
-        vocab = sorted(k for k, c in counts.items() if c >= 2)
+        # features present in ≥ 2 examples; of features identical on these examples keep the simplest
+        # (fewer words, then "last" before "near"), so the rule does not list one fact several times
+        vocab, seen = [], set()
+        for k in sorted((k for k, c in counts.items() if c >= 2), key=lambda k: (len(k[1].split()), k[0], k[1])):
+            col = tuple(k in f for f in feats)
+            if col not in seen:
+                seen.add(col)
+                vocab.append(k)
         if not req.active or not req.inactive or not vocab:
             return {"window": self.window, "bias": 0.0 if not texts else float(np.sign(y.mean() - 0.5)), "terms": []}
         X = np.array([[k in f for k in vocab] for f in feats], dtype=np.float64)
         lmax = lambda_max(X, y)
         grid = lmax * np.geomspace(0.95, 0.02, self.n_lambdas)
         lam = self._choose(X, y, grid)
-        b, beta = fit_l1_logistic(X, y, lam)
+        b, beta = self._path(X, y, [g for g in grid if g >= lam])[-1]
         nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: self.max_terms]
         terms = [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]
         return {"window": self.window, "bias": round(b, 3), "terms": terms}
 
     def _choose(self, X: np.ndarray, y: np.ndarray, grid: np.ndarray) -> float:
         """λ by stratified k-fold CV of balanced accuracy among fits with ≤ max_terms terms."""
-        ok = [lam for lam in grid if np.count_nonzero(np.abs(fit_l1_logistic(X, y, lam)[1]) > 1e-6) <= self.max_terms]
+        ok = [lam for lam, (_, beta) in zip(grid, self._path(X, y, grid)) if np.count_nonzero(np.abs(beta) > 1e-6) <= self.max_terms]
         if not ok:
             return float(grid[0])
         k = min(self.folds, int(y.sum()), int((1 - y).sum()))
@@ -144,15 +153,24 @@ class StatisticalExplainer:
             idx = rng.permutation(np.flatnonzero(y == cls))
             fold[idx] = np.arange(len(idx)) % k
         best, best_lam = -1.0, float(ok[0])
-        for lam in ok:  # descending λ: ties keep the larger one
-            accs = []
-            for f in range(k):
-                tr, te = fold != f, fold == f
-                b, beta = fit_l1_logistic(X[tr], y[tr], lam)
-                accs.append(_bal_acc(b + X[te] @ beta, y[te]))
-            if np.mean(accs) > best + 1e-9:
-                best, best_lam = float(np.mean(accs)), float(lam)
+        accs = np.zeros(len(ok))
+        for f in range(k):
+            tr, te = fold != f, fold == f
+            for j, (b, beta) in enumerate(self._path(X[tr], y[tr], ok)):
+                accs[j] += _bal_acc(b + X[te] @ beta, y[te]) / k
+        for lam, acc in zip(ok, accs):  # descending λ: ties keep the larger one
+            if acc > best + 1e-9:
+                best, best_lam = float(acc), float(lam)
         return best_lam
+
+    @staticmethod
+    def _path(X: np.ndarray, y: np.ndarray, grid) -> list[tuple[float, np.ndarray]]:
+        """Fits along a descending λ grid, each warm-started from the previous one."""
+        out, init = [], None
+        for lam in grid:
+            init = fit_l1_logistic(X, y, lam, init=init)
+            out.append(init)
+        return out
 
     # -- the explanation text and its scorer ------------------------------------------------------
     def render(self, rule: dict) -> str:
