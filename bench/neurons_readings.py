@@ -60,7 +60,8 @@ def main() -> None:
     out["random_score"] = json.loads((run / "explain/random/scores_statistical.json").read_text())["summary"]
     out["ablate"] = step("ablate", ns.run_ablate, model, run, max_pairs=args.max_pairs)
     if args.local_pairs:
-        be = ex.make_backend("local", run, model)
+        from headscope.explain.hf_local import LocalHFExplainer
+        be = LocalHFExplainer(model)     # the studied model is itself the chat model (SmolLM2-135M-Instruct)
         step("local.explain", ex.run_explain, model, run, be, max_pairs=args.local_pairs)
         out["local_score"] = step("local.score", ex.run_score, model, run, be)
     write_json(run / "readings.json", out)
