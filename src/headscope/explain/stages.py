@@ -4,7 +4,11 @@ Each (neuron, head) pair chosen by ``neurons attribute`` is explained from its n
 prompts — the ones where the head was active and those where it was not (up to ``max_examples`` of
 each) — and scored on the neuron's *held-out* prompts: the scorer sees only the explanation and one
 example and says whether the head is active on it; the truth is the attribution's active mask.
-E = (TPR + TNR) / 2; pairs whose test prompts are all one class are skipped (E = None).
+E = (TPR + TNR) / 2 on a *balanced* sample of held-out prompts, with a Wilson interval, a binomial test
+against chance and BH over pairs (:mod:`headscope.explain.scoring`); pairs with too few prompts of a
+class are not scored (E = None, with the reason). A shuffled-explanation control and the random-neuron
+baseline show what E looks like when the explanation carries nothing; comparisons use the neuron as
+the unit (pairs of one neuron share its prompts).
 
 Backends share one interface (``explain_many``, ``classify_many``, ``config``, ``name``):
 :class:`~headscope.explain.statistical.StatisticalExplainer`, :class:`~headscope.explain.openai_client.OpenAIExplainer`,
