@@ -33,9 +33,11 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def scored_run(tiny, tmp_path_factory):
+    from headscope.heads.instrument import ScoreOptions
     from headscope.heads.scores import run_head_scores
     run = RunDir(tmp_path_factory.mktemp("run") / "r", tiny.identity())
-    run_head_scores(tiny, run, n_seqs=4, half_len=8, prefix_examples=4, prefix_lengths=[1, 2], progress=False)
+    run_head_scores(tiny, run, ScoreOptions(n_seqs=4, half_len=8, prefix_examples=4, prefix_lengths=[1, 2]),
+                    progress=False)
     return run
 
 

@@ -13,11 +13,13 @@ from headscope.study import load_config, run_study
 from headscope.testing.tiny import tiny_model
 
 STUDY = """
-[lens]
+[lens.train]
 layers = "2"
 heads = "0,1"
-train = { tokens = 512, init_tokens = 512, batch_size = 4 }
-[sae]
+tokens = 512
+init_tokens = 512
+batch_size = 4
+[sae.train]
 layer = 1
 n_tokens = 2048
 batch_size = 256

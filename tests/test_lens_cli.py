@@ -30,7 +30,7 @@ def test_cli_end_to_end(tmp_path, model_dir, capsys):
     assert info["sites"] == [[1, 0], [1, 3], [2, 0], [2, 3]] and info["model"]["unembed_sha1"]
     assert main(["lens", "eval", *common, "--tokens", "256", "--transfer-tokens", "64"]) == 0
     text = capsys.readouterr().out
-    assert "heads have a gain above zero" in text
+    assert "heads informative" in text
     ev = json.loads((tmp_path / "run/lens/eval.json").read_text())
     assert set(ev["per_head"]) == {"1.0", "1.3", "2.0", "2.3"}
     assert main(["lens", "show", *common, "The cat sat", "--heads", "1.0,2.*", "--show-uninformative", "-k", "3"]) == 0

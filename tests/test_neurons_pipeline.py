@@ -30,6 +30,7 @@ def done_run(tmp_path_factory):
         ex.run_explain(m, run, "statistical", which, progress=False)
         ex.run_score(m, run, "statistical", which, progress=False, **SCORE)
     ns.run_ablate(m, run, "top", max_pairs=4, progress=False)
+    ns.run_ablate(m, run, "random", max_pairs=4, progress=False)
     ex.run_compare(m, run, "statistical")
     return m, run
 
@@ -133,10 +134,12 @@ def test_ablation_unit_is_the_neuron(done_run):
     s = abl["summary"]
     assert s["unit"] == "neuron" and s["neurons"] == len(effects)
     assert s["effect"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in effects.values()]))
-    # the random neurons were attributed before ablate ran: they were ablated too and compared per neuron
+    # both sets ablated: compared per neuron
     rnd = json.loads((run / "neurons/random/ablation.json").read_text())
-    assert abl["vs_random"]["random"]["n"] == rnd["summary"]["neurons"]
-    assert abl["vs_random"]["mann_whitney"]["n1"] == len(effects)
+    vs = json.loads((run / "neurons/ablation_vs_random.json").read_text())
+    assert vs["random"]["n"] == rnd["summary"]["neurons"] and vs["mann_whitney"]["n1"] == len(effects)
+    ref = scipy.stats.mannwhitneyu(list(abl["per_neuron"].values()), list(rnd["per_neuron"].values()))
+    assert vs["mann_whitney"]["p"] == pytest.approx(ref.pvalue)
 
 
 def test_comparison_is_per_neuron(done_run):
@@ -211,9 +214,9 @@ def test_cli_pipeline_and_errors(model_dir, tmp_path, capsys, monkeypatch):
     assert "2 top neurons" in capsys.readouterr().out
     assert main(["neurons", "mine", *base, "--seq-len", "48", "--top-k", "6", "--top-k-test", "4",
                  "--max-tokens", "1000", "--quiet"]) == 0
-    assert "mined" in capsys.readouterr().out
+    assert "train_prompts: 12" in capsys.readouterr().out
     assert main(["neurons", "attribute", *base, "--k-sigma", "1", "--quiet"]) == 0
-    assert "pairs to explain" in capsys.readouterr().out
+    assert "pairs: " in capsys.readouterr().out
     # bad input: one line, exit 2
     assert main(["neurons", "find", *base, "--min-chars", "99", "--force"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]   # after the weight-loading progress bar

@@ -43,15 +43,17 @@ def test_default_model_pipeline_offline(model, tmp_path):
     ex.run_explain(model, run, "statistical", progress=False)
     summary = ex.run_score(model, run, "statistical", max_per_class=12, min_per_class=4, progress=False)
     assert summary["pairs"] == att["pairs"] and summary["scored"] > 0
+    abl = ns.run_ablate(model, run, max_pairs=6, progress=False)
+    assert abl["pairs"] == min(6, att["pairs"])
+    assert abl["effect"]["n"] == abl["neurons"] and abl["wilcoxon"]["n"] == abl["neurons"]
     comp = ex.run_random_baseline(model, run, "statistical", per_layer=3, progress=False)
     rows = json.loads((run / "explain/scores_statistical.json").read_text())["pairs"]
     assert comp["top"]["n"] == len({r["neuron"] for r in rows if r["E"] is not None})
     # the negative control: explanations of another neuron's pairs score at chance
     ctrl = summary["control"]["by_neuron"]
     assert abs(ctrl["mean"] - 0.5) < 0.1
-    abl = ns.run_ablate(model, run, max_pairs=6, progress=False)
-    assert abl["pairs"] == min(6, att["pairs"]) and "vs_random" in abl
-    assert abl["effect"]["n"] == abl["neurons"] and abl["wilcoxon"]["n"] == abl["neurons"]
+    vs = comp["ablation_vs_random"]                     # the random set was ablated alike and compared
+    assert vs["unit"] == "neuron" and vs["top"]["n"] == abl["neurons"]
     nd, ed = neuron_atlas.atlas_data(run.path), explain_atlas.atlas_data(run.path)
     json.dumps([nd, ed], allow_nan=False)
     assert len(nd["neurons"]) == 6 and ed["per_head"]

@@ -70,7 +70,7 @@ def test_cli_train_eval_dfa_and_errors(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["sources"][0]["pos"] == 0 and len(d["sources"]) == d["dest"] + 1 and d["recursive"]
     assert main(["sae", "eval", *base, "--name", "nope"]) == 2
-    assert "SAE folder does not exist" in capsys.readouterr().err
+    assert "sae/nope/cfg.json, which is missing" in capsys.readouterr().err
     assert main(["sae", "train", *base, "--layer", "9", "--corpus", corpus]) == 2
     assert "layer 9 is out of range" in capsys.readouterr().err
     assert main(["sae", "train", *base, "--layer", "1", "--cache", str(tmp_path / "void")]) == 2

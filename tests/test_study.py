@@ -1,4 +1,5 @@
-"""`headscope study CONFIG` / `headscope demo`: config checking, stage order, resuming (tiny models)."""
+"""`headscope study CONFIG` / `headscope demo`: config checking against the options dataclasses, stage order,
+reuse while fresh, reruns when options change (tiny models)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import json
 
 import pytest
 
-from headscope import study as study_mod
+from headscope import registry
 from headscope.errors import HeadscopeError
 from headscope.runs import read_json
-from headscope.study import STAGES, builtin_config, load_config, plan, run_study
+from headscope.study import builtin_config, load_config, plan, run_study
 from headscope.testing.tiny import tiny_model
 
 TINY = """
 [study]
 corpus = "default"
-[heads]
+[heads.score]
 n_seqs = 4
 half_len = 8
 prefix_examples = 4
@@ -36,23 +37,28 @@ def tiny():
 
 
 def test_builtin_configs_are_valid_and_use_every_stage():
+    every = [s.name for s in registry.stages()]
     for name in ("demo", "ci"):
         cfg = load_config(builtin_config(name))
         p = plan(cfg)
-        names = [s.name for s, _, _ in p.steps] + [n for n, _ in p.missing]
-        assert names[0] == "heads" and names[-1] == "atlas" and not p.missing
-        # every stage of the pipeline has a table in the shipped configs (optional ones disabled)
-        tables = {s.name for s in STAGES if study_mod.stage_table(cfg, s.name) is not None}
-        assert tables == {s.name for s in STAGES}, {s.name for s in STAGES} - tables
-        assert set(tables) - set(names) <= {"explain.baseline"}
+        names = [s.name for s, _ in p.steps]
+        assert names == [n for n in every if n in names], "stages run in registry order"
+        assert names[0] == "heads.score" and p.atlas is not None
+        # every stage has a table in the shipped configs; the only one switched off is the random baseline
+        assert set(every) - set(names) <= {"explain.baseline"}, set(every) - set(names)
 
 
 @pytest.mark.parametrize("text,msg", [
-    ("[heads]\nn_seqs = 4\n[bogus]\n", "unknown table"),
-    ("[heads]\nno_such_option = 1\n", "unknown option"),
+    ("[heads.score]\nn_seqs = 4\n[bogus]\n", "unknown table \\[bogus\\]"),
+    ("[heads.score]\nno_such_option = 1\n", "\\[heads.score\\]: unknown option\\(s\\) no_such_option"),
+    ("[heads.score]\nn_seqs = \"two\"\n", "\\[heads.score\\] n_seqs = 'two': expected int"),
+    ("[heads.score]\nn_seqs = 2.5\n", "expected int"),
+    ("[heads.score]\nn_seqs = 0\n", "--n-seqs must be at least 1"),
+    ("[lens.train]\nkind = \"cubic\"\n", "choose from 'affine', 'lowrank', 'full'"),
+    ("[heads.nope]\n", "\\[heads.nope\\] is no stage"),
+    ("[sae]\nname = \"L1\"\nbogus = 3\n[sae.eval]\n", "\\[sae\\] key\\(s\\) bogus"),
     ("[study]\nmodle = 'default'\n", "unknown \\[study\\] key"),
     ("[heads\n", "not valid TOML"),
-    ("[heads]\nrun = 'os:system'\n", "headscope.module:function"),
     ("heads = 3\n", "unknown table"),
 ])
 def test_bad_configs_fail_before_anything_runs(tmp_path, tiny, text, msg):
@@ -67,68 +73,84 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_needs_checked(tmp_path, tiny):
+def test_shared_instrument_keys_reach_every_stage():
+    cfg = {"sae": {"name": "X", "train": {"layer": 1}, "eval": {}}, "study": {"corpus": "c.txt"}}
+    p = plan(cfg)
+    opts = {s.name: o for s, o in p.steps}
+    assert opts["sae.train"].name == "X" and opts["sae.eval"].name == "X"
+    assert opts["sae.train"].corpus == "c.txt" and opts["sae.eval"].corpus == "c.txt"
+
+
+def test_missing_input_names_the_stage_that_makes_it(tmp_path, tiny):
     cfg = load_config(write(tmp_path, "[neurons.mine]\n"))
-    with pytest.raises(HeadscopeError, match="needs 'neurons.find'"):
+    with pytest.raises(HeadscopeError, match="neurons/find.json, which is missing: run `headscope neurons find`"):
         run_study(cfg, out=tmp_path / "run", model=tiny)
 
 
-def test_runs_resumes_and_reruns_on_changed_options(tmp_path, tiny, monkeypatch):
+def test_runs_reuses_and_reruns_on_changed_options(tmp_path, tiny, monkeypatch):
     calls = []
     from headscope.heads import scores
     real = scores.run_head_scores
 
-    def counting(model, run, n_seqs=32, half_len=50, prefix_examples=100, prefix_lengths=(1,), force=None):
-        kw = dict(n_seqs=n_seqs, half_len=half_len, prefix_examples=prefix_examples, prefix_lengths=prefix_lengths)
-        calls.append(kw if force is None else {**kw, "force": force})
-        return real(model, run, progress=False, **kw, force=bool(force))
+    def counting(model, run, opts, progress=True):
+        calls.append(opts)
+        return real(model, run, opts, progress=False)
     monkeypatch.setattr(scores, "run_head_scores", counting)
     out = tmp_path / "run"
     rec = run_study(load_config(write(tmp_path, TINY)), out=out, model=tiny)
-    assert len(calls) == 1 and calls[0]["n_seqs"] == 4 and "force" not in calls[0]
-    assert set(rec["stages"]) == {"heads", "atlas"}
+    assert len(calls) == 1 and calls[0].n_seqs == 4
+    assert set(rec["stages"]) == {"heads.score", "atlas"}
     assert (out / "heads" / "scores.json").is_file() and (out / "atlas" / "index.html").is_file()
-    assert rec["model"]["spec"] == "default" and rec["config"]["heads"]["n_seqs"] == 4
-    run_json = read_json(out / "run.json")
-    assert {"study.heads", "study.atlas"} <= set(run_json["stages"])
+    assert rec["model"]["spec"] == "default" and rec["config"]["heads"]["score"]["n_seqs"] == 4
+    assert read_json(out / "stages" / "heads.score.json")["options"]["n_seqs"] == 4
     t_atlas = rec["stages"]["atlas"]["finished"]
 
-    # second run: every stage reused, nothing recomputed
+    # second run: every stage reused, nothing recomputed, the atlas not rebuilt
     rec2 = run_study(load_config(write(tmp_path, TINY)), out=out, model=tiny)
     assert len(calls) == 1 and rec2["stages"]["atlas"]["finished"] == t_atlas
 
-    # changed options: that stage reruns (forced past its own cache), and the atlas is rebuilt
+    # changed options: that stage reruns and the atlas is rebuilt
     rec3 = run_study(load_config(write(tmp_path, TINY.replace("n_seqs = 4", "n_seqs = 6"))), out=out, model=tiny)
-    assert len(calls) == 2 and calls[1]["n_seqs"] == 6 and calls[1]["force"] is True
+    assert len(calls) == 2 and calls[1].n_seqs == 6
     assert rec3["stages"]["atlas"]["finished"] > t_atlas
     assert json.loads((out / "heads" / "scores.json").read_text())["config"]["n_seqs"] == 6
 
+    # an artifact deleted by hand: the stage is no longer fresh
+    (out / "heads" / "scores.safetensors").unlink()
+    run_study(load_config(write(tmp_path, TINY.replace("n_seqs = 4", "n_seqs = 6"))), out=out, model=tiny)
+    assert len(calls) == 3 and (out / "heads" / "scores.safetensors").is_file()
+
     # --force / --only
     run_study(load_config(write(tmp_path, TINY.replace("n_seqs = 4", "n_seqs = 6"))), out=out, model=tiny,
-              only=["heads"], force=["heads"])
-    assert len(calls) == 3 and calls[2]["force"] is True
+              only=["heads.score"], force=["heads.score"])
+    assert len(calls) == 4
 
 
 def test_stage_that_writes_nothing_is_an_error(tmp_path, tiny, monkeypatch):
     from headscope.heads import scores
-    monkeypatch.setattr(scores, "run_head_scores", lambda model, run, **kw: {})
-    with pytest.raises(HeadscopeError, match="without writing heads/scores.json"):
-        run_study(load_config(write(tmp_path, "[heads]\n")), out=tmp_path / "run", model=tiny)
-    assert not read_json(tmp_path / "run" / "run.json")["stages"]
+    monkeypatch.setattr(scores, "run_head_scores", lambda model, run, opts, progress=True: {})
+    with pytest.raises(HeadscopeError, match="without writing"):
+        run_study(load_config(write(tmp_path, "[heads.score]\n")), out=tmp_path / "run", model=tiny)
+    assert not (tmp_path / "run" / "stages" / "heads.score.json").exists()
 
 
-def test_missing_instrument_is_skipped_with_a_note(tmp_path, tiny, capsys):
-    text = "[heads]\nrun = 'headscope.not_there.x:run'\n[atlas]\n"
-    rec = run_study(load_config(write(tmp_path, text)), out=tmp_path / "run", model=tiny)
-    assert set(rec["stages"]) == {"atlas"}
-    assert "stage 'heads' skipped" in capsys.readouterr().err
+def test_atlas_refreshes_after_each_stage(tmp_path, tiny, monkeypatch):
+    from headscope import study
+    seen = []
+    monkeypatch.setattr(study, "_refresh_atlas", lambda run, model, opts: seen.append(
+        sorted(p.name for p in (run.path / "stages").glob("*.json"))))
+    text = TINY + "[sae]\nname='L1'\n[sae.train]\nlayer = 1\nn_tokens = 512\nbatch_size = 64\nbuffer_tokens = 256\n" \
+                  "expansion = 1\nk = 2\nseq_len = 32\n"
+    run_study(load_config(write(tmp_path, text)), out=tmp_path / "run", model=tiny, progress=False)
+    # once after heads.score (while the SAE still trains), once at the end
+    assert seen == [["heads.score.json"], ["heads.score.json", "sae.train.json"]]
 
 
 def test_cli_parses(tmp_path):
-    from headscope.cli import build_parser
-    args = build_parser().parse_args(["study", str(tmp_path / "x.toml"), "--out", "o", "--only", "heads"])
-    assert args.func is study_mod.cmd_study and args.only == "heads"
+    from headscope import study as study_mod
+    from headscope.cli import build_parser, main
+    args = build_parser().parse_args(["study", str(tmp_path / "x.toml"), "--out", "o", "--only", "heads.score"])
+    assert args.func is study_mod.cmd_study and args.only == "heads.score"
     args = build_parser().parse_args(["demo", "--small"])
     assert args.small and args.func is study_mod.cmd_demo
-    from headscope.cli import main
     assert main(["study", str(tmp_path / "x.toml")]) == 2

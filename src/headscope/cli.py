@@ -1,40 +1,31 @@
-"""The ``headscope`` command.
+"""The ``headscope`` command, generated from the instrument registry.
 
-Each instrument registers its own subcommand from a module with a ``register(subparsers)`` function
-(listed in ``COMMANDS``); the subcommand sets ``func(args) -> int`` as its handler. Errors that a
-user can fix are :class:`HeadscopeError`: printed as one line, exit status 2.
+Every stage and command of every instrument (:mod:`headscope.registry`) becomes ``headscope <instrument>
+<step>``; its flags come from its options dataclass (:mod:`headscope.options`), plus the shared model flags
+(``--model/--device/--dtype``), ``--out`` and, for stages, ``--force``. A stage run from here goes through
+the same contract as in a study (:func:`headscope.runs.run_stage`): reused while fresh, rerun when its
+options or its inputs changed. Errors a user can fix are :class:`HeadscopeError`: one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from pathlib import Path
 
 from .errors import HeadscopeError
-
-COMMANDS = (
-    "headscope.heads.cli",
-    "headscope.lens.cli",
-    "headscope.sae.cli",
-    "headscope.neurons.cli",
-    "headscope.explain.cli",
-    "headscope.atlas.cli",
-    "headscope.study",
-)
+from .options import Parser, add_options
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model options every subcommand that runs a model shares."""
-    p.add_argument("--model", default="default",
+def add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
+    """The model options every command that runs a model shares."""
+    p.add_argument("--model", default=default, metavar="SPEC",
                    help="'default' (embedded SmolLM2-135M), a local HF directory, a .gguf file, or a hub id")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (spread over all GPUs)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-
-
-def add_out_arg(p: argparse.ArgumentParser, default: str = "runs/default") -> None:
-    p.add_argument("--out", default=default, help="run directory for artifacts (default: %(default)s)")
+    p.add_argument("--device", default="cpu" if default else None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:N, or auto (spread over all GPUs)")
+    p.add_argument("--dtype", default="float32" if default else None, choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations dtype")
 
 
 def load_from_args(args):
@@ -47,8 +38,11 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     """'all', '3', '1,4,7', '10-13' or '-4' (last four) → sorted layer list (range-checked)."""
     if text is None or text == "all":
         return list(range(n_layers))
+    text = str(text)
     if text.startswith("-") and text[1:].isdigit():
         k = int(text[1:])
+        if k < 1:
+            raise HeadscopeError(f"layers '{text}': ask for at least one layer")
         return list(range(max(0, n_layers - k), n_layers))
     out: set[int] = set()
     for part in text.split(","):
@@ -61,39 +55,127 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
                 out.add(int(part))
         except ValueError:
             raise HeadscopeError(f"cannot parse layers '{text}' (use e.g. 'all', '3', '1,4', '10-13', '-4')") from None
+    if not out:
+        raise HeadscopeError(f"layers '{text}' names no layer")
     for layer in out:
         if not 0 <= layer < n_layers:
             raise HeadscopeError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
     return sorted(out)
 
 
+def check_out_path(out: str | Path) -> Path:
+    """A usable run-directory path: not a file, and creatable/writable (checked before any work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HeadscopeError(f"--out {out} is a file, not a run directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise HeadscopeError(f"--out {out}: {probe} is not writable")
+    return out
+
+
+def _stage_handler(stage):
+    def handler(args) -> int:
+        from .registry import writer_of
+        from .runs import RunDir, check_inputs, resolve, run_stage
+        opts = args.opts
+        out = check_out_path(args.out)
+        if list(stage.reads(opts)):
+            if not (out / "run.json").is_file():
+                maker = writer_of(next(iter(stage.reads(opts))))
+                hint = f": run `headscope {maker.replace('.', ' ', 1)} --out {out}` first" if maker else ""
+                raise HeadscopeError(f"no run directory at {out}{hint}")
+            check_inputs(out, stage, opts, writer_of)
+        from .distributed import Distributed
+        dist = Distributed()  # torchrun: every rank runs the stage, rank 0 writes the record
+        if dist.enabled:
+            args.device = dist.device(args.device)
+            dist.init(args.device)
+        model = load_from_args(args)
+        run = RunDir(out, model.identity()) if dist.primary else None
+        dist.barrier()
+        run = run or RunDir(out, model.identity())
+        summary, ran = run_stage(model, run, stage, opts, force=args.force, progress=not args.quiet and dist.primary,
+                                 writer_of=writer_of, primary=dist.primary)
+        dist.destroy()
+        if not dist.primary:
+            return 0
+        if not ran:
+            print(f"headscope: {stage.name} is up to date in {out} (same options and inputs; --force reruns it)",
+                  file=sys.stderr)
+        if stage.report:
+            resolve(stage.report)(summary, opts, run)
+        else:
+            print(f"{stage.name}: done; artifacts in {out}: {', '.join(stage.writes(opts))}")
+        return 0
+    return handler
+
+
+def _command_handler(cmd):
+    def handler(args) -> int:
+        from .runs import RunDir, resolve
+        out = Path(args.run_dir if cmd.run_positional else args.out)
+        if cmd.new_run:
+            check_out_path(out)
+        elif not (out / "run.json").is_file():
+            raise HeadscopeError(f"no run directory at {out} (no run.json)")
+        fn = resolve(cmd.func)
+        if not cmd.needs_model:
+            return int(fn(RunDir(out), args.opts) or 0)
+        model = load_from_args(args)
+        return int(fn(model, RunDir(out, model.identity()), args.opts) or 0)
+    return handler
+
+
+def _add_step(sub, item, is_stage: bool) -> None:
+    opts_doc = (item.options.__doc__ or "").strip()
+    from simple_parsing import SimpleHelpFormatter
+    p = sub.add_parser(item.step, help=item.doc, description=opts_doc or item.doc,
+                       formatter_class=SimpleHelpFormatter)
+    if is_stage or item.needs_model:
+        add_model_args(p)
+    if not is_stage and item.run_positional:
+        p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    else:
+        p.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory")
+    if is_stage:
+        p.add_argument("--force", action="store_true", help="rerun even when the result is up to date")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(p, item.options)
+    p.set_defaults(func=_stage_handler(item) if is_stage else _command_handler(item))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+    from .registry import instruments
+    parser = Parser(
         prog="headscope",
         description="What does each attention head of a language model do? Head scores, lenses, "
                     "attention-output SAEs and head→neuron look-ups, shown in a head atlas.")
-    from . import __version__
     parser.add_argument("--version", action="version", version=f"headscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name or (e.name and name.startswith(e.name)):
-                continue  # that instrument is not part of this build
-            raise
-        mod.register(sub)
+    for ins in instruments():
+        p = sub.add_parser(ins.name, help=ins.help, description=ins.description or ins.help)
+        steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
+        for st in ins.stages:
+            _add_step(steps, st, True)
+        for cmd in ins.commands:
+            _add_step(steps, cmd, False)
+    from .study import register as register_study
+    register_study(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
         return int(args.func(args) or 0)
     except HeadscopeError as e:
         print(f"headscope: error: {e}", file=sys.stderr)

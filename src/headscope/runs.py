@@ -8,17 +8,28 @@ Layout (each stage owns a sub-folder)::
       lens/ sae/ neurons/ atlas/  lenses, SAEs, next-token neurons, the web page)
 
 Every write is atomic (a temporary file renamed into place), so an interrupted stage never leaves a
-half-written artifact that a later stage would take as complete. A stage records completion with
-:meth:`RunDir.mark_done`; a second run skips what is done.
+half-written artifact that a later stage would take as complete. How a stage is declared and when its result is reused is
+the *stage contract* (:class:`Stage`, :func:`run_stage`; docs/design.md § Stage contract): a stage is a
+function of (model, run, options); its record ``RUN/stages/<name>.json`` holds the hash of its options and of
+every artifact it read and wrote, and it is fresh only while all of them match.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError as SafetensorsError
@@ -27,6 +38,11 @@ from safetensors.torch import load_file, save_file
 from .errors import HeadscopeError
 
 FORMAT_VERSION = 1
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of every artifact: what ``open()`` would give (mkstemp's 0600 would hide atlas data from a web server)."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -37,6 +53,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -68,6 +85,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -96,13 +114,86 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise HeadscopeError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from None
 
 
+def commit_folder(staging: Path, final: Path) -> None:
+    """Replace the folder ``final`` by ``staging`` (both in the same parent), so a multi-file artifact
+    (a lens bank and its summary) changes as one: a reader sees all old files, then all new ones.
+
+    The old folder is renamed aside first and removed after the new one is in place; a crash in between
+    leaves ``final`` absent (never mixed) and the old copy under ``final.old-*``."""
+    staging, final = Path(staging), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_folder(final: Path) -> Path:
+    """A new, empty, uniquely named folder beside ``final`` to write a multi-file artifact into before
+    :func:`commit_folder`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}.staging-", dir=final.parent))
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive ``fcntl`` lock on ``path`` (created if needed) for a read-modify-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """sha1 of a file's bytes (cached per (path, size, mtime) within a process)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def artifact_hash(path: Path) -> str | None:
+    """sha1 of a file, or of a folder's files (names and contents, temporary files left out); None when
+    the path does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return file_hash(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha1()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if ".tmp" in f.name or ".staging-" in rel or ".old-" in rel:
+            continue
+        h.update(f"{rel}\0{file_hash(f)}\n".encode())
+    return h.hexdigest()
+
+
 class RunDir:
     """A run directory bound to one model. ``RunDir(path, model.identity())`` creates it or checks
-    that an existing one was made for the same model and format version."""
+    that an existing one was made for the same model and format version. ``RunDir(path)`` opens an
+    existing one (one-line error when there is none)."""
 
     def __init__(self, path: str | Path, identity: dict | None = None):
         self.path = Path(path)
         meta = self.path / "run.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise HeadscopeError(f"run directory {self.path} is a file: use another --out")
         if meta.exists():
             info = read_json(meta)
             if info.get("format_version") != FORMAT_VERSION:
@@ -120,23 +211,211 @@ class RunDir:
         else:
             if identity is None:
                 raise HeadscopeError(f"not a headscope run directory (no run.json): {self.path}")
-            self.info = {"format_version": FORMAT_VERSION, "model": identity, "created": time.time(), "stages": {}}
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise HeadscopeError(f"cannot create run directory {self.path}: {e.strerror}") from None
+            if not os.access(self.path, os.W_OK):
+                raise HeadscopeError(f"run directory {self.path} is not writable")
+            self.info = {"format_version": FORMAT_VERSION, "model": identity, "created": time.time()}
             write_json(meta, self.info)
 
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel
 
-    def is_done(self, stage: str) -> bool:
-        """Whether ``stage`` was recorded as complete."""
-        return stage in read_json(self.path / "run.json").get("stages", {})
+    def is_done(self, key: str) -> bool:
+        """Deprecated (pre-contract instruments' own resume flags; being removed): whether ``key`` was
+        marked done in run.json."""
+        return key in read_json(self.path / "run.json").get("stages", {})
 
-    def mark_done(self, stage: str, summary: dict | None = None) -> None:
-        """Record ``stage`` as complete, with an optional small summary."""
-        info = read_json(self.path / "run.json")
-        info.setdefault("stages", {})[stage] = {"finished": time.time(), **(summary or {})}
-        write_json(self.path / "run.json", info)
-        self.info = info
+    def mark_done(self, key: str, summary: dict | None = None) -> None:
+        """Deprecated companion of :meth:`is_done` (locked read-modify-write of run.json)."""
+        self.info = update_json(self.path / "run.json", lambda info: info.setdefault("stages", {}).__setitem__(
+            key, {"finished": time.time(), **(summary or {})}))
+
+    def record_path(self, stage: str) -> Path:
+        return self.path / "stages" / f"{stage}.json"
+
+    def record(self, stage: str) -> dict | None:
+        """The stage's record (see :func:`run_stage`), or None when it never finished here."""
+        p = self.record_path(stage)
+        return read_json(p) if p.is_file() else None
 
     @property
     def model_identity(self) -> dict:
         return self.info.get("model", {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage contract
+
+def _no_paths(opts) -> list[str]:
+    return []
+
+
+def resolve(ref: str) -> Callable:
+    """``"headscope.pkg.module:function"`` → the function."""
+    mod, _, name = ref.partition(":")
+    fn = getattr(importlib.import_module(mod), name, None)
+    if fn is None:
+        raise HeadscopeError(f"{ref}: no such function")
+    return fn
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline. ``func`` (``"module:function"``) is ``fn(model, run, opts, progress) ->
+    dict``: it does its work unconditionally (whether to run at all is :func:`run_stage`'s decision) and
+    writes the artifacts ``writes(opts)`` (paths relative to the run directory; files or folders). It may
+    read only ``reads(opts)`` from the run directory (plus the model and corpora named by its options)."""
+
+    name: str
+    """``<instrument>.<step>``: the CLI command ``headscope <instrument> <step>`` and the study table
+    ``[<instrument>.<step>]``."""
+    options: type
+    """The frozen options dataclass (see :mod:`headscope.options`)."""
+    func: str
+    reads: Callable[[Any], Iterable[str]] = _no_paths
+    writes: Callable[[Any], Iterable[str]] = _no_paths
+    doc: str = ""
+    report: str | None = None
+    """``"module:function"`` printing a short human summary after the CLI ran the stage: ``fn(summary, opts,
+    run)``. Without it the CLI prints where the artifacts are."""
+
+    @property
+    def instrument(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def step(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command that is no pipeline stage (a query such as ``lens show``): ``fn(model, run, opts) ->
+    int`` (``fn(run, opts)`` when ``needs_model`` is false). It keeps no record and is never skipped."""
+
+    name: str
+    options: type
+    func: str
+    doc: str = ""
+    needs_model: bool = True
+    run_positional: bool = False
+    """Take the run directory as a positional argument instead of ``--out``."""
+    new_run: bool = False
+    """The command may create the run directory (else the run directory must exist)."""
+
+    @property
+    def instrument(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def step(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+def check_inputs(run_path: Path, stage: Stage, opts, writer_of: Callable[[str], str | None] | None = None) -> dict:
+    """Hash of every artifact ``stage`` reads; a one-line error naming the command that makes a missing one."""
+    inputs = {}
+    for rel in stage.reads(opts):
+        h = artifact_hash(Path(run_path) / rel)
+        if h is None:
+            maker = writer_of(rel) if writer_of else None
+            hint = f": run `headscope {maker.replace('.', ' ', 1)}` first" if maker else ""
+            raise HeadscopeError(f"{stage.name} needs {Path(run_path) / rel}, which is missing{hint}")
+        inputs[rel] = h
+    return inputs
+
+
+def freshness(run: RunDir, stage: Stage, opts, inputs: dict) -> str | None:
+    """None when the stage's record says its result is current; else why it must run."""
+    from .options import options_hash
+    rec = run.record(stage.name)
+    if rec is None:
+        return "not run yet"
+    if rec.get("options_hash") != options_hash(opts):
+        return "options changed"
+    if rec.get("inputs") != inputs:
+        changed = sorted(k for k in set(inputs) | set(rec.get("inputs", {}))
+                         if inputs.get(k) != rec.get("inputs", {}).get(k))
+        return f"input changed: {', '.join(changed)}"
+    for rel, h in rec.get("outputs", {}).items():
+        if artifact_hash(run / rel) != h:
+            return f"output changed or missing: {rel}"
+    return None
+
+
+def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, progress: bool = True,
+              writer_of: Callable[[str], str | None] | None = None, primary: bool = True) -> tuple[dict, bool]:
+    """Run ``stage`` unless its record says its result is current; returns ``(summary, ran)``.
+
+    The record ``RUN/stages/<name>.json`` holds the options, their hash, the hashes of the artifacts the
+    stage read (before it ran) and wrote. Any difference — other options, an upstream artifact rewritten,
+    an output deleted or edited — makes the stage run again; since its outputs then change, every stage
+    downstream of it is stale too, whether it is next run from the CLI or from a study. Under torchrun every
+    rank runs the stage and only the ``primary`` one writes the record."""
+    from .options import options_dict, options_hash
+    inputs = check_inputs(run.path, stage, opts, writer_of)
+    why = "forced" if force else freshness(run, stage, opts, inputs)
+    if why is None:
+        return run.record(stage.name).get("summary", {}), False
+    fn = resolve(stage.func)
+    t0, c0 = time.time(), time.process_time()
+    summary = fn(model, run, opts, progress=progress) or {}
+    seconds, cpu = time.time() - t0, time.process_time() - c0
+    if not primary:  # torchrun: only rank 0 writes artifacts and the record
+        return summary, True
+    outputs = {}
+    for rel in stage.writes(opts):
+        h = artifact_hash(run / rel)
+        if h is None:
+            raise HeadscopeError(f"stage {stage.name} finished without writing {run / rel}")
+        outputs[rel] = h
+    write_json(run.record_path(stage.name), {
+        "stage": stage.name, "options": options_dict(opts), "options_hash": options_hash(opts),
+        "inputs": inputs, "outputs": outputs, "why": why, "finished": time.time(),
+        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "summary": _json_small(summary)})
+    return summary, True
+
+
+def _json_small(summary) -> dict:
+    """A JSON-safe, compact copy of a stage's summary (long values left out)."""
+    if not isinstance(summary, dict):
+        return {}
+    out = {}
+    for k, v in summary.items():
+        try:
+            text = json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        if len(text) < 2000:
+            out[k] = v
+    return out
+
+
+def update_json(path: Path, change: Callable[[dict], None]) -> dict:
+    """Read-modify-write of a JSON file under an exclusive lock (``path`` + ``.lock``), so concurrent
+    writers (two studies on one run directory) never lose each other's updates. Returns the new content."""
+    path = Path(path)
+    with locked(path.with_name(path.name + ".lock")):
+        data = read_json(path) if path.is_file() else {}
+        change(data)
+        write_json(path, data)
+    return data
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically (a uniquely named temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

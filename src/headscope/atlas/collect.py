@@ -13,7 +13,6 @@ not part of this build, or whose artifacts are not in the run directory, is abse
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from pathlib import Path
@@ -21,53 +20,17 @@ from pathlib import Path
 from ..errors import HeadscopeError
 from ..runs import read_json
 
-INSTRUMENTS = ("lens", "sae", "neurons", "explain")
-"""Packages whose ``atlas_data`` module the atlas reads, in page order."""
-
-
-def heads_atlas_data(run_dir: Path) -> dict | None:
-    """Head scores as atlas data: ``{"per_head": {"L.H": {score: float}}, "prefix_induction": {...}}``,
-    or None when ``RUN/heads/scores.json`` does not exist."""
-    path = Path(run_dir) / "heads" / "scores.json"
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    try:
-        L, H = int(data["n_layers"]), int(data["n_heads"])
-        scores = data["scores"]
-    except (KeyError, TypeError, ValueError):
-        raise HeadscopeError(f"{path} lacks n_layers/n_heads/scores: not a head-scores file") from None
-    per_head: dict[str, dict] = {}
-    for name, grid in scores.items():
-        if len(grid) != L or any(len(row) != H for row in grid):
-            raise HeadscopeError(f"{path}: score '{name}' is not a [{L}][{H}] grid")
-        for layer in range(L):
-            for head in range(H):
-                per_head.setdefault(f"{layer}.{head}", {})[name] = grid[layer][head]
-    out = {"per_head": per_head}
-    prefix = data.get("prefix_induction")
-    if isinstance(prefix, dict) and "scores" in prefix:
-        lengths = prefix.get("prefix_lengths") or list(range(1, len(prefix["scores"]) + 1))
-        for layer in range(L):
-            for head in range(H):
-                per_head[f"{layer}.{head}"]["prefix_induction"] = {
-                    "prefix_lengths": lengths, "scores": [p[layer][head] for p in prefix["scores"]]}
-    if "config" in data:
-        out["config"] = data["config"]
-    return out
+def source_names() -> tuple[str, ...]:
+    """The instruments (registry order) that give atlas data: the page's sections, in order."""
+    from ..registry import instruments
+    return tuple(ins.name for ins in instruments() if ins.atlas_data)
 
 
 def _instrument(name: str, run_dir: Path):
-    try:
-        mod = importlib.import_module(f"headscope.{name}.atlas_data")
-    except ModuleNotFoundError as e:
-        if e.name and f"headscope.{name}.atlas_data".startswith(e.name):
-            return None  # that instrument is not part of this build (yet)
-        raise
-    fn = getattr(mod, "atlas_data", None)
-    if fn is None:
-        return None
-    return fn(Path(run_dir))
+    from ..registry import instruments
+    from ..runs import resolve
+    ref = next((ins.atlas_data for ins in instruments() if ins.name == name), None)
+    return resolve(ref)(Path(run_dir)) if ref else None
 
 
 def collect(run_dir: Path, sources: tuple[str, ...] | None = None) -> dict:
@@ -76,11 +39,11 @@ def collect(run_dir: Path, sources: tuple[str, ...] | None = None) -> dict:
     A source that raises is reported in ``errors`` (shown on the page and on stderr) so that one
     broken instrument does not take the whole atlas down."""
     run_dir = Path(run_dir)
-    names = ("heads",) + INSTRUMENTS if sources is None else sources
+    names = source_names() if sources is None else sources
     out: dict = {"sources": {}, "errors": {}}
     for name in names:
         try:
-            data = heads_atlas_data(run_dir) if name == "heads" else _instrument(name, run_dir)
+            data = _instrument(name, run_dir)
         except (HeadscopeError, FileNotFoundError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if isinstance(e, FileNotFoundError) or msg.startswith("missing file"):

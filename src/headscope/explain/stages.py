@@ -279,7 +279,9 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
                         backend_options: dict | None = None, force: bool = False, progress: bool = True) -> dict:
     """The random-neuron baseline through the same pipeline: random neurons from the same layers (as
     many per layer unless ``per_layer``), mined, attributed, explained and scored with the options the
-    congruent set used, then :func:`run_compare`. Needs the congruent set's explain/score done first."""
+    congruent set used, then :func:`run_compare`; when the congruent set was ablated, the random set is
+    ablated alike and compared (:func:`headscope.neurons.stages.compare_ablations`). Needs the congruent
+    set's explain/score done first."""
     from ..neurons import stages as ns
     top = ns.set_dir(run, "top")
     f, m, a = (ns._need(top / n, s) for n, s in (("find.json", "find"), ("mine.json", "mine"),
@@ -298,4 +300,10 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
     run_explain(model, run, be, "random", force=force, progress=progress)
     run_score(model, run, be, "random", max_per_class=so.get("max_per_class", 20),
               min_per_class=so.get("min_per_class", 5), control=so.get("control", True), force=force, progress=progress)
-    return run_compare(model, run, be.name)
+    res = run_compare(model, run, be.name)
+    top_abl = top / "ablation.json"
+    if top_abl.is_file():  # the causal check on the random neurons too, with the congruent set's options
+        ab = read_json(top_abl)["options"]
+        res["ablation_vs_random"] = ns.run_ablate(model, run, "random", max_pairs=ab["max_pairs"], mode=ab["mode"],
+                                                  force=force, progress=progress).get("vs_random")
+    return res

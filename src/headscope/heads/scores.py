@@ -19,6 +19,7 @@ Every score is reduced inside the capture hook, so memory is [B, H] per layer, n
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,10 @@ from tqdm import tqdm
 from ..capture import capture
 from ..errors import HeadscopeError
 from ..models.load import Model
-from ..runs import RunDir, write_json, write_tensors
+from ..runs import RunDir, save_figure, write_json, write_tensors
+
+if TYPE_CHECKING:
+    from .instrument import ScoreOptions
 
 SCORES = ("induction", "prev_token", "duplicate_token")
 
@@ -150,11 +154,8 @@ def heatmap(values: np.ndarray, title: str, path, cmap: str = "viridis", vmin=0.
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def prefix_plot(scores: torch.Tensor, prefix_lengths: list[int], path, top: int = 6) -> None:
@@ -174,10 +175,8 @@ def prefix_plot(scores: torch.Tensor, prefix_lengths: list[int], path, top: int 
     ax.legend(title="layer.head")
     ax.set_title("Prefix induction")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _nan_to_none(t: torch.Tensor):
@@ -185,18 +184,16 @@ def _nan_to_none(t: torch.Tensor):
         [_nan_to_none(s) for s in t]
 
 
-def run_head_scores(model: Model, run: RunDir, n_seqs: int = 32, half_len: int = 50, prefix_examples: int = 100,
-                    prefix_lengths=range(1, 10), batch_size: int = 8, seed: int = 0, layers: list[int] | None = None,
-                    force: bool = False, progress: bool = True) -> dict:
+def run_head_scores(model: Model, run: RunDir, opts: ScoreOptions, progress: bool = True) -> dict:
     """Compute every head score and write ``heads/scores.json``, ``heads/scores.safetensors`` and PNGs.
 
-    Returns the JSON document. Skips the work when the stage is done (unless ``force``).
-    """
+    Returns the JSON document (the stage contract decides whether to run at all)."""
+    from ..cli import parse_layers
     out = run / "heads"
-    if run.is_done("heads") and not force and (out / "scores.json").is_file():
-        from ..runs import read_json
-        return read_json(out / "scores.json")
-    prefix_lengths = list(prefix_lengths)
+    layers = parse_layers(opts.layers, model.n_layers)
+    n_seqs, half_len, prefix_examples, batch_size, seed = (opts.n_seqs, opts.half_len, opts.prefix_examples,
+                                                           opts.batch_size, opts.seed)
+    prefix_lengths = list(opts.prefix_lengths)
     rep = repeat_scores(model, n_seqs, half_len, batch_size, seed, layers, progress)
     pre = prefix_induction_scores(model, prefix_lengths, prefix_examples, 128, batch_size, seed, layers, progress) \
         if prefix_examples > 0 else None
@@ -216,7 +213,6 @@ def run_head_scores(model: Model, run: RunDir, n_seqs: int = 32, half_len: int =
     if pre is not None:
         prefix_plot(pre, prefix_lengths, out / "prefix_induction.png")
     write_json(out / "scores.json", doc)
-    run.mark_done("heads", {"scores": list(tensors)})
     return doc
 
 

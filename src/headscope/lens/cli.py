@@ -1,4 +1,4 @@
-"""``headscope lens train|eval|show|scan|steer`` — the Attention Lens instrument's command line."""
+"""The bodies of ``headscope lens show|scan|steer`` (declared, with their options, in lens/instrument.py)."""
 
 from __future__ import annotations
 
@@ -6,162 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import add_model_args, add_out_arg, load_from_args, parse_layers
 from ..errors import HeadscopeError
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("lens", help="Attention Lens: train, evaluate and apply a lens for every head",
-                              description="Read each attention head's output as tokens through a learned lens "
-                                          "(arXiv 2310.16270), judged against the unembedding and a null lens.")
-    sub = p.add_subparsers(dest="lens_command", metavar="ACTION")
-
-    t = sub.add_parser("train", help="train lenses (closed-form start + KL refinement); resumable; torchrun-ready")
-    add_model_args(t)
-    add_out_arg(t)
-    t.add_argument("--layers", default="all", help="'all', '18', '1,4', '10-13', '-4' (default: %(default)s)")
-    t.add_argument("--heads", default="all", help="head indices for every layer ('all', '0,3') or sites '20.3,21.*'")
-    t.add_argument("--kind", default="affine", choices=("affine", "lowrank", "full"))
-    t.add_argument("--norm", action="store_true", help="apply the model's final norm before W_U (default: no norm)")
-    t.add_argument("--rank", type=int, default=64, help="rank for --kind lowrank")
-    t.add_argument("--no-vocab-bias", action="store_true", help="affine/lowrank without the vocabulary bias c")
-    t.add_argument("--shared", action="store_true", help="one lens per layer shared by all its heads")
-    t.add_argument("--tokens", type=int, default=None, help="tokens of KL refinement after the closed-form start (default 4096; 0: closed form only)")
-    t.add_argument("--init", default="lstsq", choices=("lstsq", "base", "identity"))
-    t.add_argument("--init-tokens", type=int, default=None, help="tokens for the closed-form statistics (default 8192)")
-    t.add_argument("--objective", default="fkl", choices=("fkl", "rkl", "ce", "fkl_shortlist"))
-    t.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--warmup", type=int, default=None)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--clip", type=float, default=1.0)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--corpus", default="default")
-    t.add_argument("--chunk-tokens", type=int, default=256)
-    t.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    t.add_argument("--checkpoint-every", type=int, default=50)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
-    t.set_defaults(func=_train)
-
-    e = sub.add_parser("eval", help="held-out KL vs unembedding and null lens, information gain, transfer")
-    add_model_args(e)
-    add_out_arg(e)
-    e.add_argument("--tokens", type=int, default=4096, help="held-out tokens (default: %(default)s)")
-    e.add_argument("--transfer-tokens", type=int, default=1024, help="tokens for the cross-head transfer matrix (0: skip)")
-    e.add_argument("--transfer-model", default=None, help="another checkpoint of the same architecture to apply the lenses to")
-    e.set_defaults(func=_eval)
-
-    s = sub.add_parser("show", help="per position, the top-k tokens of each head's lens next to the unembedding's")
-    add_model_args(s)
-    add_out_arg(s)
-    s.add_argument("prompt")
-    s.add_argument("--heads", default=None, help="sites '20.3,21.*' (default: every trained head)")
-    s.add_argument("-k", type=int, default=5)
-    s.add_argument("--by", default="prob", choices=("prob", "lift"), help="rank by lens probability or by lift over the null")
-    s.add_argument("--show-uninformative", action="store_true", help="also print heads whose gain is not above zero")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_show)
-
-    c = sub.add_parser("scan", help="how often each head's lens puts listed tokens in its top-k (+ prompt-set classifier)")
-    add_model_args(c)
-    add_out_arg(c)
-    c.add_argument("--token-list", required=True, help="file with one word per line")
-    c.add_argument("--prompts", required=True, help="file with one prompt per line")
-    c.add_argument("--contrast", default=None, help="second prompt file: train a classifier separating the two sets")
-    c.add_argument("-k", type=int, default=10)
-    c.add_argument("--multi-token", default="first", choices=("first", "skip"),
-                   help="words that are not one token: use their first token, or skip them")
-    c.set_defaults(func=_scan)
-
-    st = sub.add_parser("steer", help="add a token direction to a head, or scale/ablate heads; generations before/after")
-    add_model_args(st)
-    st.add_argument("--out", default=None, help="run directory with lenses (needed for --from-lens)")
-    st.add_argument("prompt")
-    st.add_argument("--add", action="append", default=[], metavar="L.H:TOKEN[:ALPHA]",
-                    help="add TOKEN's direction (×ALPHA × the head's mean output norm, default 4) to head L.H")
-    st.add_argument("--scale", action="append", default=[], metavar="L.H:ALPHA", help="multiply head L.H's output")
-    st.add_argument("--ablate", action="append", default=[], metavar="L.H", help="zero head L.H")
-    st.add_argument("--from-lens", action="store_true", help="use the lens' direction for the token instead of W_U's row")
-    st.add_argument("--new-tokens", type=int, default=20)
-    st.set_defaults(func=_steer)
-    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
-
-
-def _lens_config(args):
-    from .lenses import LensConfig
-    return LensConfig(kind=args.kind, norm=args.norm, rank=args.rank, vocab_bias=not args.no_vocab_bias, shared=args.shared)
-
-
-def _train_config(args):
-    from .train import TrainConfig
-    cfg = TrainConfig()
-    for name in ("tokens", "init", "init_tokens", "objective", "optimizer", "lr", "warmup", "weight_decay", "clip",
-                 "batch_size", "seq_len", "corpus", "chunk_tokens", "compute_dtype", "checkpoint_every", "seed"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(cfg, name, v)
-    return cfg
-
-
-def _sites(args, model):
-    from .lenses import parse_sites
-    if "." in (args.heads or ""):
-        return parse_sites(args.heads, model)
-    return parse_sites(args.heads, model, layers=parse_layers(args.layers, model.n_layers))
-
-
-def _train(args) -> int:
-    from ..distributed import Distributed
-    from ..models.load import load_model
-    from ..runs import RunDir
-    from .train import run_train
-    dist = Distributed()
-    device = dist.device(args.device)
-    dist.init(device)
-    try:
-        lens, cfg = _lens_config(args).check(), _train_config(args).check()
-        model = load_model(args.model, device=device, dtype=args.dtype)
-        sites = _sites(args, model)
-        run = RunDir(args.out, model.identity()) if dist.primary else None
-        dist.barrier()
-        if run is None:
-            run = RunDir(args.out, model.identity())
-        s = run_train(model, run, sites, lens, cfg, fresh=args.fresh, dist=dist)
-        if dist.primary:
-            last = s["history"][-1]["loss_bits"] if s.get("history") else None
-            print(f"trained {len(sites)} lens(es) ({lens.kind}{', norm' if lens.norm else ''}) on "
-                  f"{s['tokens_seen']} tokens" + (f"; final training loss {last:.3f} bits/token" if last is not None else "")
-                  + f" → {Path(args.out) / 'lens'}")
-    finally:
-        dist.destroy()
-    return 0
-
-
-def _eval(args) -> int:
-    from ..models.load import load_model
-    from ..runs import RunDir
-    from .evaluate import run_checkpoint_transfer, run_eval
-    model = load_from_args(args)
-    run = RunDir(args.out, model.identity())
-    out = run_eval(model, run, tokens=args.tokens, transfer_tokens=args.transfer_tokens)
-    ph = out["per_head"]
-    print(f"held-out tokens: {out['tokens']}; null lens KL {out['kl_null']:.3f} bits/token")
-    print(f"{'head':>7} {'lens':>7} {'unembed':>8} {'no-norm':>8} {'gain':>7} {'±se':>6} {'top1':>5}")
-    for name, v in sorted(ph.items(), key=lambda kv: -kv[1]["gain"]):
-        se = v["gain_se"] if v["gain_se"] is not None else float("nan")
-        flag = "" if v["informative"] else "  (says nothing beyond base rates)" if v["gain"] <= 0 else "  (not significant)"
-        print(f"{name:>7} {v['kl_lens']:7.3f} {v['kl_unembed']:8.3f} {v['kl_unembed_nonorm']:8.3f} "
-              f"{v['gain']:+7.3f} {se:6.3f} {v['top1']:5.2f}{flag}")
-    print(f"{out['n_positive_gain']}/{out['n_heads']} heads have a gain above zero "
-          f"({out['n_informative']} by more than 2 standard errors); median gain {out['median_gain']:+.3f} bits/token")
-    if args.transfer_model:
-        other = load_model(args.transfer_model, device=args.device, dtype=args.dtype)
-        t = run_checkpoint_transfer(other, run, tokens=args.tokens)
-        print(f"on {other.name}: {t['n_positive_gain']}/{len(t['per_head'])} transferred lenses have a gain above zero")
-    print(f"→ {Path(args.out) / 'lens' / 'eval.json'}")
-    return 0
 
 
 def _bank(args, model):
@@ -178,10 +23,9 @@ def _lens_dir(args) -> Path:
     return p / "lens" if (p / "lens").is_dir() else p
 
 
-def _show(args) -> int:
+def show_cmd(model, args) -> int:
     from .apply import format_show, load_gains, show
     from .lenses import parse_sites
-    model = load_from_args(args)
     bank, null = _bank(args, model)
     sites = None
     if args.heads:  # 'L.*' means the trained heads of layer L; an explicit 'L.H' must have a lens
@@ -206,10 +50,9 @@ def _read_lines(path: str, what: str) -> list[str]:
     return lines
 
 
-def _scan(args) -> int:
+def scan_cmd(model, args) -> int:
     from ..runs import write_json
     from .apply import load_gains, scan
-    model = load_from_args(args)
     words = _read_lines(args.token_list, "token list")
     prompts = _read_lines(args.prompts, "prompts")
     contrast = _read_lines(args.contrast, "contrast prompts") if args.contrast else None
@@ -242,9 +85,8 @@ def _site(text: str) -> tuple[int, int]:
         raise HeadscopeError(f"cannot parse head '{text}' (use LAYER.HEAD, e.g. 20.3)") from None
 
 
-def _steer(args) -> int:
+def steer_cmd(model, args) -> int:
     from .apply import Steer, steer
-    model = load_from_args(args)
     edits = []
     for a in args.add:
         parts = a.split(":")

@@ -3,7 +3,7 @@
 Per site (layer ℓ, head h), on held-out tokens (bits/token; p = the model's final distribution):
 
 * ``kl_lens``      KL(p ‖ lens(r_h))
-* ``kl_unembed``   KL(p ‖ softmax(W_U·N(r_h) + b_U))   — the unembedding baseline (DESIGN.md)
+* ``kl_unembed``   KL(p ‖ softmax(W_U·N(r_h) + b_U))   — the unembedding baseline (docs/design.md)
 * ``kl_unembed_nonorm`` KL(p ‖ softmax(W_U·r_h + b_U))
 * ``kl_null``      KL(p ‖ softmax(c0)), c0 = log mean p over training tokens (ignores the head)
 * ``gain``         kl_null − kl_lens: what the lens reads out of this head beyond base rates, with

@@ -1,7 +1,7 @@
 """Lens parameterizations for many heads at once: one :class:`LensBank` holds the lenses of K sites.
 
 A *site* is one head (layer ℓ, head h); its input is the head result r_h = z_h · W_O[h] (no b_O), shape
-[d] per token (see DESIGN.md). A lens maps r_h to vocabulary logits [V]. Row-vector convention (x is a
+[d] per token (see docs/design.md). A lens maps r_h to vocabulary logits [V]. Row-vector convention (x is a
 row, so "A·r" of the issue is ``r @ A`` here). Every parameter has a leading lens axis [L, ...]; a
 bank with ``shared=True`` has one lens per *layer* (L = number of layers) used by all heads of that layer.
 

@@ -4,7 +4,7 @@ An :class:`ArchSpec` says where things live inside a Hugging Face causal LM, so 
 headscope never branches on the family. Paths are dotted attribute paths: ``layers`` from the
 top-level model, everything else relative to one decoder block.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/design.md):
 
 * ``o_proj`` is the attention output projection. Its *input* is z, shape [B, S, H·Dh], head-major.
   Its weight is read by module type (``Conv1D`` stores [in, out], ``nn.Linear`` stores [out, in]).

@@ -257,47 +257,47 @@ def _neuron_effects(rows: list[dict]) -> dict[int, float]:
 
 
 def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
-               baseline: bool = True, batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
+               batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
     """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
     (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
     not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
     pair) and BH q over the pairs. The unit of the run's test is the **neuron** (its pairs share prompts):
     the per-neuron mean effect, its bootstrap 95 % interval, and a Wilcoxon signed-rank test against 0.
-    With ``baseline`` and a random set attributed (``explain baseline`` / ``neurons attribute --set
-    random``), the random set is ablated the same way and the per-neuron effects compared (Mann–Whitney,
-    bootstrap difference of means).
+    When both sets (top and random) have been ablated, :func:`compare_ablations` compares them.
 
     Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name,
     mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, p, auc, q, significant}],
     "per_neuron": {i: effect}, "summary": {unit, pairs, neurons, effect: {mean, low, high, n}, wilcoxon,
-    significant_bh, pooled_descriptive}, "vs_random": {...}}``, ``<set>/ablation.safetensors`` (``drops``
-    [n_pairs, P] NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""
+    significant_bh, pooled_descriptive}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P]
+    NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""
     d = set_dir(run, which)
     load_attribution(run, which)
-    do_random = baseline and which == "top" and (set_dir(run, "random") / "attribution.json").is_file()
-    opts = {"max_pairs": max_pairs, "mode": mode, "baseline": do_random}
+    opts = {"max_pairs": max_pairs, "mode": mode}
     path = d / "ablation.json"
     if not force and (done := _current(path, d / "attribution.json", opts)):
         return {**_ablate_summary(done), "skipped": True}
     ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
     res = _ablate_set(model, run, which, max_pairs, mode, batch_size, progress)
-    res["options"] = opts
-    if do_random:
-        rnd = _ablate_set(model, run, "random", max_pairs, mode, batch_size, progress)
-        write_json(set_dir(run, "random") / "ablation.json", rnd)
-        a, b = list(res["per_neuron"].values()), list(rnd["per_neuron"].values())
-        res["vs_random"] = {"unit": "neuron", "random": rnd["summary"]["effect"],
-                            "difference": bootstrap_diff_of_means(a, b), "mann_whitney": mann_whitney(a, b)}
     write_json(path, res)
     out = _ablate_summary(res)
-    run.mark_done(f"neurons.{which}.ablate", {k: v for k, v in out.items() if k != "vs_random"})
+    run.mark_done(f"neurons.{which}.ablate", out)
+    if all((set_dir(run, w) / "ablation.json").is_file() for w in SETS):
+        out["vs_random"] = compare_ablations(run)
     return out
+
+
+def compare_ablations(run: RunDir) -> dict:
+    """Per-neuron ablation effects of the congruent vs the random neurons (Mann–Whitney, bootstrap
+    difference of means); writes ``neurons/ablation_vs_random.json``."""
+    eff = {w: list(read_json(set_dir(run, w) / "ablation.json")["per_neuron"].values()) for w in SETS}
+    res = {"unit": "neuron", "top": bootstrap_mean(eff["top"]), "random": bootstrap_mean(eff["random"]),
+           "difference": bootstrap_diff_of_means(eff["top"], eff["random"]),
+           "mann_whitney": mann_whitney(eff["top"], eff["random"])}
+    write_json(set_dir(run, "top") / "ablation_vs_random.json", res)
+    return res
 
 
 def _ablate_summary(data: dict) -> dict:
     s = data["summary"]
-    out = {"pairs": s["pairs"], "neurons": s["neurons"], "effect": s["effect"], "wilcoxon": s["wilcoxon"],
-           "significant_bh": s["significant_bh"]}
-    if "vs_random" in data:
-        out["vs_random"] = data["vs_random"]
-    return out
+    return {"pairs": s["pairs"], "neurons": s["neurons"], "effect": s["effect"], "wilcoxon": s["wilcoxon"],
+            "significant_bh": s["significant_bh"]}

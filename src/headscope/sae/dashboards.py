@@ -78,8 +78,6 @@ def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 1638
     """Build the dashboards of SAE ``name`` (see module docstring); returns the index dict."""
     folder = sae_dir(run, name)
     stage = f"sae/{name}/dashboards"
-    if run.is_done(stage) and (folder / "dashboards/index.json").is_file():
-        return read_json(folder / "dashboards/index.json")
     sae = load_sae(folder, model).to(model.device)
     tj = folder / "train.json"
     cfg = read_json(tj)["config"] if tj.is_file() else {}

@@ -17,6 +17,7 @@ feature-firing counts are averaged/summed over ranks, rank 0 writes files.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -207,8 +208,6 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     name = name or f"L{layer}"
     out = sae_dir(run, name)
     stage = f"sae/{name}/train"
-    if run.is_done(stage) and (out / "train.json").is_file():
-        return read_json(out / "train.json")
     device = model.device
     dist.init(str(device))
     d_in = model.n_heads * model.d_head
@@ -226,10 +225,12 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     ck = out / "checkpoint"
     since_fired = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # tokens since each feature fired
     fired_window = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # firings since the last resample
+    if (ck / "state.json").is_file() and read_json(ck / "state.json").get("config") != cfg.result_keys():
+        # a checkpoint resumes only the same training; the stage contract reruns us when the options changed
+        print(f"headscope: note: {ck} was made with other options: starting over", file=sys.stderr)
+        shutil.rmtree(ck, ignore_errors=True)
     if (ck / "state.json").is_file():
         state, since_fired, fired_window = _load_checkpoint(ck, sae, opt, device)
-        if state.get("config") != cfg.result_keys():
-            raise HeadscopeError(f"{out} holds a checkpoint made with other options; use another --name or delete it")
         if state.get("world_size", 1) != dist.world_size:
             raise HeadscopeError(f"{out} holds a checkpoint made with {state.get('world_size', 1)} processes, not "
                                  f"{dist.world_size}: resume with the same number of processes")

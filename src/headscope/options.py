@@ -1,0 +1,133 @@
+"""Options declared once: every stage's and command's options are one frozen dataclass.
+
+From that dataclass come, with no second list anywhere:
+
+* the command-line flags (``--batch-size`` for the field ``batch_size``; help from the string literal under
+  the field; choices from ``Literal[...]``), through `simple_parsing <https://github.com/lebrice/SimpleParsing>`_
+  on top of argparse (:func:`add_options`);
+* the keys of the stage's table in a study TOML file, type-checked before anything runs
+  (:func:`from_table`: ``n_seqs = "two"`` is a one-line error);
+* the hash that decides whether a finished stage is still fresh (:func:`options_hash`).
+
+Range checks live in the dataclass' ``__post_init__`` (use :func:`check`), so the CLI and the study apply the
+same ones. Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Optional[...]`` of those,
+``Literal[...]`` and ``list[...]`` of scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+import simple_parsing
+from simple_parsing import DashVariant
+
+from .errors import HeadscopeError
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise :class:`HeadscopeError` with ``message`` unless ``ok`` (for ``__post_init__`` range checks)."""
+    if not ok:
+        raise HeadscopeError(message)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option field: ``batch_size`` → ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+class Parser(simple_parsing.ArgumentParser):
+    """argparse + simple_parsing, with dashed flags and argparse errors as one line and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # argparse prints usage + message; we print one line
+        print(f"headscope: error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_options(parser: Parser, cls: type, dest: str = "opts") -> None:
+    """Add one flag per field of the options dataclass ``cls``; parsing stores an instance in ``dest``."""
+    parser.add_arguments(cls, dest=dest)
+
+
+def options_dict(opts) -> dict:
+    """The options as a plain JSON-able dict (field order kept)."""
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+
+
+def options_hash(opts) -> str:
+    """A short, stable hash of the option values (what decides whether a stage's result is still fresh)."""
+    blob = json.dumps(options_dict(opts), sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str):
+    """``value`` (from TOML) checked against the field type ``tp``; ints are accepted for floats."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except HeadscopeError as e:
+                errors.append(e)
+        raise errors[0] if errors else HeadscopeError(f"{where}: unsupported type {tp}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise HeadscopeError(f"{where} = {value!r}: choose from {', '.join(repr(a) for a in get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        (inner, *_) = get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise HeadscopeError(f"{where} = {value!r}: expected a list")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise HeadscopeError(f"{where} = {value!r}: expected {_type_name(tp)}")
+    return value
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name → resolved type of an options dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def from_table(cls: type, table: dict, where: str):
+    """Build the options dataclass ``cls`` from a TOML table: unknown keys, wrong types and failed range
+    checks are one-line :class:`HeadscopeError` s that name ``where`` (e.g. ``[lens.eval]``)."""
+    types_ = field_types(cls)
+    unknown = sorted(set(table) - set(types_))
+    if unknown:
+        raise HeadscopeError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(types_)}")
+    kwargs = {k: _coerce(v, types_[k], f"{where} {k}") for k, v in table.items()}
+    try:
+        return cls(**kwargs)
+    except HeadscopeError as e:
+        raise HeadscopeError(f"{where}: {e}") from None
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
