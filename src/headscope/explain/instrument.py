@@ -51,7 +51,7 @@ class BackendOptions:
     max_terms: int = 5
     """statistical backend: at most this many terms in the rule"""
     window: int = 8
-    """statistical backend: n-grams among the last WINDOW words count as "near the end""""
+    """statistical backend: n-grams among the last WINDOW words count as near the end"""
 
     def __post_init__(self):
         from urllib.parse import urlparse
