@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from simple_parsing import field
+from simple_parsing.helpers import flag
 
 from ..options import check
 from ..registry import Instrument
@@ -95,7 +96,7 @@ class ScoreOptions(BackendOptions):
     """held-out prompts per class and pair (as many active as inactive)"""
     min_per_class: int = 5
     """score a pair only with at least this many held-out prompts of each class"""
-    control: bool = True
+    control: bool = flag(default=True, negative_prefix="--no-")
     """also score each pair with another neuron's explanation (doubles the scorer's calls)"""
 
     def __post_init__(self):
