@@ -122,6 +122,8 @@ def test_ablation_unit_is_the_neuron(done_run):
     t = read_tensors(run / "neurons/ablation.safetensors")
     pairs = json.loads((run / "neurons/attribution.json").read_text())["pairs"]
     assert len(abl["pairs"]) == min(4, len(pairs))
+    n_with_pairs = len({p["neuron"] for p in pairs})
+    assert len({r["neuron"] for r in abl["pairs"]}) == min(4, n_with_pairs)   # max_pairs spreads over neurons
     effects = {}
     for r, dr, act in zip(abl["pairs"], t["drops"], t["active"]):
         ok = ~torch.isnan(dr)

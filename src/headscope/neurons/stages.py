@@ -206,7 +206,7 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
     """Ablate a set's pairs; write its ablation.safetensors / .png; return the JSON content."""
     d = set_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
-    pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
+    pairs = _round_robin(att_json["pairs"])[:max_pairs] if max_pairs else att_json["pairs"]
     if not pairs:
         raise HeadscopeError(f"no (neuron, head) pairs to ablate in the {which} set: no head is active on 25–75% "
                              "of any neuron's prompts; mine more prompts or neurons")
@@ -245,6 +245,20 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
                   f"Drop in P(neuron's token) when the head is zeroed ({which} neurons)", "P(clean) − P(ablated)")
     return {"options": {"max_pairs": max_pairs, "mode": mode}, "source": file_hash(d / "attribution.json"),
             "pairs": rows, "per_neuron": {str(k): v for k, v in per_neuron.items()}, "summary": summary}
+
+
+def _round_robin(pairs: list[dict]) -> list[dict]:
+    """Pairs reordered one per neuron at a time (each neuron's first pair, then each one's second, …), so
+    that ``max_pairs`` spreads the ablations over neurons — the unit of the test — instead of taking
+    every pair of the first neurons."""
+    by: dict[int, list[dict]] = {}
+    for p in pairs:
+        by.setdefault(p["neuron"], []).append(p)
+    out, r = [], 0
+    while len(out) < len(pairs):
+        out += [ps[r] for ps in by.values() if r < len(ps)]
+        r += 1
+    return out
 
 
 def _neuron_effects(rows: list[dict]) -> dict[int, float]:
