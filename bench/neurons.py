@@ -6,6 +6,12 @@ Runs the same corpus batches (a) through the bare Hugging Face forward pass (no 
 and (b) through ``mining.top_sequences`` for N neurons spread over the last three layers (one pass
 serves all neurons; running top-k), and prints tokens/s for each and their ratio. Also times the
 trimming of the mined prompts (binary search, batched). Prints one JSON line at the end.
+
+    python bench/neurons.py --ablation [--pairs 24] [--prompts 20]
+
+times the ablations instead: the same drops computed batched over pairs and prompts
+(``ablation.ablation_drops``) and by the per-pair loop (``ablation_drops_per_pair``), on random prompts
+of 8–40 tokens, and checks that they agree.
 """
 
 from __future__ import annotations
@@ -30,8 +36,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--ablation", action="store_true", help="time batched vs per-pair ablations instead")
+    ap.add_argument("--pairs", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=20, help="prompts per neuron (ablation bench)")
     args = ap.parse_args()
     model = load_model(args.model, device=args.device)
+    if args.ablation:
+        return bench_ablation(model, args)
     corpus = TokenCorpus(model, "default", seq_len=args.seq_len)
     layers = list(range(model.n_layers - 3, model.n_layers))
     g = torch.Generator().manual_seed(0)
@@ -66,6 +77,32 @@ def main() -> None:
     print(f"bare forward: {res['bare_tok_s']} tok/s; mining {len(neurons)} neurons: {res['mining_tok_s']} tok/s "
           f"({res['mining_over_bare']}× the bare time); trimming {n_prompts} prompts: {res['trim_s']} s")
     print(json.dumps(res))
+
+
+def bench_ablation(model, args) -> None:
+    from headscope.neurons import ablation
+    g = torch.Generator().manual_seed(0)
+    n_neurons = max(1, args.pairs // 4)
+    V = model.W_U.shape[0]
+    prompts = [[[model.bos_id] + torch.randint(1, V, (int(torch.randint(8, 41, (1,), generator=g)),),
+                                              generator=g).tolist() for _ in range(args.prompts)]
+               for _ in range(n_neurons)]
+    tokens = torch.randint(1, V, (n_neurons,), generator=g).tolist()
+    pairs = [{"neuron": i % n_neurons, "layer": int(torch.randint(max(0, model.n_layers - 3), model.n_layers, (1,), generator=g)),
+              "head": int(torch.randint(model.n_heads, (1,), generator=g))} for i in range(args.pairs)]
+    times = {}
+    for name, fn in (("batched", ablation.ablation_drops), ("per_pair", ablation.ablation_drops_per_pair)):
+        t = time.perf_counter()
+        res = fn(model, pairs, prompts, tokens, batch_size=32, progress=False)
+        times[name] = time.perf_counter() - t
+        times[name + "_drops"] = res
+    diff = max(float((a - b).abs().max()) for a, b in zip(times.pop("batched_drops"), times.pop("per_pair_drops")))
+    out = {"model": model.name, "device": str(model.device), "pairs": len(pairs), "prompts_per_neuron": args.prompts,
+           "batched_s": round(times["batched"], 2), "per_pair_s": round(times["per_pair"], 2),
+           "speedup": round(times["per_pair"] / times["batched"], 2), "max_abs_diff": diff}
+    print(f"ablating {len(pairs)} pairs × {args.prompts} prompts: batched {out['batched_s']} s, per-pair loop "
+          f"{out['per_pair_s']} s ({out['speedup']}×), max |difference| {diff:.2e}")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

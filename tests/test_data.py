@@ -56,9 +56,29 @@ def test_packing_split_and_resume(model, tmp_path):
     full = torch.cat(list(c.batches("train", batch_size=2, max_tokens=16 * 8)))
     rest = torch.cat(list(c.batches("train", batch_size=2, max_tokens=16 * 4, start=4)))
     assert torch.equal(full[4:], rest)
-    # split is by document and deterministic
+
+
+def test_split_is_by_document_and_deterministic(model, tmp_path, monkeypatch):
+    """Each document lands whole in one split, chosen by the SHA-1 of its text (recomputed here), in
+    corpus order; a build from scratch (a fresh cache) gives the same streams."""
+    import hashlib
+    docs = [f"Document number {i}: " + " ".join(["word"] * (5 + i % 7)) for i in range(60)]
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    c = TokenCorpus(model, str(f), seq_len=16, holdout=0.25, progress=False)
+    eos = model.tokenizer.eos_token_id
+    expect = {"train": [], "heldout": []}
+    for d in docs:
+        h = int(hashlib.sha1(d.encode()).hexdigest()[:8], 16) / 2 ** 32
+        expect["heldout" if h < 0.25 else "train"] += model.tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]
+    assert 0 < len(expect["heldout"]) < len(expect["train"])          # both splits hold documents
+    for split in ("train", "heldout"):
+        assert np.asarray(c._stream(split)).tolist() == expect[split]
+    monkeypatch.setenv("HEADSCOPE_CACHE", str(tmp_path / "fresh-cache"))
     again = TokenCorpus(model, str(f), seq_len=16, holdout=0.25, progress=False)
-    assert again.n_tokens("heldout") == c.n_tokens("heldout")
+    assert again.dir != c.dir and str(again.dir).startswith(str(tmp_path / "fresh-cache"))
+    for split in ("train", "heldout"):
+        assert np.array_equal(np.asarray(again._stream(split)), np.asarray(c._stream(split)))
 
 
 def test_non_utf8_is_replaced_with_a_warning(model, tmp_path, capsys):

@@ -1,14 +1,28 @@
-"""Score arithmetic, the keyword-contrast baseline, the local HF P(Yes)/P(No) scorer, prompts."""
+"""Scoring (balanced held-out examples, Wilson interval, BH), the statistical explainer (sparse
+logistic regression over n-grams, checked against scipy's optimiser), the negative controls (labels that
+carry no information, random explanations -> E at chance), the local HF P(Yes)/P(No) scorer, prompts."""
 
+import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
 from headscope.explain.hf_local import LocalHFExplainer
-from headscope.explain.keyword import KeywordBaseline, contrast, ngrams
 from headscope.explain.prompts import (ClassifyRequest, ExplainRequest, classify_messages, example_text,
                                        explain_messages, parse_yes_no)
-from headscope.explain.stages import balanced_accuracy
+from headscope.explain.scoring import (ScoringItem, add_fdr, balanced_accuracy, balanced_indices,
+                                       score_explanations, shuffled_items)
+from headscope.explain.statistical import StatisticalExplainer, features, fit_l1_logistic, lambda_max, words
 from headscope.testing.tiny import tiny_model
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+
+def _example(rng, marker=None, n=12):
+    ws = list(rng.choice(WORDS, n))
+    if marker:
+        ws[-1] = marker                                      # the word just before the neuron's token
+    return " ".join(ws) + " TOKEN"
 
 
 def test_balanced_accuracy_arithmetic():
@@ -16,31 +30,106 @@ def test_balanced_accuracy_arithmetic():
     pred = [True, False, True, False, True]
     r = balanced_accuracy(pred, truth)
     assert r["TPR"] == pytest.approx(2 / 3) and r["TNR"] == pytest.approx(1 / 2)
-    assert r["E"] == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert balanced_accuracy([True] * 5, truth)["E"] == 0.5          # always Yes: chance
-    assert balanced_accuracy(truth, truth)["E"] == 1.0
+    assert r["E"] == pytest.approx((2 / 3 + 1 / 2) / 2) and "E_low" not in r   # unbalanced: no exact interval
+    assert balanced_accuracy([True] * 4, truth[1:])["E"] == 0.5             # always Yes: chance
     assert balanced_accuracy([not t for t in truth], truth)["E"] == 0.0
     skipped = balanced_accuracy([True, False], [True, True])
     assert skipped["E"] is None and "one class" in skipped["skipped"]
+    b = balanced_accuracy([True, True, False, True], [True, True, False, False])
+    assert b["E"] == 0.75 and b["E_low"] < 0.75 < b["E_high"] and b["p"] == pytest.approx(5 / 16)
 
 
-def test_keyword_contrast_and_classifier():
-    active = ["the class defines a method", "a class with one method", "class attributes and methods"]
-    inactive = ["the loop runs forever", "a function returns a value", "the class of errors"]
-    c = {g: (d, n) for g, d, n in contrast(active, inactive, max_n=2)}
-    assert c["class"] == (pytest.approx(1 - 1 / 3), 3)
-    assert c["method"][0] == pytest.approx(2 / 3)
-    kb = KeywordBaseline(top=2, max_n=2)
-    [expl] = kb.explain_many([ExplainRequest(active, inactive, " foo")])
-    assert KeywordBaseline.parse(expl) == ["class", "method"] or set(KeywordBaseline.parse(expl)) <= set(c)
-    kws = KeywordBaseline.parse(expl)
-    assert all(c[k][0] > 0 and c[k][1] >= 2 for k in kws)
-    best = max(d for d, n in c.values() if n >= 2)
-    assert c[kws[0]][0] == pytest.approx(best)
-    probs = kb.classify_many([ClassifyRequest(expl, "my class has a method"), ClassifyRequest(expl, "nothing here")])
-    assert probs == [1.0, 0.0]
-    assert kb.classify_many([ClassifyRequest("free text explanation", "class method")]) == [0.0]
-    assert "class method" in ngrams("Class  method!", 2)
+def test_balanced_indices():
+    truth = [True] * 3 + [False] * 9
+    idx, why = balanced_indices(truth, max_per_class=20, min_per_class=2, seed="a")
+    assert why is None and sum(truth[i] for i in idx) == 3 and len(idx) == 6 and idx == sorted(idx)
+    assert balanced_indices(truth, 20, 2, "a") == (idx, None)                # deterministic per key
+    assert balanced_indices(truth, 2, 1, "a")[0].__len__() == 4              # capped per class
+    none, why = balanced_indices(truth, 20, 4, "a")
+    assert none == [] and "3 active / 9 inactive" in why
+
+
+def test_l1_logistic_matches_scipy_optimum():
+    """FISTA reaches the optimum of the class-balanced L1 objective found independently by L-BFGS-B on
+    the split variables β = β⁺ − β⁻ ≥ 0."""
+    rng = np.random.default_rng(0)
+    X = (rng.random((30, 8)) < 0.4).astype(float)
+    y = ((X[:, 0] + X[:, 3] + 0.3 * rng.normal(size=30)) > 0.7).astype(float)
+    lam = 0.1 * lambda_max(X, y)
+    b, beta = fit_l1_logistic(X, y, lam, iters=5000, tol=1e-12)
+    w = np.where(y > 0, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
+
+    def obj(theta):
+        s = theta[0] + X @ (theta[1:9] - theta[9:])
+        return np.sum(w * (np.logaddexp(0, s) - y * s)) + lam * theta[1:].sum()
+
+    ref = scipy.optimize.minimize(obj, np.zeros(17), method="L-BFGS-B", bounds=[(None, None)] + [(0, None)] * 16,
+                                  options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 10000})
+    ours = obj(np.concatenate([[b], np.maximum(beta, 0), np.maximum(-beta, 0)]))
+    assert ours == pytest.approx(ref.fun, abs=1e-6)
+    assert np.count_nonzero(np.abs(beta) > 1e-6) < 8                          # sparse
+    assert np.all(np.abs(fit_l1_logistic(X, y, lambda_max(X, y) * 1.01)[1]) < 1e-8)   # above λ_max: β = 0
+
+
+def test_statistical_explainer_recovers_a_planted_rule():
+    rng = np.random.default_rng(1)
+    act = [_example(rng, "of") for _ in range(10)]
+    ina = [_example(rng) for _ in range(10)]
+    se = StatisticalExplainer()
+    [expl] = se.explain_many([ExplainRequest(act, ina, " TOKEN")])
+    rule = se.parse(expl)
+    assert rule is not None and expl.startswith("Active when")
+    top = max(rule["terms"], key=lambda t: abs(t[2]))
+    assert top[1] == "of" and top[2] > 0 and f'"{top[1]}"' in expl.splitlines()[0]
+    test = [_example(rng, "of") for _ in range(20)] + [_example(rng) for _ in range(20)]
+    truth = [True] * 20 + [False] * 20
+    [row] = score_explanations(se, [ScoringItem("k", expl, test, truth)], max_per_class=20, min_per_class=5)
+    assert row["E"] == 1.0 and row["p"] < 1e-6
+    assert se.classify_many([ClassifyRequest("free text, no rule", "x TOKEN")]) == [None]
+    assert words("A b, c TOKEN") == ["a", "b", ",", "c"]
+    assert features(["a", "b", "c"], 2) == {("last", "c"), ("last", "b c"), ("near", "b"), ("near", "c"),
+                                           ("near", "b c")}                  # window 2: "a" is out
+
+
+def test_negative_control_uninformative_labels_give_chance():
+    """Labels independent of the text: the explainer finds (almost) nothing, held-out E sits at chance
+    (its mean over 40 pairs within 0.5 ± 0.05) and BH finds no pair above chance."""
+    rng = np.random.default_rng(2)
+    se = StatisticalExplainer()
+    items = []
+    for k in range(40):
+        train = [_example(rng) for _ in range(20)]
+        lab = rng.permutation([True] * 10 + [False] * 10)
+        [expl] = se.explain_many([ExplainRequest([t for t, l in zip(train, lab) if l],
+                                                 [t for t, l in zip(train, lab) if not l], " TOKEN")])
+        test = [_example(rng) for _ in range(30)]
+        items.append(ScoringItem(str(k), expl, test, list(rng.permutation([True] * 15 + [False] * 15))))
+    rows = score_explanations(se, items, max_per_class=15, min_per_class=5)
+    Es = [r["E"] for r in rows]
+    assert abs(np.mean(Es) - 0.5) < 0.05
+    assert add_fdr(rows) == 0
+
+
+def test_negative_control_random_explanations_give_chance():
+    """Informative labels, but each pair scored with the explanation of a pair from another group:
+    E drops to chance while the pairs' own explanations score high."""
+    rng = np.random.default_rng(3)
+    se = StatisticalExplainer()
+    items, group = [], []
+    for k in range(12):
+        marker = WORDS[k]                              # each pair has its own rule
+        pool = [w for w in WORDS if w != marker]
+        ex = lambda on: " ".join(list(rng.choice(pool, 11)) + [marker if on else str(rng.choice(pool))]) + " TOKEN"
+        [expl] = se.explain_many([ExplainRequest([ex(1) for _ in range(10)], [ex(0) for _ in range(10)], " TOKEN")])
+        items.append(ScoringItem(str(k), expl, [ex(1) for _ in range(15)] + [ex(0) for _ in range(15)],
+                                 [True] * 15 + [False] * 15))
+        group.append(k)
+    own = score_explanations(se, items, 15, 5)
+    ctrl_items = shuffled_items(items, group, seed=0)
+    assert all(c.explanation != i.explanation for c, i in zip(ctrl_items, items))
+    ctrl = score_explanations(se, ctrl_items, 15, 5)
+    assert np.mean([r["E"] for r in own]) > 0.9
+    assert abs(np.mean([r["E"] for r in ctrl]) - 0.5) < 0.06 and add_fdr(ctrl) == 0
 
 
 def test_examples_and_prompts():

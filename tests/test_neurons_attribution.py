@@ -93,22 +93,38 @@ def test_gated_mlp_attribution_is_first_order_change_in_activation(family, mode)
     other = attribution.attribute_prompts(m, ids.tolist(), [layer], [neuron],
                                           gated="up" if mode == "gate" else "gate", progress=False)[0]
     frozen = _freeze(m, layer)
-    clean = capture(m, ids, layers=range(3), what={"result", "mlp_post"})
+    clean = capture(m, ids, layers=range(3), what={"result", "mlp_post", "mlp_pre", "mlp_up"})
     frozen.mode = "frozen"
     eps, last = 1e-2, ids.shape[1] - 1  # the RMSNorms compute in float32: a larger step
-    W_gate, W_up = m.W_gate(layer), m.W_in(layer)
+    # the two terms, written out from the raw weights: the head's contribution ρ enters the MLP as
+    # γ ⊙ ρ / σ (σ recorded on the clean run); through the gate it moves g by δ_g = ⟨γ⊙ρ/σ, W_gate[:, n]⟩
+    # (the activation then changes by act(g + δ_g)·u − act(g)·u, a finite difference here), through the
+    # up projection it moves u by δ_u = ⟨γ⊙ρ/σ, W_up[:, n]⟩ (the activation by act(g)·δ_u)
+    W_gate, W_up = m.W_gate(layer).double(), m.W_in(layer).double()
+    gamma = m.norm_gain(frozen.norm).double()
+    sigma = float(frozen.sigma[0, -1, 0])
+    g0, u0 = float(clean["mlp_pre"][layer][0, -1, neuron]), float(clean["mlp_up"][layer][0, -1, neuron])
+    act = m.mlp_act(layer)
+    f = lambda x: float(act(torch.tensor(x, dtype=torch.float64)))
+    checked = 0
     for k in (0, 2):
         for h in range(m.n_heads):
             r = clean["result"][k][0, -1, h]
             if mode == "full":
                 plus = _measure(m, ids, layer, neuron, "mlp_post", [HeadIntervention(layer, None, "add", eps * r, [last])])
                 minus = _measure(m, ids, layer, neuron, "mlp_post", [HeadIntervention(layer, None, "add", -eps * r, [last])])
-                deriv = (plus - minus) / (2 * eps)
-                assert A[k * m.n_heads + h].item() == pytest.approx(deriv, rel=2e-3, abs=1e-7)
+                expect = (plus - minus) / (2 * eps)
             else:
-                # the gate-only / up-only terms sum to the full first-order term
-                pass
-    if mode != "full":
+                rho = gamma * r.double() / sigma
+                if mode == "gate":
+                    dg = float(rho @ W_gate[:, neuron])
+                    expect = (f(g0 + eps * dg) - f(g0 - eps * dg)) * u0 / (2 * eps)
+                else:
+                    expect = f(g0) * float(rho @ W_up[:, neuron])
+            assert A[k * m.n_heads + h].item() == pytest.approx(expect, rel=2e-3, abs=1e-7)
+            checked += 1
+    assert checked == 2 * m.n_heads
+    if mode != "full":  # the gate-only and up-only terms sum to the full first-order term
         ok = ~torch.isnan(full)
         torch.testing.assert_close((A + other)[ok], full[ok], rtol=1e-5, atol=1e-8)
         assert not torch.allclose(A[ok], full[ok])
@@ -183,3 +199,29 @@ def test_active_heads_threshold_matches_numpy():
     valid[6:] = False
     frac3, ex3 = attribution.heads_to_explain(act2, valid)
     assert frac3.tolist() == pytest.approx([2 / 6, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("family,mode", [("gpt2", "z"), ("llama_gqa", "z"), ("llama_gqa", "value")])
+def test_batched_ablation_equals_per_pair_loop(family, mode):
+    """Batching over pairs and prompts (per-row head masks) gives the plain per-pair loop's drops, and
+    the loop's drops are P_clean − P_ablated computed with a single HeadIntervention."""
+    from headscope.neurons import ablation
+    m = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[[0] + torch.randint(1, 500, (n,), generator=g).tolist() for n in (3, 7, 5, 9)],
+               [[0] + torch.randint(1, 500, (n,), generator=g).tolist() for n in (6, 4, 8)]]
+    tokens = [11, 42]
+    pairs = [{"neuron": 0, "layer": 0, "head": 1}, {"neuron": 1, "layer": 2, "head": 0},
+             {"neuron": 0, "layer": 2, "head": 3}, {"neuron": 1, "layer": 1, "head": 2}]
+    batched = ablation.ablation_drops(m, pairs, prompts, tokens, batch_size=5, progress=False, mode=mode)
+    loop = ablation.ablation_drops_per_pair(m, pairs, prompts, tokens, batch_size=2, progress=False, mode=mode)
+    for b, l in zip(batched, loop):
+        torch.testing.assert_close(b, l, rtol=1e-4, atol=1e-6)
+    p = pairs[1]
+    ids = torch.tensor([prompts[1][2]])
+    heads = ablation.ablated_heads(m, p["head"], mode)
+    clean = capture(m, ids, layers=[], what={"logprobs"}).logprobs[0, -1, tokens[1]].exp()
+    abl = capture(m, ids, layers=[], what={"logprobs"},
+                  interventions=[HeadIntervention(p["layer"], heads, "zero")]).logprobs[0, -1, tokens[1]].exp()
+    assert batched[1][2].item() == pytest.approx((clean - abl).item(), abs=1e-6)
+    assert any(d.abs().max() > 1e-6 for d in batched)          # ablations change something

@@ -32,12 +32,15 @@ def _raw_weights(m, layer):
     return W_out, WU.astype(np.float64) * gain.astype(np.float64)[None]
 
 
+@pytest.mark.parametrize("unembed", ["centred", "raw"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_congruence_matches_numpy(family):
+def test_congruence_matches_numpy(family, unembed):
     m = tiny_model(family)
     for layer in (0, 2):
-        lc = congruence.layer_congruence(m, layer, chunk=7)  # chunking must not matter
+        lc = congruence.layer_congruence(m, layer, chunk=7, unembed=unembed)  # chunking must not matter
         W_out, WU = _raw_weights(m, layer)
+        if unembed == "centred":
+            WU = WU - WU.mean(0, keepdims=True)
         C = W_out @ WU.T                                                           # [M, V]
         np.testing.assert_array_equal(lc.token.numpy(), C.argmax(1))
         np.testing.assert_allclose(lc.dot.numpy(), C.max(1), rtol=1e-4, atol=1e-5)
@@ -45,7 +48,7 @@ def test_congruence_matches_numpy(family):
         np.testing.assert_allclose(lc.cos.numpy(), cos, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(lc.kurtosis.numpy(), scipy.stats.kurtosis(C, axis=1, fisher=False), rtol=1e-3)
         np.testing.assert_allclose(lc.skew.numpy(), scipy.stats.skew(C, axis=1), rtol=1e-3, atol=1e-4)
-        sup = congruence.layer_congruence(m, layer, kind="suppression")
+        sup = congruence.layer_congruence(m, layer, kind="suppression", unembed=unembed)
         np.testing.assert_array_equal(sup.token.numpy(), C.argmin(1))
         np.testing.assert_allclose(sup.dot.numpy(), -C.min(1), rtol=1e-4, atol=1e-5)
 
@@ -75,3 +78,53 @@ def test_no_neuron_passes_says_so():
     m = tiny_model("gpt2")
     with pytest.raises(HeadscopeError, match="no neuron .* passes the filters.*try"):
         congruence.find_neurons(m, [2], per_layer=3, min_chars=50)
+
+
+def test_centred_unembedding_equals_transformer_lens():
+    """Our centred, folded W_U and centred W_out give TransformerLens' logit-lens of W_out after
+    process_weights_(fold_ln, center_writing_weights, center_unembed) — the reference code's setting."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    m = tiny_model("gpt2")
+    c = m.hf.config
+    cfg = HookedTransformerConfig(d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_layers=c.n_layer, n_ctx=c.n_positions,
+                                  n_heads=c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new",
+                                  normalization_type="LN", eps=c.layer_norm_epsilon, device="cpu")
+    tl = HookedTransformer(cfg)
+    tl.load_state_dict(convert_gpt2_weights(m.hf, cfg), strict=False)
+    tl.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    WU_tl = tl.W_U.detach().double().T                                             # [V, d]
+    ours = congruence.folded_unembed(m).double()
+    # TL's fold_ln also centres W_U over d (LayerNorm removes the residual's mean); we centre W_out
+    # over d instead, which gives the same logits W_out·W_U. Over the vocabulary both are centred.
+    torch.testing.assert_close(ours - ours.mean(1, keepdim=True), WU_tl, rtol=1e-5, atol=1e-6)
+    for layer in range(c.n_layer):
+        C = tl.W_out[layer].detach().double() @ tl.W_U.detach().double()           # [M, V]
+        lc = congruence.layer_congruence(m, layer)
+        np.testing.assert_array_equal(lc.token.numpy(), C.argmax(1).numpy())
+        np.testing.assert_allclose(lc.dot.numpy(), C.max(1).values.numpy(), rtol=1e-4, atol=1e-5)
+    raw = congruence.folded_unembed(m, "raw")
+    assert not torch.allclose(raw, congruence.folded_unembed(m))                   # the convention matters
+    with pytest.raises(HeadscopeError, match="unknown unembedding convention"):
+        congruence.folded_unembed(m, "centered-ish")
+
+
+def test_centring_shifts_dot_not_token_or_shape():
+    """Centring W_U subtracts a per-neuron constant from every logit: same token, kurtosis and skew,
+    dot moved by w_n · mean_t W_U[t] — so the ranking between neurons can change; the overlap report
+    counts exactly that."""
+    m = tiny_model("llama_gqa")
+    cen, raw = (congruence.layer_congruence(m, 2, unembed=u) for u in ("centred", "raw"))
+    assert torch_equal(cen.token, raw.token)
+    np.testing.assert_allclose(cen.kurtosis.numpy(), raw.kurtosis.numpy(), rtol=1e-3)
+    W_out, WU = _raw_weights(m, 2)
+    np.testing.assert_allclose((raw.dot - cen.dot).numpy(), W_out @ WU.mean(0), rtol=1e-3, atol=1e-5)
+    ov = congruence.top_set_overlap(m, [2], per_layer=5)["2"]
+    a = set(np.argsort(-cen.dot.numpy())[:5].tolist()); b = set(np.argsort(-raw.dot.numpy())[:5].tolist())
+    assert ov["overlap"] == len(a & b) and ov["jaccard"] == pytest.approx(len(a & b) / len(a | b))
+    assert ov["spearman"] == pytest.approx(scipy.stats.spearmanr(cen.dot.numpy(), raw.dot.numpy()).statistic)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

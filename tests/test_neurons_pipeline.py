@@ -15,7 +15,8 @@ from headscope.neurons import stages as ns
 from headscope.runs import RunDir, read_tensors
 from headscope.testing.tiny import save_tiny_model, tiny_model
 
-MINE = dict(seq_len=48, top_k=6, top_k_test=6, max_tokens=1200, progress=False)
+MINE = dict(seq_len=48, top_k=8, top_k_test=12, max_tokens=1200, progress=False)
+SCORE = dict(max_per_class=6, min_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,11 @@ def done_run(tmp_path_factory):
         ns.run_find(m, run, which, per_layer=2, require_space=False, min_chars=1, last_k=2)
         ns.run_mine(m, run, which, **MINE)
         ns.run_attribute(m, run, which, k_sigma=1.0, progress=False)
-        ex.run_explain(m, run, "keyword", which, progress=False)
-        ex.run_score(m, run, "keyword", which, progress=False)
+        ex.run_explain(m, run, "statistical", which, progress=False)
+        ex.run_score(m, run, "statistical", which, progress=False, **SCORE)
     ns.run_ablate(m, run, "top", max_pairs=4, progress=False)
-    ex.run_compare(m, run, "keyword")
+    ns.run_ablate(m, run, "random", max_pairs=4, progress=False)
+    ex.run_compare(m, run, "statistical")
     return m, run
 
 
@@ -52,18 +54,113 @@ def test_artifacts_shapes_and_consistency(done_run):
         i, k = p["neuron"], p["layer"] * m.n_heads + p["head"]
         tr = att["split"][i] == 0
         assert 0.25 <= att["active"][i, tr, k].float().mean().item() <= 0.75
-    scores = json.loads((run / "explain/scores_keyword.json").read_text())
-    assert len(scores["pairs"]) == len(pairs)
-    for r in scores["pairs"]:
-        if r["E"] is not None:
-            assert r["E"] == pytest.approx((r["TPR"] + r["TNR"]) / 2) and 0 <= r["E"] <= 1
-            assert r["n_pos"] == sum(r["truth"]) and r["n_neg"] == len(r["truth"]) - r["n_pos"]
-    assert (run / "explain/scores_keyword.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "explain/scores_statistical.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "neurons/ablation.png").is_file()
+
+
+def _wilson(k, n, z=1.959963984540054):
+    """The Wilson score interval, written out (independent of scipy)."""
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return c - h, c + h
+
+
+def test_scores_are_balanced_with_intervals_and_fdr(done_run):
+    import scipy.stats
+    from headscope.explain.prompts import ClassifyRequest
+    from headscope.explain.statistical import StatisticalExplainer
+    m, run = done_run
+    mined = json.loads((run / "neurons/mine.json").read_text())["neurons"]
+    att = read_tensors(run / "neurons/attribution.safetensors")
+    pairs = json.loads((run / "neurons/attribution.json").read_text())["pairs"]
+    scores = json.loads((run / "explain/scores_statistical.json").read_text())
+    expl = {(e["neuron"], e["name"]): e["explanation"]
+            for e in json.loads((run / "explain/explanations_statistical.json").read_text())["pairs"]}
+    assert len(scores["pairs"]) == len(pairs)
+    scored = [r for r in scores["pairs"] if r["E"] is not None]
+    assert scored, "no pair scored: the fixture is too small to test scoring"
+    se = StatisticalExplainer()
+    for r, p in zip(scores["pairs"], pairs):
+        i, k = p["neuron"], p["layer"] * m.n_heads + p["head"]
+        test = att["split"][i] == 1
+        truth = att["active"][i, test, k].bool().tolist()
+        npos, nneg = sum(truth), len(truth) - sum(truth)
+        if r["E"] is None:                           # too few of a class: not scored, and says why
+            assert min(npos, nneg) < SCORE["min_per_class"] and "held-out" in r["skipped"]
+            continue
+        mm = min(npos, nneg, SCORE["max_per_class"])
+        assert r["n_pos"] == r["n_neg"] == mm                       # balanced
+        assert [truth[j] for j in r["examples"]] == r["truth"]     # the truth is the attribution's mask
+        texts = [ex._examples(mined[i], att["active"][i, att["split"][i] >= 0, k].bool().tolist(),
+                              att["split"][i][att["split"][i] >= 0].tolist(), 1)[0][j] for j in r["examples"]]
+        probs = se.classify_many([ClassifyRequest(expl[(r["neuron"], r["name"])], t) for t in texts])
+        assert [round(x, 4) for x in probs] == r["predictions"]
+        correct = sum((x >= 0.5) == t for x, t in zip(probs, r["truth"]))
+        assert r["E"] == pytest.approx(correct / (2 * mm))          # balanced: E is the accuracy
+        lo, hi = _wilson(correct, 2 * mm)
+        assert (r["E_low"], r["E_high"]) == (pytest.approx(lo), pytest.approx(hi))
+        assert r["p"] == pytest.approx(scipy.stats.binom.sf(correct - 1, 2 * mm, 0.5))
+    ps = [r["p"] for r in scored]
+    q = scipy.stats.false_discovery_control(ps)
+    assert [r["q"] for r in scored] == pytest.approx(list(q))
+    assert scores["summary"]["significant_bh"] == sum(x < 0.05 for x in q)
+    per_neuron = {}
+    for r in scored:
+        per_neuron.setdefault(r["neuron"], []).append(r["E"])
+    by_n = scores["summary"]["by_neuron"]
+    assert by_n["n"] == len(per_neuron)
+    assert by_n["mean"] == pytest.approx(sum(sum(v) / len(v) for v in per_neuron.values()) / len(per_neuron))
+    assert "control" in scores["summary"] and all("E_control" in r for r in scores["pairs"])
+
+
+def test_ablation_unit_is_the_neuron(done_run):
+    import numpy as np
+    import scipy.stats
+    m, run = done_run
     abl = json.loads((run / "neurons/ablation.json").read_text())
-    assert len(abl["pairs"]) == min(4, len(pairs)) and "D" in abl["pooled"]["ks"]
-    comp = json.loads((run / "explain/comparison_keyword.json").read_text())
-    assert {"top", "random", "mann_whitney", "ks"} <= set(comp)
+    t = read_tensors(run / "neurons/ablation.safetensors")
+    pairs = json.loads((run / "neurons/attribution.json").read_text())["pairs"]
+    assert len(abl["pairs"]) == min(4, len(pairs))
+    n_with_pairs = len({p["neuron"] for p in pairs})
+    assert len({r["neuron"] for r in abl["pairs"]}) == min(4, n_with_pairs)   # max_pairs spreads over neurons
+    effects = {}
+    for r, dr, act in zip(abl["pairs"], t["drops"], t["active"]):
+        ok = ~torch.isnan(dr)
+        a, ia = dr[ok & act.bool()].numpy(), dr[ok & ~act.bool()].numpy()
+        assert (r["n_active"], r["n_inactive"]) == (len(a), len(ia))
+        if len(a) and len(ia):
+            assert r["effect"] == pytest.approx(float(a.mean() - ia.mean()), abs=1e-6)
+            assert r["p"] == pytest.approx(scipy.stats.mannwhitneyu(a, ia, alternative="greater").pvalue)
+            effects.setdefault(r["neuron"], []).append(r["effect"])
+    s = abl["summary"]
+    assert s["unit"] == "neuron" and s["neurons"] == len(effects)
+    assert s["effect"]["mean"] == pytest.approx(np.mean([np.mean(v) for v in effects.values()]))
+    # both sets ablated: compared per neuron
+    rnd = json.loads((run / "neurons/random/ablation.json").read_text())
+    vs = json.loads((run / "neurons/ablation_vs_random.json").read_text())
+    assert vs["random"]["n"] == rnd["summary"]["neurons"] and vs["mann_whitney"]["n1"] == len(effects)
+    ref = scipy.stats.mannwhitneyu(list(abl["per_neuron"].values()), list(rnd["per_neuron"].values()))
+    assert vs["mann_whitney"]["p"] == pytest.approx(ref.pvalue)
+
+
+def test_comparison_is_per_neuron(done_run):
+    import scipy.stats
+    m, run = done_run
+    comp = json.loads((run / "explain/comparison_statistical.json").read_text())
+    assert comp["unit"] == "neuron"
+    E = {}
+    for which, sub in (("top", ""), ("random", "random/")):
+        rows = json.loads((run / f"explain/{sub}scores_statistical.json").read_text())["pairs"]
+        per = {}
+        for r in rows:
+            if r["E"] is not None:
+                per.setdefault(r["neuron"], []).append(r["E"])
+        E[which] = [sum(v) / len(v) for _, v in sorted(per.items())]
+        assert comp[which]["n"] == len(E[which])
+    if E["top"] and E["random"] and len(set(E["top"] + E["random"])) > 1:
+        ref = scipy.stats.mannwhitneyu(E["top"], E["random"])
+        assert comp["mann_whitney"]["p"] == pytest.approx(ref.pvalue)
 
 
 def test_stages_resume_without_recomputing(done_run, monkeypatch):
@@ -74,7 +171,7 @@ def test_stages_resume_without_recomputing(done_run, monkeypatch):
     monkeypatch.setattr(attribution, "attribute_prompts", boom)
     assert ns.run_mine(m, run, "top", **MINE)["skipped"]
     assert ns.run_attribute(m, run, "top", k_sigma=1.0, progress=False)["skipped"]
-    assert ex.run_explain(m, run, "keyword", "top", progress=False)["new"] == 0
+    assert ex.run_explain(m, run, "statistical", "top", progress=False)["new"] == 0
     # changed options recompute (here: a different threshold)
     monkeypatch.undo()
     res = ns.run_attribute(m, run, "top", k_sigma=1.5, progress=False)
@@ -94,7 +191,8 @@ def test_atlas_data(done_run):
     ed = explain_atlas.atlas_data(run.path)
     json.dumps(ed, allow_nan=False)
     assert sum(h["n_explained"] for h in ed["per_head"].values()) == len(pairs)
-    assert ed["scores"]["keyword"]["comparison"]["top"]["n"] >= 0
+    comp = json.loads((run / "explain/comparison_statistical.json").read_text())
+    assert ed["scores"]["statistical"]["comparison"] == comp
     assert neuron_atlas.atlas_data(run.path / "nothing") is None and explain_atlas.atlas_data(run.path / "x") is None
 
 
@@ -102,7 +200,7 @@ def test_explain_needs_attribution_first(tmp_path):
     m = tiny_model("gpt2")
     run = RunDir(tmp_path / "r", m.identity())
     with pytest.raises(HeadscopeError, match="run `headscope neurons mine` first"):
-        ex.run_explain(m, run, "keyword")
+        ex.run_explain(m, run, "statistical")
 
 
 @pytest.fixture(scope="module")

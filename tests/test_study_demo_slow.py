@@ -38,7 +38,7 @@ def test_demo_small_writes_every_stage(default_model, tmp_path):
         assert (out / "sae" / "L18" / f).is_file(), f
     for f in ("find.json", "mine.json", "attribution.json", "ablation.json"):
         assert (out / "neurons" / f).is_file(), f
-    assert (out / "explain" / "explanations_keyword.json").is_file() and (out / "explain" / "scores_keyword.json").is_file()
+    assert (out / "explain" / "explanations_statistical.json").is_file() and (out / "explain" / "scores_statistical.json").is_file()
     # the atlas shows every instrument
     text = (out / "atlas" / "data" / "index.js").read_text()
     ix = json.loads(re.fullmatch(r'window\.__atlas_page\("index",(.*)\);\n', text, re.S).group(1))

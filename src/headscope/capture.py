@@ -52,7 +52,8 @@ class HeadIntervention:
     kind:
       * ``zero``: z_h ← 0 (same as zeroing the head's values at every position).
       * ``mean``: z_h ← value[h], value a mean z of shape [H, Dh] (or [S, H, Dh]).
-      * ``scale``: z_h ← value · z_h (value a float).
+      * ``scale``: z_h ← value · z_h (value a float, or a tensor broadcastable to the edited
+        [B, S, U, Dh] slice, e.g. a per-row head mask [B, 1, H, 1] with ``heads=None``).
       * ``patch``: z_h ← value[..., h, :], value z from another run, [B, S, H, Dh].
       * ``add``: r_h ← r_h + value, value a residual-space vector [d], for each listed head (added to the
         projection output, before any post-attention norm).
@@ -118,7 +119,7 @@ def _apply_edit(x: torch.Tensor, idx: list[int] | None, kind: str, value, positi
     if kind == "zero":
         new = torch.zeros_like(view)
     elif kind == "scale":
-        new = view * float(value)
+        new = view * (value.to(x.device, x.dtype) if torch.is_tensor(value) else float(value))
     elif kind == "mean":
         v = torch.as_tensor(value, device=x.device, dtype=x.dtype)
         if v.dim() == x.dim() - 1:  # [S, U, ...]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from simple_parsing import field
+from simple_parsing.helpers import flag
 
 from ..options import check
 from ..registry import Instrument
@@ -29,8 +30,9 @@ def _neurons(which: str) -> str:
 class BackendOptions:
     """The explainer / scorer back-end (shared by every explain step)."""
 
-    backend: Literal["keyword", "openai", "local"] = "keyword"
-    """keyword: offline n-gram baseline; openai: any OpenAI-compatible endpoint; local: a HF chat model in-process"""
+    backend: Literal["statistical", "openai", "local"] = "statistical"
+    """statistical: offline sparse logistic regression over n-grams; openai: any OpenAI-compatible endpoint;
+    local: a HF chat model in-process"""
     base_url: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_BASE_URL", "https://api.openai.com/v1"))
     """OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
     llm: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_LLM", "gpt-4o"))
@@ -47,8 +49,10 @@ class BackendOptions:
     """response cache (default: RUN/explain/cache)"""
     explainer_model: str = "default"
     """local backend: model spec (default: the embedded model)"""
-    keywords: int = 3
-    """keyword backend: n-grams per explanation"""
+    max_terms: int = 5
+    """statistical backend: at most this many terms in the rule"""
+    window: int = 8
+    """statistical backend: n-grams among the last WINDOW words count as near the end"""
 
     def __post_init__(self):
         from urllib.parse import urlparse
@@ -57,13 +61,14 @@ class BackendOptions:
               f"--base-url {self.base_url!r} is not an http(s) URL")
         check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
               "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
-        check(self.keywords >= 1, "--keywords must be at least 1")
+        check(self.max_terms >= 1 and self.window >= 1, "--max-terms and --window must be at least 1")
 
     def backend_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
         return {"base_url": self.base_url, "llm": self.llm, "api_key_env": self.api_key_env,
                 "concurrency": self.concurrency, "max_retries": self.max_retries, "timeout": self.timeout,
                 "cache_dir": Path(self.cache_dir) if self.cache_dir else None, "dry_run": dry_run,
-                "local_model": self.explainer_model, "device": device, "keywords": self.keywords}
+                "local_model": self.explainer_model, "device": device, "max_terms": self.max_terms,
+                "window": self.window}
 
 
 @dataclass(frozen=True)
@@ -80,18 +85,23 @@ class RunOptions(BackendOptions):
 
 @dataclass(frozen=True)
 class ScoreOptions(BackendOptions):
-    """Classifies held-out prompts from the explanation alone; E = (TPR+TNR)/2."""
+    """Classifies balanced held-out prompts from the explanation alone; E = (TPR+TNR)/2 with a Wilson interval,
+    a binomial test against chance, BH over pairs and a shuffled-explanation control."""
 
     which: Which = field(default="top", alias=["--set"])
     """neuron set"""
     explanations: Optional[str] = None
     """score another backend's explanations (default: the scorer's)"""
-    max_test: int = 20
-    """held-out prompts per pair"""
+    max_per_class: int = 20
+    """held-out prompts per class and pair (as many active as inactive)"""
+    min_per_class: int = 5
+    """score a pair only with at least this many held-out prompts of each class"""
+    control: bool = flag(default=True, negative_prefix="--no-")
+    """also score each pair with another neuron's explanation (doubles the scorer's calls)"""
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.max_test >= 1, "--max-test must be at least 1")
+        check(1 <= self.min_per_class <= self.max_per_class, "need 1 <= --min-per-class <= --max-per-class")
 
 
 @dataclass(frozen=True)
@@ -107,9 +117,9 @@ class BaselineOptions(BackendOptions):
 
 @dataclass(frozen=True)
 class CompareOptions:
-    """E of congruent vs random neurons: mean, std, skew, Mann–Whitney, KS."""
+    """Per-neuron E of congruent vs random neurons: bootstrap difference of means, Mann–Whitney, KS."""
 
-    scores: str = "keyword"
+    scores: str = "statistical"
     """which backend's scores"""
 
 
@@ -142,7 +152,8 @@ def stage_run(model, run, opts: RunOptions, progress: bool = True) -> dict:
 def stage_score(model, run, opts: ScoreOptions, progress: bool = True) -> dict:
     from .stages import run_score
     return run_score(model, run, _backend(opts, run, model), opts.which, explanations=opts.explanations,
-                     max_test=opts.max_test, force=True, progress=progress)
+                     max_per_class=opts.max_per_class, min_per_class=opts.min_per_class, control=opts.control,
+                     force=True, progress=progress)
 
 
 def stage_baseline(model, run, opts: BaselineOptions, progress: bool = True) -> dict:
@@ -159,8 +170,17 @@ def _score_file(o: ScoreOptions) -> str:
 
 def _print_summary(s: dict, what: str) -> None:
     f = lambda x: "n/a" if x is None else f"{x:.3f}"
-    print(f"{what}: {s.get('n', 0)} pairs scored ({s.get('skipped', 0)} skipped: test prompts all one class); "
-          f"E mean {f(s.get('mean'))}, std {f(s.get('std'))}, skew {f(s.get('skew'))}")
+    bn = s.get("by_neuron", s)
+    line = (f"{what}: E mean {f(bn.get('mean'))} [{f(bn.get('low'))}, {f(bn.get('high'))}] over {bn.get('n', 0)} "
+            f"neurons")
+    if "scored" in s:
+        line += f" ({s['scored']} pairs scored, {s.get('skipped', 0)} with too few held-out prompts of a class)"
+    if "significant_bh" in s:
+        line += f"; {s['significant_bh']} pairs above chance (BH q < 0.05)"
+    if "control" in s:
+        c = s["control"]["by_neuron"]
+        line += f"; shuffled explanations {f(c.get('mean'))} [{f(c.get('low'))}, {f(c.get('high'))}]"
+    print(line)
 
 
 def report_run(summary: dict, opts: RunOptions, run) -> None:
@@ -174,9 +194,10 @@ def report_score(summary: dict, opts: ScoreOptions, run) -> None:
 def report_compare(res: dict, opts=None, run=None) -> None:
     _print_summary(res["top"], "congruent neurons")
     _print_summary(res["random"], "random neurons")
-    mw, ks = res["mann_whitney"], res["ks"]
+    mw, ks, dm = res["mann_whitney"], res["ks"], res["difference_of_means"]
     f = lambda x: "n/a" if x is None else f"{x:.3g}"
-    print(f"Mann–Whitney U = {f(mw['U'])}, p = {f(mw['p'])}; KS D = {f(ks['D'])}, p = {f(ks['p'])}")
+    print(f"per neuron: congruent − random = {f(dm['diff'])} [{f(dm['low'])}, {f(dm['high'])}]; Mann–Whitney U = "
+          f"{f(mw['U'])}, p = {f(mw['p'])}; KS D = {f(ks['D'])}, p = {f(ks['p'])}")
 
 
 def cmd_compare(run, opts: CompareOptions) -> int:

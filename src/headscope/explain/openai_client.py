@@ -250,7 +250,7 @@ def api_key_from_env(base_url: str, env: str = "OPENAI_API_KEY") -> str | None:
     host = urllib.parse.urlparse(base_url).hostname or ""
     if not key and host not in LOCAL_HOSTS:
         raise HeadscopeError(f"missing API key: set ${env} for {base_url} (local servers need none), or "
-                             "use --backend keyword to run offline")
+                             "use --backend statistical to run offline")
     return key
 
 

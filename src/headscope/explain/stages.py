@@ -4,10 +4,14 @@ Each (neuron, head) pair chosen by ``neurons attribute`` is explained from its n
 prompts — the ones where the head was active and those where it was not (up to ``max_examples`` of
 each) — and scored on the neuron's *held-out* prompts: the scorer sees only the explanation and one
 example and says whether the head is active on it; the truth is the attribution's active mask.
-E = (TPR + TNR) / 2; pairs whose test prompts are all one class are skipped (E = None).
+E = (TPR + TNR) / 2 on a *balanced* sample of held-out prompts, with a Wilson interval, a binomial test
+against chance and BH over pairs (:mod:`headscope.explain.scoring`); pairs with too few prompts of a
+class are not scored (E = None, with the reason). A shuffled-explanation control and the random-neuron
+baseline show what E looks like when the explanation carries nothing; comparisons use the neuron as
+the unit (pairs of one neuron share its prompts).
 
 Backends share one interface (``explain_many``, ``classify_many``, ``config``, ``name``):
-:class:`~headscope.explain.keyword.KeywordBaseline`, :class:`~headscope.explain.openai_client.OpenAIExplainer`,
+:class:`~headscope.explain.statistical.StatisticalExplainer`, :class:`~headscope.explain.openai_client.OpenAIExplainer`,
 :class:`~headscope.explain.hf_local.LocalHFExplainer`.
 """
 
@@ -20,9 +24,11 @@ from tqdm import tqdm
 
 from ..errors import HeadscopeError
 from ..neurons.stages import _current, file_hash, load_attribution, pair_labels, set_dir
-from ..neurons.stats import describe, ks_2samp, mann_whitney
+from ..neurons.stats import (bootstrap_diff_of_means, bootstrap_mean, describe, ks_2samp, mann_whitney,
+                             wilcoxon_signed)
 from ..runs import RunDir, read_json, write_json
 from .prompts import ClassifyRequest, ExplainRequest, classify_messages, estimate_tokens, example_text, explain_messages
+from .scoring import ScoringItem, add_fdr, balanced_accuracy, score_explanations, shuffled_items  # noqa: F401
 
 
 def explain_dir(run: RunDir, which: str = "top") -> Path:
@@ -35,15 +41,15 @@ def make_backend(name, run: RunDir | None = None, model=None, *, base_url: str =
                  llm: str = "gpt-4o", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                  max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, cache_dir: Path | None = None,
                  dry_run: Path | None = None, local_model: str = "default", device: str = "cpu",
-                 keywords: int = 3, max_n: int = 2):
-    """Build an explainer backend by name: ``keyword``, ``openai`` or ``local`` (an object with
+                 max_terms: int = 5, window: int = 8):
+    """Build an explainer backend by name: ``statistical``, ``openai`` or ``local`` (an object with
     ``explain_many``/``classify_many`` is returned as it is). ``local_model="default"`` reuses ``model``
     when that is the embedded default model."""
     if not isinstance(name, str):
         return name
-    if name == "keyword":
-        from .keyword import KeywordBaseline
-        return KeywordBaseline(top=keywords, max_n=max_n)
+    if name == "statistical":
+        from .statistical import StatisticalExplainer
+        return StatisticalExplainer(window=window, max_terms=max_terms)
     if name == "openai":
         from .openai_client import ChatClient, OpenAIExplainer, ResponseCache, api_key_from_env
         key = None if dry_run else api_key_from_env(base_url, api_key_env)
@@ -58,7 +64,7 @@ def make_backend(name, run: RunDir | None = None, model=None, *, base_url: str =
         if model is not None and local_model in ("default", DEFAULT_NAME) and model.name == DEFAULT_NAME:
             return LocalHFExplainer(model)
         return LocalHFExplainer(local_model, device=device)
-    raise HeadscopeError(f"unknown explainer backend '{name}' (choose from keyword, openai, local)")
+    raise HeadscopeError(f"unknown explainer backend '{name}' (choose from statistical, openai, local)")
 
 
 def _examples(mined_neuron: dict, labels: list[bool], split: list[int], which: int) -> tuple[list[str], list[bool]]:
@@ -75,7 +81,7 @@ def _pair_key(p: dict) -> str:
     return f"{p['neuron']}:{p['layer']}.{p['head']}"
 
 
-def run_explain(model, run: RunDir, backend="keyword", which: str = "top", max_pairs: int | None = None,
+def run_explain(model, run: RunDir, backend="statistical", which: str = "top", max_pairs: int | None = None,
                 max_examples: int = 10, backend_options: dict | None = None, chunk: int = 16, force: bool = False,
                 progress: bool = True) -> dict:
     """Writes ``explain/[random/]explanations_<backend>.json``: ``{"backend": config, "source", "pairs": [{neuron,
@@ -144,26 +150,49 @@ def _dry_run_estimate(reqs, mined, att, n_heads, pairs, jsonl: Path, backend) ->
             "score_input_tokens": score_in, "score_output_tokens": n_score}
 
 
-def balanced_accuracy(pred: list[bool], truth: list[bool]) -> dict:
-    """TPR, TNR and E = (TPR + TNR)/2; E is None when the truth is all one class."""
-    pos = sum(truth)
-    neg = len(truth) - pos
-    tp = sum(p and t for p, t in zip(pred, truth))
-    tn = sum((not p) and (not t) for p, t in zip(pred, truth))
-    if pos == 0 or neg == 0:
-        return {"E": None, "TPR": tp / pos if pos else None, "TNR": tn / neg if neg else None,
-                "n_pos": pos, "n_neg": neg, "skipped": "test prompts are all one class"}
-    tpr, tnr = tp / pos, tn / neg
-    return {"E": (tpr + tnr) / 2, "TPR": tpr, "TNR": tnr, "n_pos": pos, "n_neg": neg}
+def _pair_items(ex: dict, att_json: dict, mined: dict, att, n_heads: int) -> tuple[list[ScoringItem], list[dict], list[int]]:
+    """The scoring items (explanation + the pair's held-out examples and truth), their explanation rows,
+    and each item's neuron (the independent unit)."""
+    pairs_by_key = {_pair_key(p): p for p in att_json["pairs"]}
+    items, rows, group = [], [], []
+    for e in ex["pairs"]:
+        p = pairs_by_key.get(_pair_key(e))
+        if p is None:
+            continue
+        labels, split = pair_labels(att, n_heads, p)
+        xs, ys = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
+        items.append(ScoringItem(_pair_key(e), e["explanation"], xs, ys))
+        rows.append(e)
+        group.append(p["neuron"])
+    return items, rows, group
 
 
-def run_score(model, run: RunDir, backend="keyword", which: str = "top", explanations: str | None = None,
-              max_test: int = 20, backend_options: dict | None = None, force: bool = False,
-              progress: bool = True) -> dict:
-    """Writes ``explain/[random/]scores_<backend>.json``: ``{"scorer": config, "explanations": name, "source",
-    "pairs": [{neuron, layer, head, name, E, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth}],
-    "summary": {n, mean, std, skew, skipped}}`` and ``scores_<backend>.png`` beside it.
-    ``explanations``: which backend's explanations to score (default: the scorer's own)."""
+def _by_unit(values: list, group: list[int]) -> list[float]:
+    """Mean of the non-None values per unit (neuron), in unit order."""
+    acc: dict[int, list[float]] = {}
+    for v, g in zip(values, group):
+        if v is not None:
+            acc.setdefault(g, []).append(v)
+    return [sum(v) / len(v) for _, v in sorted(acc.items())]
+
+
+def run_score(model, run: RunDir, backend="statistical", which: str = "top", explanations: str | None = None,
+              max_per_class: int = 20, min_per_class: int = 5, control: bool = True,
+              backend_options: dict | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Score each pair's explanation on a balanced sample of its neuron's held-out prompts
+    (:mod:`headscope.explain.scoring`: m = min(#active, #inactive, ``max_per_class``) of each class, pairs
+    with m < ``min_per_class`` not scored), with E's Wilson interval, a binomial p-value against chance
+    and BH q-values over the pairs. ``control``: also score every pair with the explanation of a pair
+    of another neuron (shuffled explanations: what E looks like when the explanation says nothing about
+    this pair) — doubles the scorer's calls.
+
+    Writes ``explain/[random/]scores_<backend>.json``: ``{"options", "scorer", "explanations", "source",
+    "pairs": [{neuron, layer, head, name, neuron_layer, neuron_index, token, E, E_low, E_high, p, q,
+    significant, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth, E_control}], "summary": {pairs,
+    scored, skipped, n, mean, std, skew (over pairs), by_neuron: {mean, low, high, n} (bootstrap 95 % over
+    neurons, the independent unit), significant_bh, control: {by_neuron, vs_control (Wilcoxon over
+    neurons)}}}`` and ``scores_<backend>.png``. ``explanations``: which backend's explanations to score
+    (default: the scorer's own)."""
     backend = make_backend(backend, run, model, **(backend_options or {}))
     d = explain_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
@@ -172,88 +201,109 @@ def run_score(model, run: RunDir, backend="keyword", which: str = "top", explana
     ex_path = d / f"explanations_{ex_name}.json"
     if not ex_path.is_file():
         raise HeadscopeError(f"missing {ex_path}: run `headscope explain run --backend {ex_name}` first")
+    if not 1 <= min_per_class <= max_per_class:
+        raise HeadscopeError(f"need 1 <= --min-per-class <= --max-per-class, got {min_per_class}, {max_per_class}")
     path = d / f"scores_{backend.name}.json" if ex_name == backend.name else d / f"scores_{ex_name}_by_{backend.name}.json"
-    opts = {"max_test": max_test, "scorer": backend.config()}
+    opts = {"max_per_class": max_per_class, "min_per_class": min_per_class, "control": control,
+            "scorer": backend.config()}
     if not force and (done := _current(path, ex_path, opts)):
         return {**done["summary"], "skipped_stage": True}
     ex = read_json(ex_path)
-    pairs_by_key = {_pair_key(p): p for p in att_json["pairs"]}
-    rows, reqs, spans = [], [], []
-    for e in ex["pairs"]:
-        p = pairs_by_key.get(_pair_key(e))
-        if p is None:
-            continue
-        labels, split = pair_labels(att, n_heads, p)
-        xs, ys = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
-        xs, ys = xs[:max_test], ys[:max_test]
-        spans.append((len(reqs), len(xs), ys, e))
-        reqs += [ClassifyRequest(e["explanation"], x) for x in xs]
-    probs: list = []
-    bar = tqdm(total=len(reqs), desc=f"scoring ({backend.name})", unit=" example", disable=not progress, file=sys.stderr)
-    for s in range(0, len(reqs), 64):
-        probs += backend.classify_many(reqs[s:s + 64])
-        bar.update(min(64, len(reqs) - s))
+    items, erows, group = _pair_items(ex, att_json, mined, att, n_heads)
+    n_ex = sum(2 * min(sum(it.truth), len(it.truth) - sum(it.truth), max_per_class) for it in items) * (2 if control else 1)
+    bar = tqdm(total=n_ex, desc=f"scoring ({backend.name})", unit=" example", disable=not progress, file=sys.stderr)
+    scored = score_explanations(backend, items, max_per_class, min_per_class, progress=bar.update)
+    n_sig = add_fdr(scored)
+    ctrl = score_explanations(backend, shuffled_items(items, group), max_per_class, min_per_class,
+                              progress=bar.update) if control else None
     bar.close()
-    for start, n, ys, e in spans:
-        ps = probs[start:start + n]
-        pred = [p is not None and p >= 0.5 for p in ps]
-        rows.append({**{k: e[k] for k in ("neuron", "layer", "head", "name", "neuron_layer", "neuron_index", "token")},
-                     **balanced_accuracy(pred, ys), "unparsed": sum(p is None for p in ps),
-                     "predictions": [None if p is None else round(float(p), 4) for p in ps], "truth": ys})
+    rows = []
+    for j, (e, r) in enumerate(zip(erows, scored)):
+        r = {k: v for k, v in r.items() if k != "key"}
+        if ctrl is not None:
+            r["E_control"] = ctrl[j]["E"]
+        rows.append({**{k: e[k] for k in ("neuron", "layer", "head", "name", "neuron_layer", "neuron_index", "token")}, **r})
     Es = [r["E"] for r in rows if r["E"] is not None]
-    summary = {**describe(Es), "skipped": sum(r["E"] is None for r in rows), "pairs": len(rows)}
+    summary = {"pairs": len(rows), "scored": len(Es), "skipped": len(rows) - len(Es), **describe(Es),
+               "by_neuron": bootstrap_mean(_by_unit([r["E"] for r in rows], group)), "significant_bh": n_sig}
+    if ctrl is not None:
+        both = [(r["E"], r["E_control"]) for r in rows if r["E"] is not None and r["E_control"] is not None]
+        gpair = [g for r, g in zip(rows, group) if r["E"] is not None and r["E_control"] is not None]
+        diffs = _by_unit([a - b for a, b in both], gpair)
+        summary["control"] = {"by_neuron": bootstrap_mean(_by_unit([r["E_control"] for r in rows], group)),
+                              "vs_control": wilcoxon_signed(diffs)}
     from ..neurons.plots import histogram_png
-    histogram_png(path.with_suffix(".png"), {f"{which} neurons": Es}, f"Explanation scores E ({ex_name})", "E = (TPR+TNR)/2")
+    hist = {f"{which} neurons": Es}
+    if ctrl is not None:
+        hist["shuffled explanations"] = [r["E_control"] for r in rows if r.get("E_control") is not None]
+    histogram_png(path.with_suffix(".png"), hist, f"Explanation scores E ({ex_name})", "E = (TPR+TNR)/2")
     write_json(path, {"options": opts, "scorer": backend.config(), "explanations": ex_name, "source": file_hash(ex_path),
                       "pairs": rows, "summary": summary})
     run.mark_done(f"score.{which}.{ex_name}", summary)
     return summary
 
 
-def run_compare(model, run: RunDir, scores: str = "keyword") -> dict:
-    """Compare the E distributions of congruent and random neurons (same pipeline, same backend).
-    Writes ``explain/comparison_<scores>.json``: ``{"top": describe, "random": describe,
-    "mann_whitney": {U, p}, "ks": {D, p}, "difference_of_means"}`` and ``explain/comparison_<scores>.png``."""
+def _neuron_E(path) -> list[float]:
+    """Per-neuron mean E of a scores file (the unit of the comparison)."""
+    rows = read_json(path)["pairs"]
+    return _by_unit([r["E"] for r in rows], [r["neuron"] for r in rows])
+
+
+def run_compare(model, run: RunDir, scores: str = "statistical") -> dict:
+    """Compare congruent and random neurons' explanation scores, one value per **neuron** (the mean E of
+    its scored pairs: pairs of one neuron share their prompts, so they are not independent units).
+    Writes ``explain/comparison_<scores>.json``: ``{"unit": "neuron", "top": {describe + mean/low/high},
+    "random": {…}, "difference_of_means": {diff, low, high} (bootstrap 95 %), "mann_whitney": {U, p, auc}
+    (two-sided, scipy's exact p for small samples), "ks": {D, p}}`` and ``explain/comparison_<scores>.png``."""
     Es = {}
     for which in ("top", "random"):
         path = explain_dir(run, which) / f"scores_{scores}.json"
         if not path.is_file():
             raise HeadscopeError(f"missing {path}: run the {which} neuron set through explain/score first "
                                  f"(`--set {which}`)")
-        Es[which] = [r["E"] for r in read_json(path)["pairs"] if r["E"] is not None]
-    res = {"scores": scores, "top": describe(Es["top"]), "random": describe(Es["random"]),
+        Es[which] = _neuron_E(path)
+    res = {"scores": scores, "unit": "neuron",
+           "top": {**describe(Es["top"]), **bootstrap_mean(Es["top"])},
+           "random": {**describe(Es["random"]), **bootstrap_mean(Es["random"])},
+           "difference_of_means": bootstrap_diff_of_means(Es["top"], Es["random"]),
            "mann_whitney": mann_whitney(Es["top"], Es["random"]), "ks": ks_2samp(Es["top"], Es["random"])}
-    if Es["top"] and Es["random"]:
-        res["difference_of_means"] = res["top"]["mean"] - res["random"]["mean"]
     from ..neurons.plots import histogram_png
     histogram_png(run / f"explain/comparison_{scores}.png", {"congruent neurons": Es["top"], "random neurons": Es["random"]},
-                  f"Explanation scores, congruent vs random neurons ({scores})", "E = (TPR+TNR)/2")
+                  f"Per-neuron mean E, congruent vs random neurons ({scores})", "E = (TPR+TNR)/2")
     write_json(run / f"explain/comparison_{scores}.json", res)
-    run.mark_done(f"compare.{scores}", {"difference_of_means": res.get("difference_of_means")})
+    run.mark_done(f"compare.{scores}", {"difference_of_means": res["difference_of_means"]["diff"]})
     return res
 
 
-def run_random_baseline(model, run: RunDir, backend="keyword", seed: int = 0, per_layer: int | None = None,
+def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0, per_layer: int | None = None,
                         backend_options: dict | None = None, force: bool = False, progress: bool = True) -> dict:
     """The random-neuron baseline through the same pipeline: random neurons from the same layers (as
     many per layer unless ``per_layer``), mined, attributed, explained and scored with the options the
-    congruent set used, then :func:`run_compare`. Needs the congruent set's explain/score done first."""
+    congruent set used, then :func:`run_compare`; when the congruent set was ablated, the random set is
+    ablated alike and compared (:func:`headscope.neurons.stages.compare_ablations`). Needs the congruent
+    set's explain/score done first."""
     from ..neurons import stages as ns
     top = ns.set_dir(run, "top")
     f, m, a = (ns._need(top / n, s) for n, s in (("find.json", "find"), ("mine.json", "mine"),
                                                   ("attribution.json", "attribute")))
     fo, mo, ao = f["options"], m["options"], a["options"]
     ns.run_find(model, run, "random", layers=fo["layers"], per_layer=per_layer or fo["per_layer"], kind=fo["kind"],
-                seed=seed, force=force)
+                unembed=fo.get("unembed", "centred"), seed=seed, force=force)
     ns.run_mine(model, run, "random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
                 top_k_test=mo["top_k_test"], keep=mo["keep"], max_prompt_tokens=mo["max_prompt_tokens"],
                 max_tokens=mo["max_tokens"], force=force, progress=progress)
     ns.run_attribute(model, run, "random", gated=ao["gated"], norm_scale=ao["norm_scale"], k_sigma=ao["k_sigma"],
                      low=ao["low"], high=ao["high"], force=force, progress=progress)
     be = make_backend(backend, run, model, **(backend_options or {}))
-    top_scores = read_json(explain_dir(run, "top") / f"scores_{be.name}.json") \
-        if (explain_dir(run, "top") / f"scores_{be.name}.json").is_file() else {}
-    max_test = top_scores.get("options", {}).get("max_test", 20)
+    sp = explain_dir(run, "top") / f"scores_{be.name}.json"
+    so = read_json(sp).get("options", {}) if sp.is_file() else {}
     run_explain(model, run, be, "random", force=force, progress=progress)
-    run_score(model, run, be, "random", max_test=max_test, force=force, progress=progress)
-    return run_compare(model, run, be.name)
+    run_score(model, run, be, "random", max_per_class=so.get("max_per_class", 20),
+              min_per_class=so.get("min_per_class", 5), control=so.get("control", True), force=force, progress=progress)
+    res = run_compare(model, run, be.name)
+    top_abl = top / "ablation.json"
+    if top_abl.is_file():  # the causal check on the random neurons too, with the congruent set's options
+        ab = read_json(top_abl)["options"]
+        res["ablation_vs_random"] = ns.run_ablate(model, run, "random", max_pairs=ab["max_pairs"], mode=ab["mode"],
+                                                  force=force, progress=progress).get("vs_random")
+    return res

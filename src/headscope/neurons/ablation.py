@@ -5,8 +5,14 @@ P_ablated(t) at the prompt's last position, t the neuron's token, P from the fin
 is ablated by zeroing its slice of z at every position (``mode="z"``, default), which equals zeroing
 its values at every position as the reference does — except under GQA, where a KV group's values feed
 several query heads: ``mode="value"`` zeroes the group's values (z of every query head in the group),
-``"z"`` silences the one query head. Drops on prompts where the head
-was active are compared with drops where it was not, pooled over pairs, with a two-sample KS test.
+``"z"`` silences the one query head.
+
+:func:`ablation_drops` batches over pairs *and* prompts: every (pair, prompt) row goes into length-sorted
+batches of mixed pairs, each row silencing its own head through a per-row mask ([B, 1, H, 1] ``scale``
+intervention per layer present in the batch), so the cost is one forward per ``batch_size`` rows whatever
+the number of pairs; :func:`ablation_drops_per_pair` is the plain loop (one forward pass per pair), kept
+as the reference the batched path is tested against. The statistics are in
+:func:`headscope.neurons.stages.run_ablate` (unit: the neuron).
 """
 
 from __future__ import annotations
@@ -53,7 +59,42 @@ def token_probs(model: Model, rows: list[list[int]], tokens: list[int], heads: t
 
 def ablation_drops(model: Model, pairs: list[dict], prompts: list[list[list[int]]], tokens: list[int],
                    batch_size: int = 32, progress: bool = True, mode: str = "z") -> list[torch.Tensor]:
-    """For each pair ``{"neuron": i, "layer": k, "head": h}``: drops [P_i] on neuron i's prompts."""
+    """For each pair ``{"neuron": i, "layer": k, "head": h}``: drops [P_i] on neuron i's prompts,
+    batched over pairs and prompts (see the module docstring)."""
+    neurons = sorted({p["neuron"] for p in pairs})
+    clean = {i: token_probs(model, prompts[i], [tokens[i]] * len(prompts[i]), None, batch_size) for i in neurons}
+    rows, owner = [], []                        # one row per (pair, prompt)
+    for r, p in enumerate(pairs):
+        for j, ids in enumerate(prompts[p["neuron"]]):
+            rows.append(ids); owner.append((r, j))
+    H = model.n_heads
+    silenced = [ablated_heads(model, p["head"], mode) for p in pairs]
+    out = [torch.empty(len(prompts[p["neuron"]])) for p in pairs]
+    bar = tqdm(total=len(rows), desc="ablating heads", unit=" prompt", disable=not progress, file=sys.stderr)
+    for idx, ids in length_sorted_batches(rows, batch_size):
+        pr = [pairs[owner[i][0]] for i in idx]
+        ivs = []
+        for layer in sorted({p["layer"] for p in pr}):
+            mask = torch.ones(len(idx), 1, H, 1)
+            for b, i in enumerate(idx):
+                if pairs[owner[i][0]]["layer"] == layer:
+                    mask[b, 0, silenced[owner[i][0]], 0] = 0.0
+            ivs.append(HeadIntervention(layer=layer, heads=None, kind="scale", value=mask))
+        lp = capture(model, ids.to(model.device), layers=[], what={"logprobs"}, interventions=ivs).logprobs
+        last = torch.tensor([len(rows[i]) - 1 for i in idx], device=lp.device)
+        tok = torch.tensor([tokens[p["neuron"]] for p in pr], device=lp.device)
+        ablated = lp[torch.arange(len(idx), device=lp.device), last, tok].exp().float().cpu()
+        for b, i in enumerate(idx):
+            r, j = owner[i]
+            out[r][j] = clean[pairs[r]["neuron"]][j] - ablated[b]
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def ablation_drops_per_pair(model: Model, pairs: list[dict], prompts: list[list[list[int]]], tokens: list[int],
+                            batch_size: int = 32, progress: bool = True, mode: str = "z") -> list[torch.Tensor]:
+    """The same drops as :func:`ablation_drops`, one forward pass per pair (batched over its prompts)."""
     clean: dict[int, torch.Tensor] = {}
     out = []
     for p in tqdm(pairs, desc="ablating heads", unit=" pair", disable=not progress, file=sys.stderr):

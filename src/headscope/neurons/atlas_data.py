@@ -63,5 +63,8 @@ def atlas_data(run_dir: Path) -> dict | None:
             entry["mean_drop_inactive"] = sum(ia) / len(ia)
     summary = {"n_neurons": len(neurons), "n_pairs": len(att["pairs"]), "options": att.get("options", {})}
     if abl:
-        summary["ablation"] = abl["pooled"]
+        summary["ablation"] = abl["summary"]
+        vs = Path(run_dir) / "neurons" / "ablation_vs_random.json"
+        if vs.is_file():
+            summary["ablation"] = {**abl["summary"], "vs_random": read_json(vs)}
     return {"per_head": per_head, "neurons": neurons, "summary": summary}

@@ -5,6 +5,14 @@ w_n = W_out[n, :] ∈ R^d (the down projection for gated MLPs), its vocabulary p
 
     c_n = W̃_U · w_n ∈ R^V,    W̃_U = W_U ⊙ γ_final   (final-norm gain folded into the unembedding)
 
+and, with ``unembed="centred"`` (the default), W̃_U is centred over the vocabulary,
+W̃_U[t] ← W̃_U[t] − mean_t' W̃_U[t'], as TransformerLens does with ``center_unembed=True`` (its
+default, so also the reference code's). Centring subtracts mean_t c_n[t] from every logit of neuron n:
+the softmax ignores that shift, so only the centred c_n is what the neuron does to the *prediction*.
+It leaves each neuron's token (the argmax), kurtosis and skew unchanged, but moves ``dot`` by a
+neuron-specific constant and changes ``cos`` (the rows' norms change), hence the ranking *between*
+neurons. ``unembed="raw"`` keeps the uncentred W̃_U.
+
 and, for LayerNorm models, w_n is centred first (LayerNorm removes the mean of the residual), as
 TransformerLens does with ``fold_ln=True, center_writing_weights=True`` in the reference code.
 
@@ -30,16 +38,21 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 
 RANK_BY = ("dot", "cos", "kurtosis", "skew")
+UNEMBED = ("centred", "raw")
 KINDS = ("prediction", "suppression")
 DEFAULT_REJECT = ("ÃÂÃÂ", "ÃÂ", "SPONSORED", "embedreportprint", "externalToEVA", "rawdownload",
                   "TheNitrome", "oreAndOnline", "InstoreAndOnline", "natureconservancy", "guiActiveUn",
                   "StreamerBot", "cloneembedreportprint", "RandomRedditor", "PsyNetMessage")
 
 
-def folded_unembed(model: Model) -> torch.Tensor:
-    """W̃_U = W_U ⊙ γ_final, [V, d] float32 (the final norm's gain folded in)."""
+def folded_unembed(model: Model, unembed: str = "centred") -> torch.Tensor:
+    """W̃_U = W_U ⊙ γ_final, [V, d] float32 (the final norm's gain folded in), centred over the
+    vocabulary (each of the d columns has mean 0 over the V tokens) unless ``unembed="raw"``."""
+    if unembed not in UNEMBED:
+        raise HeadscopeError(f"unknown unembedding convention '{unembed}' (choose from {', '.join(UNEMBED)})")
     gain = model.norm_gain(model.final_norm).float()
-    return model.W_U.detach().float() * gain[None, :]
+    WU = model.W_U.detach().float() * gain[None, :]
+    return WU - WU.mean(dim=0, keepdim=True) if unembed == "centred" else WU
 
 
 def output_weights(model: Model, layer: int) -> torch.Tensor:
@@ -64,12 +77,13 @@ class LayerCongruence:
     std: torch.Tensor
 
 
-def layer_congruence(model: Model, layer: int, kind: str = "prediction", chunk: int = 256) -> LayerCongruence:
+def layer_congruence(model: Model, layer: int, kind: str = "prediction", chunk: int = 256,
+                     unembed: str = "centred") -> LayerCongruence:
     """Congruence statistics for every neuron of ``layer`` (chunks of ``chunk`` neurons bound memory
     to chunk × V floats)."""
     if kind not in KINDS:
         raise HeadscopeError(f"unknown neuron kind '{kind}' (choose from {', '.join(KINDS)})")
-    WU = folded_unembed(model).to(model.device)
+    WU = folded_unembed(model, unembed).to(model.device)
     WU_norm = WU.norm(dim=1)
     W = output_weights(model, layer).to(model.device)
     outs = {k: [] for k in ("dot", "cos", "token", "kurtosis", "skew", "mean", "std")}
@@ -104,7 +118,8 @@ def token_passes(text: str, require_space: bool, min_chars: int, reject: set[str
 
 def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: str = "dot",
                  kind: str = "prediction", require_space: bool = True, min_chars: int = 3,
-                 reject: tuple[str, ...] | list[str] = DEFAULT_REJECT, top_tokens: int = 10) -> dict:
+                 reject: tuple[str, ...] | list[str] = DEFAULT_REJECT, top_tokens: int = 10,
+                 unembed: str = "centred") -> dict:
     """The top ``per_layer`` neurons of each layer by ``rank_by`` among those whose token passes the
     filters. Returns ``{"neurons": [...], "per_layer": {layer: {"candidates", "passed"}}}``; each
     neuron is a dict with layer, neuron, token_id, token, dot, cos, kurtosis, skew, rank, top_tokens."""
@@ -115,12 +130,12 @@ def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: 
     if not layers:
         raise HeadscopeError("no layers to search for neurons")
     reject_set = {r.strip() for r in reject}
-    WU = folded_unembed(model)
+    WU = folded_unembed(model, unembed)
     vocab_cache: dict[int, str] = {}
     neurons, stats = [], {}
     for layer in layers:
         model.check_layer(layer)
-        lc = layer_congruence(model, layer, kind)
+        lc = layer_congruence(model, layer, kind, unembed=unembed)
         key = {"dot": lc.dot, "cos": lc.cos, "kurtosis": lc.kurtosis,
                "skew": lc.skew if kind == "prediction" else -lc.skew}[rank_by]
         order = torch.argsort(key, descending=True)
@@ -154,14 +169,14 @@ def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: 
 
 
 def random_neurons(model: Model, layers: list[int], per_layer: int, seed: int = 0,
-                   kind: str = "prediction") -> dict:
+                   kind: str = "prediction", unembed: str = "centred") -> dict:
     """The random-neuron baseline: ``per_layer`` neurons drawn uniformly from each layer (seeded), no
     filters; each neuron's token is still its most congruent one, so the pipeline treats it alike."""
     g = torch.Generator().manual_seed(seed)
     neurons = []
     for layer in layers:
         model.check_layer(layer)
-        lc = layer_congruence(model, layer, kind)
+        lc = layer_congruence(model, layer, kind, unembed=unembed)
         picks = torch.randperm(model.d_mlp, generator=g)[: min(per_layer, model.d_mlp)].tolist()
         for rank, n in enumerate(picks):
             t = int(lc.token[n])
@@ -173,3 +188,23 @@ def random_neurons(model: Model, layers: list[int], per_layer: int, seed: int = 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def top_set_overlap(model: Model, layers: list[int], per_layer: int = 20, rank_by: str = "dot",
+                    kind: str = "prediction") -> dict:
+    """How much the unembedding convention changes the chosen neurons: per layer, the top ``per_layer``
+    neurons by ``rank_by`` (no token filters) under the centred and the raw W̃_U, their overlap and
+    Jaccard index, and the Spearman correlation of the two rankings over all neurons of the layer."""
+    from scipy.stats import spearmanr
+    out = {}
+    for layer in layers:
+        keys = {}
+        for u in UNEMBED:
+            lc = layer_congruence(model, layer, kind, unembed=u)
+            keys[u] = {"dot": lc.dot, "cos": lc.cos, "kurtosis": lc.kurtosis,
+                       "skew": lc.skew if kind == "prediction" else -lc.skew}[rank_by]
+        tops = {u: set(torch.topk(keys[u], per_layer).indices.tolist()) for u in UNEMBED}
+        inter = len(tops["centred"] & tops["raw"])
+        out[str(layer)] = {"overlap": inter, "jaccard": inter / len(tops["centred"] | tops["raw"]),
+                           "spearman": float(spearmanr(keys["centred"].numpy(), keys["raw"].numpy()).statistic)}
+    return out

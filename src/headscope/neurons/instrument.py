@@ -45,6 +45,8 @@ class FindOptions:
     """file of tokens to reject, one per line (replaces the built-in list)"""
     seed: int = 0
     """seed of the random set"""
+    unembed: Literal["centred", "raw"] = "centred"
+    """W_U centred over the vocabulary (TransformerLens' center_unembed; the softmax ignores a constant shift) or raw"""
 
     def __post_init__(self):
         check(self.last_k >= 1 and self.per_layer >= 1, "--last-k and --per-layer must be at least 1")
@@ -109,7 +111,9 @@ class AttributeOptions:
 
 @dataclass(frozen=True)
 class AblateOptions:
-    """Drop in P(token) when a head is zeroed, on prompts where it is active vs inactive."""
+    """Drop in P(token) when a head is zeroed, on prompts where it is active vs inactive: per-pair Mann–Whitney
+    with BH, per-neuron effect with a bootstrap interval and a Wilcoxon test; compared with the random neurons
+    when both sets are ablated."""
 
     which: Which = field(default="top", alias=["--set"])
     """neuron set"""
@@ -140,7 +144,7 @@ def stage_find(model, run, opts: FindOptions, progress: bool = True) -> dict:
         reject = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
     return run_find(model, run, opts.which, layers=layers, last_k=opts.last_k, per_layer=opts.per_layer,
                     rank_by=opts.rank_by, kind=opts.kind, require_space=opts.require_space, min_chars=opts.min_chars,
-                    reject=reject, seed=opts.seed, force=True)
+                    reject=reject, seed=opts.seed, unembed=opts.unembed, force=True)
 
 
 def stage_mine(model, run, opts: MineOptions, progress: bool = True) -> dict:
@@ -176,6 +180,19 @@ def report_summary(summary: dict, opts, run) -> None:
     print(", ".join(f"{k}: {v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
 
 
+def report_ablate(res: dict, opts, run) -> None:
+    fmt = lambda x: "n/a" if x is None else f"{x:.4g}"
+    e = res["effect"]
+    print(f"{res['pairs']} pairs over {res['neurons']} neurons; per-neuron effect (mean drop active − inactive) "
+          f"{fmt(e['mean'])} [{fmt(e['low'])}, {fmt(e['high'])}], Wilcoxon p = {fmt(res['wilcoxon']['p'])}; "
+          f"{res['significant_bh']} pairs significant (Mann–Whitney, BH q < 0.05)")
+    if "vs_random" in res:
+        v = res["vs_random"]
+        print(f"random neurons: effect {fmt(v['random']['mean'])}; congruent − random {fmt(v['difference']['diff'])} "
+              f"[{fmt(v['difference']['low'])}, {fmt(v['difference']['high'])}], Mann–Whitney p = "
+              f"{fmt(v['mann_whitney']['p'])}")
+
+
 INSTRUMENT = Instrument(
     name="neurons",
     help="next-token neurons, their max-activating prompts and the heads that drive them",
@@ -193,7 +210,7 @@ INSTRUMENT = Instrument(
         Stage("neurons.ablate", AblateOptions, "headscope.neurons.instrument:stage_ablate",
               reads=lambda o: [f"{_dir(o.which)}/attribution.json"], writes=lambda o: [f"{_dir(o.which)}/ablation.json"],
               doc="drop in P(token) when a head is ablated, active vs inactive prompts",
-              report="headscope.neurons.instrument:report_summary"),
+              report="headscope.neurons.instrument:report_ablate"),
     ),
     atlas_data="headscope.neurons.atlas_data:atlas_data",
 )

@@ -20,7 +20,7 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
 from . import ablation, attribution, congruence, mining
-from .stats import describe, ks_2samp
+from .stats import bh, bootstrap_diff_of_means, bootstrap_mean, describe, mann_whitney, wilcoxon_signed
 
 SETS = ("top", "random")
 
@@ -57,21 +57,25 @@ def _need(path: Path, stage: str) -> dict:
 # -- find ---------------------------------------------------------------------------------------
 def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | None = None, last_k: int = 3,
              per_layer: int = 20, rank_by: str = "dot", kind: str = "prediction", require_space: bool = True,
-             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, force: bool = False) -> dict:
+             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, unembed: str = "centred",
+             force: bool = False) -> dict:
     """Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron, token_id, token, dot, cos,
-    kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``."""
+    kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``. ``unembed``:
+    ``"centred"`` (default, TransformerLens' ``center_unembed``) or ``"raw"`` W_U, see
+    :mod:`headscope.neurons.congruence`."""
     if layers is None:
         layers = list(range(max(0, model.n_layers - last_k), model.n_layers))
     opts = {"layers": layers, "per_layer": per_layer, "rank_by": rank_by, "kind": kind,
             "require_space": require_space, "min_chars": min_chars,
-            "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed}
+            "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed, "unembed": unembed}
     path = set_dir(run, which) / "find.json"
     if not force and (done := _current(path, None, opts)):
         return {"neurons": len(done["neurons"]), "skipped": True}
     if which == "top":
-        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"])
+        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"],
+                                      unembed=unembed)
     else:
-        res = congruence.random_neurons(model, layers, per_layer, seed, kind)
+        res = congruence.random_neurons(model, layers, per_layer, seed, kind, unembed=unembed)
     write_json(path, {"options": opts, **res})
     run.mark_done(f"neurons.{which}.find", {"neurons": len(res["neurons"])})
     return {"neurons": len(res["neurons"]), "per_layer": res["per_layer"]}
@@ -196,27 +200,18 @@ def pair_labels(att: dict[str, torch.Tensor], n_heads: int, pair: dict) -> tuple
     return att["active"][i, ok, k].bool().tolist(), split[ok].tolist()
 
 
-# -- ablate -------------------------------------------------------------------------------------
-def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
-               batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
-    """Writes ``<set>/ablation.json``: ``{"source", "pairs": [{neuron, layer, head, name, mean_drop_active,
-    mean_drop_inactive, n_active, n_inactive}], "pooled": {"active": describe, "inactive": describe,
-    "ks": {D, p, n1, n2}}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P] NaN-padded,
-    ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png`` (histograms of drops, active vs inactive)."""
+# -- ablate ---------------------------------------------------------------------------------------
+def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mode: str, batch_size: int,
+                progress: bool) -> dict:
+    """Ablate a set's pairs; write its ablation.safetensors / .png; return the JSON content."""
     d = set_dir(run, which)
     mined, att_json, att = load_attribution(run, which)
-    opts = {"max_pairs": max_pairs, "mode": mode}
-    path = d / "ablation.json"
-    if not force and (done := _current(path, d / "attribution.json", opts)):
-        return {"mean_drop_active": done["pooled"]["active"]["mean"],
-                "mean_drop_inactive": done["pooled"]["inactive"]["mean"], **done["pooled"]["ks"], "skipped": True}
-    pairs = att_json["pairs"][:max_pairs] if max_pairs else att_json["pairs"]
+    pairs = _round_robin(att_json["pairs"])[:max_pairs] if max_pairs else att_json["pairs"]
     if not pairs:
-        raise HeadscopeError("no (neuron, head) pairs to ablate: no head is active on 25–75% of any neuron's "
-                             "prompts; mine more prompts or neurons")
+        raise HeadscopeError(f"no (neuron, head) pairs to ablate in the {which} set: no head is active on 25–75% "
+                             "of any neuron's prompts; mine more prompts or neurons")
     prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
     tokens = [n["token_id"] for n in mined["neurons"]]
-    ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
     drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress, mode)
     P = max(len(x) for x in drops)
     D = torch.full((len(pairs), P), float("nan"))
@@ -229,15 +224,94 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
         ACT[r, : len(dr)] = lab.to(torch.uint8)
         a, ia = dr[lab].tolist(), dr[~lab].tolist()
         act_all += a; inact_all += ia
+        mw = mann_whitney(a, ia, alternative="greater")
         rows.append({**{k: pair[k] for k in ("neuron", "layer", "head", "name")},
                      "mean_drop_active": float(np.mean(a)) if a else None,
-                     "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia)})
-    pooled = {"active": describe(act_all), "inactive": describe(inact_all), "ks": ks_2samp(act_all, inact_all)}
+                     "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia),
+                     "effect": float(np.mean(a) - np.mean(ia)) if a and ia else None, "p": mw["p"], "auc": mw["auc"]})
+    n_sig = 0
+    for r, q in zip(rows, bh([r["p"] for r in rows])):
+        r["q"] = q
+        r["significant"] = q is not None and q < 0.05
+        n_sig += r["significant"]
+    per_neuron = _neuron_effects(rows)
+    summary = {"unit": "neuron", "pairs": len(rows), "neurons": len(per_neuron),
+               "effect": bootstrap_mean(list(per_neuron.values())),
+               "wilcoxon": wilcoxon_signed(list(per_neuron.values())), "significant_bh": n_sig,
+               "pooled_descriptive": {"active": describe(act_all), "inactive": describe(inact_all)}}
     write_tensors(d / "ablation.safetensors", {"drops": D, "active": ACT})
     from .plots import histogram_png
     histogram_png(d / "ablation.png", {"head active": act_all, "head inactive": inact_all},
                   f"Drop in P(neuron's token) when the head is zeroed ({which} neurons)", "P(clean) − P(ablated)")
-    write_json(path, {"options": opts, "source": file_hash(d / "attribution.json"), "pairs": rows, "pooled": pooled})
-    run.mark_done(f"neurons.{which}.ablate", pooled["ks"])
-    return {"mean_drop_active": pooled["active"]["mean"], "mean_drop_inactive": pooled["inactive"]["mean"],
-            **pooled["ks"]}
+    return {"options": {"max_pairs": max_pairs, "mode": mode}, "source": file_hash(d / "attribution.json"),
+            "pairs": rows, "per_neuron": {str(k): v for k, v in per_neuron.items()}, "summary": summary}
+
+
+def _round_robin(pairs: list[dict]) -> list[dict]:
+    """Pairs reordered one per neuron at a time (each neuron's first pair, then each one's second, …), so
+    that ``max_pairs`` spreads the ablations over neurons — the unit of the test — instead of taking
+    every pair of the first neurons."""
+    by: dict[int, list[dict]] = {}
+    for p in pairs:
+        by.setdefault(p["neuron"], []).append(p)
+    out, r = [], 0
+    while len(out) < len(pairs):
+        out += [ps[r] for ps in by.values() if r < len(ps)]
+        r += 1
+    return out
+
+
+def _neuron_effects(rows: list[dict]) -> dict[int, float]:
+    """Mean of the pairs' effects per neuron (pairs of one neuron share its prompts: not independent)."""
+    acc: dict[int, list[float]] = {}
+    for r in rows:
+        if r["effect"] is not None:
+            acc.setdefault(r["neuron"], []).append(r["effect"])
+    return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
+
+
+def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
+               batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
+    """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
+    (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
+    not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
+    pair) and BH q over the pairs. The unit of the run's test is the **neuron** (its pairs share prompts):
+    the per-neuron mean effect, its bootstrap 95 % interval, and a Wilcoxon signed-rank test against 0.
+    When both sets (top and random) have been ablated, :func:`compare_ablations` compares them.
+
+    Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name,
+    mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, p, auc, q, significant}],
+    "per_neuron": {i: effect}, "summary": {unit, pairs, neurons, effect: {mean, low, high, n}, wilcoxon,
+    significant_bh, pooled_descriptive}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P]
+    NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""
+    d = set_dir(run, which)
+    load_attribution(run, which)
+    opts = {"max_pairs": max_pairs, "mode": mode}
+    path = d / "ablation.json"
+    if not force and (done := _current(path, d / "attribution.json", opts)):
+        return {**_ablate_summary(done), "skipped": True}
+    ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
+    res = _ablate_set(model, run, which, max_pairs, mode, batch_size, progress)
+    write_json(path, res)
+    out = _ablate_summary(res)
+    run.mark_done(f"neurons.{which}.ablate", out)
+    if all((set_dir(run, w) / "ablation.json").is_file() for w in SETS):
+        out["vs_random"] = compare_ablations(run)
+    return out
+
+
+def compare_ablations(run: RunDir) -> dict:
+    """Per-neuron ablation effects of the congruent vs the random neurons (Mann–Whitney, bootstrap
+    difference of means); writes ``neurons/ablation_vs_random.json``."""
+    eff = {w: list(read_json(set_dir(run, w) / "ablation.json")["per_neuron"].values()) for w in SETS}
+    res = {"unit": "neuron", "top": bootstrap_mean(eff["top"]), "random": bootstrap_mean(eff["random"]),
+           "difference": bootstrap_diff_of_means(eff["top"], eff["random"]),
+           "mann_whitney": mann_whitney(eff["top"], eff["random"])}
+    write_json(set_dir(run, "top") / "ablation_vs_random.json", res)
+    return res
+
+
+def _ablate_summary(data: dict) -> dict:
+    s = data["summary"]
+    return {"pairs": s["pairs"], "neurons": s["neurons"], "effect": s["effect"], "wilcoxon": s["wilcoxon"],
+            "significant_bh": s["significant_bh"]}
