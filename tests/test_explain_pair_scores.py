@@ -10,6 +10,9 @@ from headscope.explain.pair_scores import PairScoreOptions, run_score_pairs
 from headscope.neurons import stages as ns
 from headscope.runs import RunDir, read_json
 from headscope.testing.tiny import tiny_model
+from headscope.explain.statistical import StatisticalExplainer
+
+EMPTY_RULE = StatisticalExplainer().render({"window": 8, "bias": 0.0, "terms": []})  # intercept only
 
 
 @pytest.fixture(scope="module")
@@ -19,34 +22,34 @@ def explained(tmp_path_factory):
     ns.run_find(m, run, per_layer=2, require_space=False, min_chars=1, last_k=2)
     ns.run_mine(m, run, seq_len=48, top_k=6, top_k_test=6, max_tokens=1200, progress=False)
     ns.run_attribute(m, run, k_sigma=1.0, progress=False)
-    ex.run_explain(m, run, "keyword", progress=False)
-    ex.run_score(m, run, "keyword", max_test=20, progress=False)
+    ex.run_explain(m, run, "statistical", progress=False)
+    ex.run_score(m, run, "statistical", max_per_class=20, min_per_class=2, control=False, progress=False)
     return m, run
 
 
 def test_balanced_accuracy_is_explain_scores_E(explained):
     m, run = explained
-    s = run_score_pairs(m, run, PairScoreOptions(max_test=20), progress=False)
-    out = read_json(run / "explain/pair_scores_keyword_by_keyword.json")
-    old = read_json(run / "explain/scores_keyword.json")["pairs"]
-    assert len(out["pairs"]) == len(old)
+    s = run_score_pairs(m, run, PairScoreOptions(max_per_class=20, min_per_class=2), progress=False)
+    out = read_json(run / "explain/pair_scores_statistical_by_statistical.json")
+    old = [o for o in read_json(run / "explain/scores_statistical.json")["pairs"] if o["E"] is not None]
+    assert len(out["pairs"]) == len(old) >= 2
     for new, o in zip(out["pairs"], old):
-        assert new["detection"]["balanced_accuracy"] == (pytest.approx(o["E"]) if o["E"] is not None else None)
+        assert new["detection"]["balanced_accuracy"] == pytest.approx(o["E"])
         assert new["detection"]["shuffled_from"] != new["id"]
     assert "not applicable" in out["fuzzing"]
     assert set(s["detection"]) >= {"balanced_accuracy", "shuffled_balanced_accuracy", "difference"}
 
 
 def test_uninformative_explanations_score_at_chance(explained):
-    """Negative control: every pair gets the same empty rule → the keyword judge answers the same for
+    """Negative control: every pair gets the same empty rule → the rule judge answers the same for
     every prompt → balanced accuracy exactly 0.5 for every pair, real and shuffled alike."""
     m, run = explained
-    path = run / "explain/explanations_keyword.json"
+    path = run / "explain/explanations_statistical.json"
     data = read_json(path)
     for p in data["pairs"]:
-        p["explanation"] = 'Active when the text contains any of: []'
+        p["explanation"] = EMPTY_RULE
     (run / "explain/explanations_empty.json").write_text(json.dumps(data))
-    s = run_score_pairs(m, run, PairScoreOptions(explanations="empty"), progress=False)
+    s = run_score_pairs(m, run, PairScoreOptions(explanations="empty", min_per_class=2), progress=False)
     det = s["detection"]
     assert det["balanced_accuracy"]["mean"] == 0.5 and det["shuffled_balanced_accuracy"]["mean"] == 0.5
     assert det["difference"]["mean"] == 0.0 and det["difference"]["p_wilcoxon"] is None

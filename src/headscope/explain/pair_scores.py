@@ -33,31 +33,37 @@ from .scorers import score_units
 class PairScoreOptions(LLMOptions):
     """Detection scores of (neuron, head) explanations beside shuffled explanations, with CIs."""
 
-    backend: str = "keyword"
-    """the judge: a pair back-end of `headscope explain score` (keyword/statistical, openai, local)"""
+    backend: str = "statistical"
+    """the judge: a pair back-end of `headscope explain score` (statistical, openai, local)"""
     explanations: str = ""
     """whose explanations to score (default: the judge's own back-end)"""
     which: Literal["top", "random"] = "top"
     """the congruent neuron set or the random-neuron baseline set"""
-    max_test: int = 20
-    """held-out prompts per pair"""
+    max_per_class: int = 20
+    """held-out prompts of each class (active / inactive) per pair, drawn balanced as `explain score` does"""
+    min_per_class: int = 5
+    """pairs with fewer held-out prompts of a class are not scored"""
     seed: int = 0
     """the shuffled-explanation derangement and the bootstrap"""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.max_test < 2:
-            raise HeadscopeError("--max-test must be at least 2")
+        if not 1 <= self.min_per_class <= self.max_per_class:
+            raise HeadscopeError("need 1 <= --min-per-class <= --max-per-class")
 
 
 def _pair_key(p: dict) -> str:
     return f"{p['neuron']}:{p['layer']}.{p['head']}"
 
 
-def pair_units(run: RunDir, which: str, explanations: list[dict], max_test: int) -> list[dict]:
-    """Scoring units of the explained pairs: their held-out prompts as contexts (BOS dropped, the
-    neuron's token appended), truth = head active."""
+def pair_units(run: RunDir, which: str, explanations: list[dict], max_per_class: int,
+               min_per_class: int) -> list[dict]:
+    """Scoring units of the explained pairs: a balanced sample of their held-out prompts (the same draw as
+    `explain score`: :func:`headscope.explain.scoring.balanced_indices` seeded by the pair) as contexts (BOS
+    dropped, the neuron's token appended), truth = head active. Pairs with too few prompts of a class are
+    left out."""
     from ..neurons.stages import load_attribution, pair_labels
+    from .scoring import balanced_indices
     mined, att_json, att = load_attribution(run, which)
     n_heads = int(run.model_identity["n_heads"])
     by_key = {_pair_key(p): p for p in att_json["pairs"]}
@@ -69,8 +75,12 @@ def pair_units(run: RunDir, which: str, explanations: list[dict], max_test: int)
         nrn = mined["neurons"][p["neuron"]]
         labels, split = pair_labels(att, n_heads, p)
         prompts = nrn["train"] + nrn["test"]
-        items = [(Context(list(pr["tokens"][1:]) + [nrn["token"]], [0.0] * len(pr["tokens"])), bool(lab))
-                 for pr, lab, s in zip(prompts, labels, split) if s == 1][:max_test]
+        held = [(Context(list(pr["tokens"][1:]) + [nrn["token"]], [0.0] * len(pr["tokens"])), bool(lab))
+                for pr, lab, s in zip(prompts, labels, split) if s == 1]
+        idx, why = balanced_indices([t for _, t in held], max_per_class, min_per_class, _pair_key(e))
+        if why:
+            continue
+        items = [held[i] for i in idx]
         units.append({"id": f"{nrn['layer']}.{nrn['neuron']}:{p['name']}", "explanation": e["explanation"],
                       "items": {"detection": items}})
     return units
@@ -89,7 +99,7 @@ def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool =
     ex_path = d / f"explanations_{ex_name}.json"
     if not ex_path.is_file():
         raise HeadscopeError(f"missing {ex_path}: run `headscope explain run --backend {ex_name}` first")
-    units = pair_units(run, opts.which, read_json(ex_path)["pairs"], opts.max_test)
+    units = pair_units(run, opts.which, read_json(ex_path)["pairs"], opts.max_per_class, opts.min_per_class)
     if len(units) < 2:
         raise HeadscopeError(f"{len(units)} explained pair(s) in {ex_path}: a shuffled baseline needs at least two")
 
