@@ -223,16 +223,6 @@ class RunDir:
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel
 
-    def is_done(self, key: str) -> bool:
-        """Deprecated (pre-contract instruments' own resume flags; being removed): whether ``key`` was
-        marked done in run.json."""
-        return key in read_json(self.path / "run.json").get("stages", {})
-
-    def mark_done(self, key: str, summary: dict | None = None) -> None:
-        """Deprecated companion of :meth:`is_done` (locked read-modify-write of run.json)."""
-        self.info = update_json(self.path / "run.json", lambda info: info.setdefault("stages", {}).__setitem__(
-            key, {"finished": time.time(), **(summary or {})}))
-
     def record_path(self, stage: str) -> Path:
         return self.path / "stages" / f"{stage}.json"
 

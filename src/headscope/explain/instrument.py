@@ -145,6 +145,8 @@ def _backend(opts: BackendOptions, run, model, dry_run: Path | None = None):
 
 def stage_run(model, run, opts: RunOptions, progress: bool = True) -> dict:
     from .stages import run_explain
+    # force: every pair is explained afresh when the stage reruns (an endpoint's response cache still
+    # answers identical requests without a call)
     return run_explain(model, run, _backend(opts, run, model), opts.which, max_pairs=opts.max_pairs,
                        max_examples=opts.max_examples, force=True, progress=progress)
 
@@ -153,13 +155,13 @@ def stage_score(model, run, opts: ScoreOptions, progress: bool = True) -> dict:
     from .stages import run_score
     return run_score(model, run, _backend(opts, run, model), opts.which, explanations=opts.explanations,
                      max_per_class=opts.max_per_class, min_per_class=opts.min_per_class, control=opts.control,
-                     force=True, progress=progress)
+                     progress=progress)
 
 
 def stage_baseline(model, run, opts: BaselineOptions, progress: bool = True) -> dict:
     from .stages import run_random_baseline
     return run_random_baseline(model, run, _backend(opts, run, model), seed=opts.seed, per_layer=opts.per_layer,
-                               force=True, progress=progress)
+                               progress=progress)
 
 
 def _score_file(o: ScoreOptions) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import HeadscopeError
-from ..neurons.stages import _current, file_hash, load_attribution, pair_labels, set_dir
+from ..neurons.stages import file_hash, load_attribution, pair_labels, set_dir
 from ..neurons.stats import (bootstrap_diff_of_means, bootstrap_mean, describe, ks_2samp, mann_whitney,
                              wilcoxon_signed)
 from ..runs import RunDir, read_json, write_json
@@ -129,7 +129,6 @@ def run_explain(model, run: RunDir, backend="statistical", which: str = "top", m
     bar.close()
     if not todo:
         write_json(path, {"backend": backend.config(), "source": src, "pairs": [done[_pair_key(p)] for p in pairs]})
-    run.mark_done(f"explain.{which}.{backend.name}", {"pairs": len(pairs)})
     return {"pairs": len(pairs), "new": len(todo)}
 
 
@@ -178,7 +177,7 @@ def _by_unit(values: list, group: list[int]) -> list[float]:
 
 def run_score(model, run: RunDir, backend="statistical", which: str = "top", explanations: str | None = None,
               max_per_class: int = 20, min_per_class: int = 5, control: bool = True,
-              backend_options: dict | None = None, force: bool = False, progress: bool = True) -> dict:
+              backend_options: dict | None = None, progress: bool = True) -> dict:
     """Score each pair's explanation on a balanced sample of its neuron's held-out prompts
     (:mod:`headscope.explain.scoring`: m = min(#active, #inactive, ``max_per_class``) of each class, pairs
     with m < ``min_per_class`` not scored), with E's Wilson interval, a binomial p-value against chance
@@ -206,7 +205,6 @@ def run_score(model, run: RunDir, backend="statistical", which: str = "top", exp
     path = d / f"scores_{backend.name}.json" if ex_name == backend.name else d / f"scores_{ex_name}_by_{backend.name}.json"
     opts = {"max_per_class": max_per_class, "min_per_class": min_per_class, "control": control,
             "scorer": backend.config()}
-    if not force and (done := _current(path, ex_path, opts)):
         return {**done["summary"], "skipped_stage": True}
     ex = read_json(ex_path)
     items, erows, group = _pair_items(ex, att_json, mined, att, n_heads)
@@ -239,7 +237,6 @@ def run_score(model, run: RunDir, backend="statistical", which: str = "top", exp
     histogram_png(path.with_suffix(".png"), hist, f"Explanation scores E ({ex_name})", "E = (TPR+TNR)/2")
     write_json(path, {"options": opts, "scorer": backend.config(), "explanations": ex_name, "source": file_hash(ex_path),
                       "pairs": rows, "summary": summary})
-    run.mark_done(f"score.{which}.{ex_name}", summary)
     return summary
 
 
@@ -271,7 +268,6 @@ def run_compare(model, run: RunDir, scores: str = "statistical") -> dict:
     histogram_png(run / f"explain/comparison_{scores}.png", {"congruent neurons": Es["top"], "random neurons": Es["random"]},
                   f"Per-neuron mean E, congruent vs random neurons ({scores})", "E = (TPR+TNR)/2")
     write_json(run / f"explain/comparison_{scores}.json", res)
-    run.mark_done(f"compare.{scores}", {"difference_of_means": res["difference_of_means"]["diff"]})
     return res
 
 
@@ -288,22 +284,22 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
                                                   ("attribution.json", "attribute")))
     fo, mo, ao = f["options"], m["options"], a["options"]
     ns.run_find(model, run, "random", layers=fo["layers"], per_layer=per_layer or fo["per_layer"], kind=fo["kind"],
-                unembed=fo.get("unembed", "centred"), seed=seed, force=force)
+                unembed=fo.get("unembed", "centred"), seed=seed)
     ns.run_mine(model, run, "random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
                 top_k_test=mo["top_k_test"], keep=mo["keep"], max_prompt_tokens=mo["max_prompt_tokens"],
-                max_tokens=mo["max_tokens"], force=force, progress=progress)
+                max_tokens=mo["max_tokens"], progress=progress)
     ns.run_attribute(model, run, "random", gated=ao["gated"], norm_scale=ao["norm_scale"], k_sigma=ao["k_sigma"],
-                     low=ao["low"], high=ao["high"], force=force, progress=progress)
+                     low=ao["low"], high=ao["high"], progress=progress)
     be = make_backend(backend, run, model, **(backend_options or {}))
     sp = explain_dir(run, "top") / f"scores_{be.name}.json"
     so = read_json(sp).get("options", {}) if sp.is_file() else {}
     run_explain(model, run, be, "random", force=force, progress=progress)
     run_score(model, run, be, "random", max_per_class=so.get("max_per_class", 20),
-              min_per_class=so.get("min_per_class", 5), control=so.get("control", True), force=force, progress=progress)
+              min_per_class=so.get("min_per_class", 5), control=so.get("control", True), progress=progress)
     res = run_compare(model, run, be.name)
     top_abl = top / "ablation.json"
     if top_abl.is_file():  # the causal check on the random neurons too, with the congruent set's options
         ab = read_json(top_abl)["options"]
         res["ablation_vs_random"] = ns.run_ablate(model, run, "random", max_pairs=ab["max_pairs"], mode=ab["mode"],
-                                                  force=force, progress=progress).get("vs_random")
+                                                  progress=progress).get("vs_random")
     return res

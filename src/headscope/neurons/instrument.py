@@ -144,26 +144,26 @@ def stage_find(model, run, opts: FindOptions, progress: bool = True) -> dict:
         reject = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
     return run_find(model, run, opts.which, layers=layers, last_k=opts.last_k, per_layer=opts.per_layer,
                     rank_by=opts.rank_by, kind=opts.kind, require_space=opts.require_space, min_chars=opts.min_chars,
-                    reject=reject, seed=opts.seed, unembed=opts.unembed, force=True)
+                    reject=reject, seed=opts.seed, unembed=opts.unembed)
 
 
 def stage_mine(model, run, opts: MineOptions, progress: bool = True) -> dict:
     from .stages import run_mine
     return run_mine(model, run, opts.which, corpus=opts.corpus, seq_len=opts.seq_len, top_k=opts.top_k,
                     top_k_test=opts.top_k_test, keep=opts.keep, max_prompt_tokens=opts.max_prompt_tokens,
-                    batch_size=opts.batch_size, max_tokens=opts.max_tokens, force=True, progress=progress)
+                    batch_size=opts.batch_size, max_tokens=opts.max_tokens, progress=progress)
 
 
 def stage_attribute(model, run, opts: AttributeOptions, progress: bool = True) -> dict:
     from .stages import run_attribute
     return run_attribute(model, run, opts.which, gated=opts.gated, norm_scale=opts.norm_scale, k_sigma=opts.k_sigma,
-                         low=opts.low, high=opts.high, batch_size=opts.batch_size, force=True, progress=progress)
+                         low=opts.low, high=opts.high, batch_size=opts.batch_size, progress=progress)
 
 
 def stage_ablate(model, run, opts: AblateOptions, progress: bool = True) -> dict:
     from .stages import run_ablate
     return run_ablate(model, run, opts.which, max_pairs=opts.max_pairs, mode=opts.mode, batch_size=opts.batch_size,
-                      force=True, progress=progress)
+                      progress=progress)
 
 
 def report_find(summary: dict, opts: FindOptions, run) -> None:

@@ -36,18 +36,6 @@ def file_hash(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _current(path: Path, source: Path | None, options: dict | None = None) -> dict | None:
-    """The artifact at ``path`` if it exists and was made from ``source`` with ``options``."""
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    if source is not None and data.get("source") != (file_hash(source) if source.is_file() else None):
-        return None
-    if options is not None and data.get("options") != options:
-        return None
-    return data
-
-
 def _need(path: Path, stage: str) -> dict:
     if not path.is_file():
         raise HeadscopeError(f"missing {path}: run `headscope neurons {stage}` first")
@@ -57,8 +45,7 @@ def _need(path: Path, stage: str) -> dict:
 # -- find ---------------------------------------------------------------------------------------
 def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | None = None, last_k: int = 3,
              per_layer: int = 20, rank_by: str = "dot", kind: str = "prediction", require_space: bool = True,
-             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, unembed: str = "centred",
-             force: bool = False) -> dict:
+             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, unembed: str = "centred") -> dict:
     """Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron, token_id, token, dot, cos,
     kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``. ``unembed``:
     ``"centred"`` (default, TransformerLens' ``center_unembed``) or ``"raw"`` W_U, see
@@ -69,7 +56,6 @@ def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | 
             "require_space": require_space, "min_chars": min_chars,
             "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed, "unembed": unembed}
     path = set_dir(run, which) / "find.json"
-    if not force and (done := _current(path, None, opts)):
         return {"neurons": len(done["neurons"]), "skipped": True}
     if which == "top":
         res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"],
@@ -77,14 +63,13 @@ def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | 
     else:
         res = congruence.random_neurons(model, layers, per_layer, seed, kind, unembed=unembed)
     write_json(path, {"options": opts, **res})
-    run.mark_done(f"neurons.{which}.find", {"neurons": len(res["neurons"])})
     return {"neurons": len(res["neurons"]), "per_layer": res["per_layer"]}
 
 
 # -- mine ---------------------------------------------------------------------------------------
 def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "default", seq_len: int = 128,
              top_k: int = 20, top_k_test: int = 20, keep: float = 0.8, max_prompt_tokens: int = 100,
-             batch_size: int = 16, max_tokens: int | None = None, force: bool = False, progress: bool = True) -> dict:
+             batch_size: int = 16, max_tokens: int | None = None, progress: bool = True) -> dict:
     """Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer, neuron, token_id, token,
     "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per token), act, full_act,
     seq, pos, start}``."""
@@ -93,7 +78,6 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     opts = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
             "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens}
     path = d / "mine.json"
-    if not force and (done := _current(path, d / "find.json", opts)):
         return _mine_summary(done, skipped=True)
     if not 0 < keep <= 1:
         raise HeadscopeError(f"--keep must be in (0, 1], got {keep}")
@@ -115,7 +99,6 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     for f in d.glob("mine_state_*.safetensors"):
         f.unlink()
     res = _mine_summary({"neurons": out})
-    run.mark_done(f"neurons.{which}.mine", res)
     return res
 
 
@@ -130,7 +113,7 @@ def _mine_summary(data: dict, skipped: bool = False) -> dict:
 # -- attribute ----------------------------------------------------------------------------------
 def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "full", norm_scale: bool = True,
                   k_sigma: float = 2.0, low: float = 0.25, high: float = 0.75, batch_size: int = 32,
-                  force: bool = False, progress: bool = True) -> dict:
+                  progress: bool = True) -> dict:
     """Writes ``<set>/attribution.safetensors`` (``A`` [N, P, L·H] float32, NaN for ineligible heads and
     padding; ``active`` [N, P, L·H] uint8; ``split`` [N, P] int8: 0 train, 1 test, −1 padding) and
     ``<set>/attribution.json``: ``{"options", "source", "neurons": [{layer, neuron, token, n_train,
@@ -140,7 +123,6 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
     mined = _need(d / "mine.json", "mine")
     opts = {"gated": gated, "norm_scale": norm_scale, "k_sigma": k_sigma, "low": low, "high": high}
     path = d / "attribution.json"
-    if not force and (done := _current(path, d / "mine.json", opts)):
         return {"pairs": len(done["pairs"]), "skipped": True}
     neurons = mined["neurons"]
     rows, layer_of, neuron_of, where = [], [], [], []
@@ -181,7 +163,6 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
                     "n_train": int(tr.sum()), "n_test": int(te.sum()), "heads": heads, "explain": names})
     write_json(path, {"options": opts, "source": file_hash(d / "mine.json"), "neurons": out, "pairs": pairs})
     res = {"pairs": len(pairs), "neurons_with_pairs": sum(1 for n in out if n["explain"])}
-    run.mark_done(f"neurons.{which}.attribute", res)
     return res
 
 
@@ -271,7 +252,7 @@ def _neuron_effects(rows: list[dict]) -> dict[int, float]:
 
 
 def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
-               batch_size: int = 32, force: bool = False, progress: bool = True) -> dict:
+               batch_size: int = 32, progress: bool = True) -> dict:
     """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
     (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
     not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
@@ -288,13 +269,11 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
     load_attribution(run, which)
     opts = {"max_pairs": max_pairs, "mode": mode}
     path = d / "ablation.json"
-    if not force and (done := _current(path, d / "attribution.json", opts)):
         return {**_ablate_summary(done), "skipped": True}
     ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
     res = _ablate_set(model, run, which, max_pairs, mode, batch_size, progress)
     write_json(path, res)
     out = _ablate_summary(res)
-    run.mark_done(f"neurons.{which}.ablate", out)
     if all((set_dir(run, w) / "ablation.json").is_file() for w in SETS):
         out["vs_random"] = compare_ablations(run)
     return out

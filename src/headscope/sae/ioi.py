@@ -145,5 +145,4 @@ def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: 
            "features": effects[:top] + [e for e in effects[top:] if e["delta_logit_diff"] > 0][-top:],
            "examples": [p["text"] for p in prompts[:4]]}
     write_json(sae_dir(run, name) / "ioi.json", res)
-    run.mark_done(f"sae/{name}/ioi", {"logit_diff_clean": res["logit_diff_clean"]})
     return res

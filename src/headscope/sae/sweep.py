@@ -86,7 +86,6 @@ def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None 
            "train_tokens": options.get("n_tokens", TrainConfig(layer=layer).n_tokens), "eval_tokens": eval_tokens}
     write_json(folder / "sweep.json", res)
     _plot(res, folder / "sweep.png")
-    run.mark_done(f"sae/sweep_L{layer}", {"points": len(points)})
     return res
 
 

@@ -352,7 +352,6 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     if dist.primary:
         save_sae(final, out)
         write_json(out / "train.json", summary)
-        run.mark_done(stage, {"l0": summary["final"].get("l0"), "fve": summary["final"].get("fve")})
     dist.barrier()
     return summary
 
