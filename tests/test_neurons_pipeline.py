@@ -163,20 +163,26 @@ def test_comparison_is_per_neuron(done_run):
         assert comp["mann_whitney"]["p"] == pytest.approx(ref.pvalue)
 
 
-def test_stages_resume_without_recomputing(done_run, monkeypatch):
-    m, run = done_run
+def test_stages_are_reused_through_the_contract(tmp_path, monkeypatch):
+    """Through the stage contract a finished mine/attribute is reused (nothing recomputed) while its options
+    and inputs are unchanged, and recomputed when an option changes."""
     from headscope.neurons import attribution, mining
+    from headscope.neurons.instrument import AttributeOptions, FindOptions, MineOptions
+    from headscope.registry import stage
+    from headscope.runs import run_stage
+    m = tiny_model("llama_gqa")
+    run = RunDir(tmp_path / "run", m.identity())
+    mine = MineOptions(seq_len=48, top_k=8, top_k_test=12, max_tokens=1200)
+    run_stage(m, run, stage("neurons.find"), FindOptions(per_layer=2, require_space=False, min_chars=1, last_k=2))
+    run_stage(m, run, stage("neurons.mine"), mine, progress=False)
+    run_stage(m, run, stage("neurons.attribute"), AttributeOptions(k_sigma=1.0), progress=False)
     boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed"))
     monkeypatch.setattr(mining, "top_sequences", boom)
     monkeypatch.setattr(attribution, "attribute_prompts", boom)
-    assert ns.run_mine(m, run, "top", **MINE)["skipped"]
-    assert ns.run_attribute(m, run, "top", k_sigma=1.0, progress=False)["skipped"]
-    assert ex.run_explain(m, run, "statistical", "top", progress=False)["new"] == 0
-    # changed options recompute (here: a different threshold)
+    assert not run_stage(m, run, stage("neurons.mine"), mine, progress=False)[1]
+    assert not run_stage(m, run, stage("neurons.attribute"), AttributeOptions(k_sigma=1.0), progress=False)[1]
     monkeypatch.undo()
-    res = ns.run_attribute(m, run, "top", k_sigma=1.5, progress=False)
-    assert "skipped" not in res
-    ns.run_attribute(m, run, "top", k_sigma=1.0, progress=False)
+    assert run_stage(m, run, stage("neurons.attribute"), AttributeOptions(k_sigma=1.5), progress=False)[1]
 
 
 def test_atlas_data(done_run):

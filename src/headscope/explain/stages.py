@@ -205,7 +205,6 @@ def run_score(model, run: RunDir, backend="statistical", which: str = "top", exp
     path = d / f"scores_{backend.name}.json" if ex_name == backend.name else d / f"scores_{ex_name}_by_{backend.name}.json"
     opts = {"max_per_class": max_per_class, "min_per_class": min_per_class, "control": control,
             "scorer": backend.config()}
-        return {**done["summary"], "skipped_stage": True}
     ex = read_json(ex_path)
     items, erows, group = _pair_items(ex, att_json, mined, att, n_heads)
     n_ex = sum(2 * min(sum(it.truth), len(it.truth) - sum(it.truth), max_per_class) for it in items) * (2 if control else 1)

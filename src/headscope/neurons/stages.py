@@ -56,7 +56,6 @@ def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | 
             "require_space": require_space, "min_chars": min_chars,
             "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed, "unembed": unembed}
     path = set_dir(run, which) / "find.json"
-        return {"neurons": len(done["neurons"]), "skipped": True}
     if which == "top":
         res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"],
                                       unembed=unembed)
@@ -78,7 +77,6 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     opts = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
             "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens}
     path = d / "mine.json"
-        return _mine_summary(done, skipped=True)
     if not 0 < keep <= 1:
         raise HeadscopeError(f"--keep must be in (0, 1], got {keep}")
     tc = TokenCorpus(model, corpus, seq_len=seq_len, progress=progress)
@@ -102,12 +100,12 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     return res
 
 
-def _mine_summary(data: dict, skipped: bool = False) -> dict:
+def _mine_summary(data: dict) -> dict:
     tr = [len(n["train"]) for n in data["neurons"]]
     te = [len(n["test"]) for n in data["neurons"]]
     lens = [len(p["ids"]) for n in data["neurons"] for p in n["train"] + n["test"]]
     return {"neurons": len(tr), "train_prompts": sum(tr), "test_prompts": sum(te),
-            "mean_prompt_tokens": float(np.mean(lens)) if lens else None, **({"skipped": True} if skipped else {})}
+            "mean_prompt_tokens": float(np.mean(lens)) if lens else None}
 
 
 # -- attribute ----------------------------------------------------------------------------------
@@ -123,7 +121,6 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
     mined = _need(d / "mine.json", "mine")
     opts = {"gated": gated, "norm_scale": norm_scale, "k_sigma": k_sigma, "low": low, "high": high}
     path = d / "attribution.json"
-        return {"pairs": len(done["pairs"]), "skipped": True}
     neurons = mined["neurons"]
     rows, layer_of, neuron_of, where = [], [], [], []
     for i, n in enumerate(neurons):
@@ -269,7 +266,6 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
     load_attribution(run, which)
     opts = {"max_pairs": max_pairs, "mode": mode}
     path = d / "ablation.json"
-        return {**_ablate_summary(done), "skipped": True}
     ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
     res = _ablate_set(model, run, which, max_pairs, mode, batch_size, progress)
     write_json(path, res)
