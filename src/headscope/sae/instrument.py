@@ -13,78 +13,11 @@ from simple_parsing import field
 from ..options import check, options_dict
 from ..registry import Instrument
 from ..runs import Command, Stage
+from .config import TrainConfig
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    """Trains an SAE on z (the concatenated head outputs before W_O) of one layer; resumes; torchrun for
-    several processes. Writes RUN/sae/<name>/ in SAELens' format plus train.json."""
-
-    layer: int
-    """layer whose z is encoded"""
-    name: Optional[str] = None
-    """SAE name in the run directory (default L<layer>)"""
-    architecture: Literal["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"] = field(
-        default="topk", alias=["--arch"])
-    """standard: ReLU + L1 (the paper); topk: TopK with the AuxK dead-feature loss; jumprelu: learned
-    per-feature thresholds + L0 penalty; batchtopk: top k·batch while training, a threshold at inference;
-    matryoshka_batchtopk: BatchTopK whose nested prefixes each reconstruct"""
-    expansion: int = 4
-    """d_sae = expansion · H·Dh"""
-    d_sae: Optional[int] = None
-    """number of features (overrides --expansion)"""
-    k: int = 32
-    """TopK: active features per token; BatchTopK / Matryoshka: on average"""
-    l1_coeff: float = field(default=5.0, alias=["--l1"])
-    """standard: L1 coefficient on the normalised input"""
-    l0_coeff: float = field(default=1.0, alias=["--l0"])
-    """jumprelu: L0 coefficient on the normalised input"""
-    bandwidth: float = 0.05
-    """jumprelu: straight-through estimator bandwidth"""
-    matryoshka_widths: str = ""
-    """matryoshka_batchtopk: comma-separated prefix widths (default d_sae/16,/8,/4,/2,d_sae)"""
-    threshold_lr: float = 0.01
-    """batchtopk / matryoshka: rate of the running mean that sets the inference threshold"""
-    lr: float = 1e-3
-    """Adam learning rate"""
-    batch_size: int = 1024
-    """token rows per step and process"""
-    n_tokens: int = field(default=2_000_000, alias=["--tokens"])
-    """training tokens"""
-    warmup_steps: int = 100
-    """linear lr warm-up steps"""
-    resample_every: int = 0
-    """standard: resample dead features every N steps (0: never)"""
-    init_b_dec: Literal["mean", "zero"] = "mean"
-    """b_dec starts at the mean input or at zero"""
-    seed: int = 0
-    """seed"""
-    corpus: str = "default"
-    """corpus spec (see headscope.data)"""
-    seq_len: int = 128
-    """tokens per sequence"""
-    buffer_tokens: int = 65536
-    """tokens in one shuffling block: bounds memory"""
-    cache: Optional[str] = None
-    """train from an activation cache written by `headscope sae cache`"""
-    checkpoint_every: int = 200
-    """steps between checkpoints"""
-
-    def __post_init__(self):
-        check(self.layer >= 0, f"--layer {self.layer} must be 0 or more")
-        for n in ("expansion", "k", "batch_size", "n_tokens", "seq_len", "buffer_tokens", "checkpoint_every"):
-            check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
-        check(self.d_sae is None or self.d_sae >= 1, "--d-sae must be at least 1")
-        check(self.bandwidth > 0 and self.l0_coeff >= 0, "--bandwidth must be positive and --l0 at least 0")
-
-    @property
-    def sae_name(self) -> str:
-        return self.name or f"L{self.layer}"
-
-    def config_kwargs(self) -> dict:
-        d = options_dict(self)
-        d.pop("name")
-        return d
+TrainOptions = TrainConfig
+"""``sae train``'s options are the trainer's configuration (sae/config.py)."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +226,7 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
     if dist.enabled:
         model.hf.to(dist.device(str(model.device)))
     res = run_train(model, run, opts.layer, name=opts.sae_name, dist=dist, progress=progress,
-                    **{k: v for k, v in opts.config_kwargs().items() if k != "layer"})
+                    **{k: v for k, v in options_dict(opts).items() if k not in ("layer", "name")})
     return {k: res[k] for k in ("name", "layer", "n_steps", "tokens", "tokens_per_s", "final") if k in res}
 
 

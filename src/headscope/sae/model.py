@@ -40,9 +40,11 @@ import torch
 from torch import nn
 
 from ..errors import HeadscopeError
+from .config import ARCHITECTURES
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
-TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
+TRAINABLE = ARCHITECTURES
+"""Architectures headscope trains (the choices of ``sae train --arch``)."""
 THRESHOLDED = ("jumprelu", "batchtopk", "matryoshka_batchtopk")
 """Architectures whose inference map is a JumpReLU (a ``threshold`` [F])."""
 

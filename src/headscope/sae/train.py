@@ -20,7 +20,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,82 +30,10 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from .config import TrainConfig
 from .io import save_sae
 from .model import AttnSAE, SAEConfig
 from .store import CacheSource, ModelSource, ShuffledBatches
-
-
-@dataclass
-class TrainConfig:
-    """Options of one SAE training run (everything that determines the result)."""
-
-    layer: int
-    """Layer whose z is encoded."""
-    architecture: str = "topk"
-    """``standard`` (ReLU + L1, the paper's), ``topk``, ``jumprelu``, ``batchtopk`` or ``matryoshka_batchtopk``."""
-    expansion: int = 4
-    """d_sae = expansion · d_in (ignored when ``d_sae`` is set)."""
-    d_sae: int | None = None
-    """Number of features."""
-    k: int = 32
-    """TopK: active features per token; BatchTopK / Matryoshka: on average over the batch."""
-    l1_coeff: float = 5.0
-    """Standard: L1 coefficient (in units of the normalised input, where E‖x‖ = sqrt(d_in))."""
-    l0_coeff: float = 1.0
-    """JumpReLU: L0 coefficient λ in MSE + λ·L0 (MSE in units of the normalised input, E‖x‖ = sqrt(d_in))."""
-    bandwidth: float = 0.05
-    """JumpReLU: width of the straight-through estimator's kernel."""
-    matryoshka_widths: str = ""
-    """Matryoshka: comma-separated nested prefix widths (default d_sae/16, /8, /4, /2, d_sae)."""
-    threshold_lr: float = 0.01
-    """BatchTopK / Matryoshka: rate of the running mean that sets the inference threshold."""
-    lr: float = 1e-3
-    """Adam learning rate (β = 0.9, 0.99)."""
-    batch_size: int = 1024
-    """Token rows per step per process."""
-    n_tokens: int = 2_000_000
-    """Training tokens (all processes together)."""
-    warmup_steps: int = 100
-    """Linear lr warm-up."""
-    decay_frac: float = 0.2
-    """Fraction of steps at the end over which lr decays linearly to zero."""
-    l1_warmup_frac: float = 0.05
-    """Fraction of steps over which the L1 coefficient ramps up from 0."""
-    k_aux: int = 256
-    """TopK: dead features used by the auxiliary loss."""
-    aux_coeff: float = 1 / 32
-    """TopK: weight of the auxiliary loss."""
-    dead_tokens: int | None = None
-    """A feature is dead after this many tokens without firing (default: n_tokens / 10, at most 10M)."""
-    resample_every: int = 0
-    """Standard: resample dead features every this many steps (0: never), at most ``resample_max`` times."""
-    resample_max: int = 4
-    init_b_dec: str = "mean"
-    """``mean`` (b_dec starts at the mean input) or ``zero`` (the reference code)."""
-    seed: int = 0
-    corpus: str = "default"
-    seq_len: int = 128
-    buffer_tokens: int = 65536
-    """Tokens per shuffling block (bounds the store's memory: buffer_tokens · d_in · 4 bytes)."""
-    model_batch: int = 16
-    """Sequences per model forward pass while streaming."""
-    cache: str | None = None
-    """Read activations from this disk cache (``headscope sae cache``) instead of running the model."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints."""
-
-    def resolved_d_sae(self, d_in: int) -> int:
-        return int(self.d_sae or self.expansion * d_in)
-
-    def n_steps(self, world_size: int = 1) -> int:
-        return max(1, self.n_tokens // (self.batch_size * world_size))
-
-    def result_keys(self) -> dict:
-        """Options that change the result (compared on resume)."""
-        d = asdict(self)
-        for k in ("checkpoint_every", "model_batch"):
-            d.pop(k)
-        return d
 
 
 def lr_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
@@ -205,20 +133,10 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
         raise HeadscopeError(f"unknown SAE training option(s): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(layer=layer, **options)
     model.check_layer(layer)
-    for key in ("batch_size", "n_tokens", "buffer_tokens", "expansion", "k", "bandwidth"):
-        if getattr(cfg, key) <= 0:
-            raise HeadscopeError(f"{key.replace('_', '-')} must be positive, got {getattr(cfg, key)}")
-    from .model import TRAINABLE
-    if cfg.architecture not in TRAINABLE:
-        raise HeadscopeError(f"cannot train SAE architecture '{cfg.architecture}' (choose from {', '.join(TRAINABLE)})")
     try:
         widths = [int(v) for v in cfg.matryoshka_widths.split(",") if v.strip()]
     except ValueError:
         raise HeadscopeError(f"matryoshka widths must be comma-separated integers, got '{cfg.matryoshka_widths}'") from None
-    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
-        raise HeadscopeError(f"learning rate must be a positive number, got {cfg.lr}")
-    if cfg.init_b_dec not in ("mean", "zero"):
-        raise HeadscopeError(f"init-b-dec must be 'mean' or 'zero', got '{cfg.init_b_dec}'")
     dist = dist or Distributed()
     name = name or f"L{layer}"
     out = sae_dir(run, name)
