@@ -11,7 +11,8 @@ from simple_parsing import field
 
 from ..options import check
 
-ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
+TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
+"""Architectures headscope trains (the choices of ``sae train --arch``)."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class TrainConfig:
         check(self.d_sae is None or self.d_sae >= 1, "--d-sae must be at least 1")
         check(self.bandwidth > 0 and self.l0_coeff >= 0, "--bandwidth must be positive and --l0 at least 0")
         check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
-        check(self.architecture in ARCHITECTURES,
-              f"cannot train SAE architecture '{self.architecture}' (choose from {', '.join(ARCHITECTURES)})")
+        check(self.architecture in TRAINABLE,
+              f"cannot train SAE architecture '{self.architecture}' (choose from {', '.join(TRAINABLE)})")
         check(self.init_b_dec in ("mean", "zero"), f"--init-b-dec must be 'mean' or 'zero', got '{self.init_b_dec}'")
 
     @property

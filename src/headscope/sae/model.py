@@ -40,11 +40,9 @@ import torch
 from torch import nn
 
 from ..errors import HeadscopeError
-from .config import ARCHITECTURES
+from .config import TRAINABLE
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
-TRAINABLE = ARCHITECTURES
-"""Architectures headscope trains (the choices of ``sae train --arch``)."""
 THRESHOLDED = ("jumprelu", "batchtopk", "matryoshka_batchtopk")
 """Architectures whose inference map is a JumpReLU (a ``threshold`` [F])."""
 
