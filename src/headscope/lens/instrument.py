@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 from simple_parsing import field
@@ -13,74 +13,29 @@ from simple_parsing.helpers import flag
 from ..options import check, options_dict
 from ..registry import Instrument
 from ..runs import Command, Stage
+from .lenses import LensConfig
+from .train import TrainConfig
 
 
-@dataclass(frozen=True)
-class TrainOptions:
+@dataclass
+class TrainOptions(TrainConfig, LensConfig):
     """Trains a lens for every head asked for: a closed-form start (least squares on the model's own logits,
-    per-head scale) refined by KL; resumable; torchrun-ready."""
+    per-head scale) refined by KL; resumable; torchrun-ready. The options are the lens parameterization
+    (LensConfig) and the trainer's configuration (TrainConfig), declared once there, plus which heads."""
 
     layers: str = "all"
     """'all', '18', '1,4', '10-13', '-4'"""
     heads: str = "all"
     """head indices for every layer ('all', '0,3') or sites '20.3,21.*'"""
-    kind: Literal["affine", "lowrank", "full"] = "affine"
-    """lens parameterization"""
-    norm: bool = False
-    """apply the model's final norm before W_U"""
-    rank: int = 64
-    """rank for --kind lowrank"""
-    vocab_bias: bool = flag(default=True, negative_prefix="--no-")
-    """learn the vocabulary bias c (affine/lowrank)"""
-    shared: Literal["none", "layer", "all"] = "none"
-    """one lens per head (none), per layer shared by its heads (layer), or one for all heads (all)"""
-    tokens: int = 4096
-    """tokens of KL refinement after the closed-form start (0: closed form only)"""
-    init: Literal["lstsq", "base", "identity"] = "lstsq"
-    """the start: closed-form least squares, the unembedding, or identity"""
-    init_tokens: int = 8192
-    """tokens for the closed-form statistics"""
-    objective: Literal["fkl", "rkl", "ce", "fkl_shortlist"] = "fkl"
-    """refinement objective"""
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """refinement optimizer"""
-    lr: float = 3e-4
-    """learning rate"""
-    warmup: int = 1
-    """warm-up steps"""
-    weight_decay: float = 0.0
-    """weight decay"""
-    clip: float = 1.0
-    """gradient-norm clip"""
-    batch_size: int = 8
-    """sequences per step"""
-    seq_len: int = 128
-    """tokens per sequence"""
-    corpus: str = "default"
-    """'default', a text file, a folder, a JSONL file"""
-    chunk_tokens: int = 256
-    """positions per vocabulary-logit chunk (memory bound)"""
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the lens logits"""
-    checkpoint_every: int = 50
-    """steps between checkpoints"""
-    seed: int = 0
-    """data and initialisation seed"""
 
     def __post_init__(self):
-        for name in ("init_tokens", "batch_size", "seq_len", "chunk_tokens", "checkpoint_every", "rank"):
-            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
-        check(self.tokens >= 0, "--tokens must be 0 or more")
-        check(self.lr > 0, "--lr must be positive")
+        self.configs()  # the trainer's own checks, before anything runs
 
-    def configs(self):
-        """The (LensConfig, TrainConfig) pair the trainer takes."""
-        from .lenses import LensConfig
-        from .train import TrainConfig
+    def configs(self) -> tuple[LensConfig, TrainConfig]:
+        """The (LensConfig, TrainConfig) pair the trainer takes, checked."""
         d = options_dict(self)
-        lens = LensConfig(**{k: d[k] for k in ("kind", "norm", "rank", "vocab_bias", "shared")})
-        train = TrainConfig(**{k: v for k, v in d.items()
-                               if k in TrainConfig.__dataclass_fields__})
+        lens = LensConfig(**{f.name: d[f.name] for f in fields(LensConfig)})
+        train = TrainConfig(**{f.name: d[f.name] for f in fields(TrainConfig)})
         return lens.check(), train.check()
 
 

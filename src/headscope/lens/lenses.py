@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
+from simple_parsing.helpers import flag
 from torch import nn
 
 from ..errors import HeadscopeError
@@ -51,15 +53,15 @@ SITE = "result"
 class LensConfig:
     """The parameterization of a bank of lenses."""
 
-    kind: str = "affine"
+    kind: Literal["affine", "lowrank", "full"] = "affine"
     """``affine``, ``lowrank`` or ``full`` (see module docstring)."""
     norm: bool = False
     """Apply the model's (frozen) final norm before the unembedding."""
     rank: int = 64
     """Rank of A for ``lowrank``."""
-    vocab_bias: bool = True
+    vocab_bias: bool = flag(default=True, negative_prefix="--no-")
     """Learn the vocabulary bias c (affine/lowrank): lets the lens carry token base rates."""
-    shared: str = "none"
+    shared: Literal["none", "layer", "all"] = "none"
     """``none`` (one lens per head), ``layer`` (one per layer, shared by its heads) or ``all`` (one lens
     for every head); ``True``/``False`` mean ``layer``/``none``."""
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
@@ -51,34 +52,42 @@ class TrainConfig:
     tokens: int = 4096
     """Training tokens of KL refinement after the closed-form start (0: the start alone). The default
     (8192 + 4096 tokens, Adam 3e-4) is the best measured CPU budget in docs/lens.md."""
-    init: str = "lstsq"
+    init: Literal["lstsq", "base", "identity"] = "lstsq"
     """``lstsq`` (closed-form least squares + scale calibration, see closed_form.py), ``base``
     (vocabulary bias at the log base rates, A = 0) or ``identity`` (step 0 = unembedding baseline)."""
     init_tokens: int = 8192
     """Tokens for the closed-form statistics (one pass, no gradients; costs about one model forward
     per token, shared by every head of every layer)."""
-    objective: str = "fkl"
+    objective: Literal["fkl", "rkl", "ce", "fkl_shortlist"] = "fkl"
     """``fkl``, ``rkl``, ``ce`` or ``fkl_shortlist`` (see objectives.py)."""
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     """``adam`` or ``sgd`` (SGD with Nesterov momentum 0.9, as tuned-lens)."""
     lr: float = 3e-4
+    """Learning rate of the refinement."""
     warmup: int = 1
     """Linear learning-rate warm-up steps (then linear decay to 0 at the last step)."""
     weight_decay: float = 0.0
+    """Weight decay of the refinement."""
     clip: float = 1.0
     """Per-lens gradient-norm clip (each head is clipped on its own)."""
     batch_size: int = 8
     """Sequences per step per rank."""
     seq_len: int = 128
+    """Tokens per sequence."""
     corpus: str = "default"
+    """'default', a text file, a folder or a JSONL file (see headscope.data)."""
     chunk_tokens: int = 256
     """Positions per lens-logit chunk (memory: K·chunk_tokens·V floats)."""
-    compute_dtype: str = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the big logit matmul: ``float32`` or ``bfloat16`` (parameters stay float32)."""
     checkpoint_every: int = 50
+    """Refinement steps between checkpoints."""
     seed: int = 0
+    """Data and initialisation seed."""
     shortlist_top_k: int = 32
+    """fkl_shortlist: the model's top tokens kept per position."""
     shortlist_negatives: int = 2048
+    """fkl_shortlist: random negative tokens per step."""
 
     def check(self) -> "TrainConfig":
         if self.init not in INITS:
