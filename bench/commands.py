@@ -24,7 +24,7 @@ import torch
 
 OVERRIDES = {
     "lens.train": {"layers": "18"},                 # default: all 270 heads (~30 min here)
-    "sae.train": {"layer": 18, "n_tokens": 262144},  # default: 2M tokens
+    "sae.train": {"layer": 18, "n_tokens": 65536},   # default: 2M tokens
     "sae.eval": {"name": "L18"}, "sae.analysis": {"name": "L18"}, "sae.dashboards": {"name": "L18"},
     "sae.ioi": {"name": "L18"},
     "neurons.mine": {"max_tokens": 65536},            # default: the whole corpus
