@@ -20,7 +20,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -118,29 +118,37 @@ def _resample(sae: AttnSAE, rows: torch.Tensor, dead: torch.Tensor, opt: torch.o
     return int(idx.numel())
 
 
-def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None, progress: bool = True,
-              stop_at_step: int | None = None, dist: Distributed | None = None, source=None, **options) -> dict:
-    """Train (or resume, or skip if done) an SAE on z of ``layer``; options are :class:`TrainConfig` fields.
+@dataclass
+class _Trainer:
+    """Everything one training run holds: the SAE and its optimizer, the batches, and the state a
+    checkpoint saves (step, input scale, history, firing counters, resamples, elapsed time)."""
 
-    Writes ``sae/<name>/`` (SAELens format: ``cfg.json``, ``sae_weights.safetensors``), ``train.json``
-    (config, history, throughput) and the checkpoint folder. ``stop_at_step`` stops after that many
-    steps with a checkpoint, as an interrupt would (used by the resume test). ``source``: any block
-    source (``ModelSource``, ``CacheSource``, ``MemorySource``) to use instead of the one the options
-    name. Returns train.json's dict.
-    """
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise HeadscopeError(f"unknown SAE training option(s): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(layer=layer, **options)
+    cfg: TrainConfig
+    scfg: SAEConfig
+    sae: AttnSAE
+    opt: torch.optim.Optimizer
+    batches: ShuffledBatches
+    dist: Distributed
+    n_steps: int
+    dead_tokens: int
+    step0: int = 0
+    scale: float = 1.0
+    history: list = field(default_factory=list)
+    n_resampled: int = 0
+    elapsed: float = 0.0
+    since_fired: torch.Tensor | None = None
+    """[F] tokens since each feature fired."""
+    fired_window: torch.Tensor | None = None
+    """[F] firings since the last resample."""
+
+
+def _build(model: Model, layer: int, cfg: TrainConfig, source, dist: Distributed) -> _Trainer:
+    """Check the options against the model and set up the SAE, its optimizer and the batches."""
     model.check_layer(layer)
     try:
         widths = [int(v) for v in cfg.matryoshka_widths.split(",") if v.strip()]
     except ValueError:
         raise HeadscopeError(f"matryoshka widths must be comma-separated integers, got '{cfg.matryoshka_widths}'") from None
-    dist = dist or Distributed()
-    name = name or f"L{layer}"
-    out = sae_dir(run, name)
-    stage = f"sae/{name}/train"
     device = model.device
     dist.init(str(device))
     d_in = model.n_heads * model.d_head
@@ -152,72 +160,136 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
     if source.d_in != d_in:
         raise HeadscopeError(f"activations have width {source.d_in}, but z of {model.name} has d_in {d_in}")
     batches = ShuffledBatches(source, layer, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    n_steps = cfg.n_steps(dist.world_size)
-    dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 20, min(10_000_000, cfg.n_tokens // 10))
     sae = AttnSAE(scfg, seed=cfg.seed).to(device)
     # fused Adam: one pass over each parameter per step instead of ~8 (profiled: the foreach Adam was
     # ~20 % of a TopK step on CPU)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=True)
-    ck = out / "checkpoint"
-    since_fired = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # tokens since each feature fired
-    fired_window = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)  # firings since the last resample
+    return _Trainer(cfg, scfg, sae, opt, batches, dist, n_steps=cfg.n_steps(dist.world_size),
+                    dead_tokens=cfg.dead_tokens or max(cfg.batch_size * 20, min(10_000_000, cfg.n_tokens // 10)),
+                    since_fired=torch.zeros(scfg.d_sae, dtype=torch.long, device=device),
+                    fired_window=torch.zeros(scfg.d_sae, dtype=torch.long, device=device))
+
+
+def _start(t: _Trainer, ck: Path, out: Path, layer: int, device) -> None:
+    """Resume from the checkpoint ``ck`` when it holds this training, else initialise: the input scale
+    (E‖x‖ = sqrt(d_in) on the first block) and b_dec, broadcast to every rank."""
+    cfg, dist = t.cfg, t.dist
     if (ck / "state.json").is_file() and read_json(ck / "state.json").get("config") != cfg.result_keys():
         # a checkpoint resumes only the same training; the stage contract reruns us when the options changed
         print(f"headscope: note: {ck} was made with other options: starting over", file=sys.stderr)
         shutil.rmtree(ck, ignore_errors=True)
     if (ck / "state.json").is_file():
-        state, since_fired, fired_window = _load_checkpoint(ck, sae, opt, device)
+        state, since_fired, t.fired_window = _load_checkpoint(ck, t.sae, t.opt, device)
         if state.get("world_size", 1) != dist.world_size:
             raise HeadscopeError(f"{out} holds a checkpoint made with {state.get('world_size', 1)} processes, not "
                                  f"{dist.world_size}: resume with the same number of processes")
-        since_fired = since_fired.to(device)
-        step0, scale, history = int(state["step"]), float(state["scale"]), state["history"]
-        n_resampled, elapsed = int(state.get("resamples", 0)), float(state.get("elapsed_s", 0.0))
-    else:
-        first = batches.block_rows(0).to(device)
-        if not torch.isfinite(first).all():
-            raise HeadscopeError(f"non-finite z activations at layer {layer} in the first block (before step 0)")
-        scale_t = torch.tensor(math.sqrt(d_in) / first.norm(dim=1).mean().clamp_min(1e-12).item(), device=device)
-        dist.broadcast(scale_t)
-        scale = float(scale_t)
-        if cfg.init_b_dec == "mean":
-            with torch.no_grad():
-                sae.b_dec.copy_(first.mean(0) * scale)
-        for p in sae.parameters():
-            dist.broadcast(p.data)
-        step0, history, n_resampled, elapsed = 0, [], 0, 0.0
+        t.since_fired = since_fired.to(device)
+        t.step0, t.scale, t.history = int(state["step"]), float(state["scale"]), state["history"]
+        t.n_resampled, t.elapsed = int(state.get("resamples", 0)), float(state.get("elapsed_s", 0.0))
+        return
+    first = t.batches.block_rows(0).to(device)
+    if not torch.isfinite(first).all():
+        raise HeadscopeError(f"non-finite z activations at layer {layer} in the first block (before step 0)")
+    d_in = t.scfg.d_in
+    scale_t = torch.tensor(math.sqrt(d_in) / first.norm(dim=1).mean().clamp_min(1e-12).item(), device=device)
+    dist.broadcast(scale_t)
+    t.scale = float(scale_t)
+    if cfg.init_b_dec == "mean":
+        with torch.no_grad():
+            t.sae.b_dec.copy_(first.mean(0) * t.scale)
+    for p in t.sae.parameters():
+        dist.broadcast(p.data)
+
+
+def _step(t: _Trainer, step: int, x: torch.Tensor, layer: int):
+    """One optimisation step on the scaled batch ``x`` [N, d_in]; returns (losses, forward output)."""
+    cfg, sae, opt, dist = t.cfg, t.sae, t.opt, t.dist
+    for pg in opt.param_groups:
+        pg["lr"] = lr_at(cfg, step, t.n_steps)
+    ramp = min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * t.n_steps)))
+    o = sae.train_forward(x)
+    losses = sae.loss(x, o, l1_coeff=cfg.l1_coeff * ramp, dead=t.since_fired >= t.dead_tokens, k_aux=cfg.k_aux,
+                      aux_coeff=cfg.aux_coeff, l0_coeff=cfg.l0_coeff * ramp)
+    if not torch.isfinite(losses["loss"]):   # checked on the loss: one scalar, not a pass over x
+        if not torch.isfinite(x).all():
+            raise HeadscopeError(f"non-finite z activations at layer {layer} in the batch of step {step}")
+        raise HeadscopeError(f"SAE loss became {losses['loss'].item()} at step {step}; lower --lr")
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    dist.all_reduce_grads(sae.parameters())
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalize_decoder()
+    sae.after_step(o, cfg.threshold_lr)
+    with torch.no_grad():
+        fired = o.fired()
+        dist.all_reduce(fired, "sum")
+        t.since_fired = torch.where(fired > 0, torch.zeros_like(t.since_fired),
+                                    t.since_fired + x.shape[0] * dist.world_size)
+        t.fired_window += fired
+    return losses, o
+
+
+def _maybe_resample(t: _Trainer, step: int) -> None:
+    """Standard SAEs: resample dead features every ``resample_every`` steps, at most ``resample_max`` times."""
+    cfg = t.cfg
+    if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
+            and t.n_resampled < cfg.resample_max and step + 1 < t.n_steps:
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        n_dead = _resample(t.sae, t.batches.block_rows(step) * t.scale, t.fired_window == 0, t.opt, g)
+        for p in t.sae.parameters():
+            t.dist.broadcast(p.data)
+        t.fired_window.zero_()
+        t.n_resampled += 1
+        t.history.append({"step": step + 1, "resampled": n_dead})
+
+
+def _summary(t: _Trainer, name: str, layer: int, final: AttnSAE, seconds: float) -> dict:
+    """train.json: the weights' fingerprint, the configuration, throughput and the history."""
+    import hashlib
+    cfg, dist = t.cfg, t.dist
+    fp = hashlib.sha1(b"".join(getattr(final, k).detach().contiguous().numpy().tobytes()
+                               for k in final.param_names())).hexdigest()[:16]
+    return {"weights_sha1": fp, "name": name, "layer": layer, "sae": t.scfg.to_dict() | {"model": None},
+            "config": asdict(cfg), "n_steps": t.n_steps, "tokens": t.n_steps * cfg.batch_size * dist.world_size,
+            "world_size": dist.world_size, "input_scale": t.scale, "elapsed_s": t.elapsed,
+            "tokens_per_s": ((t.n_steps - t.step0) * cfg.batch_size * dist.world_size / max(1e-9, seconds))
+            if t.n_steps > t.step0 else None,   # None: everything came from the checkpoint
+            "final": next((h for h in reversed(t.history) if "l0" in h), {}), "history": t.history}
+
+
+def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None, progress: bool = True,
+              stop_at_step: int | None = None, dist: Distributed | None = None, source=None, **options) -> dict:
+    """Train (or resume) an SAE on z of ``layer``; options are :class:`TrainConfig` fields.
+
+    Writes ``sae/<name>/`` (SAELens format: ``cfg.json``, ``sae_weights.safetensors``), ``train.json``
+    (config, history, throughput) and the checkpoint folder. ``stop_at_step`` stops after that many
+    steps with a checkpoint, as an interrupt would (used by the resume test). ``source``: any block
+    source (``ModelSource``, ``CacheSource``, ``MemorySource``) to use instead of the one the options
+    name. Returns train.json's dict. The pieces: :func:`_build`, :func:`_start`, :func:`_step`,
+    :func:`_maybe_resample`, :func:`_summary`.
+    """
     from tqdm import tqdm
-    bar = tqdm(total=n_steps, initial=step0, desc=f"SAE {name} (layer {layer})", unit=" step", file=sys.stderr,
+    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise HeadscopeError(f"unknown SAE training option(s): {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(layer=layer, **options)
+    dist = dist or Distributed()
+    name = name or f"L{layer}"
+    out = sae_dir(run, name)
+    ck = out / "checkpoint"
+    t = _build(model, layer, cfg, source, dist)
+    _start(t, ck, out, layer, model.device)
+    bar = tqdm(total=t.n_steps, initial=t.step0, desc=f"SAE {name} (layer {layer})", unit=" step", file=sys.stderr,
                disable=not (progress and dist.primary))
     t0 = time.time()
-    stop = n_steps if stop_at_step is None else min(n_steps, stop_at_step)
+    stop = t.n_steps if stop_at_step is None else min(t.n_steps, stop_at_step)
     acc = {"loss": 0.0, "mse": 0.0, "l0": 0.0, "fve": 0.0, "n": 0}
-    step = step0
-    for step, x in batches.iterate(step0, stop):
-        x = x.to(device) * scale
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(cfg, step, n_steps)
-        l1 = cfg.l1_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps)))
-        dead = since_fired >= dead_tokens
-        o = sae.train_forward(x)
-        losses = sae.loss(x, o, l1_coeff=l1, dead=dead, k_aux=cfg.k_aux, aux_coeff=cfg.aux_coeff,
-                          l0_coeff=cfg.l0_coeff * min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * n_steps))))
-        if not torch.isfinite(losses["loss"]):   # checked on the loss: one scalar, not a pass over x
-            if not torch.isfinite(x).all():
-                raise HeadscopeError(f"non-finite z activations at layer {layer} in the batch of step {step}")
-            raise HeadscopeError(f"SAE loss became {losses['loss'].item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        dist.all_reduce_grads(sae.parameters())
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
-        sae.after_step(o, cfg.threshold_lr)
+    step = t.step0
+    for step, x in t.batches.iterate(t.step0, stop):
+        x = x.to(model.device) * t.scale
+        losses, o = _step(t, step, x, layer)
         with torch.no_grad():
-            fired = o.fired()
-            dist.all_reduce(fired, "sum")
-            since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + x.shape[0] * dist.world_size)
-            fired_window += fired
             acc["loss"] += losses["loss"].item()
             acc["mse"] += losses["mse"].item()
             acc["l0"] += o.l0()
@@ -225,48 +297,33 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
             if (step + 1) % 10 == 0 or step + 1 == stop:   # FVE of the logged step's batch (a pass over x)
                 var = x.var(0, unbiased=False).sum() * x.shape[0]
                 acc["fve"] = 1 - (losses["mse"].item() * x.shape[0] / var.clamp_min(1e-12)).item()
-        if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
-                and n_resampled < cfg.resample_max and step + 1 < n_steps:
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-            n_dead = _resample(sae, batches.block_rows(step) * scale, fired_window == 0, opt, g)
-            for p in sae.parameters():
-                dist.broadcast(p.data)
-            fired_window.zero_()
-            n_resampled += 1
-            history.append({"step": step + 1, "resampled": n_dead})
+        _maybe_resample(t, step)
         if (step + 1) % 10 == 0 or step + 1 == stop:
             n = max(1, acc["n"])
             rec = {"step": step + 1, "loss": acc["loss"] / n, "mse": acc["mse"] / n, "l0": acc["l0"] / n,
-                   "fve": acc["fve"], "dead_frac": float((since_fired >= dead_tokens).float().mean()),
-                   "lr": lr_at(cfg, step, n_steps)}
-            history.append(rec)
+                   "fve": acc["fve"], "dead_frac": float((t.since_fired >= t.dead_tokens).float().mean()),
+                   "lr": lr_at(cfg, step, t.n_steps)}
+            t.history.append(rec)
             acc = {k: 0.0 for k in acc} | {"n": 0}
             bar.set_postfix(L0=f"{rec['l0']:.1f}", MSE=f"{rec['mse']:.3g}", FVE=f"{rec['fve']:.3f}",
                             dead=f"{rec['dead_frac']:.2f}")
         bar.update(1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
             if dist.primary:
-                _save_checkpoint(ck, sae, opt, {"step": step + 1, "scale": scale, "history": history,
-                                                "resamples": n_resampled, "config": cfg.result_keys(),
-                                                "world_size": dist.world_size,
-                                                "elapsed_s": elapsed + time.time() - t0,
-                                                "_fired_window": fired_window}, since_fired)
+                _save_checkpoint(ck, t.sae, t.opt, {"step": step + 1, "scale": t.scale, "history": t.history,
+                                                    "resamples": t.n_resampled, "config": cfg.result_keys(),
+                                                    "world_size": dist.world_size,
+                                                    "elapsed_s": t.elapsed + time.time() - t0,
+                                                    "_fired_window": t.fired_window}, t.since_fired)
             dist.barrier()
     bar.close()
-    elapsed += time.time() - t0
-    done_steps = step + 1 if stop > step0 else step0
-    if done_steps < n_steps:
-        return {"name": name, "stopped_at_step": done_steps, "n_steps": n_steps}
-    final = fold_scale(sae, scale)
-    import hashlib
-    fp = hashlib.sha1(b"".join(getattr(final, k).detach().contiguous().numpy().tobytes()
-                               for k in final.param_names())).hexdigest()[:16]
-    summary = {"weights_sha1": fp, "name": name, "layer": layer, "sae": scfg.to_dict() | {"model": None}, "config": asdict(cfg),
-               "n_steps": n_steps, "tokens": n_steps * cfg.batch_size * dist.world_size, "world_size": dist.world_size,
-               "input_scale": scale, "elapsed_s": elapsed,
-               "tokens_per_s": ((n_steps - step0) * cfg.batch_size * dist.world_size / max(1e-9, time.time() - t0))
-               if n_steps > step0 else None,   # None: everything came from the checkpoint
-               "final": next((h for h in reversed(history) if "l0" in h), {}), "history": history}
+    seconds = time.time() - t0
+    t.elapsed += seconds
+    done_steps = step + 1 if stop > t.step0 else t.step0
+    if done_steps < t.n_steps:
+        return {"name": name, "stopped_at_step": done_steps, "n_steps": t.n_steps}
+    final = fold_scale(t.sae, t.scale)
+    summary = _summary(t, name, layer, final, seconds)
     if dist.primary:
         save_sae(final, out)
         write_json(out / "train.json", summary)
