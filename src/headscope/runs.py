@@ -253,24 +253,16 @@ def resolve(ref: str) -> Callable:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One step of the pipeline. ``func`` (``"module:function"``) is ``fn(model, run, opts, progress) ->
-    dict``: it does its work unconditionally (whether to run at all is :func:`run_stage`'s decision) and
-    writes the artifacts ``writes(opts)`` (paths relative to the run directory; files or folders). It may
-    read only ``reads(opts)`` from the run directory (plus the model and corpora named by its options)."""
+class _Declared:
+    """What a stage and a command both are: ``<instrument>.<step>``, its options dataclass and its function."""
 
     name: str
-    """``<instrument>.<step>``: the CLI command ``headscope <instrument> <step>`` and the study table
-    ``[<instrument>.<step>]``."""
+    """``<instrument>.<step>``: the CLI command ``headscope <instrument> <step>`` (and, for a stage, the study
+    table ``[<instrument>.<step>]``)."""
     options: type
-    """The frozen options dataclass (see :mod:`headscope.options`)."""
+    """The options dataclass (see :mod:`headscope.options`)."""
     func: str
-    reads: Callable[[Any], Iterable[str]] = _no_paths
-    writes: Callable[[Any], Iterable[str]] = _no_paths
-    doc: str = ""
-    report: str | None = None
-    """``"module:function"`` printing a short human summary after the CLI ran the stage: ``fn(summary, opts,
-    run)``. Without it the CLI prints where the artifacts are."""
+    """``"module:function"``."""
 
     @property
     def instrument(self) -> str:
@@ -282,27 +274,31 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Command:
+class Stage(_Declared):
+    """One step of the pipeline. ``func`` (``"module:function"``) is ``fn(model, run, opts, progress) ->
+    dict``: it does its work unconditionally (whether to run at all is :func:`run_stage`'s decision) and
+    writes the artifacts ``writes(opts)`` (paths relative to the run directory; files or folders). It may
+    read only ``reads(opts)`` from the run directory (plus the model and corpora named by its options)."""
+
+    reads: Callable[[Any], Iterable[str]] = _no_paths
+    writes: Callable[[Any], Iterable[str]] = _no_paths
+    doc: str = ""
+    report: str | None = None
+    """``"module:function"`` printing a short human summary after the CLI ran the stage: ``fn(summary, opts,
+    run)``. Without it the CLI prints where the artifacts are."""
+
+
+@dataclass(frozen=True)
+class Command(_Declared):
     """A CLI command that is no pipeline stage (a query such as ``lens show``): ``fn(model, run, opts) ->
     int`` (``fn(run, opts)`` when ``needs_model`` is false). It keeps no record and is never skipped."""
 
-    name: str
-    options: type
-    func: str
     doc: str = ""
     needs_model: bool = True
     run_positional: bool = False
     """Take the run directory as a positional argument instead of ``--out``."""
     new_run: bool = False
     """The command may create the run directory (else the run directory must exist)."""
-
-    @property
-    def instrument(self) -> str:
-        return self.name.split(".")[0]
-
-    @property
-    def step(self) -> str:
-        return self.name.split(".", 1)[1]
 
 
 def check_inputs(run_path: Path, stage: Stage, opts, writer_of: Callable[[str], str | None] | None = None) -> dict:
