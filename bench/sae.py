@@ -84,6 +84,9 @@ def child(args) -> dict:
             out = sae.decode(sae.encode(x))
             fve = float(1 - (out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
             l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
+            o = sae.train_forward(x)   # the training map (BatchTopK: top k·B over the batch)
+            fve_train = _fve(o.recon, x)
+            l0_train = o.l0()
         # run_train has no per-step timer: time the warm-up separately with a short run and subtract
         t1 = time.time()
         run_train(_Model(), RunDir(tempfile.mkdtemp(), {"model": "bench"}), args.layer, source=src, progress=False,
@@ -127,6 +130,11 @@ def child(args) -> dict:
         total = end - t0
         timed = end - stamps[args.warmup] if len(stamps) > args.warmup else total
         tps = (args.steps - args.warmup) * args.batch_size / max(1e-9, timed)
+        with torch.no_grad():   # the training map (BatchTopK: top k·B over the batch)
+            x = rows[-args.batch_size:]
+            acts = sae.encode(x)
+            fve_train = _fve(sae.decode(acts), x)
+            l0_train = float((acts > 0).float().sum(-1).mean())
         # evaluate SAELens' inference SAE (BatchTopK: its JumpReLU with the learned threshold), as for headscope
         from sae_lens import SAE
         inf_dir = tempfile.mkdtemp()
@@ -139,7 +147,12 @@ def child(args) -> dict:
             l0 = float((sae.encode(x) > 0).float().sum(-1).mean())
     peak = (torch.cuda.max_memory_allocated() / 2**20) if args.device.startswith("cuda") else _peak_mb() - base
     return {"trainer": args.child, "tokens_per_s": tps, "seconds": total, "peak_mem_mb": peak,
-            "peak_kind": "cuda max allocated" if args.device.startswith("cuda") else "RSS growth", "fve": fve, "l0": l0}
+            "peak_kind": "cuda max allocated" if args.device.startswith("cuda") else "RSS growth", "fve": fve, "l0": l0,
+            "fve_train_map": fve_train, "l0_train_map": l0_train}
+
+
+def _fve(recon, x) -> float:
+    return float(1 - (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 def main() -> int:
@@ -213,10 +226,13 @@ def main() -> int:
           f"{torch.get_num_threads()} threads")
     print(f"matmul {args.batch_size}x{d_in}x{d_sae}: {rate:.0f} GFLOP/s (runs: {', '.join(f'{m:.0f}' for m in mm)}) "
           f"-> matmul-bound rate {bound:.0f} tokens/s (3 matmuls per step)")
-    print(f"{'trainer':<10} {'tokens/s':>10} {'GFLOP/s':>8} {'% bound':>8} {'peak MB':>9} {'FVE':>6} {'L0':>5}")
+    print("FVE / L0: the saved (inference) SAE on the last batch, then the training map on the same batch "
+          "(BatchTopK: SAELens' inference threshold starts at 0 and moves by 1 % a step, so a short run's is low)")
+    print(f"{'trainer':<10} {'tokens/s':>10} {'GFLOP/s':>8} {'% bound':>8} {'peak MB':>9} {'FVE':>7} {'L0':>7} "
+          f"{'FVE tr':>7} {'L0 tr':>6}")
     for r in results:
         print(f"{r['trainer']:<10} {r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {100 * r['frac_of_matmul_bound']:>7.0f}% "
-              f"{r['peak_mem_mb']:>9.1f} {r['fve']:>6.3f} {r['l0']:>5.1f}")
+              f"{r['peak_mem_mb']:>9.1f} {r['fve']:>7.3f} {r['l0']:>7.1f} {r['fve_train_map']:>7.3f} {r['l0_train_map']:>6.1f}")
     if args.repeats > 1:
         for r in results:
             print(f"  {r['trainer']} runs: {', '.join(f'{v:.0f}' for v in r['all_tokens_per_s'])} tokens/s")

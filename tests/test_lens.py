@@ -68,7 +68,7 @@ def test_closed_form_matches_numpy_lstsq(models):
     m = models["llama_gqa"]
     sites = [(1, 0), (2, 2)]
     bank = LensBank(m, sites, LensConfig(kind="affine"))
-    mo = Moments(bank)
+    mo = Moments(bank, z=False)   # fed head results (the z-space sums are checked against these below)
     Rs, lps = [], []
     for s in range(3):
         R, lp = site_batch(m, _ids(s, 4, 16), sites)
@@ -95,10 +95,52 @@ def test_closed_form_matches_numpy_lstsq(models):
     np.testing.assert_allclose(out - out.mean(), c0 - c0.mean(), atol=2e-3)
 
 
+@pytest.mark.parametrize("family,kind,shared", [("llama_gqa", "affine", "none"), ("gpt2", "lowrank", "none"),
+                                                ("gpt2", "affine", "layer"), ("gemma2", "affine", "none")])
+def test_z_space_fit_and_logits_equal_result_space(models, family, kind, shared):
+    """A lens that reads z (sums of z·zᵀ, the solve in the span of W_O, logits through z·Bz) gives the
+    same parameters, the same calibrated scale and the same logits as the same lens fitted and applied
+    on the head results r = z·W_O — including shared lenses and a control site."""
+    from headscope.lens.closed_form import calibrate_scale
+    from headscope.lens.sampling import select_positions
+    from headscope.lens.train import control_sites
+    m = models[family]
+    sites = [(1, 0), (1, 1), (2, 1)]
+    banks, fed = {}, {}
+    for space in ("result", "z"):
+        bank = LensBank(m, sites, LensConfig(kind=kind, rank=3, shared=shared), controls=control_sites(sites))
+        mo = Moments(bank, z=space == "z")
+        assert mo.z == (space == "z")
+        calib = None
+        for s in range(3):
+            ids = _ids(s, 4, 16)
+            X, lp = site_batch(m, ids, bank.all_sites, space=space)
+            X, lp, _ = select_positions(X, lp, ids, len(bank.control_sites), torch.Generator().manual_seed(s))
+            mo.update(X, lp)
+            calib = calib or (X, lp)
+        mo.solve()
+        scale = calibrate_scale(bank, *calib, mo.null_logits(), z=space == "z")
+        banks[space], fed[space] = (bank, scale), calib
+    (br, sr), (bz, sz) = banks["result"], banks["z"]
+    torch.testing.assert_close(sz, sr, rtol=1e-3, atol=1e-4)
+    for name, v in br.state_dict().items():
+        if name not in ("U", "Vt"):   # a low-rank factorisation is unique only up to signs: compare U·Vt
+            torch.testing.assert_close(bz.state_dict()[name], v, rtol=2e-3, atol=1e-3 * float(v.abs().max()), msg=name)
+    if kind == "lowrank":
+        A = br.U @ br.Vt
+        torch.testing.assert_close(bz.U @ bz.Vt, A, rtol=2e-3, atol=1e-3 * float(A.abs().max()))
+    Z, R = fed["z"][0], fed["result"][0]
+    rows = list(range(len(bz.all_sites)))
+    W_O = torch.stack([m.W_O(l)[h] for l, h in bz.all_sites]).float()
+    torch.testing.assert_close(torch.bmm(Z, W_O), R, rtol=1e-4, atol=1e-5)   # the same positions and donors
+    with torch.no_grad():
+        torch.testing.assert_close(bz.logits_from_z(Z, bz.z_maps(rows), rows), bz(R), rtol=1e-4, atol=1e-4)
+
+
 def test_lowrank_closed_form_is_low_rank(models):
     m = models["gpt2"]
     bank = LensBank(m, [(1, 0)], LensConfig(kind="lowrank", rank=3))
-    mo = Moments(bank)
+    mo = Moments(bank, z=False)
     for s in range(2):
         mo.update(*site_batch(m, _ids(s, 4, 16), bank.sites))
     mo.solve()
@@ -266,7 +308,7 @@ def test_scale_calibration_minimises_kl(models, family, kind, cap):
         m.hf.config.final_logit_softcapping = cap
     sites = [(1, 0), (2, 1)]
     bank = LensBank(m, sites, LensConfig(kind=kind))
-    mo = Moments(bank)
+    mo = Moments(bank, z=False)
     R, lp = site_batch(m, _ids(0, 4, 32), sites)
     mo.update(R, lp)
     mo.solve()

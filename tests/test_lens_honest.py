@@ -32,12 +32,21 @@ SITE = (2, 1)
 OTHER = [(1, 0), (2, 3)]
 
 
+@pytest.fixture(autouse=True)
+def _lenses_read_r(monkeypatch):
+    """These tests inject head outputs anywhere in d, not only in the span of W_O[h], so the lenses read
+    r and not z (the z path equals the r path on real head outputs: tests/test_lens.py)."""
+    from headscope.lens.lenses import LensBank
+    monkeypatch.setattr(LensBank, "reads_z", lambda self: False)
+
+
 def _patch(monkeypatch, fn, site=SITE):
     """Replace the output of ``site`` by ``fn(ids [B, S], logp [B·S, V], r [B·S, d]) -> [B·S, d]``
     everywhere the lens code reads head outputs (train, eval, show, scan)."""
     orig = collect.site_batch
 
-    def patched(model, ids, sites, logprobs=True, interventions=()):
+    def patched(model, ids, sites, logprobs=True, interventions=(), space="result"):
+        assert space == "result"
         R, lp = orig(model, ids, sites, logprobs=True, interventions=interventions)
         for k, s in enumerate(sites):
             if tuple(s) == site:
@@ -112,7 +121,8 @@ def test_control_lens_sits_at_zero_and_real_signal_is_found(tmp_path, model, mon
     _patch(monkeypatch, oracle_head(model), site=(2, 1))
     orig_fn = train_mod.site_batch
 
-    def both(m, ids, sites, logprobs=True, interventions=()):
+    def both(m, ids, sites, logprobs=True, interventions=(), space="result"):
+        assert space == "result"
         R, lp = orig_fn(m, ids, sites, logprobs=True, interventions=interventions)
         for k, s in enumerate(sites):
             if tuple(s) == (1, 0):

@@ -167,9 +167,21 @@ def test_batch_topk_candidates_exact():
     g = torch.Generator().manual_seed(0)
     r = torch.randn(64, 200, generator=g).relu()
     r[5] += 10.0                                   # row 5 holds far more than 4·n/N of the top entries
-    for m in (r, torch.randn(64, 200, generator=g).relu(), torch.zeros(64, 200)):
-        n = 3 * 64
-        got = _batch_topk_flat(m, n)
-        want = m.flatten().topk(n).indices
-        assert got.numel() == n and torch.equal(torch.sort(m.flatten()[got]).values, torch.sort(m.flatten()[want]).values)
-        assert torch.equal(got, got.sort().values)
+    pre = torch.randn(64, 200, generator=g)
+    tied = pre.clone()
+    n = 3 * 64
+    cut = float(pre.flatten().topk(n).values[-1])
+    tied[tied > 0.8 * cut] = tied[tied > 0.8 * cut].round(decimals=1)   # ties at the cut: the guess path must give up
+    cases = [(r, 0.0), (torch.randn(64, 200, generator=g).relu(), 0.0), (torch.zeros(64, 200), 0.0),
+             (pre, 0.0), (pre, 0.8 * cut),     # the guess path (training's: a guess below the cut)
+             (pre, 1.2 * cut),                 # guess above the cut: fewer than n pass it
+             (pre, 0.05 * cut),                # guess far below: more than 4n pass it
+             (tied, 0.8 * cut)]
+    for m, guess in cases:
+        got = _batch_topk_flat(m, n, guess)
+        want = m.relu().flatten().topk(n).indices
+        assert got.numel() == n and torch.equal(torch.sort(m.relu().flatten()[got]).values,
+                                                torch.sort(m.relu().flatten()[want]).values)
+        assert torch.equal(got, got.sort().values) and got.unique().numel() == n
+        if guess == 0.8 * cut and m is pre:   # no ties: the very same set
+            assert torch.equal(got, want.sort().values)

@@ -34,21 +34,34 @@ from .lenses import LensBank, softcap
 
 class Moments:
     """Running sums for the closed-form fit: n, Σp [V], and per lens Σr [L,d'], Σrrᵀ [L,d',d'],
-    Σx [L?,D], Σrxᵀ [L,d',D] (D = d for affine/lowrank, V for full; d' = d)."""
+    Σx [L?,D], Σrxᵀ [L,d',D] (D = d for affine/lowrank, V for full; d' = d).
 
-    def __init__(self, bank: LensBank):
+    For a bank that reads z (:meth:`LensBank.reads_z`: affine/lowrank without the norm) the sums are
+    kept per site in z-space instead — Σz [K, Dh], Σzzᵀ [K, Dh, Dh], Σzxᵀ [K, Dh, d] — and ``update``
+    takes z [K, N, Dh]: r = z·W_O, so Σrrᵀ = W_Oᵀ·Σzzᵀ·W_O (and so on) exactly, at (Dh/d)² of the
+    cost, and a lens of one head is solved in the Dh-dimensional span of W_O[h] (:func:`_solve_in_span`)."""
+
+    def __init__(self, bank: LensBank, z: bool | None = None):
         self.bank = bank
         m = bank.model
         d, V = m.d_model, m.d_vocab
         self.full = bank.cfg.kind == "full"
         self.fit_linear = self.full or not bank.cfg.norm
+        self.z = bank.reads_z() if z is None else (z and bank.reads_z())
         L = bank.n_lenses
         D = V if self.full else d
         f64 = torch.float64
         self.n = torch.zeros((), dtype=f64)
-        self.n_site = torch.zeros(L, dtype=f64)
         self.psum = torch.zeros(V, dtype=f64)
-        if self.fit_linear:
+        if self.z:
+            K, Dh = len(bank.all_sites), m.d_head
+            self.n_site = torch.zeros(K, dtype=f64)
+            self.rsum = torch.zeros(K, Dh, dtype=f64)     # Σz per site
+            self.rr = torch.zeros(K, Dh, Dh, dtype=f64)   # Σzzᵀ
+            self.xsum = torch.zeros(K, D, dtype=f64)
+            self.rx = torch.zeros(K, Dh, D, dtype=f64)    # Σzxᵀ
+        elif self.fit_linear:
+            self.n_site = torch.zeros(L, dtype=f64)
             self.rsum = torch.zeros(L, d, dtype=f64)
             self.rr = torch.zeros(L, d, d, dtype=f64)
             self.xsum = torch.zeros(L, D, dtype=f64)
@@ -62,7 +75,7 @@ class Moments:
 
     @torch.no_grad()
     def update(self, R: torch.Tensor, logp: torch.Tensor) -> None:
-        """Add a batch: R [K, N, d] site results, logp [N, V]."""
+        """Add a batch: R [K, N, d] site results (z [K, N, Dh] for a bank that reads z), logp [N, V]."""
         if self.full and self.bank.cfg.norm:  # the regressor is N(r), computed where the model lives
             R = self.bank.norm(R.to(self.bank.model.device))
         R, logp = R.float().cpu(), logp.float().cpu()
@@ -76,14 +89,14 @@ class Moments:
             X = y
         else:
             X = y @ self.P.T  # [N, d]
-        idx = self.bank.lens_index.cpu()
-        for k in range(R.shape[0]):
-            li = int(idx[k])
+        Xs = X.sum(0).double()
+        idx = range(R.shape[0]) if self.z else self.bank.lens_index.cpu().tolist()
+        for k, li in enumerate(idx):
             r = R[k].double()
             self.n_site[li] += r.shape[0]
             self.rsum[li] += r.sum(0)
             self.rr[li] += r.T @ r
-            self.xsum[li] += X.sum(0).double()
+            self.xsum[li] += Xs
             self.rx[li] += (R[k].T @ X).double()
 
     def all_reduce(self, dist: Distributed) -> None:
@@ -94,6 +107,29 @@ class Moments:
     def null_logits(self) -> torch.Tensor:
         """c0 = log of the mean predicted distribution [V] (float32)."""
         return torch.log((self.psum / self.n).clamp_min(1e-30)).float()
+
+    def _lens_sums(self) -> tuple[torch.Tensor, ...]:
+        """(n [L], Σr [L, d], Σrrᵀ [L, d, d], Σx [L, D], Σrxᵀ [L, d, D]) in r-space, per lens."""
+        if not self.z:
+            return self.n_site, self.rsum, self.rr, self.xsum, self.rx
+        bank, m = self.bank, self.bank.model
+        L, d = bank.n_lenses, m.d_model
+        D = self.xsum.shape[1]
+        f64 = torch.float64
+        n, rsum, rr = torch.zeros(L, dtype=f64), torch.zeros(L, d, dtype=f64), torch.zeros(L, d, d, dtype=f64)
+        xsum, rx = torch.zeros(L, D, dtype=f64), torch.zeros(L, d, D, dtype=f64)
+        for k, li in enumerate(bank.lens_index.cpu().tolist()):
+            W = self._W_O(k)
+            n[li] += self.n_site[k]
+            rsum[li] += self.rsum[k] @ W
+            rr[li] += W.T @ self.rr[k] @ W
+            xsum[li] += self.xsum[k]
+            rx[li] += W.T @ self.rx[k]
+        return n, rsum, rr, xsum, rx
+
+    def _W_O(self, k: int) -> torch.Tensor:
+        l, h = self.bank.all_sites[k]
+        return self.bank.model.W_O(l)[h].detach().double().cpu()   # [Dh, d]
 
     @torch.no_grad()
     def solve(self, ridge: float = 1e-3) -> None:
@@ -107,16 +143,23 @@ class Moments:
             if bank.cfg.vocab_bias:
                 bank.c.copy_((c0 - b_U).expand_as(bank.c))
             return
-        n = self.n_site.clamp_min(1).view(-1, 1)
-        rbar = self.rsum / n
-        xbar = self.xsum / n
-        C_rr = self.rr / n.unsqueeze(-1) - rbar.unsqueeze(-1) * rbar.unsqueeze(-2)
-        C_rx = self.rx / n.unsqueeze(-1) - rbar.unsqueeze(-1) * xbar.unsqueeze(-2)
-        d = C_rr.shape[-1]
-        lam = ridge * C_rr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-        if not (torch.isfinite(C_rr).all() and torch.isfinite(C_rx).all()):
-            raise HeadscopeError("closed-form lens statistics are not finite (overflow in the head outputs?); use --init base")
-        M = _spd_solve(C_rr, C_rx, lam)  # [L, d, D]
+        own = bank.lens_index.cpu().tolist()
+        single = {li: k for k, li in enumerate(own) if own.count(li) == 1} if self.z else {}
+        if self.z and len(single) == bank.n_lenses:   # one head per lens: solve in the span of W_O[h]
+            fits = [_solve_in_span(self, single[li], ridge) for li in range(bank.n_lenses)]
+            M, rbar, C_rr, lam = (torch.stack([f[i] for f in fits]) for i in range(4))
+        else:
+            n_l, rsum, rr, xsum, rx = self._lens_sums()
+            n = n_l.clamp_min(1).view(-1, 1)
+            rbar = rsum / n
+            xbar = xsum / n
+            C_rr = rr / n.unsqueeze(-1) - rbar.unsqueeze(-1) * rbar.unsqueeze(-2)
+            C_rx = rx / n.unsqueeze(-1) - rbar.unsqueeze(-1) * xbar.unsqueeze(-2)
+            lam = ridge * C_rr.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+            if not (torch.isfinite(C_rr).all() and torch.isfinite(C_rx).all()):
+                raise HeadscopeError("closed-form lens statistics are not finite (overflow in the head outputs?); use --init base")
+            M = _spd_solve(C_rr, C_rx, lam)  # [L, d, D]
+        d = M.shape[1]
         if self.full:
             bank.W.copy_(M.float().to(dev))
             bank.beta.copy_((c0.double() - torch.einsum("ld,ldv->lv", rbar, M)).float().to(dev))
@@ -137,6 +180,30 @@ class Moments:
             bank.c.copy_((c0 - b_U).expand_as(bank.c).to(dev))
         else:  # no vocabulary bias: put what the residual space can carry of c0 into b
             bank.b.add_((self.P.double() @ (c0 - b_U).double()).float().to(dev))
+
+
+def _solve_in_span(mo: Moments, k: int, ridge: float, rel_cut: float = 1e-7):
+    """The ridge fit of :func:`_spd_solve` for site ``k`` from its z-space sums, without forming the
+    d×d problem: with W_Oᵀ = Q·T (QR; Q [d, Dh] orthonormal), r = u·Qᵀ for u = z·Tᵀ, so C_rr = Q·C_uu·Qᵀ
+    has the eigenvectors Q·U of C_uu's and zeros elsewhere (which the cut drops), and
+    M = Q·U·diag(1/(w + λ))·Uᵀ·T·C_zx. λ = ridge · mean diag(C_rr) = ridge · tr(C_uu)/d, as there.
+    Returns (M [d, d], r̄ [d], C_rr [d, d], λ)."""
+    n = mo.n_site[k].clamp_min(1)
+    zbar, xbar = mo.rsum[k] / n, mo.xsum[k] / n
+    C_zz = mo.rr[k] / n - torch.outer(zbar, zbar)
+    C_zx = mo.rx[k] / n - torch.outer(zbar, xbar)
+    if not (torch.isfinite(C_zz).all() and torch.isfinite(C_zx).all()):
+        raise HeadscopeError("closed-form lens statistics are not finite (overflow in the head outputs?); use --init base")
+    W = mo._W_O(k)
+    d = W.shape[1]
+    Q, T = torch.linalg.qr(W.T)                       # [d, Dh], [Dh, Dh]
+    C_uu = T @ C_zz @ T.T
+    lam = ridge * (C_uu.diagonal().sum() / d).clamp_min(1e-12)
+    w, U = torch.linalg.eigh(C_uu)
+    keep = w > rel_cut * w.max().clamp_min(1e-300)
+    QU = Q @ U[:, keep]
+    M = QU @ ((U[:, keep].T @ (T @ C_zx)) / (w[keep] + lam).unsqueeze(-1))
+    return M, zbar @ W, Q @ C_uu @ Q.T, lam
 
 
 def _spd_solve(S: torch.Tensor, B: torch.Tensor, lam: torch.Tensor, rel_cut: float = 1e-7) -> torch.Tensor:
@@ -180,14 +247,18 @@ SITES_PER_CHUNK = 8
 """Sites whose [n, V] logits are held at once during calibration (memory: chunk·n·V floats)."""
 
 
-def _scale_pieces(bank: LensBank, r: torch.Tensor, lenses: torch.Tensor, c0: torch.Tensor):
+def _scale_pieces(bank: LensBank, r: torch.Tensor, lenses: torch.Tensor, c0: torch.Tensor, rows=None, z=False):
     """Logits of the given sites as a(s) = a0 + φ(b + s·g): returns (a0 [k,1|n,V], b, g [k,n,V]).
-    affine/lowrank: g = W_U·x at s = 1 (x before the norm), b = b_U, a0 = c; full: a(s) = c0 + s·(a(1) − c0)."""
+    affine/lowrank: g = W_U·x at s = 1 (x before the norm), b = b_U, a0 = c; full: a(s) = c0 + s·(a(1) − c0).
+    ``z``: r holds the sites' z [k, n, Dh] and ``rows`` their indices in ``bank.all_sites``."""
     if bank.cfg.kind == "full":
         return c0.view(1, 1, -1), None, bank(r, lenses=lenses) - c0
-    x = bank.transform(r, lenses)
     W_U, b_U = bank.unembed()
-    g = x @ W_U.T
+    if z:
+        Bz, e = bank.z_maps(rows)
+        g = torch.baddbmm(e.unsqueeze(1), r.float(), Bz)
+    else:
+        g = bank.transform(r, lenses) @ W_U.T
     a0 = bank._p("c", lenses)[:, None, :] if bank.cfg.vocab_bias else torch.zeros(1, 1, 1, device=g.device)
     return a0, b_U, g
 
@@ -220,9 +291,10 @@ def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap:
 
 @torch.no_grad()
 def calibrate_scale(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, c0: torch.Tensor,
-                    dist: Distributed | None = None, steps: int = NEWTON_STEPS, progress: bool = False) -> torch.Tensor:
+                    dist: Distributed | None = None, steps: int = NEWTON_STEPS, progress: bool = False,
+                    z: bool = False) -> torch.Tensor:
     """Fit a scale s per lens that minimises forward KL of the deviation from the null on the
-    calibration positions (R [K, n, d] site results, logp [n, V]): s multiplies the lens' residual-space
+    calibration positions (R [K, n, d] site results, or ``z``: their z [K, n, Dh], logp [n, V]): s multiplies the lens' residual-space
     vector (affine/lowrank, ``log_s``) or the deviation of the logits from the null (full). KL is convex
     in s when the logits are linear in s, so a few safeguarded Newton steps from s = 1 find it, within
     [S_MIN, S_MAX]. Shared lenses fit one s over their heads.
@@ -255,7 +327,7 @@ def calibrate_scale(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, c0: tor
         sites = torch.cat([torch.nonzero(bank.lens_index == l).view(-1) for l in lens_ids])
         owner = bank.lens_index[sites]
         local = torch.tensor([lens_ids.index(int(o)) for o in owner.tolist()])
-        a0, b, g = _scale_pieces(bank, R[sites.to(R.device)], owner, c0)
+        a0, b, g = _scale_pieces(bank, R[sites.to(R.device)], owner, c0, rows=sites.tolist(), z=z)
         k = len(lens_ids)
         cur = torch.ones(k, dtype=torch.float64)
         lo, hi = torch.full((k,), S_MIN, dtype=torch.float64), torch.full((k,), S_MAX, dtype=torch.float64)

@@ -77,77 +77,100 @@ def eval_generator(seed: int, batch: int) -> torch.Generator:
 
 @torch.no_grad()
 def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chunk: int = 256,
-                  progress: bool = True, total: int | None = None, top_k: int = 10, seed: int = 0) -> dict:
+                  progress: bool = True, total: int | None = None, top_k: int = 10, seed: int = 0,
+                  baselines: bool = True) -> dict:
     """Metrics per site over ``batches`` (an iterable of (ids [B, S], docs [B]) or of ids alone, each
-    sequence then its own document); see the module docstring. Positions go in chunks of ``chunk``,
-    sites in blocks of at most ``BLOCK_ELEMENTS`` logits. Control lenses are evaluated like sites and
-    reported under ``control``."""
+    sequence then its own document); see the module docstring.
+
+    Two phases: the forward passes first (each site's z — or r when the lens does not read z — and the
+    model's distribution at the kept positions), then the lenses block of sites by block of sites over
+    all positions, so that a block's z-maps (:meth:`LensBank.z_maps`, Dh·V per site) are built once.
+    Positions go in chunks of ``chunk``, sites in blocks of at most ``BLOCK_ELEMENTS`` logits. Control
+    lenses are evaluated like sites and reported under ``control``. ``baselines=False`` skips the two
+    unembedding baselines (d·V per site and position each; ``kl_unembed``/``improvement`` are then None)."""
     from tqdm import tqdm
     K = len(bank.all_sites)
-    names = ("kl_lens", "kl_unembed", "kl_unembed_nonorm", "top1", "top1_unembed", "entropy")
-    sums = {n: torch.zeros(K, dtype=torch.float64) for n in names}
-    null_sum = 0.0
-    ent_model = 0.0
-    win_gain, win_tokens, win_docs = [], [], []  # per window: mean gain [K] (nats), kept positions, document
-    term_sum = torch.zeros(K, model.d_vocab, dtype=torch.float64)  # Σ over positions of q·(log q − log q_null)
-    n = 0
-    null = null.to(model.device).float()
-    log_null = torch.log_softmax(null, -1)
-    bar = tqdm(total=total, desc=f"lens eval ({len(bank.sites)} heads + {len(bank.control_sites)} control)",
-               unit="batch", disable=not progress, file=sys.stderr,
-               bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}]")
+    use_z = bank.reads_z()
+    # -- phase 1: forward passes ---------------------------------------------------------------------
+    Xs, lps, win_tokens, win_docs = [], [], [], []
     n_seq = 0
+    bar = tqdm(total=total, desc=f"lens eval: forward passes ({len(bank.sites)} heads + {len(bank.control_sites)} control)",
+               unit="batch", disable=not progress, file=sys.stderr)
     for bi, item in enumerate(batches):
         ids, docs = item if isinstance(item, tuple) else (item, None)
         docs = np.arange(n_seq, n_seq + ids.shape[0]) if docs is None else np.asarray(docs)
         n_seq += ids.shape[0]
-        ids = ids.to(model.device)
-        B, S = ids.shape
-        R, logp = site_batch(model, ids, bank.all_sites)
-        R, logp, _ = select_positions(R, logp, ids.cpu(), len(bank.control_sites), eval_generator(seed, bi))
-        N = R.shape[1]
-        kl_null_t = (logp.exp() * (logp - log_null)).sum(-1)  # [N]
-        kl_lens_t = torch.empty(K, N)
-        for a in range(0, N, chunk):
-            b = min(N, a + chunk)
-            lp = logp[a:b]
-            p = lp.exp()
-            neg_h = (p * lp).sum(-1)  # [n]
-            target = lp.argmax(-1)
-            ent_model += float(-neg_h.sum())
-            per_block = max(1, BLOCK_ELEMENTS // ((b - a) * model.d_vocab))
-            for k0 in range(0, K, per_block):
-                ks = slice(k0, min(K, k0 + per_block))
-                r = R[ks, a:b]
-                lenses = bank.lens_index[ks]
-                lg = bank(r, lenses=lenses)
-                kl, lse = _kl_lse(lg, p, neg_h)
-                kl_lens_t[ks, a:b] = kl.cpu()
-                sums["top1"][ks] += (lg.argmax(-1) == target).double().sum(-1).cpu()
-                lg.sub_(lse.unsqueeze(-1))  # log q, in place
-                q = lg.exp()
-                sums["entropy"][ks] += (-(q * lg).sum(-1)).double().sum(-1).cpu()
-                term_sum[ks] += (q * (lg - log_null)).sum(1).double().cpu()
-                del lg, q
-                bl = baseline_logits(model, r, True)
-                sums["kl_unembed"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
-                sums["top1_unembed"][ks] += (bl.argmax(-1) == target).double().sum(-1).cpu()
-                del bl
-                bl = baseline_logits(model, r, False)
-                sums["kl_unembed_nonorm"][ks] += _kl_lse(bl, p, neg_h)[0].double().sum(-1).cpu()
-                del bl
-                bar.update((ks.stop - ks.start) * (b - a) / (K * N))  # fractions of a batch
-        sums["kl_lens"] += kl_lens_t.double().sum(-1)
-        null_sum += float(kl_null_t.sum())
-        per_win = N // B  # every window keeps the same positions
-        diff = (kl_null_t.cpu().unsqueeze(0) - kl_lens_t).view(K, B, per_win).mean(-1)  # [K, B]
-        win_gain.append(diff.double())
-        win_tokens += [per_win] * B
+        B = ids.shape[0]
+        X, logp = site_batch(model, ids.to(model.device), bank.all_sites, space="z" if use_z else "result")
+        X, logp, _ = select_positions(X, logp, ids.cpu(), len(bank.control_sites), eval_generator(seed, bi))
+        Xs.append(X)
+        lps.append(logp)
+        win_tokens += [X.shape[1] // B] * B   # every window keeps the same positions
         win_docs += list(docs)
-        n += N
+        bar.update(1)
     bar.close()
+    n = sum(lp.shape[0] for lp in lps)
     if n == 0:
         raise HeadscopeError("no held-out tokens to evaluate on")
+    X, p = torch.cat(Xs, 1), torch.cat(lps)
+    del Xs, lps
+    null = null.to(p.device).float()
+    log_null = torch.log_softmax(null, -1)
+    target = p.argmax(-1)
+    neg_h = (p.exp() * p).sum(-1)                      # [n] Σ p·log p
+    p.exp_()                                           # p now holds probabilities (in place of log p)
+    kl_null_t = neg_h - p @ log_null                   # [n] KL(p ‖ null)
+    ent_model = float(-neg_h.sum())
+    # -- phase 2: the lenses, a block of sites at a time ---------------------------------------------
+    names = ("kl_lens", "kl_unembed", "kl_unembed_nonorm", "top1", "top1_unembed", "entropy")
+    sums = {nm: torch.zeros(K, dtype=torch.float64) for nm in names}
+    qlogq = torch.zeros(K, model.d_vocab, dtype=torch.float64)  # Σ over positions of q·log q
+    qsum = torch.zeros(K, model.d_vocab, dtype=torch.float64)   # Σ over positions of q
+    kl_lens_t = torch.empty(K, n)
+    W_O = {}
+    per_block = max(1, BLOCK_ELEMENTS // (min(chunk, n) * model.d_vocab))
+    bar = tqdm(total=K * n, desc=f"lens eval: {len(bank.sites)} heads + {len(bank.control_sites)} control",
+               unit=" head·pos", unit_scale=True, disable=not progress, file=sys.stderr)
+    for k0 in range(0, K, per_block):
+        ks = slice(k0, min(K, k0 + per_block))
+        rows = list(range(ks.start, ks.stop))
+        maps = bank.z_maps(rows) if use_z else None
+        if use_z and baselines:
+            W_O_blk = torch.stack([W_O.setdefault(s_, model.W_O(s_[0])[s_[1]].detach().float())
+                                   for s_ in (bank.all_sites[i] for i in rows)])   # [k, Dh, d]
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            xs = X[ks, a:b].to(model.device)
+            lg = bank.logits_from_z(xs, maps, rows) if use_z else bank(xs, lenses=bank.lens_index[ks])
+            kl, lse = _kl_lse(lg, p[a:b], neg_h[a:b])
+            kl_lens_t[ks, a:b] = kl.cpu()
+            sums["top1"][ks] += (lg.argmax(-1) == target[a:b]).double().sum(-1).cpu()
+            lg.sub_(lse.unsqueeze(-1))  # log q, in place
+            q = lg.exp()
+            qsum[ks] += q.sum(1).double().cpu()
+            qlogq[ks] += q.mul_(lg).sum(1).double().cpu()
+            del lg, q
+            if baselines:
+                r = torch.bmm(xs, W_O_blk.to(xs.device)) if use_z else xs
+                bl = baseline_logits(model, r, True)
+                sums["kl_unembed"][ks] += _kl_lse(bl, p[a:b], neg_h[a:b])[0].double().sum(-1).cpu()
+                sums["top1_unembed"][ks] += (bl.argmax(-1) == target[a:b]).double().sum(-1).cpu()
+                del bl
+                bl = baseline_logits(model, r, False)
+                sums["kl_unembed_nonorm"][ks] += _kl_lse(bl, p[a:b], neg_h[a:b])[0].double().sum(-1).cpu()
+                del bl
+            bar.update((ks.stop - ks.start) * (b - a))
+    bar.close()
+    del p, X
+    sums["kl_lens"] = kl_lens_t.double().sum(-1)
+    sums["entropy"] = -qlogq.sum(-1)
+    term_sum = qlogq - qsum * log_null.double().cpu()   # Σ q·(log q − log q_null) per token [K, V]
+    null_sum = float(kl_null_t.sum())
+    # per window: the mean gain of each site [K, windows]
+    win = torch.repeat_interleave(torch.arange(len(win_tokens)), torch.tensor(win_tokens))
+    diff = kl_null_t.cpu().unsqueeze(0) - kl_lens_t
+    win_gain = [torch.zeros(K, len(win_tokens), dtype=torch.float64).index_add_(1, win, diff.double())
+                / torch.tensor(win_tokens, dtype=torch.float64)]
     gw = torch.cat(win_gain, 1).numpy() / LN2  # [K, windows] bits
     w = np.asarray(win_tokens, dtype=np.float64)
     _, se, G = clustered_mean_se(gw, w, win_docs)
@@ -157,15 +180,15 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
     rows = {}
     for i, (l, h) in enumerate(bank.all_sites):
         kl_lens = float(sums["kl_lens"][i]) / n / LN2
-        kl_u = float(sums["kl_unembed"][i]) / n / LN2
+        kl_u = float(sums["kl_unembed"][i]) / n / LN2 if baselines else None
         gse = float(se[i])
         rows[i] = {
             "layer": l, "head": h, "kl_lens": kl_lens, "kl_unembed": kl_u,
-            "kl_unembed_nonorm": float(sums["kl_unembed_nonorm"][i]) / n / LN2, "kl_null": kl_null,
-            "gain": kl_null - kl_lens, "gain_se": gse if math.isfinite(gse) else None,
+            "kl_unembed_nonorm": float(sums["kl_unembed_nonorm"][i]) / n / LN2 if baselines else None,
+            "kl_null": kl_null, "gain": kl_null - kl_lens, "gain_se": gse if math.isfinite(gse) else None,
             "p_value": float(p_val[i]) if math.isfinite(p_val[i]) else None,
-            "improvement": kl_u - kl_lens, "top1": float(sums["top1"][i]) / n,
-            "top1_unembed": float(sums["top1_unembed"][i]) / n,
+            "improvement": kl_u - kl_lens if baselines else None, "top1": float(sums["top1"][i]) / n,
+            "top1_unembed": float(sums["top1_unembed"][i]) / n if baselines else None,
             "entropy": float(sums["entropy"][i]) / n / LN2, "entropy_model": ent_model / n / LN2}
     Kr = len(bank.sites)
     per_head = {f"{l}.{h}": rows[i] for i, (l, h) in enumerate(bank.sites)}
@@ -260,6 +283,8 @@ def write_plots(model: Model, out: dict, folder) -> None:
     for key, what in (("heatmap_gain", "information gain over the null lens"),
                       ("heatmap_improvement", "KL improvement over the unembedding")):
         v = np.array([[np.nan if x is None else x for x in row] for row in out[key]], dtype=float)
+        if not np.isfinite(v).any():   # e.g. no unembedding baselines measured
+            continue
         m = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
         fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * v.shape[1] + 2.5), max(3.5, 0.24 * v.shape[0] + 1.8)))
         im = ax.imshow(v, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto")
@@ -298,7 +323,7 @@ def write_plots(model: Model, out: dict, folder) -> None:
 
 def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8, seq_len: int | None = None,
              corpus: str | None = None, transfer_tokens: int = 0, transfer_sites: list[tuple[int, int]] | None = None,
-             progress: bool = True, seed: int = 0) -> dict:
+             progress: bool = True, seed: int = 0, baselines: bool = True) -> dict:
     """Evaluate the lenses in ``run/lens`` on ``tokens`` held-out tokens spread over the held-out documents;
     write ``run/lens/eval.json`` (see module docstring; keys: tokens, windows, documents, df, q, kl_null,
     per_head{"L.H": metrics}, control{…}, top_tokens, heatmap_gain / heatmap_improvement
@@ -313,7 +338,8 @@ def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8,
     corpus_spec = corpus or tr.get("corpus", "default")
     data = TokenCorpus(model, corpus_spec, seq_len=seq_len, progress=progress)
     batches, n_batches, _ = eval_windows(model, data, tokens, batch_size, seed=seed)
-    out = evaluate_bank(model, bank, null, batches, progress=progress, total=n_batches, seed=seed)
+    out = evaluate_bank(model, bank, null, batches, progress=progress, total=n_batches, seed=seed, baselines=baselines)
+    out["baselines"] = baselines
     ph = out["per_head"]
     out["heatmap_gain"] = _heatmap(model, ph, "gain")
     out["heatmap_improvement"] = _heatmap(model, ph, "improvement")

@@ -50,6 +50,9 @@ class EvalOptions:
     """tokens for the cross-head transfer matrix (0: skip)"""
     batch_size: int = 8
     """sequences per forward pass"""
+    baselines: bool = flag(default=True, negative_prefix="--no-")
+    """also measure the unembedding baselines W_U·N(r_h) and W_U·r_h (d·V multiply-adds per head and
+    position each, ~10× a lens that reads z): --no-baselines leaves kl_unembed/improvement empty"""
 
     def __post_init__(self):
         check(self.tokens >= 1, "--tokens must be at least 1")
@@ -134,7 +137,8 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
 def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> dict:
     """lens.eval: held-out KL and information gain of every lens in RUN/lens."""
     from .evaluate import run_eval
-    out = run_eval(model, run, tokens=opts.tokens, batch_size=opts.batch_size, transfer_tokens=opts.transfer_tokens)
+    out = run_eval(model, run, tokens=opts.tokens, batch_size=opts.batch_size, transfer_tokens=opts.transfer_tokens,
+                   baselines=opts.baselines)
     keys = ("tokens", "documents", "n_heads", "n_positive_gain", "n_informative", "n_informative_2se", "median_gain",
             "median_gain_se")
     return {k: out.get(k) for k in keys} | {"control_gain": [c["gain"] for c in out["control"].values()]}
@@ -150,7 +154,8 @@ def report_eval(summary: dict, opts: EvalOptions, run) -> None:
     def row(name, v, flag=""):
         se = v["gain_se"] if v["gain_se"] is not None else float("nan")
         p = v["p_value"] if v["p_value"] is not None else float("nan")
-        print(f"{name:>9} {v['kl_lens']:7.3f} {v['kl_unembed']:8.3f} {v['gain']:+7.3f} {se:6.3f} {p:8.2g}{flag}")
+        ku = v["kl_unembed"] if v["kl_unembed"] is not None else float("nan")
+        print(f"{name:>9} {v['kl_lens']:7.3f} {ku:8.3f} {v['gain']:+7.3f} {se:6.3f} {p:8.2g}{flag}")
     for name, v in sorted(out["per_head"].items(), key=lambda kv: -kv[1]["gain"]):
         row(name, v, "" if v["informative"] else "  (not informative)")
     for name, c in out["control"].items():

@@ -239,6 +239,40 @@ class LensBank(nn.Module):
             logits = logits + (c[:, vocab] if vocab is not None else c)[:, None, :]
         return logits
 
+    # -- the same map on z -------------------------------------------------------------------------
+    def reads_z(self) -> bool:
+        """Whether each lens' logits are affine in its head's z (affine/lowrank lenses without the norm):
+        r_h = z_h·W_O[h], so the lens is z ↦ z·Bz + e with Bz of rank Dh (:meth:`z_maps`), and a logit
+        costs Dh instead of d multiply-adds."""
+        return self.cfg.kind != "full" and not self.cfg.norm
+
+    @torch.no_grad()
+    def z_maps(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For site rows ``rows`` (indices into ``all_sites``, each read by its own lens): Bz [k, Dh, V] and
+        e [k, V] with ``transform(z·W_O[h])·W_Uᵀ = z·Bz + e``, i.e. Bz = s·W_O[h]·(I + A)·W_Uᵀ, e = s·b·W_Uᵀ."""
+        m = self.model
+        W_U = m.W_U.detach().float()
+        lenses = self.lens_index[rows]
+        W_O = torch.stack([m.W_O(l)[h] for l, h in (self.all_sites[i] for i in rows)]).float().to(W_U.device)
+        if self.cfg.kind == "affine":
+            WA = W_O + torch.bmm(W_O, self.A[lenses])                              # [k, Dh, d]
+        else:
+            WA = W_O + torch.bmm(torch.bmm(W_O, self.U[lenses]), self.Vt[lenses])
+        s = self.log_s[lenses].exp()
+        return (WA @ W_U.T) * s[:, None, None], (self.b[lenses] @ W_U.T) * s[:, None]
+
+    def logits_from_z(self, z: torch.Tensor, maps: tuple[torch.Tensor, torch.Tensor], rows: list[int]) -> torch.Tensor:
+        """Logits [k, n, V] of the lenses of site rows ``rows`` from their heads' z [k, n, Dh] and
+        ``maps = z_maps(rows)``: equal to ``forward(z·W_O)`` (tested)."""
+        Bz, e = maps
+        logits = torch.baddbmm(e.unsqueeze(1), z.float(), Bz)
+        if self.model.b_U is not None:
+            logits += self.model.b_U.detach().float()
+        logits = softcap(logits, self.model.logit_softcap)
+        if self.cfg.vocab_bias:
+            logits += self.c[self.lens_index[rows]][:, None, :]
+        return logits
+
     # -- per-lens operations (used by training) ---------------------------------------------------
     def per_lens_grad_norm(self) -> torch.Tensor:
         """‖grad‖ of each lens [L] (all parameters have a leading lens axis)."""

@@ -331,7 +331,7 @@ def _initialise(model: Model, bank: LensBank, windows: Windows, cfg: TrainConfig
         ids = _global_batch(windows, i, cfg, dist)
         if ids is None:
             break
-        R, logp = site_batch(model, ids.to(model.device), bank.all_sites)
+        R, logp = site_batch(model, ids.to(model.device), bank.all_sites, space="z" if moments.z else "result")
         R, logp, _ = select_positions(R, logp, ids, len(bank.control_sites), control_generator(cfg, dist, i, phase=0))
         moments.update(R, logp)
         if sum(c[1].shape[0] for c in calib) < n_calib:  # calibration positions: spread over the batch
@@ -346,7 +346,7 @@ def _initialise(model: Model, bank: LensBank, windows: Windows, cfg: TrainConfig
         moments.solve()
         calibrate_scale(bank, torch.cat([c[0] for c in calib], 1)[:, :n_calib],
                         torch.cat([c[1] for c in calib])[:n_calib], c0, dist=dist,
-                        progress=progress and dist.primary)
+                        progress=progress and dist.primary, z=moments.z)
     elif cfg.init == "base" and bank.cfg.kind != "full":
         b_U = model.b_U.detach().float() if model.b_U is not None else torch.zeros_like(c0)
         b_U = softcap(b_U, model.logit_softcap)

@@ -221,11 +221,26 @@ class _Step(torch.autograd.Function):
         return None, -((1.0 / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad).sum(0), None
 
 
-def _batch_topk_flat(r: torch.Tensor, n: int) -> torch.Tensor:
-    """Sorted flat indices of the ``n`` largest entries of ``r`` [N, F] (≥ 0). Candidates first: each row's
-    4·n/N largest, then the n largest candidates; exact unless some row has all its candidates above the
-    cut, in which case the whole matrix is searched (a top-n over N·F values is ~10× slower on CPU)."""
+def _batch_topk_flat(r: torch.Tensor, n: int, guess: float = 0.0) -> torch.Tensor:
+    """Sorted flat indices of the ``n`` largest entries of ``relu(r)`` (``r`` [N, F]).
+
+    With a ``guess`` > 0 below the cut (training passes 0.8 × the running threshold): the entries above
+    it, in index order (``nonzero`` keeps them sorted), then the cut as a k-th value among those few —
+    no top-k over rows and no sort; exact whenever between n and 4n entries pass the guess and the cut
+    has no ties, else the general path. General path: candidates first (each row's 4·n/N largest, then
+    the n largest candidates); exact unless some row has all its candidates above the cut, in which
+    case the whole matrix is searched (a top-n over N·F values is ~10× slower on CPU)."""
     N, F = r.shape
+    if guess > 0:
+        flat = r.reshape(-1)
+        idx = (flat > guess).nonzero().squeeze(1)
+        c = idx.numel()
+        if n <= c <= 4 * n:
+            vals = flat[idx]
+            keep = vals >= vals.kthvalue(c - n + 1).values
+            if int(keep.sum()) == n:
+                return idx[keep]
+    r = r.relu()
     k2 = min(F, 4 * max(1, n // N))
     if k2 < F:
         cv, ci = r.topk(k2, dim=-1, sorted=False)
@@ -359,7 +374,8 @@ class AttnSAE(nn.Module):
                 rows = torch.arange(N, device=x.device).repeat_interleave(self.cfg.k)
                 cols, pv = idx.reshape(-1), pv.reshape(-1)
             else:
-                flat = _batch_topk_flat(pre.relu(), self.cfg.k * N)
+                guess = 0.8 * float(self.threshold.max()) if self.threshold.any() else 0.0
+                flat = _batch_topk_flat(pre, self.cfg.k * N, guess)
                 rows, cols = flat // F, flat % F
                 pv = pre.flatten()[flat]
         ent = Entries(rows, cols, N, F)

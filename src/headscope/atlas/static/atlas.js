@@ -863,13 +863,13 @@ ITEM_RENDER["neurons.neurons"] = renderNeuron;
 RENDER.lens = function (d) {
   const card = section("Lens: this head's output read as next-token predictions");
   const kl = [["lens", d.kl_lens], ["unembedding baseline W_U·N(r_h)", d.kl_unembed], ["unembedding, no final norm", d.kl_unembed_nonorm], ["null (base rates only)", d.kl_null]]
-    .filter(([, v]) => v !== undefined);
+    .filter(([, v]) => v !== undefined && v !== null);
   const mx = Math.max(1e-9, ...kl.map(([, v]) => (isNum(v) ? v : 0)));
   card.appendChild(h("p", { class: "muted" }, "Held-out KL(p_model ‖ q) in bits/token, all positions (lower is better):"));
   card.appendChild(h("table", { class: "kv" }, kl.map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", { class: "num" }, fmt(v)),
     h("td", {}, h("div", { class: "bar" }, h("div", { style: { width: (isNum(v) ? 100 * v / mx : 0).toFixed(1) + "%" } })))))));
   card.appendChild(h("p", {}, `gain over the null lens: ${fmt(d.gain)} ± ${fmt(d.gain_se)} bits/token — `,
-    h("b", {}, d.informative ? "informative" : "not informative (gain ≤ 2·SE)"),
+    h("b", {}, d.informative ? "informative" : "not informative (one-sided test, Benjamini–Hochberg over heads)"),
     isNum(d.improvement) ? ` · improvement over the unembedding: ${fmt(d.improvement)}` : "",
     isNum(d.top1) ? ` · top-1 agreement with the model: ${fmt(100 * d.top1, 1)} %` + (isNum(d.top1_unembed) ? ` (baseline ${fmt(100 * d.top1_unembed, 1)} %)` : "") : ""));
   if (d.top_tokens && d.top_tokens.length) {
