@@ -117,10 +117,17 @@ def dfa_inputs(model: Model, sae: AttnSAE, ids: torch.Tensor, features: list[int
     """(pattern [B, H, S, S], proj [B, S, H, F′]) with proj[b, s, h, f] = v_{g(h)}[s] · W_enc[h-block, f];
     DFA_f[t, s, h] = pattern[b, h, t, s] · proj[b, s, h, f]."""
     L = sae.cfg.layer
-    H = model.n_heads
     cap = capture(model, ids.to(model.device), layers=[L], what=("pattern", "v"), stop_after=L)
-    pat = cap["pattern"][L].float()                                            # [B, H, S, S]
-    v = cap["v"][L].float()                                                    # [B, S, Hkv, Dh]
+    return dfa_from_capture(model, sae, cap["pattern"][L], cap["v"][L], features)
+
+
+def dfa_from_capture(model: Model, sae: AttnSAE, pattern: torch.Tensor, v: torch.Tensor,
+                     features: list[int] | None = None):
+    """:func:`dfa_inputs` from an already captured pattern [B, H, S, S] and v [B, S, Hkv, Dh] of the
+    SAE's layer."""
+    H = model.n_heads
+    pat = pattern.float()                                                      # [B, H, S, S]
+    v = v.float()                                                              # [B, S, Hkv, Dh]
     groups = torch.tensor([model.kv_group(h) for h in range(H)], device=v.device)
     vq = v[:, :, groups]                                                       # [B, S, H, Dh]
     W = sae.head_blocks("enc").detach().float().to(v.device)                  # [H, Dh, F]

@@ -27,7 +27,7 @@ from ..capture import capture
 from ..data import TokenCorpus
 from ..models.load import Model
 from ..runs import RunDir, read_json, write_json
-from .attribution import dfa_inputs, output_tokens, weight_attribution
+from .attribution import dfa_from_capture, output_tokens, weight_attribution
 from .io import load_sae
 from .model import AttnSAE
 from .train import sae_dir
@@ -88,42 +88,48 @@ def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 1638
     alive = (counts > 0).nonzero().flatten().tolist()
     w = weight_attribution(sae).cpu()
     logits = output_tokens(model, sae, alive)
-    # every sequence an example comes from: encode it once and keep the activations of its features
+    # every sequence an example or a DFA comes from: one batched forward pass to the SAE's layer gives
+    # its activations (encoded once) and, for the sequences of top examples, the DFA inputs
     need: dict[int, set[int]] = {}
     for f in alive:
         for gi in list(top_i[f][top_v[f] > 0]) + list(smp_i[f][smp_k[f] > 0]):
             need.setdefault(int(gi) // S, set()).add(f)
+    by_seq: dict[int, list[int]] = {}   # DFA of each feature's top example, grouped by sequence
+    for f in alive:
+        by_seq.setdefault(int(top_i[f][0]) // S, []).append(f)
     seq_acts: dict[int, dict[int, torch.Tensor]] = {}
     seq_tokens: dict[int, list[str]] = {}
-    for s, feats in need.items():
-        ids = tc.sequence("heldout", s)[None].to(model.device)
-        z = capture(model, ids, layers=[sae.cfg.layer], what=("z",), stop_after=sae.cfg.layer)["z"][sae.cfg.layer][0]
-        acts = sae.encode(z.reshape(S, -1).float()).cpu()
-        acts[0] = 0.0  # BOS: not modelled
-        seq_acts[s] = {f: acts[:, f] for f in feats}
-        seq_tokens[s] = model.token_str(ids[0].tolist())
+    dfa_rec: dict[int, dict] = {}
+    L = sae.cfg.layer
+    order = sorted(set(need) | set(by_seq))
+    for b in range(0, len(order), batch_size):
+        seqs = order[b:b + batch_size]
+        ids = torch.stack([tc.sequence("heldout", s) for s in seqs]).to(model.device)
+        cap = capture(model, ids, layers=[L], what=("z", "pattern", "v"), stop_after=L)
+        acts_b = sae.encode(cap["z"][L].reshape(len(seqs) * S, -1).float()).reshape(len(seqs), S, -1).cpu()
+        for j, s in enumerate(seqs):
+            seq_tokens[s] = model.token_str(ids[j].tolist())
+            acts = acts_b[j]
+            acts[0] = 0.0  # BOS: not modelled
+            seq_acts[s] = {f: acts[:, f] for f in need.get(s, ())}
+            feats = by_seq.get(s)
+            if not feats:
+                continue
+            pat, proj = dfa_from_capture(model, sae, cap["pattern"][L][j:j + 1], cap["v"][L][j:j + 1], feats)
+            for k, f in enumerate(feats):
+                t = int(top_i[f][0]) % S
+                d = (pat[0, :, t, :] * proj[0, :, :, k].T).cpu()                  # [H, S]
+                per_src = d.sum(0)
+                top_src = per_src.abs().topk(min(8, t + 1)).indices.tolist()
+                dfa_rec[f] = {"dest": t, "sources": [{"pos": int(p), "token": seq_tokens[s][p],
+                                                      "dfa": round(float(per_src[p]), 4)} for p in top_src],
+                              "per_head": [round(float(x), 4) for x in d.sum(1)]}
 
     def example(f: int, gi: int, act: float) -> dict:
         s, p = divmod(int(gi), S)
         lo, hi = max(0, p - ctx_left), min(S, p + ctx_right + 1)
         return {"seq": s, "pos": p, "act": round(float(act), 4), "context": seq_tokens[s][lo:hi],
                 "index": p - lo, "acts": [round(float(a), 3) for a in seq_acts[s][f][lo:hi]]}
-    # DFA of each feature's top example, grouped by sequence
-    dfa_rec: dict[int, dict] = {}
-    by_seq: dict[int, list[int]] = {}
-    for f in alive:
-        by_seq.setdefault(int(top_i[f][0]) // S, []).append(f)
-    for s, feats in by_seq.items():
-        ids = tc.sequence("heldout", s)[None]
-        pat, proj = dfa_inputs(model, sae, ids, feats)
-        for j, f in enumerate(feats):
-            t = int(top_i[f][0]) % S
-            d = (pat[0, :, t, :] * proj[0, :, :, j].T).cpu()                  # [H, S]
-            per_src = d.sum(0)
-            order = per_src.abs().topk(min(8, t + 1)).indices.tolist()
-            dfa_rec[f] = {"dest": t, "sources": [{"pos": int(p), "token": seq_tokens[s][p],
-                                                  "dfa": round(float(per_src[p]), 4)} for p in order],
-                          "per_head": [round(float(x), 4) for x in d.sum(1)]}
     records = {}
     for f in alive:
         mx = float(top_v[f][0])
