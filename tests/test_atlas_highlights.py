@@ -120,7 +120,7 @@ def test_full_run_order_and_reasons(full_run):
     uni = uniform_reference("induction", 8)
     assert uni == pytest.approx(np.mean([1 / (t + 1) for t in range(9, 17)]))
     assert by["2.1"]["source"] == "heads" and by["2.1"]["reason"].startswith("induction score 0.91, highest of 12 heads")
-    assert f"uniform attention {uni:.3f}" in by["2.1"]["reason"] and "median 0.01" in by["2.1"]["reason"]
+    assert f"uniform attention {uni:.3f}, listed from 2×" in by["2.1"]["reason"] and "median 0.01" in by["2.1"]["reason"]
     assert by["1.3"]["reason"].startswith("induction score 0.55, 2nd highest of 12 heads")
     assert by["0.2"]["reason"].startswith("previous-token score 0.80, highest")
     assert by["1.1"]["source"] == "lens" and "0.500 ± 0.050 bits/token" in by["1.1"]["reason"]
@@ -166,18 +166,25 @@ def test_heads_only_run_and_build(tmp_path):
     build_atlas(run.path, progress=False)
     hl = index_page(run)["highlights"]
     assert listed(hl) == ["2.1", "0.2", "1.3", "1.0"] and {x["source"] for x in hl} == {"heads"}
-    # a score at or below uniform attention is no finding: with longer sequences the reference drops
-    # below 0.40, with half_len 1 (t = 2: 1/3; prev: t = 1, 2: (1/2 + 1/3)/2 = 0.417) 1.0's 0.40 is not above it
-    write_scores(run, half_len=1)
+    # a score under twice uniform attention is no finding: with half_len 8 the previous-token reference is
+    # 0.152 (bar 0.30: 1.0's 0.40 passes); with half_len 2 it is (1/2 + 1/3 + 1/4 + 1/5)/4 = 0.321 (bar 0.64)
+    assert uniform_reference("prev_token", 2) == pytest.approx((1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 4)
+    write_scores(run, half_len=2)
     hl = highlights(collect(run.path)["sources"], H)
-    assert "1.0" not in listed(hl) and "0.2" in listed(hl)
+    assert listed(hl) == ["2.1", "0.2", "1.3"]
 
 
 def test_all_heads_equal_lists_nothing(tmp_path):
-    """A score that no head stands out on (all equal: none above the median) gives no highlight."""
+    """A score that no head stands out on (all equal: none above the median) gives no highlight, nor
+    does one whose top head is above the median but under twice uniform attention (an untrained model)."""
     run = RunDir(tmp_path / "r", IDENT)
     flat = grid({}, 0.2)
     write_json(run / "heads" / "scores.json", {"n_layers": L, "n_heads": H,
                                                "scores": {"induction": flat, "prev_token": flat},
                                                "config": {"half_len": 8}})
+    assert highlights(collect(run.path)["sources"], H) == []
+    near_uniform = grid({"0.0": 0.15}, 0.08)  # induction reference 0.0763 for half_len 8: 0.15 < 2 × 0.0763
+    write_json(run / "heads" / "scores.json", {"n_layers": L, "n_heads": H, "scores": {"induction": near_uniform},
+                                               "config": {"half_len": 8}})
+    assert uniform_reference("induction", 8) == pytest.approx(np.mean([1 / (t + 1) for t in range(9, 17)]))  # 0.0763
     assert highlights(collect(run.path)["sources"], H) == []

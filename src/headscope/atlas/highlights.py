@@ -9,10 +9,11 @@ A run may hold any subset of the instruments; a missing one adds nothing.
 own rule:
 
 * ``heads`` (repeated random tokens, :mod:`headscope.heads.scores`): the 2 highest induction and the 2
-  highest previous-token scores, each only when it is above the median head *and* above what uniform
-  attention would give on the same positions (mean of 1/(t+1) over the scored destinations t) — the
-  "no effect" reference, printed in the reason with the median. Head scores have no significance test,
-  so the reason gives the rank among the scored heads rather than a p-value.
+  highest previous-token scores, each only when it is above the median head *and* at least
+  ``UNIFORM_FACTOR`` (2) times what uniform attention would give on the same positions (mean of 1/(t+1)
+  over the scored destinations t: the "no effect" reference; an untrained model's heads sit at about
+  1×). Head scores have no significance test, so the reason gives the rank among the scored heads, the
+  median and the uniform reference (with the factor) instead of a p-value.
 * ``lens``: the 3 heads with the largest held-out information gain among those the lens instrument calls
   *informative* (one-sided test, Benjamini–Hochberg over heads: ``headscope.lens.verdict``); a head that
   is not informative is never listed, whatever its gain. The reason gives gain ± SE (bits/token) and the
@@ -36,11 +37,14 @@ its first reason and collects the others in ``also``.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 LIMIT = 8
 """Most heads on the Start-here card."""
+UNIFORM_FACTOR = 2.0
+"""A head score is a finding from this many times the uniform-attention reference."""
 PER_SCORE, PER_LENS, PER_SAE_POLY, PER_NEURONS = 2, 3, 2, 2
 """Most candidates each kind of finding contributes."""
 SCORE_LABELS = {"induction": "induction", "prev_token": "previous-token"}
@@ -57,6 +61,13 @@ def _ordinal(i: int) -> str:
     return f"{i}{suffix} highest"
 
 
+def _decimals(se: float | None) -> int:
+    """Decimals that show an SE with two significant digits (3 without one; at most 6)."""
+    if se is None or se <= 0:
+        return 3
+    return int(min(6, max(3, 1 - math.floor(math.log10(se)))))
+
+
 def uniform_reference(name: str, half_len: int) -> float | None:
     """Mean attention a head spreading uniformly over its causal context puts on the scored position:
     mean of 1/(t+1) over the destinations t of the score (:func:`headscope.heads.scores.repeat_scores`:
@@ -66,7 +77,7 @@ def uniform_reference(name: str, half_len: int) -> float | None:
 
 
 def score_candidates(heads: dict, name: str, k: int = PER_SCORE) -> list[dict]:
-    """The ``k`` highest heads of one head score, above the median and the uniform-attention reference."""
+    """The ``k`` highest heads of one head score, above the median and ≥ UNIFORM_FACTOR × uniform attention."""
     vals = [(hk, d[name]) for hk, d in (heads.get("per_head") or {}).items()
             if isinstance(d, dict) and _num(d.get(name))]
     if not vals:
@@ -78,9 +89,10 @@ def score_candidates(heads: dict, name: str, k: int = PER_SCORE) -> list[dict]:
     label = SCORE_LABELS.get(name, name)
     out = []
     for rank, (hk, v) in enumerate(vals[:k], 1):
-        if v <= med or (uni is not None and v <= uni):
+        if v <= med or (uni is not None and v < UNIFORM_FACTOR * uni):
             break
-        ref = f"median {med:.2f}" + (f", uniform attention {uni:.3f}" if uni is not None else "")
+        ref = f"median {med:.2f}" + (f"; uniform attention {uni:.3f}, listed from {UNIFORM_FACTOR:g}×"
+                                     if uni is not None else "")
         out.append({"head": hk, "source": "heads",
                     "reason": f"{label} score {v:.2f}, {_ordinal(rank)} of {len(vals)} heads ({ref})"})
     return out
@@ -97,10 +109,12 @@ def lens_candidates(lens: dict, k: int = PER_LENS) -> list[dict]:
     ctrl = [c.get("gain") for c in (summ.get("control") or {}).values() if isinstance(c, dict) and _num(c.get("gain"))]
     out = []
     for hk, d in inf[:k]:
-        se = f" ± {d['gain_se']:.3f}" if _num(d.get("gain_se")) else ""
-        tail = f"; control lens {ctrl[0]:.3f}" if ctrl else ""
+        se = d.get("gain_se") if _num(d.get("gain_se")) else None
+        dec = _decimals(se)
+        pm = f" ± {se:.{dec}f}" if se is not None else ""
+        tail = f"; control lens {ctrl[0]:.{dec}f}" if ctrl else ""
         out.append({"head": hk, "source": "lens",
-                    "reason": f"lens information gain {d['gain']:.3f}{se} bits/token, informative ({rule}; "
+                    "reason": f"lens information gain {d['gain']:.{dec}f}{pm} bits/token, informative ({rule}; "
                               f"{len(inf)} of {len(per_head)} lensed heads){tail}"})
     return out
 
