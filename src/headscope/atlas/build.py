@@ -376,7 +376,8 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             "version": 1, "built": time.time(), "model": ident, "n_layers": L, "n_heads": H,
             "sources": list(sources), "errors": errors,
             "measures": _measures(sources, L, H),
-            "highlights": highlights(sources, H, load_neuron_ablation(run_dir)),
+            "highlights": [x for x in highlights(sources, H, load_neuron_ablation(run_dir))
+                           if _parse_head(x["head"], L, H) is not None],  # only heads this model has
             "globals": globs, "collections": coll_index,
             "search_shards": sorted(shards), "search_docs": True, "examples": ex_list,
             "stages": {k: {kk: vv for kk, vv in v.items() if _is_number(vv) or isinstance(vv, str)}

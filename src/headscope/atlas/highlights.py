@@ -148,7 +148,8 @@ def sae_attribution_candidates(sae: dict, n_heads: int) -> list[dict]:
     for name, recs in _sae_records(sae).items():
         best = None
         for hk, r in recs:
-            atts = [f["attribution"] for f in r.get("top_features") or [] if isinstance(f, dict) and _num(f.get("attribution"))]
+            atts = [f["attribution"] for f in r.get("top_features") or []
+                    if isinstance(f, dict) and _num(f.get("attribution"))]
             n_major = sum(a > 0.5 for a in atts)
             if n_major and (best is None or (n_major, max(atts)) > best[0]):
                 best = ((n_major, max(atts)), hk, len(atts))
