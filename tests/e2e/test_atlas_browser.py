@@ -169,6 +169,42 @@ def test_static_atlas_head_lens_features(browser, run_dir, tiny):
     assert not errors, errors
 
 
+def index_data(run_dir) -> dict:
+    """The built atlas's data/index.js, parsed."""
+    import json
+    import re
+    text = (run_dir / "atlas" / "data" / "index.js").read_text()
+    return json.loads(re.fullmatch(r'window\.__atlas_page\("index",(.*)\);\n', text, re.S).group(1))
+
+
+def test_start_here_card(browser, run_dir, tiny, tmp_path):
+    hl = index_data(run_dir)["highlights"]
+    assert hl, "the tiny run should have at least one head with a finding"
+    page, errors = new_page(browser)
+    page.goto((run_dir / "atlas" / "index.html").as_uri())
+    page.wait_for_selector("#start-here")
+    # the card comes before the grid, lists the highlights in order, each with its reason
+    assert page.evaluate("""() => !!(document.getElementById('start-here').compareDocumentPosition(
+        document.getElementById('grid')) & Node.DOCUMENT_POSITION_FOLLOWING)""")
+    items = page.locator("#start-here li")
+    assert items.count() == len(hl)
+    assert page.locator("#start-here li a.headlink").all_inner_texts() == [x["head"] for x in hl]
+    assert hl[0]["reason"] in items.first.inner_text()
+    page.locator("#start-here li a.headlink").first.click()
+    page.wait_for_selector("#head-title")
+    assert page.inner_text("#head-title") == f"Head {hl[0]['head']}"
+    assert page.url.endswith(f"#/head/{hl[0]['head']}")
+    # a run with nothing in it: no card (and no empty one)
+    from headscope.atlas.build import build_atlas
+    from headscope.runs import RunDir
+    empty = RunDir(tmp_path / "empty", tiny.identity())
+    build_atlas(empty.path, progress=False)
+    page.goto((empty.path / "atlas" / "index.html").as_uri())
+    page.wait_for_selector("#grid td.cell")
+    assert page.locator("#start-here").count() == 0
+    assert not errors, errors
+
+
 def test_live_prompt_against_serve(browser, run_dir, tiny):
     from headscope.atlas.server import make_server, serve_in_thread
     srv = make_server(run_dir, model=tiny, port=0)

@@ -5,7 +5,8 @@ opens from disk without a server; each page is small so a model with thousands o
 
     RUN/atlas/index.html
     RUN/atlas/static/atlas.js, atlas.css
-    RUN/atlas/data/index.js                      model, sources, grid measures [L][H], collection sizes
+    RUN/atlas/data/index.js                      model, sources, grid measures [L][H], collection sizes,
+                                                  highlights (the Start-here heads: atlas/highlights.py)
     RUN/atlas/data/layer/<L>.js                  {"layer": L, "heads": {"<H>": {source: per-head data}},
                                                   "patterns": [{"prompt": i, "heads": {"<H>": [S][S]}}]}
     RUN/atlas/data/search/<c>.js                 {"tokens": {token: ["L.H", ...]}} (c: first character)
@@ -36,6 +37,7 @@ import torch
 from ..errors import HeadscopeError
 from ..runs import RunDir, read_json
 from .collect import clean, collect
+from .highlights import highlights, load_neuron_ablation
 
 CHUNK = 50
 """Items of a collection (features, neurons) per data page."""
@@ -374,6 +376,8 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             "version": 1, "built": time.time(), "model": ident, "n_layers": L, "n_heads": H,
             "sources": list(sources), "errors": errors,
             "measures": _measures(sources, L, H),
+            "highlights": [x for x in highlights(sources, H, load_neuron_ablation(run_dir))
+                           if _parse_head(x["head"], L, H) is not None],  # only heads this model has
             "globals": globs, "collections": coll_index,
             "search_shards": sorted(shards), "search_docs": True, "examples": ex_list,
             "stages": {k: {kk: vv for kk, vv in v.items() if _is_number(vv) or isinstance(vv, str)}

@@ -149,7 +149,7 @@ function gridPage(main) {
   const grid = h("div", { id: "grid-wrap" });
   const side = h("div", { id: "side" });
   main.appendChild(h("div", { class: "gridpage" },
-    h("div", {}, section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard(), summariesCard()),
+    h("div", {}, startCard(), section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard(), summariesCard()),
     side));
   drawGrid();
 }
@@ -211,6 +211,18 @@ function drawGrid() {
     if (flat.length > 15) side.appendChild(section("Bottom heads",
       h("table", { class: "kv" }, flat.slice(-5).reverse().map(([k, v]) => h("tr", {}, h("td", {}, headLink(k)), h("td", { class: "num" }, fmt(v)))))));
   }
+}
+
+function startCard() { // the heads with the strongest findings (atlas/highlights.py), nothing when none
+  const hl = A.index.highlights || [];
+  if (!hl.length) return null;
+  const label = { heads: "head scores", lens: "lens", sae: "SAE", neurons: "neurons" };
+  return h("section", { class: "card start", id: "start-here" }, h("h2", {}, "Start here"),
+    h("p", { class: "muted small" }, "The heads with the strongest findings in this run, each with its reason:"),
+    h("ol", { class: "starthere" }, hl.map((x) => h("li", {},
+      h("a", { href: "#/head/" + x.head, class: "headlink" }, x.head), " ",
+      h("span", { class: "src" }, label[x.source] || x.source), " ", h("span", {}, x.reason),
+      (x.also || []).length ? h("div", { class: "muted small" }, "also: " + x.also.join(" · ")) : null))));
 }
 
 function sourcesCard() {
