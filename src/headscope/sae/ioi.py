@@ -88,15 +88,6 @@ def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: 
     for i, r in enumerate(rows):
         groups.setdefault(len(r), []).append(i)
 
-    def logit_diff(ivs_for) -> torch.Tensor:
-        out = torch.zeros(len(rows))
-        for n_tok, idx in groups.items():
-            ids = torch.tensor([rows[i] for i in idx], device=model.device)
-            lg = capture(model, ids, layers=[], what=("logits",), interventions=ivs_for(idx, ids)).logits[:, -1].float()
-            ar = torch.arange(len(idx))
-            out[idx] = (lg[ar, torch.tensor([io_ids[i] for i in idx])] - lg[ar, torch.tensor([s_ids[i] for i in idx])]).cpu()
-        return out
-    clean = logit_diff(lambda idx, ids: [])
     # z and feature activations at S2
     z_s2, zs = {}, {}
     for n_tok, idx in groups.items():
@@ -112,32 +103,46 @@ def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: 
         live = live[acts[:, live].mean(0).topk(max_features).indices]
     live = live.tolist()
 
-    def ablate(f):
-        def ivs(idx, ids):
-            z = zs[ids.shape[1]].clone()
-            for j, i in enumerate(idx):
-                z[j, s2[i]] -= (acts[i, f] * sae.W_dec[f]).reshape(z.shape[2:]).to(z.dtype)
-            return [HeadIntervention(L, kind="patch", value=z)]
-        return ivs
-    # splicing the full reconstruction at S2 (sanity: how much of the logit difference the SAE keeps)
-    def splice(idx, ids):
-        z = zs[ids.shape[1]].clone()
+    # the variants of z: clean (patched with itself), the SAE reconstruction spliced in at S2 (how much
+    # of the logit difference the SAE keeps), and each live feature's contribution removed at S2
+    def variant(v, idx, z):
+        z = z.clone()
         for j, i in enumerate(idx):
-            z[j, s2[i]] = sae.decode(acts[i:i + 1])[0].reshape(z.shape[2:]).to(z.dtype)
-        return [HeadIntervention(L, kind="patch", value=z)]
-    spliced = logit_diff(splice)
+            if v == "spliced":
+                z[j, s2[i]] = sae.decode(acts[i:i + 1])[0].reshape(z.shape[2:]).to(z.dtype)
+            elif v != "clean":
+                z[j, s2[i]] -= (acts[i, v] * sae.W_dec[v]).reshape(z.shape[2:]).to(z.dtype)
+        return z
+    variants = ["clean", "spliced"] + live
+    diffs = torch.zeros(len(variants), len(rows))   # [variant, prompt] logit(IO) − logit(S) at the end
+    io_t, s_t = torch.tensor(io_ids), torch.tensor(s_ids)
+    per_pass = max(1, 64 // max(len(idx) for idx in groups.values()))   # variants per forward pass
+    bar = tqdm(total=len(variants) * len(groups), desc=f"IOI: ablating {len(live)} live features", file=sys.stderr,
+               disable=not progress)
+    for n_tok, idx in groups.items():   # every variant of a length group in a few batched passes
+        ids = torch.tensor([rows[i] for i in idx], device=model.device)
+        for v0 in range(0, len(variants), per_pass):
+            vs = variants[v0:v0 + per_pass]
+            value = torch.cat([variant(v, idx, zs[n_tok]) for v in vs])
+            lg = capture(model, ids.repeat(len(vs), 1), layers=[], what=("logits",),
+                         interventions=[HeadIntervention(L, kind="patch", value=value)]).logits[:, -1].float().cpu()
+            lg = lg.view(len(vs), len(idx), -1)
+            ar = torch.arange(len(idx))
+            ii = torch.tensor(idx)
+            diffs[v0:v0 + len(vs), ii] = lg[:, ar, io_t[ii]] - lg[:, ar, s_t[ii]]
+            bar.update(len(vs))
+    bar.close()
+    clean, spliced = diffs[0], diffs[1]
     w = weight_attribution(sae).cpu()
+    order = torch.tensor([p["order"] == "ABBA" for p in prompts])
     effects = []
-    for f in tqdm(live, desc=f"IOI: ablating {len(live)} live features", file=sys.stderr, disable=not progress):
-        ld = logit_diff(ablate(f))
-        d = ld - clean
-        order = torch.tensor([p["order"] == "ABBA" for p in prompts])
+    for vi, f in enumerate(live):
+        d = diffs[2 + vi] - clean
         effects.append({"feature": f, "delta_logit_diff": float(d.mean()), "delta_abba": float(d[order].mean()),
                         "delta_baba": float(d[~order].mean()), "frac_prompts_active": float((acts[:, f] > 0).float().mean()),
                         "mean_act": float(acts[:, f].mean()), "top_heads": [int(h) for h in w[f].topk(min(3, w.shape[1])).indices],
                         "head_attribution": [round(float(x), 4) for x in w[f]]})
     effects.sort(key=lambda e: e["delta_logit_diff"])
-    order = torch.tensor([p["order"] == "ABBA" for p in prompts])
     res = {"name": name, "layer": L, "n_prompts": len(prompts), "position": "S2",
            "logit_diff_clean": float(clean.mean()), "logit_diff_clean_abba": float(clean[order].mean()),
            "logit_diff_clean_baba": float(clean[~order].mean()), "logit_diff_sae_spliced_at_s2": float(spliced.mean()),
