@@ -108,6 +108,14 @@ def test_max_prompt_tokens_drops_long_prompts(setup):
     state = mining.top_sequences(m, corpus, neurons, "train", 3, batch_size=8, max_tokens=10 * SEQ, progress=False)
     prompts = mining.trim_prompts(m, corpus, "train", neurons, state, keep=1.0, max_prompt_tokens=3, progress=False)
     assert all(len(p["ids"]) <= 3 for ps in prompts for p in ps)
+    # the capped search keeps exactly the prompts of the uncapped one that fit, trimmed the same way
+    for cap in (4, 9):
+        capped = mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=cap, progress=False)
+        free = mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=1000, progress=False)
+        for a, b in zip(capped, free):
+            assert [p["ids"] for p in a] == [p["ids"] for p in b if len(p["ids"]) <= cap]
+            for p, q in zip(a, [p for p in b if len(p["ids"]) <= cap]):
+                assert p["acts"] == pytest.approx(q["acts"], abs=1e-5)
 
 
 def test_corpus_too_small_for_split(setup):

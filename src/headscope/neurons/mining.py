@@ -11,8 +11,10 @@ prompts at once (one batched forward pass per search step): galloping from the s
 lengths 1, 2, 4, …) to the first length that keeps enough, then bisection between it and the last
 length that did not — so one token shorter than the result always loses too much, and the cost is a
 few times the *trimmed* length (the reference bisects from the full length).
-Prompts longer than ``max_prompt_tokens`` after trimming are dropped (the reference drops > 100).
-A final pass records each kept prompt's per-token activation.
+Prompts longer than ``max_prompt_tokens`` after trimming are dropped (the reference drops > 100); the
+search never tries a longer suffix, so such a prompt is dropped as soon as the longest allowed one
+loses too much. Each kept prompt's per-token activations come from the search step that accepted its
+length (a final pass runs only the prompts kept at their full context, which the search never runs).
 
 Train prompts come from the corpus's train split, test prompts from its held-out split (split by
 document, see :mod:`headscope.data`), so explanations are scored on prompts they never saw.
@@ -78,10 +80,6 @@ def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of:
     return out
 
 
-def _last_acts(model, rows, layer_of, neuron_of, batch_size):
-    return [a[-1] for a in acts_at(model, rows, layer_of, neuron_of, batch_size)]
-
-
 def top_sequences(model: Model, corpus: TokenCorpus, neurons: list[dict], split: str, top_k: int,
                   batch_size: int = 16, max_tokens: int | None = None, state_path=None,
                   progress: bool = True) -> dict[str, torch.Tensor]:
@@ -142,29 +140,40 @@ def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[di
     full = [it[3] for it in items]
     # search over the suffix length ℓ = pos + 1 − start ∈ [1, pos]; ℓ = pos is the full context (ok).
     # Gallop from the short end (ℓ = 1, 2, 4, …) to the first ok length, then bisect between the last
-    # bad and the first ok length: cost ≈ a few times the trimmed length, not the full one.
+    # bad and the first ok length: cost ≈ a few times the trimmed length, not the full one. No length
+    # above ℓ_max = max_prompt_tokens − 1 is tried: a prompt that needs more is dropped as soon as ℓ_max
+    # loses too much (it would be dropped at the end anyway).
+    lmax = max(1, max_prompt_tokens - 1)
     pos = [it[2] for it in items]
     lo = [0] * len(items)                     # longest length known to lose too much (0: none tested)
     hi = list(pos)                            # shortest length known to keep enough
     nxt = [1 if full[i] > 0 else None for i in range(len(items))]  # next gallop length; None: bisecting
     todo = [i for i in range(len(items)) if full[i] > 0]  # a non-positive maximum cannot be "kept"
+    kept_acts: dict[int, list[float]] = {}   # per-token activations of the prompt at length hi (when tested)
+    dropped: set[int] = set()
     bar = tqdm(desc=f"trimming {split} prompts", unit=" step", disable=not progress, file=sys.stderr)
     while True:
         active = []
         for i in todo:
+            if i in dropped:
+                continue
+            if lo[i] >= lmax:                 # every length ≤ ℓ_max loses too much: too long a prompt
+                dropped.add(i)
+                continue
             if nxt[i] is not None and nxt[i] >= hi[i]:
                 nxt[i] = None
             if nxt[i] is not None or hi[i] - lo[i] > 1:
                 active.append(i)
         if not active:
             break
-        length = {i: nxt[i] if nxt[i] is not None else (lo[i] + hi[i]) // 2 for i in active}
+        length = {i: min(lmax, nxt[i] if nxt[i] is not None else (lo[i] + hi[i]) // 2) for i in active}
         rows = [[bos] + items[i][1][pos[i] + 1 - length[i]: pos[i] + 1] for i in active]
-        acts = _last_acts(model, rows, [layer_of[i] for i in active], [neuron_of[i] for i in active], batch_size)
+        acts = acts_at(model, rows, [layer_of[i] for i in active], [neuron_of[i] for i in active], batch_size)
         for i, a in zip(active, acts):
-            ok = a >= keep * full[i]
+            ok = a[-1] >= keep * full[i]
             if ok:
                 hi[i], nxt[i] = length[i], None
+                kept_acts[i] = a
             else:
                 lo[i] = length[i]
                 if nxt[i] is not None:
@@ -173,13 +182,17 @@ def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[di
     bar.close()
     lo = [pos[i] + 1 - hi[i] for i in range(len(items))]  # the start index of the kept suffix
     rows = [[bos] + it[1][lo[i]: it[2] + 1] for i, it in enumerate(items)]
-    per_token = acts_at(model, rows, layer_of, neuron_of, batch_size)
+    # prompts kept at their full context (never shortened) were not run yet: one pass for those
+    rest = [i for i in range(len(items)) if i not in kept_acts and i not in dropped and len(rows[i]) <= max_prompt_tokens]
+    for i, a in zip(rest, acts_at(model, [rows[i] for i in rest], [layer_of[i] for i in rest],
+                                  [neuron_of[i] for i in rest], batch_size)):
+        kept_acts[i] = a
     out: list[list[dict]] = [[] for _ in neurons]
     for i, it in enumerate(items):
-        if len(rows[i]) > max_prompt_tokens:
+        if i in dropped or len(rows[i]) > max_prompt_tokens:
             continue
-        out[it[0]].append({"ids": rows[i], "acts": [round(float(a), 5) for a in per_token[i]],
-                           "act": float(per_token[i][-1]), "full_act": full[i], "seq": it[4], "pos": it[2],
+        out[it[0]].append({"ids": rows[i], "acts": [round(float(a), 5) for a in kept_acts[i]],
+                           "act": float(kept_acts[i][-1]), "full_act": full[i], "seq": it[4], "pos": it[2],
                            "start": lo[i]})
     return out
 
