@@ -8,7 +8,9 @@
 2. Each trainer runs in its own child process (so peak memory is its own), loads the same rows into
    memory, and trains ``--steps`` steps of ``--batch-size`` rows with Adam:
    * headscope: ``run_train(..., source=MemorySource(rows))`` — the full training loop (decoder-norm
-     constraint, AuxK, dead-feature tracking, checkpoint at the end);
+     constraint, AuxK, dead-feature tracking, checkpoint at the end); a feature counts as dead after
+     1000 steps without firing (``dead_tokens = 1000 · batch``), SAELens' default ``dead_feature_window``,
+     so both trainers run AuxK on the same features (none, in a run this short);
    * SAELens: ``SAETrainer`` with a ``TopKTrainingSAE`` (its own AuxK and decoder handling) fed from an
      iterator over the same rows in the same order of blocks.
 3. Reports tokens/s (after ``--warmup`` steps, which are excluded), the peak RSS growth of the
@@ -75,7 +77,7 @@ def child(args) -> dict:
         t0 = time.time()
         res = run_train(_Model(), run, args.layer, source=src, progress=False, architecture=args.arch, k=args.k,
                         expansion=args.expansion, batch_size=args.batch_size, n_tokens=n_tok, lr=args.lr,
-                        warmup_steps=10, checkpoint_every=10**9, buffer_tokens=args.block)
+                        warmup_steps=10, checkpoint_every=10**9, dead_tokens=1000 * args.batch_size, buffer_tokens=args.block)
         total = time.time() - t0
         from headscope.sae.io import load_sae
         sae = load_sae(run.path / f"sae/L{args.layer}")
@@ -91,7 +93,7 @@ def child(args) -> dict:
         t1 = time.time()
         run_train(_Model(), RunDir(tempfile.mkdtemp(), {"model": "bench"}), args.layer, source=src, progress=False,
                   architecture=args.arch, k=args.k, expansion=args.expansion, batch_size=args.batch_size,
-                  n_tokens=args.warmup * args.batch_size, lr=args.lr, warmup_steps=10, checkpoint_every=10**9,
+                  n_tokens=args.warmup * args.batch_size, lr=args.lr, warmup_steps=10, checkpoint_every=10**9, dead_tokens=1000 * args.batch_size,
                   buffer_tokens=args.block)
         warm = time.time() - t1
         timed = max(1e-9, total - warm)

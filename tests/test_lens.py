@@ -336,3 +336,32 @@ def test_scale_calibration_minimises_kl(models, family, kind, cap):
     found = forward_kl(bank(R), lp).double()
     assert (found <= kls.min(0).values * (1 + 1e-4) + 1e-9).all(), (s, grid[kls.argmin(0)])
     assert (found < 0.9 * kls[grid.sub(1.0).abs().argmin()]).all()  # clearly better than leaving s = 1
+
+
+def test_eval_stride_and_no_baselines(models):
+    """``stride`` evaluates every stride-th kept position of each window (same windows, same documents);
+    ``baselines=False`` leaves the unembedding baselines out and changes nothing else."""
+    m = models["gpt2"]
+    sites = [(1, 0), (2, 1)]
+    bank = LensBank(m, sites, LensConfig())
+    mo = Moments(bank)
+    for s in range(2):
+        mo.update(*site_batch(m, _ids(s, 4, 16), bank.sites, space="z"))
+    mo.solve()
+    null = mo.null_logits()
+    ids = _ids(9, 3, 16)
+    full = evaluate_bank(m, bank, null, [ids], progress=False)
+    half = evaluate_bank(m, bank, null, [ids], progress=False, stride=2, baselines=False)
+    assert half["tokens"] == 3 * 8 and full["tokens"] == 3 * 15 and half["windows"] == full["windows"] == 3
+    R, lp = site_batch(m, ids, bank.sites)
+    keep = torch.arange(ids.numel()) % 16 != 0
+    R, lp = R[:, keep], lp[keep]
+    sub = torch.arange(R.shape[1]).view(3, 15)[:, ::2].reshape(-1)
+    R, lp = R[:, sub], lp[sub]
+    with torch.no_grad():
+        lq = torch.log_softmax(bank(R).double(), -1)
+    kl = (lp.double().exp() * (lp.double() - lq)).sum(-1).mean(-1) / np.log(2)
+    for i, name in enumerate(["1.0", "2.1"]):
+        assert half["per_head"][name]["kl_lens"] == pytest.approx(float(kl[i]), rel=1e-4, abs=1e-6)
+        assert half["per_head"][name]["kl_unembed"] is None and half["per_head"][name]["improvement"] is None
+        assert full["per_head"][name]["kl_unembed"] is not None

@@ -272,3 +272,23 @@ def test_run_eval_writes_cis_and_the_atlas_says_how_good(tmp_path):
     assert s["eval"]["headline"]["ci"] == ev["recovered"]["headline"]["ci"]
     # the tiny random model barely reacts to ablation: the sentence must say the ratio means little
     assert "KL recovered vs zero-ablation" in s["reconstruction"] and "too little" in s["reconstruction"]
+
+
+def test_feature_pages_report_ce_recovered_against_both_ablations():
+    """The line on the SAE's feature pages carries the headline KL score and CE recovered against zero- and
+    mean-ablation, each with its CI, computed from the same per-document sums."""
+    from headscope.sae.atlas_data import reconstruction_sentence
+    from headscope.sae.evaluate import recovered_scores
+    rng = np.random.default_rng(0)
+    D = 12
+    n = np.full(D, 100.0)
+    ce_clean = rng.uniform(200, 300, D)
+    per_doc = {"n": n, "ce_clean": ce_clean, "ce_sae": ce_clean + 20, "ce_zero": ce_clean + 100, "ce_mean": ce_clean + 60,
+               "kl_sae": rng.uniform(10, 20, D), "kl_zero": rng.uniform(80, 100, D), "kl_mean": rng.uniform(50, 60, D)}
+    rec = recovered_scores(per_doc, n_boot=200)
+    ev = {"fve": 0.7, "l0": 32, "n_tokens": 1200, "n_documents": D, "recovered": rec}
+    line = reconstruction_sentence(ev)
+    want_zero = (per_doc["ce_zero"].sum() - per_doc["ce_sae"].sum()) / (per_doc["ce_zero"].sum() - ce_clean.sum())
+    want_mean = (per_doc["ce_mean"].sum() - per_doc["ce_sae"].sum()) / (per_doc["ce_mean"].sum() - ce_clean.sum())
+    assert f"CE recovered vs zero-ablation {want_zero:.2f}" in line and f"vs mean-ablation {want_mean:.2f}" in line
+    assert line.startswith("KL recovered vs mean-ablation") and line.count("[") >= 3   # every score with its CI

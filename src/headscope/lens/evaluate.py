@@ -78,7 +78,7 @@ def eval_generator(seed: int, batch: int) -> torch.Generator:
 @torch.no_grad()
 def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chunk: int = 256,
                   progress: bool = True, total: int | None = None, top_k: int = 10, seed: int = 0,
-                  baselines: bool = True) -> dict:
+                  baselines: bool = True, stride: int = 1) -> dict:
     """Metrics per site over ``batches`` (an iterable of (ids [B, S], docs [B]) or of ids alone, each
     sequence then its own document); see the module docstring.
 
@@ -87,7 +87,9 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
     all positions, so that a block's z-maps (:meth:`LensBank.z_maps`, Dh·V per site) are built once.
     Positions go in chunks of ``chunk``, sites in blocks of at most ``BLOCK_ELEMENTS`` logits. Control
     lenses are evaluated like sites and reported under ``control``. ``baselines=False`` skips the two
-    unembedding baselines (d·V per site and position each; ``kl_unembed``/``improvement`` are then None)."""
+    unembedding baselines (d·V per site and position each; ``kl_unembed``/``improvement`` are then None).
+    ``stride`` keeps every stride-th kept position of each window: the lenses' cost (heads · positions · V)
+    falls by that factor while the windows — and so the documents the SE is clustered over — stay."""
     from tqdm import tqdm
     K = len(bank.all_sites)
     use_z = bank.reads_z()
@@ -103,6 +105,9 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
         B = ids.shape[0]
         X, logp = site_batch(model, ids.to(model.device), bank.all_sites, space="z" if use_z else "result")
         X, logp, _ = select_positions(X, logp, ids.cpu(), len(bank.control_sites), eval_generator(seed, bi))
+        if stride > 1:   # every window keeps the same positions: take every stride-th of each
+            sub = torch.arange(X.shape[1]).view(B, -1)[:, ::stride].reshape(-1)
+            X, logp = X[:, sub], logp[sub]
         Xs.append(X)
         lps.append(logp)
         win_tokens += [X.shape[1] // B] * B   # every window keeps the same positions
@@ -323,7 +328,7 @@ def write_plots(model: Model, out: dict, folder) -> None:
 
 def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8, seq_len: int | None = None,
              corpus: str | None = None, transfer_tokens: int = 0, transfer_sites: list[tuple[int, int]] | None = None,
-             progress: bool = True, seed: int = 0, baselines: bool = True) -> dict:
+             progress: bool = True, seed: int = 0, baselines: bool = True, stride: int = 1) -> dict:
     """Evaluate the lenses in ``run/lens`` on ``tokens`` held-out tokens spread over the held-out documents;
     write ``run/lens/eval.json`` (see module docstring; keys: tokens, windows, documents, df, q, kl_null,
     per_head{"L.H": metrics}, control{…}, top_tokens, heatmap_gain / heatmap_improvement
@@ -337,9 +342,10 @@ def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8,
     seq_len = seq_len or tr.get("seq_len", 128)
     corpus_spec = corpus or tr.get("corpus", "default")
     data = TokenCorpus(model, corpus_spec, seq_len=seq_len, progress=progress)
-    batches, n_batches, _ = eval_windows(model, data, tokens, batch_size, seed=seed)
-    out = evaluate_bank(model, bank, null, batches, progress=progress, total=n_batches, seed=seed, baselines=baselines)
-    out["baselines"] = baselines
+    batches, n_batches, _ = eval_windows(model, data, tokens * stride, batch_size, seed=seed)
+    out = evaluate_bank(model, bank, null, batches, progress=progress, total=n_batches, seed=seed, baselines=baselines,
+                        stride=stride)
+    out["baselines"], out["stride"] = baselines, stride
     ph = out["per_head"]
     out["heatmap_gain"] = _heatmap(model, ph, "gain")
     out["heatmap_improvement"] = _heatmap(model, ph, "improvement")

@@ -50,6 +50,9 @@ class EvalOptions:
     """tokens for the cross-head transfer matrix (0: skip)"""
     batch_size: int = 8
     """sequences per forward pass"""
+    stride: int = 1
+    """evaluate every stride-th position of each window: --tokens positions from tokens·stride window
+    tokens, so as many documents for the SE at 1/stride of the lenses' cost"""
     baselines: bool = flag(default=True, negative_prefix="--no-")
     """also measure the unembedding baselines W_U·N(r_h) and W_U·r_h (d·V multiply-adds per head and
     position each, ~10× a lens that reads z): --no-baselines leaves kl_unembed/improvement empty"""
@@ -58,6 +61,7 @@ class EvalOptions:
         check(self.tokens >= 1, "--tokens must be at least 1")
         check(self.transfer_tokens >= 0, "--transfer-tokens must be 0 or more")
         check(self.batch_size >= 1, "--batch-size must be at least 1")
+        check(self.stride >= 1, "--stride must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> dict:
     """lens.eval: held-out KL and information gain of every lens in RUN/lens."""
     from .evaluate import run_eval
     out = run_eval(model, run, tokens=opts.tokens, batch_size=opts.batch_size, transfer_tokens=opts.transfer_tokens,
-                   baselines=opts.baselines)
+                   baselines=opts.baselines, stride=opts.stride)
     keys = ("tokens", "documents", "n_heads", "n_positive_gain", "n_informative", "n_informative_2se", "median_gain",
             "median_gain_se")
     return {k: out.get(k) for k in keys} | {"control_gain": [c["gain"] for c in out["control"].values()]}

@@ -94,6 +94,9 @@ def reconstruction_sentence(ev: dict) -> str:
     which = {"kl_recovered_mean": "KL recovered vs mean-ablation", "kl_recovered_zero": "KL recovered vs zero-ablation"}
     label = which.get(h["score"], h["score"])
     s = f"{_fmt_score(label, h)} (95 % CI), {base}; {ev['n_tokens']:,} held-out tokens, {ev.get('n_documents', '?')} documents"
+    ce = [_fmt_score(f"vs {b}-ablation", rec[f"ce_recovered_{b}"]) for b in ("zero", "mean") if rec.get(f"ce_recovered_{b}")]
+    if ce:
+        s += "; CE recovered " + ", ".join(ce)
     if not h["meaningful"]:
         s += "; the ablation changes the model too little for this ratio to mean much"
     elif h["score"] != "kl_recovered_mean":

@@ -224,7 +224,7 @@ class _Step(torch.autograd.Function):
 def _batch_topk_flat(r: torch.Tensor, n: int, guess: float = 0.0) -> torch.Tensor:
     """Sorted flat indices of the ``n`` largest entries of ``relu(r)`` (``r`` [N, F]).
 
-    With a ``guess`` > 0 below the cut (training passes 0.8 × the running threshold): the entries above
+    With a ``guess`` > 0 below the cut (training passes 0.8 × the previous batch's cut): the entries above
     it, in index order (``nonzero`` keeps them sorted), then the cut as a k-th value among those few —
     no top-k over rows and no sort; exact whenever between n and 4n entries pass the guess and the cut
     has no ties, else the general path. General path: candidates first (each row's 4·n/N largest, then
@@ -267,6 +267,7 @@ class AttnSAE(nn.Module):
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self._last_cut = 0.0   # BatchTopK training: the last batch's cut (a guess for the next, not state)
         g = torch.Generator().manual_seed(seed)
         d, F = cfg.d_in, cfg.d_sae
         # Kaiming-uniform init as the reference code (nn.init.kaiming_uniform_ on [d_in, F] / [F, d_in])
@@ -374,10 +375,11 @@ class AttnSAE(nn.Module):
                 rows = torch.arange(N, device=x.device).repeat_interleave(self.cfg.k)
                 cols, pv = idx.reshape(-1), pv.reshape(-1)
             else:
-                guess = 0.8 * float(self.threshold.max()) if self.threshold.any() else 0.0
-                flat = _batch_topk_flat(pre, self.cfg.k * N, guess)
+                # the guess: below the previous step's cut (it moves by a few % a step)
+                flat = _batch_topk_flat(pre, self.cfg.k * N, 0.8 * self._last_cut)
                 rows, cols = flat // F, flat % F
                 pv = pre.flatten()[flat]
+                self._last_cut = max(0.0, float(pv.min())) if pv.numel() else 0.0
         ent = Entries(rows, cols, N, F)
         v = SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pv, ent).relu()
         recon = SparseDecode.apply(v, self.W_dec, ent) + self.b_dec
