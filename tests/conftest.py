@@ -33,3 +33,13 @@ def default_model():
     """The real embedded default model (SmolLM2-135M-Instruct); only for tests marked slow."""
     from headscope.models import load_model
     return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def demo_small_run(default_model, tmp_path_factory):
+    """``headscope demo --small`` (configs/ci.toml) on the real default model, run once per session:
+    (run folder, the study record). Read by the demo test and the demo atlas's browser test."""
+    from headscope.study import builtin_config, load_config, run_study
+    out = tmp_path_factory.mktemp("demo-small") / "demo"
+    rec = run_study(load_config(builtin_config("ci")), out=out, model=default_model)
+    return out, rec

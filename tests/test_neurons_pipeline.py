@@ -194,6 +194,12 @@ def test_atlas_data(done_run):
     assert n0["prompts"] and len(n0["prompts"][0]["tokens"]) == len(n0["prompts"][0]["acts"])
     pairs = json.loads((run / "neurons/attribution.json").read_text())["pairs"]
     assert sum(h["n_neurons"] for h in nd["per_head"].values()) == len(pairs)
+    # every head active on some prompt of a neuron, outside the pairs, is listed under also_active
+    att = json.loads((run / "neurons/attribution.json").read_text())
+    want = {(h, f"{n['layer']}.{n['neuron']}") for n in att["neurons"] for h, st in n["heads"].items()
+            if h not in n["explain"] and (st["frac_train"] > 0 or st["frac_test"] > 0)}
+    got = {(h, x["neuron"]) for h, e in nd["per_head"].items() for x in e.get("also_active", [])}
+    assert got == want and want
     ed = explain_atlas.atlas_data(run.path)
     json.dumps(ed, allow_nan=False)
     assert sum(h["n_explained"] for h in ed["per_head"].values()) == len(pairs)

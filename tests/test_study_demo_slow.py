@@ -13,17 +13,9 @@ from headscope.study import builtin_config, load_config, plan, run_study
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    from headscope.models.load import load_model
-    return load_model("default")
-
-
-def test_demo_small_writes_every_stage(default_model, tmp_path):
-    out = tmp_path / "demo"
-    cfg = load_config(builtin_config("ci"))
-    steps = plan(cfg)
-    rec = run_study(cfg, out=out, model=default_model)
+def test_demo_small_writes_every_stage(default_model, demo_small_run):
+    out, rec = demo_small_run
+    steps = plan(load_config(builtin_config("ci")))
     ran = [s.name for s, _ in steps.steps]
     assert list(rec["stages"]) == ran + ["atlas"]
     for stage, opts in steps.steps:

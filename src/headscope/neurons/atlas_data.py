@@ -5,7 +5,9 @@ or None when ``RUN/neurons/attribution.json`` does not exist.
 
 * per_head["L.H"]: ``n_neurons`` (pairs to explain whose head this is), ``max_frac_active``,
   ``mean_drop_active`` / ``mean_drop_inactive`` (ablation, when run), and ``neurons``: the list of
-  those pairs ``{neuron: "L.N", token, frac_train, frac_test, mean_A, drop_active, drop_inactive}``.
+  those pairs ``{neuron: "L.N", token, frac_train, frac_test, mean_A, drop_active, drop_inactive}``;
+  ``also_active``: the neurons on some of whose prompts the head is active outside the 25–75 % band of
+  the pairs (``{neuron, token, frac_train, frac_test, mean_A}``, most active first, at most ``MAX_ALSO``).
 * neurons["L.N"]: layer, neuron, token, dot, cos, kurtosis, skew, ``top_tokens``, ``heads`` (every head
   active on at least one prompt, with fractions), ``explain`` (the 25–75 % heads), and ``prompts``
   (up to 10 train and 5 held-out prompts with per-token activations ``tokens``/``acts``).
@@ -18,6 +20,8 @@ from pathlib import Path
 from ..runs import read_json
 
 MAX_TRAIN, MAX_TEST = 10, 5
+MAX_ALSO = 20
+"""Most neurons listed per head under ``also_active``."""
 
 
 def atlas_data(run_dir: Path) -> dict | None:
@@ -54,7 +58,15 @@ def atlas_data(run_dir: Path) -> dict | None:
             entry["neurons"].append({"neuron": key, "token": n["token"], **st,
                                      "drop_active": dr.get("mean_drop_active"),
                                      "drop_inactive": dr.get("mean_drop_inactive")})
+        for h, st in n["heads"].items():   # heads active on some of its prompts, outside the 25–75 % band
+            if h in n["explain"] or not (st.get("frac_train", 0.0) > 0 or st.get("frac_test", 0.0) > 0):
+                continue
+            entry = per_head.setdefault(h, {"n_neurons": 0, "max_frac_active": 0.0, "neurons": []})
+            entry.setdefault("also_active", []).append({"neuron": key, "token": n["token"], **st})
     for entry in per_head.values():
+        if "also_active" in entry:
+            entry["also_active"].sort(key=lambda x: -(x.get("frac_train", 0.0) + x.get("frac_test", 0.0)))
+            del entry["also_active"][MAX_ALSO:]
         a = [x["drop_active"] for x in entry["neurons"] if x["drop_active"] is not None]
         ia = [x["drop_inactive"] for x in entry["neurons"] if x["drop_inactive"] is not None]
         if a:

@@ -805,7 +805,15 @@ RENDER.neurons = function (d) {
     t.appendChild(h("tr", {}, h("td", {}, neuronLink(n.neuron)), h("td", {}, tok(n.token)), h("td", { class: "num" }, fmt(n.frac_train, 2)),
       h("td", { class: "num" }, fmt(n.frac_test, 2)), h("td", { class: "num" }, fmt(n.mean_A)), h("td", { class: "num" }, fmt(n.drop_active)), h("td", { class: "num" }, fmt(n.drop_inactive))));
   }
-  card.appendChild(h("div", { class: "tablewrap" }, t));
+  if ((d.neurons || []).length) card.appendChild(h("div", { class: "tablewrap" }, t));
+  else card.appendChild(h("p", {}, "Not one of the heads active on 25–75 % of a neuron's prompts (the pairs that get explained)."));
+  if ((d.also_active || []).length) {
+    card.appendChild(h("p", { class: "muted" }, "Active (same rule) on fewer or more of the prompts of these neurons:"));
+    const t2 = h("table", { class: "data also-active" }, h("tr", {}, ["neuron", "predicts", "active (train)", "active (held-out)", "mean A"].map((x) => h("th", {}, x))));
+    for (const n of d.also_active) t2.appendChild(h("tr", {}, h("td", {}, neuronLink(n.neuron)), h("td", {}, tok(n.token)),
+      h("td", { class: "num" }, fmt(n.frac_train, 2)), h("td", { class: "num" }, fmt(n.frac_test, 2)), h("td", { class: "num" }, fmt(n.mean_A))));
+    card.appendChild(h("div", { class: "tablewrap" }, t2));
+  }
   return card;
 };
 

@@ -1,0 +1,54 @@
+"""End-to-end on the real default model: the atlas of `headscope demo --small` (the demo's stages on the
+CI's budget, shared with tests/test_study_demo_slow.py) opened in Chromium on head 18.6 — the strongest
+induction head of SmolLM2-135M — where a new user lands first. Its page must show what each instrument
+found for it: the lens' tokens, the SAE features attributed to it, and the next-token neurons it drives."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from test_atlas_browser import browser, new_page  # noqa: F401  (the shared chromium fixture)
+
+pytestmark = pytest.mark.slow
+
+HEAD = "18.6"
+
+
+def _index(run) -> dict:
+    text = (run / "atlas" / "data" / "index.js").read_text()
+    return json.loads(re.fullmatch(r'window\.__atlas_page\("index",(.*)\);\n', text, re.S).group(1))
+
+
+def test_head_18_6_page_shows_lens_features_and_neurons(browser, demo_small_run):  # noqa: F811
+    run, _ = demo_small_run
+    scores = json.loads((run / "heads" / "scores.json").read_text())["scores"]["induction"]
+    best = max(((l, h) for l in range(len(scores)) for h in range(len(scores[l]))), key=lambda lh: scores[lh[0]][lh[1]])
+    assert f"{best[0]}.{best[1]}" == HEAD, "head 18.6 is the default model's strongest induction head"
+    ev = json.loads((run / "lens" / "eval.json").read_text())["per_head"][HEAD]
+    page, errors = new_page(browser)
+    page.goto((run / "atlas" / "index.html").as_uri())
+    page.wait_for_selector("#start-here")   # the first screen points to it
+    assert HEAD in page.locator("#start-here a.headlink").all_inner_texts()
+    page.goto((run / "atlas" / "index.html").as_uri() + f"#/head/{HEAD}")
+    page.wait_for_selector("#head-title")
+    assert page.inner_text("#head-title") == f"Head {HEAD}"
+    # lens: held-out gain and its top tokens (an informative lens under the BH rule)
+    assert ev["informative"], ev
+    page.wait_for_selector(".lens-tokens .tok")
+    assert page.locator(".lens-tokens .tok").count() >= 5
+    # SAE features of layer 18 attributed to this head, each a link to its feature page
+    page.wait_for_selector("a.featlink")
+    assert page.locator("a.featlink").count() >= 1
+    # the next-token neurons it drives in context (a pair to explain, or active on some of their prompts)
+    page.wait_for_selector("text=Next-token neurons this head drives")
+    card = page.locator("section", has_text="Next-token neurons this head drives")
+    per_head = json.loads((run / "neurons" / "attribution.json").read_text())
+    driven = {f"{n['layer']}.{n['neuron']}" for n in per_head["neurons"]
+              if n["heads"].get(HEAD, {}).get("frac_train", 0) > 0 or n["heads"].get(HEAD, {}).get("frac_test", 0) > 0}
+    assert driven, "head 18.6 drives no next-token neuron on any prompt of this run"
+    links = set(card.locator("a").all_inner_texts())
+    assert driven <= {x.strip() for x in links}, (driven, links)
+    assert not errors, errors
