@@ -141,8 +141,9 @@ def evaluate_bank(model: Model, bank: LensBank, null: torch.Tensor, batches, chu
         rows = list(range(ks.start, ks.stop))
         maps = bank.z_maps(rows) if use_z else None
         if use_z and baselines:
-            W_O_blk = torch.stack([W_O.setdefault(s_, model.W_O(s_[0])[s_[1]].detach().float())
-                                   for s_ in (bank.all_sites[i] for i in rows)])   # [k, Dh, d]
+            for l_ in {bank.all_sites[i][0] for i in rows} - W_O.keys():
+                W_O[l_] = model.W_O(l_).detach().float()                        # [H, Dh, d], once per layer
+            W_O_blk = torch.stack([W_O[l_][h_] for l_, h_ in (bank.all_sites[i] for i in rows)])   # [k, Dh, d]
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             xs = X[ks, a:b].to(model.device)
