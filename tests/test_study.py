@@ -134,16 +134,25 @@ def test_stage_that_writes_nothing_is_an_error(tmp_path, tiny, monkeypatch):
     assert not (tmp_path / "run" / "stages" / "heads.score.json").exists()
 
 
-def test_atlas_refreshes_after_each_stage(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("refresh", [None, "stage"])
+def test_atlas_built_at_the_end_or_after_each_stage(tmp_path, tiny, monkeypatch, refresh):
     from headscope import study
     seen = []
     monkeypatch.setattr(study, "_refresh_atlas", lambda run, model, opts: seen.append(
         sorted(p.name for p in (run.path / "stages").glob("*.json"))))
     text = TINY + "[sae]\nname='L1'\n[sae.train]\nlayer = 1\nn_tokens = 512\nbatch_size = 64\nbuffer_tokens = 256\n" \
                   "expansion = 1\nk = 2\nseq_len = 32\n"
+    if refresh:
+        text = text.replace("[study]\n", f"[study]\nrefresh_atlas = '{refresh}'\n")
     run_study(load_config(write(tmp_path, text)), out=tmp_path / "run", model=tiny, progress=False)
-    # once after heads.score (while the SAE still trains), once at the end
-    assert seen == [["heads.score.json"], ["heads.score.json", "sae.train.json"]]
+    end = ["heads.score.json", "sae.train.json"]
+    # default: once, at the end; "stage": also after heads.score, while the SAE still trains
+    assert seen == ([["heads.score.json"], end] if refresh == "stage" else [end])
+
+
+def test_refresh_atlas_checked(tmp_path):
+    with pytest.raises(HeadscopeError, match="refresh_atlas"):
+        load_config(write(tmp_path, "[study]\nrefresh_atlas = 'often'\n"))
 
 
 def test_cli_parses(tmp_path):
