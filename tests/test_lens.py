@@ -123,6 +123,15 @@ def test_z_space_fit_and_logits_equal_result_space(models, family, kind, shared)
         banks[space], fed[space] = (bank, scale), calib
     (br, sr), (bz, sz) = banks["result"], banks["z"]
     torch.testing.assert_close(sz, sr, rtol=1e-3, atol=1e-4)
+    # the scale fit from z takes z·Bz with many positions and r = z·W_O with few: both equal the r-space fit
+    assert fed["z"][0].shape[1] * (m.d_model - m.d_head) > m.d_head * m.d_model
+    few = {sp: (fed[sp][0][:, :3], fed[sp][1][:3]) for sp in fed}
+    saved = {sp: banks[sp][0].log_s.clone() for sp in few}   # calibrate_scale updates log_s in place
+    s_few = {sp: calibrate_scale(banks[sp][0], *few[sp], torch.zeros(m.d_vocab), steps=1, z=sp == "z") for sp in few}
+    torch.testing.assert_close(s_few["z"], s_few["result"], rtol=5e-3, atol=1e-4)
+    with torch.no_grad():
+        for sp in few:
+            banks[sp][0].log_s.copy_(saved[sp])
     for name, v in br.state_dict().items():
         if name not in ("U", "Vt"):   # a low-rank factorisation is unique only up to signs: compare U·Vt
             torch.testing.assert_close(bz.state_dict()[name], v, rtol=2e-3, atol=1e-3 * float(v.abs().max()), msg=name)

@@ -254,18 +254,23 @@ def _scale_pieces(bank: LensBank, r: torch.Tensor, lenses: torch.Tensor, c0: tor
     if bank.cfg.kind == "full":
         return c0.view(1, 1, -1), None, bank(r, lenses=lenses) - c0
     W_U, b_U = bank.unembed()
-    if z:
-        Bz, e = bank.z_maps(rows)
+    if z and r.shape[1] * (bank.model.d_model - r.shape[2]) > r.shape[2] * bank.model.d_model:
+        Bz, e = bank.z_maps(rows)      # k·Dh·(d + n)·V multiply-adds: cheaper than k·n·d·V for n > Dh·d/(d − Dh)
         g = torch.baddbmm(e.unsqueeze(1), r.float(), Bz)
     else:
+        if z:                           # few positions: r = z·W_O[h] first, then one k·n·d·V product
+            W_O = torch.stack([bank.model.W_O(l)[h] for l, h in (bank.all_sites[i] for i in rows)])
+            r = torch.bmm(r.float(), W_O.float().to(r.device))
         g = bank.transform(r, lenses) @ W_U.T
     a0 = bank._p("c", lenses)[:, None, :] if bank.cfg.vocab_bias else torch.zeros(1, 1, 1, device=g.device)
     return a0, b_U, g
 
 
-def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap: float | None):
+def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap: float | None,
+                  pg: torch.Tensor | None = None):
     """For a(s) = a0 + φ(b + s·g) per site (s [k]): the first and second derivatives in s of
-    Σ_n KL(p_n ‖ softmax a_n), each [k] (float64). φ is the identity or C·tanh(·/C)."""
+    Σ_n KL(p_n ‖ softmax a_n), each [k] (float64). φ is the identity or C·tanh(·/C). ``pg`` [k, n]:
+    E_p[g], which does not depend on s (linear case; computed here when not given)."""
     z = g * s.view(-1, 1, 1)
     if b is not None:
         z = z + b
@@ -275,7 +280,7 @@ def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap:
         d1 = g * (1 - tau * tau)                      # da/ds
         d2 = g * g * (-2.0 / cap) * tau * (1 - tau * tau)  # d²a/ds²
     else:
-        return _newton_terms_linear(s, a0 if b is None else a0 + b, g, p)
+        return _newton_terms_linear(s, a0 if b is None else a0 + b, g, p, pg)
     lse = torch.logsumexp(a, -1)                      # [k, n]
     q = a.sub_(lse.unsqueeze(-1)).exp_()             # softmax, in place of a
     qd1 = q * d1
@@ -289,16 +294,17 @@ def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap:
     return f1, f2
 
 
-def _newton_terms_linear(s: torch.Tensor, base: torch.Tensor, g: torch.Tensor, p: torch.Tensor):
-    """:func:`_newton_terms` for logits linear in s, a = base + s·g: one exp and ~8 passes over [k, n, V]
-    (a' = g, a'' = 0; the softmax is normalised through its sums, E_p[g] is one einsum)."""
+def _newton_terms_linear(s: torch.Tensor, base: torch.Tensor, g: torch.Tensor, p: torch.Tensor,
+                         pg: torch.Tensor | None = None):
+    """:func:`_newton_terms` for logits linear in s, a = base + s·g: one exp and ~7 passes over [k, n, V]
+    (a' = g, a'' = 0; the softmax is normalised through its sums; E_p[g] = ``pg`` when given)."""
     e = torch.addcmul(base.expand_as(g), g, s.view(-1, 1, 1).to(g.dtype))
     e.sub_(e.amax(-1, keepdim=True)).exp_()           # unnormalised softmax
     Z = e.sum(-1)                                     # [k, n]
     eg = e.mul_(g)
     m1 = eg.sum(-1) / Z                               # E_q[g]
     m2 = torch.einsum("knv,knv->kn", eg, g) / Z       # E_q[g²]
-    pd1 = torch.einsum("nv,knv->kn", p, g)            # E_p[g]
+    pd1 = torch.einsum("nv,knv->kn", p, g) if pg is None else pg   # E_p[g]
     return (m1 - pd1).double().sum(-1), (m2 - m1 * m1).double().sum(-1)
 
 
@@ -344,8 +350,9 @@ def calibrate_scale(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, c0: tor
         k = len(lens_ids)
         cur = torch.ones(k, dtype=torch.float64)
         lo, hi = torch.full((k,), S_MIN, dtype=torch.float64), torch.full((k,), S_MAX, dtype=torch.float64)
+        pg = None if cap else torch.einsum("nv,knv->kn", p, g)   # E_p[g]: the same at every step
         for _ in range(steps):
-            f1, f2 = _newton_terms(cur[local].float().to(g.device), a0, b, g, p, cap)
+            f1, f2 = _newton_terms(cur[local].float().to(g.device), a0, b, g, p, cap, pg)
             agg = torch.zeros(2, k, dtype=torch.float64)
             agg[0].index_add_(0, local, f1.cpu())
             agg[1].index_add_(0, local, f2.cpu())
