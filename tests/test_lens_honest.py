@@ -247,3 +247,30 @@ def test_stats_against_independent_formulas():
     sums = rng.normal(size=(1, 400))
     se_b = cluster_bootstrap_se(sums, np.ones(400), lambda mm: mm[:, 0], reps=4000)
     assert se_b == pytest.approx(sums.std(ddof=1) / 20, rel=0.1)
+
+
+def test_show_lists_each_positions_top_tokens(model):
+    """show's per-position lists equal a direct top-k of the lens' and the unembedding's softmax at that
+    position (two heads, every position t >= 1)."""
+    from headscope.lens.collect import site_batch
+    from headscope.lens.evaluate import baseline_logits
+    from headscope.lens.lenses import LensBank
+    sites = [SITE, (1, 0)]
+    torch.manual_seed(0)
+    bank = LensBank(model, sites, LensConfig())
+    with torch.no_grad():
+        bank.A.normal_(0, 0.3)
+    prompt = "The value of the object is the"
+    res = show(model, bank, prompt, None, k=4, by="prob")
+    R, _ = site_batch(model, model.to_tokens(prompt), sites, logprobs=False)
+    with torch.no_grad():
+        q = torch.softmax(bank(R), -1)
+        u = torch.softmax(baseline_logits(model, R), -1)
+    for j, (l, h) in enumerate(sites):
+        pos = res["heads"][f"{l}.{h}"]["positions"]
+        assert [p["t"] for p in pos] == list(range(1, R.shape[1]))
+        for p in pos:
+            top = q[j, p["t"]].topk(4)
+            assert [x[0] for x in p["lens"]] == model.token_str(top.indices)
+            np.testing.assert_allclose([x[1] for x in p["lens"]], top.values.numpy(), rtol=1e-4)
+            assert [x[0] for x in p["unembed"]] == model.token_str(u[j, p["t"]].topk(4).indices)

@@ -94,21 +94,30 @@ def show(model: Model, bank: LensBank, prompt: str, sites: list[tuple[int, int]]
     else:
         rank = logq
     out = {"tokens": model.token_str(ids[0]), "by": by, "heads": {}}
+    # top-k of every head at every position t >= 1 in two batched calls (position 0, BOS, has the same
+    # context in every prompt); the token strings decoded once per distinct id
+    kk = min(k, rank.shape[-1])
+    top_i = rank[:, 1:].topk(kk, -1).indices                              # [K, S-1, k]
+    base = lq_base[:, 1:].topk(k, -1)                                     # [K, S-1, k]
+    lens_p = logq[:, 1:].gather(-1, top_i).exp()
+    lens_term = term[:, 1:].gather(-1, top_i) if term is not None else None
+    ids_all = torch.cat([top_i.reshape(-1), base.indices.reshape(-1)]).unique().tolist()
+    text = dict(zip(ids_all, model.token_str(ids_all)))
+    top_l, lens_pl, base_l, base_pl = top_i.tolist(), lens_p.tolist(), base.indices.tolist(), base.values.exp().tolist()
+    term_l = lens_term.tolist() if lens_term is not None else None
     for j, (l, h) in enumerate(chosen):
         name = f"{l}.{h}"
         g = (gains or {}).get(name)
         info = {"gain": g["gain"] if g else None, "gain_se": g.get("gain_se") if g else None,
                 "informative": bool(g and g.get("informative")), "positions": []}
-        for t in range(1, R.shape[1]):  # position 0 (BOS) has the same context in every prompt
-            top = rank[j, t].topk(min(k, rank.shape[-1])).indices
+        for t in range(1, R.shape[1]):
+            row = [(text[i], p_, term_l[j][t - 1][c] if term_l is not None else None)
+                   for c, (i, p_) in enumerate(zip(top_l[j][t - 1], lens_pl[j][t - 1]))]
             if by == "kl":
-                top = top[term[j, t, top] > MIN_TERM_BITS]
-            base = lq_base[j, t].topk(k)
+                row = [r for r in row if r[2] > MIN_TERM_BITS]
             info["positions"].append({
-                "t": t,
-                "lens": [[s, float(logq[j, t, i].exp()), float(term[j, t, i]) if term is not None else None]
-                         for s, i in zip(model.token_str(top), top)],
-                "unembed": [[s, float(p.exp())] for s, p in zip(model.token_str(base.indices), base.values)]})
+                "t": t, "lens": [list(r) for r in row],
+                "unembed": [[text[i], p_] for i, p_ in zip(base_l[j][t - 1], base_pl[j][t - 1])]})
         out["heads"][name] = info
     return out
 
