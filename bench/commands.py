@@ -78,6 +78,9 @@ def main() -> int:
     print(f"bare forward: {rate:.0f} tokens/s ({torch.get_num_threads()} threads)", file=sys.stderr)
     only = set(a.only.split(",")) if a.only else None
     rows = []
+    # the table is printed (and the JSON rewritten) row by row, so an interrupted run keeps what it measured
+    print("| command | options changed from the defaults | wall s | forward tokens | tokens/s | × bare forward |")
+    print("|---|---|---:|---:|---:|---:|", flush=True)
     for st in stages():
         if only and st.name not in only:
             continue
@@ -95,14 +98,12 @@ def main() -> int:
         rows.append({"stage": st.name, "overrides": over, "seconds": round(sec, 1), "tokens": n,
                      "tokens_per_s": round(n / sec) if n else None,
                      "ratio_to_forward": round(sec / (n / rate), 2) if n else None})
-    print("| command | options changed from the defaults | wall s | forward tokens | tokens/s | × bare forward |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
-        print(f"| `{r['stage'].replace('.', ' ', 1)}` | {over} | {r['seconds']} | {r['tokens'] or '—'} | "
-              f"{r['tokens_per_s'] or '—'} | {r['ratio_to_forward'] or '—'} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"bare_tokens_per_s": rate, "rows": rows}, indent=1))
+        r = rows[-1]
+        over_s = ", ".join(f"{k}={v}" for k, v in over.items()) or "—"
+        print(f"| `{r['stage'].replace('.', ' ', 1)}` | {over_s} | {r['seconds']} | {r['tokens'] or '—'} | "
+              f"{r['tokens_per_s'] or '—'} | {r['ratio_to_forward'] or '—'} |", flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"bare_tokens_per_s": rate, "rows": rows}, indent=1))
     return 0
 
 
