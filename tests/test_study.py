@@ -144,7 +144,8 @@ def test_atlas_built_at_the_end_or_after_each_stage(tmp_path, tiny, monkeypatch,
                   "expansion = 1\nk = 2\nseq_len = 32\n"
     if refresh:
         text = text.replace("[study]\n", f"[study]\nrefresh_atlas = '{refresh}'\n")
-    run_study(load_config(write(tmp_path, text)), out=tmp_path / "run", model=tiny, progress=False)
+    rec = run_study(load_config(write(tmp_path, text)), out=tmp_path / "run", model=tiny, progress=False)
+    assert rec["wall_seconds"] >= sum(st["seconds"] for st in rec["stages"].values()) - 0.1
     end = ["heads.score.json", "sae.train.json"]
     # default: once, at the end; "stage": also after heads.score, while the SAE still trains
     assert seen == ([["heads.score.json"], end] if refresh == "stage" else [end])

@@ -154,6 +154,7 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
         bad = [n for n in force if n not in {s.name for s, _ in steps.steps}]
         if bad:
             raise HeadscopeError(f"--force {', '.join(bad)}: not a stage of this study")
+    t_start = time.time()
     if model is None:
         from .models.load import load_model
         print(f"study: loading model '{study.get('model', 'default')}'", file=sys.stderr, flush=True)
@@ -164,7 +165,7 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
     update_json(record_path, lambda r: r.update({
         "model": {"spec": study.get("model", "default"), "name": model.name,
                   "device": study.get("device", "cpu"), "dtype": study.get("dtype", "float32")},
-        "config": config, "started": time.time()}))
+        "config": config, "started": t_start}))
     opts_by_stage = {s.name: o for s, o in steps.steps}
 
     def writer(rel: str):
@@ -196,6 +197,8 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
         _refresh_atlas(run, model, steps.atlas)
         update_json(record_path, lambda r: r.setdefault("stages", {}).__setitem__(
             "atlas", {"seconds": round(time.time() - t0, 2), "finished": time.time()}))
+    if ran_any:  # the whole run, model load included
+        update_json(record_path, lambda r: r.update({"wall_seconds": round(time.time() - t_start, 1)}))
     return read_json(record_path)
 
 
@@ -203,7 +206,8 @@ def _print_summary(record: dict, run_dir: Path) -> None:
     stages = record.get("stages", {})
     total = sum(s.get("seconds", 0) for s in stages.values())
     print("study: stage times: " + ", ".join(f"{k} {v.get('seconds', 0):.0f}s" for k, v in stages.items())
-          + f" (total {total:.0f}s)", file=sys.stderr)
+          + f" (total {total:.0f}s" + (f"; wall {record['wall_seconds']:.0f}s with the model load"
+                                         if record.get("wall_seconds") else "") + ")", file=sys.stderr)
     index = run_dir / "atlas" / "index.html"
     if index.is_file():
         print(f"study: the atlas is at {index.resolve().as_uri()}", file=sys.stderr)
