@@ -107,4 +107,39 @@ def test_last_position_probs_equal_full_logprobs(setup):
             torch.testing.assert_close(logits[:, 0], full[torch.arange(len(idx)), torch.tensor(last)],
                                        rtol=1e-5, atol=1e-5)
     with pytest.raises(HeadscopeError):
-        capture(m, ids, layers=[], what={"logits"}, logit_positions=torch.tensor([0]))
+        capture(m, ids, layers=[], what={"logits"}, logit_positions=torch.zeros(ids.shape[0] + 1, dtype=torch.long))
+
+
+def test_length_sorted_batches_bound_padding():
+    g = torch.Generator().manual_seed(3)
+    rows = [[5] * int(n) for n in torch.randint(1, 100, (300,), generator=g)]
+    seen = []
+    for idx, ids in mining.length_sorted_batches(rows, 64):
+        lens = [len(rows[i]) for i in idx]
+        assert len(idx) <= 64 and ids.shape == (len(idx), max(lens))
+        assert max(lens) <= 1.25 * min(lens) + 2
+        for j, i in enumerate(idx):
+            assert ids[j, : len(rows[i])].tolist() == rows[i]
+        seen += idx
+    assert sorted(seen) == list(range(len(rows)))
+    pad = sum(ids.numel() for _, ids in mining.length_sorted_batches(rows, 64))
+    old = sum(ids.numel() for _, ids in mining.length_sorted_batches(rows, 64, None))
+    assert pad <= old
+
+
+def test_trimming_equals_the_row_count_batching(setup, monkeypatch):
+    """The padding bound changes only which prompts share a forward pass: the trimmed prompts equal those
+    of the previous batching (row counts only)."""
+    m, corpus = setup
+    neurons = [{"layer": 2, "neuron": 3}, {"layer": 0, "neuron": 11}, {"layer": 2, "neuron": 40}, {"layer": 1, "neuron": 7}]
+    state = mining.top_sequences(m, corpus, neurons, "train", 4, batch_size=8, max_tokens=12 * SEQ, progress=False)
+    new = mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=30, batch_size=64,
+                              progress=False)
+    monkeypatch.setattr(mining, "SLACK", None)
+    old = mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=30, batch_size=64,
+                              progress=False)
+    assert sum(len(ps) for ps in new) > 0
+    for a, b in zip(new, old):
+        assert [p["ids"] for p in a] == [p["ids"] for p in b]
+        for p, q in zip(a, b):
+            assert p["acts"] == pytest.approx(q["acts"], abs=1e-5)

@@ -53,25 +53,45 @@ def neuron_acts(model: Model, ids: torch.Tensor, neurons: list[dict]) -> torch.T
     return out
 
 
-def length_sorted_batches(rows: list[list[int]], batch_size: int):
+SLACK = 0.25
+"""Default padding bound of :func:`length_sorted_batches`: a row at most 25 % (+ 2 tokens) longer than
+its batch's shortest row."""
+
+
+def length_sorted_batches(rows: list[list[int]], batch_size: int, slack: float | None = SLACK):
     """Prompts of similar length batched together: yields (idx, ids [B, n]), ``idx`` the prompts' indices
     in ``rows``. Each row is right-padded with its batch's first token; padding sits after every prompt's
-    last token, so causal attention never reads it."""
+    last token, so causal attention never reads it.
+
+    Rows go in order of length, at most ``batch_size`` per batch; a batch also ends before a row longer
+    than ``(1 + slack)`` × its shortest row + 2, so padding stays a small part of the forward tokens
+    (a search step mixes prompts of 2 and 100 tokens: with row counts alone, most of the forward pass
+    was padding). ``slack=None``: row counts only."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        n = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
-        yield idx, ids
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or
+                      (slack is not None and len(rows[i]) > (1 + slack) * len(rows[batch[0]]) + 2)):
+            yield batch, _padded(rows, batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch, _padded(rows, batch)
+
+
+def _padded(rows: list[list[int]], idx: list[int]) -> torch.Tensor:
+    n = max(len(rows[i]) for i in idx)
+    ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
+    for j, i in enumerate(idx):
+        ids[j, : len(rows[i])] = torch.tensor(rows[i])
+    return ids
 
 
 def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
             batch_size: int = 64) -> list[list[float]]:
     """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``."""
     out: list[list[float]] = [None] * len(rows)  # type: ignore[list-item]
-    for idx, ids in length_sorted_batches(rows, batch_size):  # similar lengths share a batch
+    for idx, ids in length_sorted_batches(rows, batch_size, SLACK):  # similar lengths share a batch
         layers = sorted({layer_of[i] for i in idx})
         cap = capture(model, ids.to(model.device), layers=layers, what={"mlp_post"}, stop_after=max(layers),
                       reduce={"mlp_post": lambda l, t: t.float().cpu()})
