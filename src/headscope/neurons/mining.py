@@ -89,14 +89,20 @@ def _padded(rows: list[list[int]], idx: list[int]) -> torch.Tensor:
 
 def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
             batch_size: int = 64) -> list[list[float]]:
-    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``."""
+    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``.
+    Prompts are batched per layer, each batch's forward pass stopping at that layer."""
     out: list[list[float]] = [None] * len(rows)  # type: ignore[list-item]
-    for idx, ids in length_sorted_batches(rows, batch_size, SLACK):  # similar lengths share a batch
-        layers = sorted({layer_of[i] for i in idx})
-        cap = capture(model, ids.to(model.device), layers=layers, what={"mlp_post"}, stop_after=max(layers),
-                      reduce={"mlp_post": lambda l, t: t.float().cpu()})
-        for j, i in enumerate(idx):
-            out[i] = cap["mlp_post"][layer_of[i]][j, : len(rows[i]), neuron_of[i]].tolist()
+    for layer in sorted(set(layer_of)):
+        sub = [i for i in range(len(rows)) if layer_of[i] == layer]
+        for idx, ids in length_sorted_batches([rows[i] for i in sub], batch_size, SLACK):  # similar lengths
+            rid = [sub[j] for j in idx]
+            nrn = torch.tensor([neuron_of[i] for i in rid])
+            cap = capture(model, ids.to(model.device), layers=[layer], what={"mlp_post"}, stop_after=layer,
+                          reduce={"mlp_post": lambda l, t: t[torch.arange(t.shape[0], device=t.device), :,
+                                                              nrn.to(t.device)].float().cpu()})   # [B, S]
+            acts = cap["mlp_post"][layer]
+            for j, i in enumerate(rid):
+                out[i] = acts[j, : len(rows[i])].tolist()
     return out
 
 
