@@ -68,7 +68,7 @@ def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | 
 # -- mine ---------------------------------------------------------------------------------------
 def mine_cache_dir(run: RunDir) -> Path:
     """Where ``mine`` keeps the running top-k of every neuron of the mined layers
-    (``top_<key>.safetensors``, key = corpus, split, seq_len, max_tokens, k, layers): both neuron sets
+    (``top_<key>.safetensors``, key = the corpus (its cache key: text, tokenizer, split fraction), split, seq_len, max_tokens, k, layers): both neuron sets
     read their top sequences from it, so the random set's mining runs no corpus pass. A file whose
     ``next`` is below the split's sequence count is an interrupted pass, resumed by the next run."""
     return run / "neurons" / "mine_cache"
@@ -96,7 +96,7 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     kk = max(top_k, top_k_test)
     for split, key, k in (("train", "train", top_k), ("heldout", "test", top_k_test)):
         # the running top-kk of every neuron of these layers, cached for the other set (same layers)
-        ckey = hashlib.sha1(f"{corpus}|{split}|{seq_len}|{max_tokens}|{kk}|{layers}".encode()).hexdigest()[:12]
+        ckey = hashlib.sha1(f"{tc.dir.name}|{split}|{seq_len}|{max_tokens}|{kk}|{layers}".encode()).hexdigest()[:12]
         state_path = mine_cache_dir(run) / f"top_{ckey}.safetensors"
         full = mining.layer_top_sequences(model, tc, layers, split, kk, batch_size, max_tokens, state_path, progress)
         state = mining.select_neurons(full, layers, model.d_mlp, neurons, k)
