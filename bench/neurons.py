@@ -12,6 +12,13 @@ trimming of the mined prompts (binary search, batched). Prints one JSON line at 
 times the ablations instead: the same drops computed batched over pairs and prompts
 (``ablation.ablation_drops``) and by the per-pair loop (``ablation_drops_per_pair``), on random prompts
 of 8–40 tokens, and checks that they agree.
+
+    python bench/neurons.py --stages RUN [--work DIR]
+
+times the neuron stages of a finished run (e.g. a demo run) on a copy of it (``--work``, default a
+temporary folder; RUN is never written): ``mine`` (top, then random: it reads the top set's mining
+cache), ``attribute`` and ``ablate`` for both sets with RUN's options, the forward tokens of trimming,
+and how many prompts / pairs equal RUN's (what changed, if anything).
 """
 
 from __future__ import annotations
@@ -39,10 +46,14 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true", help="time batched vs per-pair ablations instead")
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--prompts", type=int, default=20, help="prompts per neuron (ablation bench)")
+    ap.add_argument("--stages", default=None, help="time the neuron stages on a copy of this run")
+    ap.add_argument("--work", default=None, help="where --stages copies the run (default: a temp folder)")
     args = ap.parse_args()
     model = load_model(args.model, device=args.device)
     if args.ablation:
         return bench_ablation(model, args)
+    if args.stages:
+        return bench_stages(model, args)
     corpus = TokenCorpus(model, "default", seq_len=args.seq_len)
     layers = list(range(model.n_layers - 3, model.n_layers))
     g = torch.Generator().manual_seed(0)
@@ -102,6 +113,61 @@ def bench_ablation(model, args) -> None:
            "speedup": round(times["per_pair"] / times["batched"], 2), "max_abs_diff": diff}
     print(f"ablating {len(pairs)} pairs × {args.prompts} prompts: batched {out['batched_s']} s, per-pair loop "
           f"{out['per_pair_s']} s ({out['speedup']}×), max |difference| {diff:.2e}")
+    print(json.dumps(out))
+
+
+def bench_stages(model, args) -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from headscope.neurons import stages as ns
+    from headscope.runs import RunDir
+    ref = Path(args.stages)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_neurons_")) / "run"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copy(ref / "run.json", work / "run.json")
+    for sub in ("neurons", "neurons/random"):  # only the find results: everything after is recomputed
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ref / sub / "find.json", work / sub / "find.json")
+    run, refrun = RunDir(work, model.identity()), RunDir(ref, model.identity())
+    opt = {f: json.loads((ref / "neurons" / f"{f}.json").read_text())["options"] for f in ("mine", "attribution", "ablation")}
+    tokens = {"trim": 0}
+    real = mining.capture
+
+    def counting(m, ids, **kw):
+        tokens["trim"] += ids.numel()
+        return real(m, ids, **kw)
+    out = {"model": model.name, "torch_threads": torch.get_num_threads(), "stages": {}}
+    key = lambda p: (p["seq"], p["pos"], p["start"])
+    for which in ("top", "random"):
+        tokens["trim"] = 0
+        mining.capture = counting
+        t = time.perf_counter()
+        ns.run_mine(model, run, which, progress=False, **opt["mine"])
+        mining.capture = real
+        old = json.loads((ns.set_dir(refrun, which) / "mine.json").read_text())["neurons"]
+        new = json.loads((ns.set_dir(run, which) / "mine.json").read_text())["neurons"]
+        out["stages"][f"mine.{which}"] = {
+            "s": round(time.perf_counter() - t, 1), "forward_tokens_excl_corpus_pass": tokens["trim"],
+            "prompts": sum(len(n[k]) for n in new for k in ("train", "test")),
+            "same_as_ref": sum(key(a) == key(b) for o, n in zip(old, new) for k in ("train", "test")
+                               for a, b in zip(o[k], n[k]))}
+    for which in ("top", "random"):
+        t = time.perf_counter()
+        ns.run_attribute(model, run, which, progress=False, **opt["attribution"])
+        same = json.loads((ns.set_dir(refrun, which) / "attribution.json").read_text())["pairs"] == \
+            json.loads((ns.set_dir(run, which) / "attribution.json").read_text())["pairs"]
+        out["stages"][f"attribute.{which}"] = {"s": round(time.perf_counter() - t, 1), "same_pairs_as_ref": same}
+    for which in ("top", "random"):
+        t = time.perf_counter()
+        ns.run_ablate(model, run, which, progress=False, **opt["ablation"])
+        eff = [json.loads((ns.set_dir(r, which) / "ablation.json").read_text())["summary"]["effect"]["mean"]
+               for r in (refrun, run)]
+        out["stages"][f"ablate.{which}"] = {"s": round(time.perf_counter() - t, 1), "effect_ref": eff[0],
+                                            "effect": eff[1]}
+    out["total_s"] = round(sum(v["s"] for v in out["stages"].values()), 1)
     print(json.dumps(out))
 
 

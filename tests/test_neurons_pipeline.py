@@ -177,7 +177,7 @@ def test_stages_are_reused_through_the_contract(tmp_path, monkeypatch):
     run_stage(m, run, stage("neurons.mine"), mine, progress=False)
     run_stage(m, run, stage("neurons.attribute"), AttributeOptions(k_sigma=1.0), progress=False)
     boom = lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed"))
-    monkeypatch.setattr(mining, "top_sequences", boom)
+    monkeypatch.setattr(mining, "_running_top", boom)
     monkeypatch.setattr(attribution, "attribute_prompts", boom)
     assert not run_stage(m, run, stage("neurons.mine"), mine, progress=False)[1]
     assert not run_stage(m, run, stage("neurons.attribute"), AttributeOptions(k_sigma=1.0), progress=False)[1]

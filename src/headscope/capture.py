@@ -39,6 +39,7 @@ import torch
 
 from .errors import HeadscopeError
 from .models.load import Model
+from .models.arch import get_path
 
 PER_LAYER = ("z", "result", "v", "pattern", "attn_out", "mlp_pre", "mlp_up", "mlp_post", "resid_pre", "resid_post")
 GLOBAL = ("logits", "logprobs")
@@ -353,6 +354,7 @@ def capture(
     store_device: str | torch.device | None = None,
     stop_after: int | None = None,
     grad: bool = False,
+    logit_positions: torch.Tensor | None = None,
 ) -> Captured:
     """One forward pass over ``input_ids`` [B, S], returning the tensors named in ``what``.
 
@@ -361,6 +363,8 @@ def capture(
     only the last position and memory stays bounded. ``store_device``: where captured tensors are
     gathered (default: where they are produced). ``stop_after``: stop the forward pass after that
     block (no logits then). ``grad``: keep the autograd graph (default: no_grad).
+    ``logit_positions``: [B] one position per row; ``logits``/``logprobs`` are then [B, 1, V], the
+    unembedding run on that position of each row only (not on all S).
     """
     what = set(what)
     layers = validate(model, input_ids, layers, what, interventions, stop_after)
@@ -388,6 +392,15 @@ def capture(
                 hooks.read_only(layer, name)
     if stop_after is not None:
         hooks.stop_after(stop_after, keep_resid=stop_after in layers and "resid_post" in what)
+    if logit_positions is not None:
+        if tuple(torch.as_tensor(logit_positions).shape) != (input_ids.shape[0],):
+            raise HeadscopeError(f"logit_positions must be [batch] = [{input_ids.shape[0]}], got shape "
+                                 f"{tuple(torch.as_tensor(logit_positions).shape)}")
+        rows = torch.arange(input_ids.shape[0])
+        pos = torch.as_tensor(logit_positions).long()
+        hooks.add(get_path(model.hf, model.arch.unembed), "unembed",
+                  lambda args: (args[0][rows.to(args[0].device), pos.to(args[0].device)][:, None],) + tuple(args[1:]),
+                  pre=True)
 
     ids = input_ids.to(model.device) if str(model.device) != "meta" else input_ids
     ctx = torch.enable_grad() if grad else torch.no_grad()

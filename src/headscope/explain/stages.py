@@ -276,7 +276,9 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
     many per layer unless ``per_layer``), mined, attributed, explained and scored with the options the
     congruent set used, then :func:`run_compare`; when the congruent set was ablated, the random set is
     ablated alike and compared (:func:`headscope.neurons.stages.compare_ablations`). Needs the congruent
-    set's explain/score done first."""
+    set's explain/score done first. Its ``mine`` reads the random neurons' top sequences from the top
+    set's mining cache (:func:`headscope.neurons.stages.mine_cache_dir`: every neuron of the mined
+    layers), so only the trimming runs the model."""
     from ..neurons import stages as ns
     top = ns.set_dir(run, "top")
     f, m, a = (ns._need(top / n, s) for n, s in (("find.json", "find"), ("mine.json", "mine"),

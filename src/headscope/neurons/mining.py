@@ -53,30 +53,56 @@ def neuron_acts(model: Model, ids: torch.Tensor, neurons: list[dict]) -> torch.T
     return out
 
 
-def length_sorted_batches(rows: list[list[int]], batch_size: int):
+SLACK = 0.25
+"""Default padding bound of :func:`length_sorted_batches`: a row at most 25 % (+ 2 tokens) longer than
+its batch's shortest row."""
+
+
+def length_sorted_batches(rows: list[list[int]], batch_size: int, slack: float | None = SLACK):
     """Prompts of similar length batched together: yields (idx, ids [B, n]), ``idx`` the prompts' indices
     in ``rows``. Each row is right-padded with its batch's first token; padding sits after every prompt's
-    last token, so causal attention never reads it."""
+    last token, so causal attention never reads it.
+
+    Rows go in order of length, at most ``batch_size`` per batch; a batch also ends before a row longer
+    than ``(1 + slack)`` × its shortest row + 2, so padding stays a small part of the forward tokens
+    (a search step mixes prompts of 2 and 100 tokens: with row counts alone, most of the forward pass
+    was padding). ``slack=None``: row counts only."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        n = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
-        yield idx, ids
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or
+                      (slack is not None and len(rows[i]) > (1 + slack) * len(rows[batch[0]]) + 2)):
+            yield batch, _padded(rows, batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch, _padded(rows, batch)
+
+
+def _padded(rows: list[list[int]], idx: list[int]) -> torch.Tensor:
+    n = max(len(rows[i]) for i in idx)
+    ids = torch.full((len(idx), n), rows[idx[0]][0], dtype=torch.long)
+    for j, i in enumerate(idx):
+        ids[j, : len(rows[i])] = torch.tensor(rows[i])
+    return ids
 
 
 def acts_at(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
             batch_size: int = 64) -> list[list[float]]:
-    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``."""
+    """Per-token activation of neuron ``neuron_of[i]`` (layer ``layer_of[i]``) on prompt ``rows[i]``.
+    Prompts are batched per layer, each batch's forward pass stopping at that layer."""
     out: list[list[float]] = [None] * len(rows)  # type: ignore[list-item]
-    for idx, ids in length_sorted_batches(rows, batch_size):  # similar lengths share a batch
-        layers = sorted({layer_of[i] for i in idx})
-        cap = capture(model, ids.to(model.device), layers=layers, what={"mlp_post"}, stop_after=max(layers),
-                      reduce={"mlp_post": lambda l, t: t.float().cpu()})
-        for j, i in enumerate(idx):
-            out[i] = cap["mlp_post"][layer_of[i]][j, : len(rows[i]), neuron_of[i]].tolist()
+    for layer in sorted(set(layer_of)):
+        sub = [i for i in range(len(rows)) if layer_of[i] == layer]
+        for idx, ids in length_sorted_batches([rows[i] for i in sub], batch_size, SLACK):  # similar lengths
+            rid = [sub[j] for j in idx]
+            nrn = torch.tensor([neuron_of[i] for i in rid])
+            cap = capture(model, ids.to(model.device), layers=[layer], what={"mlp_post"}, stop_after=layer,
+                          reduce={"mlp_post": lambda l, t: t[torch.arange(t.shape[0], device=t.device), :,
+                                                              nrn.to(t.device)].float().cpu()})   # [B, S]
+            acts = cap["mlp_post"][layer]
+            for j, i in enumerate(rid):
+                out[i] = acts[j, : len(rows[i])].tolist()
     return out
 
 
@@ -88,7 +114,41 @@ def top_sequences(model: Model, corpus: TokenCorpus, neurons: list[dict], split:
 
     ``state_path``: a safetensors file the state is saved to after every batch group, so an
     interrupted pass resumes where it stopped."""
-    N = len(neurons)
+    return _running_top(model, corpus, split, top_k, len(neurons),
+                        lambda ids: neuron_acts(model, ids, neurons), batch_size, max_tokens, state_path, progress)
+
+
+def layer_top_sequences(model: Model, corpus: TokenCorpus, layers: list[int], split: str, top_k: int,
+                        batch_size: int = 16, max_tokens: int | None = None, state_path=None,
+                        progress: bool = True) -> dict[str, torch.Tensor]:
+    """:func:`top_sequences` for *every* neuron of ``layers`` at once: the same state with
+    N = len(layers) · d_mlp columns, column ``i · d_mlp + n`` = neuron n of ``layers[i]``. The forward
+    pass computes whole layers anyway, so this costs the same pass; :func:`select_neurons` then gives
+    the top-k of any neuron set in these layers (e.g. random neurons) with no forward pass."""
+    layers = sorted(layers)
+
+    def acts(ids: torch.Tensor) -> torch.Tensor:
+        cap = capture(model, ids, layers=layers, what={"mlp_post"}, stop_after=max(layers),
+                      reduce={"mlp_post": lambda l, t: t.float().cpu()})
+        return torch.cat([cap["mlp_post"][l] for l in layers], dim=-1)
+    return _running_top(model, corpus, split, top_k, len(layers) * model.d_mlp, acts, batch_size, max_tokens,
+                        state_path, progress)
+
+
+def select_neurons(state: dict[str, torch.Tensor], layers: list[int], d_mlp: int, neurons: list[dict],
+                   top_k: int) -> dict[str, torch.Tensor]:
+    """The [top_k, N] state of ``neurons`` from a :func:`layer_top_sequences` state of ``layers``
+    (its k ≥ top_k: the first top_k rows of a sorted top-k are the top-top_k)."""
+    layers = sorted(layers)
+    if top_k > state["act"].shape[0]:
+        raise HeadscopeError(f"internal: cached top-{state['act'].shape[0]} cannot serve top-{top_k}")
+    cols = torch.tensor([layers.index(n["layer"]) * d_mlp + n["neuron"] for n in neurons], dtype=torch.long)
+    return {k: state[k][:top_k, cols] for k in ("act", "seq", "pos")}
+
+
+def _running_top(model: Model, corpus: TokenCorpus, split: str, top_k: int, N: int, acts_fn, batch_size: int,
+                 max_tokens: int | None, state_path, progress: bool) -> dict[str, torch.Tensor]:
+    """The running top-k of :func:`top_sequences`; ``acts_fn(ids [B, S]) -> [B, S, N]``."""
     n_seq = corpus.n_sequences(split)
     if max_tokens is not None:
         n_seq = min(n_seq, max(1, max_tokens // corpus.seq_len))
@@ -99,12 +159,13 @@ def top_sequences(model: Model, corpus: TokenCorpus, neurons: list[dict], split:
         if saved["act"].shape == state["act"].shape:
             state = saved
     start = int(state["next"])
-    bar = tqdm(total=n_seq, initial=start, desc=f"mining {split}", unit=" seq", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=n_seq, initial=min(start, n_seq), desc=f"mining {split}", unit=" seq", disable=not progress,
+               file=sys.stderr)
     seq_i = start
     batches = corpus.batches(split, batch_size=batch_size, start=start,
                              max_tokens=(n_seq - start) * corpus.seq_len) if start < n_seq else []
     for k, batch in enumerate(batches):
-        acts = neuron_acts(model, batch.to(model.device), neurons)       # [B, S, N]
+        acts = acts_fn(batch.to(model.device))                           # [B, S, N]
         acts[:, 0] = -float("inf")                                       # position 0 is BOS
         mx, pos = acts.max(dim=1)                                        # [B, N]
         seqs = torch.arange(seq_i, seq_i + batch.shape[0])[:, None].expand_as(mx)

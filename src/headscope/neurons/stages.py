@@ -66,6 +66,14 @@ def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | 
 
 
 # -- mine ---------------------------------------------------------------------------------------
+def mine_cache_dir(run: RunDir) -> Path:
+    """Where ``mine`` keeps the running top-k of every neuron of the mined layers
+    (``top_<key>.safetensors``, key = the corpus (its cache key: text, tokenizer, split fraction), split, seq_len, max_tokens, k, layers): both neuron sets
+    read their top sequences from it, so the random set's mining runs no corpus pass. A file whose
+    ``next`` is below the split's sequence count is an interrupted pass, resumed by the next run."""
+    return run / "neurons" / "mine_cache"
+
+
 def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "default", seq_len: int = 128,
              top_k: int = 20, top_k_test: int = 20, keep: float = 0.8, max_prompt_tokens: int = 100,
              batch_size: int = 16, max_tokens: int | None = None, progress: bool = True) -> dict:
@@ -84,18 +92,20 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     neurons = found["neurons"]
     src = file_hash(d / "find.json")
     out = [dict((k, n[k]) for k in ("layer", "neuron", "token_id", "token")) for n in neurons]
+    layers = sorted(set(found.get("options", {}).get("layers") or []) | {n["layer"] for n in neurons})
+    kk = max(top_k, top_k_test)
     for split, key, k in (("train", "train", top_k), ("heldout", "test", top_k_test)):
-        skey = hashlib.sha1(f"{src}|{split}|{k}|{corpus}|{seq_len}|{max_tokens}".encode()).hexdigest()[:12]
-        state_path = d / f"mine_state_{skey}.safetensors"
-        state = mining.top_sequences(model, tc, neurons, split, k, batch_size, max_tokens, state_path, progress)
+        # the running top-kk of every neuron of these layers, cached for the other set (same layers)
+        ckey = hashlib.sha1(f"{tc.dir.name}|{split}|{seq_len}|{max_tokens}|{kk}|{layers}".encode()).hexdigest()[:12]
+        state_path = mine_cache_dir(run) / f"top_{ckey}.safetensors"
+        full = mining.layer_top_sequences(model, tc, layers, split, kk, batch_size, max_tokens, state_path, progress)
+        state = mining.select_neurons(full, layers, model.d_mlp, neurons, k)
         prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress)
         for o, ps in zip(out, prompts):
             for p in ps:
                 p["tokens"] = model.token_str(p["ids"])
             o[key] = ps
     write_json(path, {"options": opts, "source": src, "neurons": out})
-    for f in d.glob("mine_state_*.safetensors"):
-        f.unlink()
     res = _mine_summary({"neurons": out})
     return res
 
