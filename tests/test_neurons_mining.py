@@ -103,6 +103,33 @@ def test_trimming_keeps_activation_with_shortest_suffix(setup):
                         assert _act(m, shorter, n) < 0.8 * p["full_act"] + 1e-6
 
 
+def test_trimming_tolerance(setup):
+    """With a tolerance τ the kept prompt still keeps the activation, and a suffix at most max(1, τ·ℓ)
+    tokens shorter (the bisection's last failing length) loses too much; τ = 0 is the exact search."""
+    m, corpus, neurons = setup
+    state = mining.top_sequences(m, corpus, neurons, "train", 3, batch_size=8, max_tokens=10 * SEQ, progress=False)
+    exact = mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=1000, progress=False)
+    assert mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=1000, progress=False,
+                               tolerance=0.0) == exact
+    loose = mining.trim_prompts(m, corpus, "train", neurons, state, keep=0.8, max_prompt_tokens=1000, progress=False,
+                                tolerance=0.5)
+    n_checked = 0
+    for n, ps in zip(neurons, loose):
+        for p in ps:
+            seq = corpus.sequence("train", p["seq"]).tolist()
+            assert p["act"] == pytest.approx(_act(m, p["ids"], n), rel=1e-4, abs=1e-6)
+            if p["full_act"] <= 0:
+                continue
+            assert p["act"] >= 0.8 * p["full_act"] - 1e-6
+            length = p["pos"] + 1 - p["start"]
+            if 1 < length < p["pos"]:      # the search stopped below the full context: a failing length is near
+                fail = [l for l in range(max(1, length - max(1, int(0.5 * length))), length)
+                        if _act(m, [m.bos_id] + seq[p["pos"] + 1 - l: p["pos"] + 1], n) < 0.8 * p["full_act"] + 1e-6]
+                assert fail, (length, p["pos"])
+                n_checked += 1
+    assert n_checked > 0
+
+
 def test_max_prompt_tokens_drops_long_prompts(setup):
     m, corpus, neurons = setup
     state = mining.top_sequences(m, corpus, neurons, "train", 3, batch_size=8, max_tokens=10 * SEQ, progress=False)

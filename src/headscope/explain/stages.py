@@ -288,6 +288,7 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
                 unembed=fo.get("unembed", "centred"), seed=seed)
     ns.run_mine(model, run, "random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
                 top_k_test=mo["top_k_test"], keep=mo["keep"], max_prompt_tokens=mo["max_prompt_tokens"],
+                trim_tolerance=mo.get("trim_tolerance", 0.0),
                 max_tokens=mo["max_tokens"], progress=progress)
     ns.run_attribute(model, run, "random", gated=ao["gated"], norm_scale=ao["norm_scale"], k_sigma=ao["k_sigma"],
                      low=ao["low"], high=ao["high"], progress=progress)

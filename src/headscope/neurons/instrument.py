@@ -72,6 +72,8 @@ class MineOptions:
     """fraction of the activation trimming keeps"""
     max_prompt_tokens: int = 100
     """drop longer trimmed prompts"""
+    trim_tolerance: float = 0.0
+    """stop the trimming search once the kept length is within this fraction of the shortest (0: exact)"""
     max_tokens: Optional[int] = None
     """mine at most this many tokens per split"""
     batch_size: int = 16
@@ -81,6 +83,7 @@ class MineOptions:
         for n in ("seq_len", "top_k", "top_k_test", "max_prompt_tokens", "batch_size"):
             check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
         check(0 < self.keep <= 1, "--keep must be in (0, 1]")
+        check(0 <= self.trim_tolerance < 1, "--trim-tolerance must be in [0, 1)")
         check(self.max_tokens is None or self.max_tokens >= 1, "--max-tokens must be at least 1")
 
 
@@ -151,7 +154,7 @@ def stage_mine(model, run, opts: MineOptions, progress: bool = True) -> dict:
     from .stages import run_mine
     return run_mine(model, run, opts.which, corpus=opts.corpus, seq_len=opts.seq_len, top_k=opts.top_k,
                     top_k_test=opts.top_k_test, keep=opts.keep, max_prompt_tokens=opts.max_prompt_tokens,
-                    batch_size=opts.batch_size, max_tokens=opts.max_tokens, progress=progress)
+                    trim_tolerance=opts.trim_tolerance, batch_size=opts.batch_size, max_tokens=opts.max_tokens, progress=progress)
 
 
 def stage_attribute(model, run, opts: AttributeOptions, progress: bool = True) -> dict:

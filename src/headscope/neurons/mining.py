@@ -185,9 +185,14 @@ def _running_top(model: Model, corpus: TokenCorpus, split: str, top_k: int, N: i
 
 def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[dict], state: dict,
                  keep: float = 0.8, max_prompt_tokens: int = 100, batch_size: int = 64,
-                 progress: bool = True) -> list[list[dict]]:
+                 progress: bool = True, tolerance: float = 0.0) -> list[list[dict]]:
     """Trimmed prompts per neuron (list over neurons of lists of prompt dicts with ``ids``, ``act``,
-    ``full_act``, ``seq``, ``pos``, ``start``), ``ids`` = [BOS] + seq[start : pos + 1]."""
+    ``full_act``, ``seq``, ``pos``, ``start``), ``ids`` = [BOS] + seq[start : pos + 1].
+
+    ``tolerance`` τ ≥ 0: the bisection stops once the last length that lost too much (lo) and the
+    shortest that kept enough (hi) satisfy hi − lo ≤ max(1, τ·hi), so the kept suffix is at most ~τ of its
+    length longer than the exact shortest one (τ = 0: exact); each bisection step saved costs one forward
+    pass of the prompt."""
     items = []  # (neuron index, seq tokens, pos, full act)
     for n in range(len(neurons)):
         for r in range(state["act"].shape[0]):
@@ -223,7 +228,7 @@ def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[di
                 continue
             if nxt[i] is not None and nxt[i] >= hi[i]:
                 nxt[i] = None
-            if nxt[i] is not None or hi[i] - lo[i] > 1:
+            if nxt[i] is not None or hi[i] - lo[i] > max(1, int(tolerance * hi[i])):
                 active.append(i)
         if not active:
             break

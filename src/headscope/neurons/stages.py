@@ -76,6 +76,7 @@ def mine_cache_dir(run: RunDir) -> Path:
 
 def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "default", seq_len: int = 128,
              top_k: int = 20, top_k_test: int = 20, keep: float = 0.8, max_prompt_tokens: int = 100,
+             trim_tolerance: float = 0.0,
              batch_size: int = 16, max_tokens: int | None = None, progress: bool = True) -> dict:
     """Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer, neuron, token_id, token,
     "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per token), act, full_act,
@@ -84,6 +85,8 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     found = _need(d / "find.json", "find")
     opts = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
             "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens}
+    if trim_tolerance:   # recorded only when used, so earlier mine.json files keep their options
+        opts["trim_tolerance"] = trim_tolerance
     path = d / "mine.json"
     if not 0 < keep <= 1:
         raise HeadscopeError(f"--keep must be in (0, 1], got {keep}")
@@ -100,7 +103,8 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
         state_path = mine_cache_dir(run) / f"top_{ckey}.safetensors"
         full = mining.layer_top_sequences(model, tc, layers, split, kk, batch_size, max_tokens, state_path, progress)
         state = mining.select_neurons(full, layers, model.d_mlp, neurons, k)
-        prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress)
+        prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress,
+                                     tolerance=trim_tolerance)
         for o, ps in zip(out, prompts):
             for p in ps:
                 p["tokens"] = model.token_str(p["ids"])
