@@ -27,7 +27,10 @@ OVERRIDES = {
     "sae.train": {"layer": 18, "n_tokens": 65536},   # default: 2M tokens
     "sae.eval": {"name": "L18"}, "sae.analysis": {"name": "L18"}, "sae.dashboards": {"name": "L18"},
     "sae.ioi": {"name": "L18"},
-    "neurons.mine": {"max_tokens": 65536},            # default: the whole corpus
+    "neurons.find": {"per_layer": 4},                 # default: 20 per layer (60 neurons: mining for an hour here)
+    "neurons.mine": {"max_tokens": 16384},            # default: the whole corpus
+    "neurons.ablate": {"max_pairs": 15},              # default: every pair (~120 here)
+    "explain.baseline": {"per_layer": 2},             # default: as many random neurons as congruent ones
 }
 
 
