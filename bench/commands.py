@@ -26,7 +26,7 @@ OVERRIDES = {
     "lens.train": {"layers": "18"},                 # default: all 270 heads (~30 min here)
     "sae.train": {"layer": 18, "n_tokens": 65536},   # default: 2M tokens
     "sae.eval": {"name": "L18"}, "sae.analysis": {"name": "L18"}, "sae.dashboards": {"name": "L18"},
-    "sae.ioi": {"name": "L18"},
+    "sae.ioi": {"name": "L18", "max_features": 10},  # default: every live feature (over 7 min here, not finished)
     "neurons.find": {"per_layer": 4},                 # default: 20 per layer (60 neurons: mining for an hour here)
     "neurons.mine": {"max_tokens": 16384},            # default: the whole corpus
     "neurons.ablate": {"max_pairs": 15},              # default: every pair (~120 here)
