@@ -259,8 +259,7 @@ def _scale_pieces(bank: LensBank, r: torch.Tensor, lenses: torch.Tensor, c0: tor
         g = torch.baddbmm(e.unsqueeze(1), r.float(), Bz)
     else:
         if z:                           # few positions: r = z·W_O[h] first, then one k·n·d·V product
-            W_O = torch.stack([bank.model.W_O(l)[h] for l, h in (bank.all_sites[i] for i in rows)])
-            r = torch.bmm(r.float(), W_O.float().to(r.device))
+            r = torch.bmm(r.float(), bank.site_W_O(rows).to(r.device))
         g = bank.transform(r, lenses) @ W_U.T
     a0 = bank._p("c", lenses)[:, None, :] if bank.cfg.vocab_bias else torch.zeros(1, 1, 1, device=g.device)
     return a0, b_U, g

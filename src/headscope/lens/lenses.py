@@ -246,6 +246,10 @@ class LensBank(nn.Module):
         costs Dh instead of d multiply-adds."""
         return self.cfg.kind != "full" and not self.cfg.norm
 
+    def site_W_O(self, rows: list[int]) -> torch.Tensor:
+        """W_O of the heads of site rows ``rows`` (indices into ``all_sites``): [k, Dh, d] float32."""
+        return torch.stack([self.model.W_O(l)[h] for l, h in (self.all_sites[i] for i in rows)]).float()
+
     @torch.no_grad()
     def z_maps(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """For site rows ``rows`` (indices into ``all_sites``, each read by its own lens): Bz [k, Dh, V] and
@@ -253,7 +257,7 @@ class LensBank(nn.Module):
         m = self.model
         W_U = m.W_U.detach().float()
         lenses = self.lens_index[rows]
-        W_O = torch.stack([m.W_O(l)[h] for l, h in (self.all_sites[i] for i in rows)]).float().to(W_U.device)
+        W_O = self.site_W_O(rows).to(W_U.device)
         if self.cfg.kind == "affine":
             WA = W_O + torch.bmm(W_O, self.A[lenses])                              # [k, Dh, d]
         else:
