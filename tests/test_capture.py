@@ -153,3 +153,53 @@ def test_a_hook_that_never_fires_is_an_error():
     m.arch = dataclasses.replace(m.arch, o_proj="unused")
     with pytest.raises(HeadscopeError, match="hooks never fired"):
         capture(m, IDS, what=("z",))
+
+
+# -- resume: start the pass at block L from a saved residual stream ------------------------------------
+@pytest.mark.parametrize("L", [1, 2])
+def test_resume_equals_the_full_pass_with_the_same_edit(any_tiny, L):
+    """A pass resumed at L from the clean resid_pre of L, with a head edit at L, gives the logits and the
+    per-layer tensors of the full pass with that edit (blocks below L are skipped, not approximated)."""
+    m = any_tiny
+    clean = capture(m, IDS, layers=[L], what=("resid_pre",))
+    ivs = [HeadIntervention(L, heads=[1], kind="zero")]
+    full = capture(m, IDS, layers=list(range(L, m.n_layers)), what=("z", "mlp_post", "logprobs"), interventions=ivs)
+    res = capture(m, IDS, layers=list(range(L, m.n_layers)), what=("z", "mlp_post", "logprobs"), interventions=ivs,
+                  resume=(L, clean["resid_pre"][L]))
+    torch.testing.assert_close(res.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
+    for l in range(L, m.n_layers):
+        torch.testing.assert_close(res["z"][l], full["z"][l], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res["mlp_post"][l], full["mlp_post"][l], atol=1e-5, rtol=1e-5)
+    # the blocks are restored: a later plain pass is the bare model
+    with torch.no_grad():
+        torch.testing.assert_close(capture(m, IDS, layers=[], what=("logits",)).logits, m.hf(IDS).logits)
+
+
+def test_resume_really_skips_the_lower_blocks(any_tiny):
+    """What block L reads is the given stream, not the embedding's path: a different stream changes the
+    output, and no hook below L fires."""
+    m = any_tiny
+    h = capture(m, IDS, layers=[2], what=("resid_pre",))["resid_pre"][2]
+    capture(m, IDS, layers=[], what=("logits",), resume=(1, capture(m, IDS, layers=[1], what=("resid_pre",))["resid_pre"][1]))
+    calls = []  # (the first resume of a model runs block 0 once on one token, to see its output type)
+    handle = m.block_module(0, m.arch.o_proj).register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        a = capture(m, IDS, layers=[], what=("logits",), resume=(2, h)).logits
+        b = capture(m, IDS, layers=[], what=("logits",), resume=(2, h + 1.0)).logits
+    finally:
+        handle.remove()
+    assert not torch.allclose(a, b)
+    assert calls == []  # block 0's attention never ran
+    with torch.no_grad():
+        torch.testing.assert_close(a, m.hf(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_refuses_what_it_cannot_stand_for(any_tiny):
+    m = any_tiny
+    h = capture(m, IDS, layers=[2], what=("resid_pre",))["resid_pre"][2]
+    with pytest.raises(HeadscopeError, match="below"):
+        capture(m, IDS, layers=[1], what=("z",), resume=(2, h))
+    with pytest.raises(HeadscopeError, match="below"):
+        capture(m, IDS, layers=[], what=("logits",), resume=(2, h), interventions=[HeadIntervention(0, heads=[0])])
+    with pytest.raises(HeadscopeError, match="d_model"):
+        capture(m, IDS, layers=[], what=("logits",), resume=(2, h[:1]))

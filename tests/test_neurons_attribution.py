@@ -212,7 +212,8 @@ def test_batched_ablation_equals_per_pair_loop(family, mode):
                [[0] + torch.randint(1, 500, (n,), generator=g).tolist() for n in (6, 4, 8)]]
     tokens = [11, 42]
     pairs = [{"neuron": 0, "layer": 0, "head": 1}, {"neuron": 1, "layer": 2, "head": 0},
-             {"neuron": 0, "layer": 2, "head": 3}, {"neuron": 1, "layer": 1, "head": 2}]
+             {"neuron": 0, "layer": 2, "head": 3}, {"neuron": 1, "layer": 1, "head": 2},
+             {"neuron": 0, "layer": 2, "head": 0}]   # two heads of one layer share resumed batches
     batched = ablation.ablation_drops(m, pairs, prompts, tokens, batch_size=5, progress=False, mode=mode)
     loop = ablation.ablation_drops_per_pair(m, pairs, prompts, tokens, batch_size=2, progress=False, mode=mode)
     for b, l in zip(batched, loop):

@@ -4,6 +4,7 @@ spread over ≥ 10 documents; the polysemanticity test's nulls stay at ≤ 10 % 
 same shape has no polysemantic head; the IOI example runs."""
 
 import pytest
+import torch
 
 from headscope.data import TokenCorpus
 from headscope.runs import RunDir
@@ -64,3 +65,12 @@ def test_ioi_example_runs(trained):
     assert res["logit_diff_clean"] > 0          # the model prefers the indirect object
     assert res["n_live_features"] > 0 and len(res["features"]) == 6
     assert all(abs(f["delta_abba"] + f["delta_baba"] - 2 * f["delta_logit_diff"]) < 1e-4 for f in res["features"])
+    # the variant passes resume at the SAE's layer: the clean one must be the plain model's logit difference
+    tok, diffs = model.tokenizer, []
+    for p in ioi_prompts(model, 20):
+        ids = torch.tensor([[model.bos_id] + tok(p["text"], add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            lg = model.hf(input_ids=ids).logits[0, -1].float()
+        io_, s_ = (tok(" " + p[k], add_special_tokens=False)["input_ids"][0] for k in ("io", "s"))
+        diffs.append(float(lg[io_] - lg[s_]))
+    assert res["logit_diff_clean"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-3)

@@ -342,6 +342,69 @@ class _Hooks:
                                  f"the model)")
 
 
+def check_resume(model: Model, input_ids: torch.Tensor, resume, layers: list[int],
+                 interventions: Sequence[HeadIntervention | NeuronIntervention], stop_after: int | None) -> None:
+    """Refuse a ``resume=(L, h)`` that cannot stand for the skipped blocks' output."""
+    L, h = resume
+    model.check_layer(L)
+    want = (input_ids.shape[0], input_ids.shape[1], model.d_model)
+    if not isinstance(h, torch.Tensor) or tuple(h.shape) != want:
+        raise HeadscopeError(f"resume: the residual stream must be [batch, seq, d_model] = {list(want)}, got "
+                             f"{list(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+    below = [l for l in layers if l < L] + [iv.layer for iv in interventions if iv.layer < L]
+    if below or (stop_after is not None and stop_after < L):
+        raise HeadscopeError(f"resume at layer {L}: layer {min(below + ([stop_after] if stop_after is not None else []))} "
+                             "is below it, and blocks below the resume layer are not run")
+
+
+def _block_returns_tuple(model: Model) -> bool:
+    """Whether the model's blocks return a tuple (hidden, …) or the hidden tensor itself (it varies across
+    transformers versions and families): seen once per model, on a one-token pass stopped after block 0."""
+    if not hasattr(model.hf, "_headscope_block_tuple"):
+        seen: dict[str, bool] = {}
+
+        def look(mod, args, output):
+            seen["tuple"] = isinstance(output, (tuple, list))
+            raise _Stop()
+        handle = model.block(0).register_forward_hook(look)
+        try:
+            with torch.no_grad():
+                model.hf(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "tuple" not in seen:
+            raise HeadscopeError(f"{model.arch.family} adapter: block 0 never ran on a one-token pass")
+        model.hf._headscope_block_tuple = seen["tuple"]
+    return model.hf._headscope_block_tuple
+
+
+@contextmanager
+def skipped_blocks(model: Model, resume: tuple[int, torch.Tensor] | None):
+    """Within the context, blocks 0..L−1 return ``h`` without running (``resume=(L, h)``): block L reads
+    ``h`` as its input, and the embedding — the only work left below L — is a table look-up. Every HF
+    decoder passes each block's output to the next, whatever else it passes (masks, rotary tables), so
+    replacing the blocks' ``forward`` works across families; the originals are restored on exit."""
+    if resume is None or resume[0] == 0:
+        yield
+        return
+    L, h = resume
+    out = (h.to(model.device, model.dtype),) if _block_returns_tuple(model) else h.to(model.device, model.dtype)
+    blocks = [model.block(i) for i in range(L)]
+    saved = [b.__dict__.get("forward") for b in blocks]
+    try:
+        for b in blocks:
+            b.forward = lambda *args, **kwargs: out
+        yield
+    finally:
+        for b, f in zip(blocks, saved):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+
+
 def capture(
     model: Model,
     input_ids: torch.Tensor,
@@ -355,6 +418,7 @@ def capture(
     stop_after: int | None = None,
     grad: bool = False,
     logit_positions: torch.Tensor | None = None,
+    resume: tuple[int, torch.Tensor] | None = None,
 ) -> Captured:
     """One forward pass over ``input_ids`` [B, S], returning the tensors named in ``what``.
 
@@ -365,9 +429,15 @@ def capture(
     block (no logits then). ``grad``: keep the autograd graph (default: no_grad).
     ``logit_positions``: [B] one position per row; ``logits``/``logprobs`` are then [B, 1, V], the
     unembedding run on that position of each row only (not on all S).
+    ``resume=(L, h)``: start the pass at block L, ``h`` [B, S, d] the residual stream entering it
+    (``resid_pre`` of layer L from an earlier pass over the same ``input_ids`` with no edit below L):
+    blocks 0..L−1 are not run (:func:`skipped_blocks`), so a pass that edits layer L costs the layers
+    from L on. Nothing may be read or edited below L.
     """
     what = set(what)
     layers = validate(model, input_ids, layers, what, interventions, stop_after)
+    if resume is not None:
+        check_resume(model, input_ids, resume, layers, interventions, stop_after)
     out = Captured(tensors={name: {} for name in what if name in PER_LAYER})
     hooks = _Hooks(model, out, reduce or {}, store_device, grad)
     head_ivs: dict[int, list] = {}
@@ -405,7 +475,7 @@ def capture(
     ids = input_ids.to(model.device) if str(model.device) != "meta" else input_ids
     ctx = torch.enable_grad() if grad else torch.no_grad()
     try:
-        with ctx, eager_attention(model, "pattern" in what):
+        with ctx, eager_attention(model, "pattern" in what), skipped_blocks(model, resume):
             try:
                 res = model.hf(input_ids=ids, attention_mask=attention_mask, use_cache=False)
                 logits = res.logits

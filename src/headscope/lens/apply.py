@@ -84,26 +84,33 @@ def show(model: Model, bank: LensBank, prompt: str, sites: list[tuple[int, int]]
     idx = select_sites(bank, sites)
     chosen = [bank.sites[i] for i in idx]
     R, _ = site_batch(model, ids, chosen, logprobs=False)
-    logq = torch.log_softmax(_sub_logits(bank, R, idx), -1)
-    lq_base = torch.log_softmax(baseline_logits(model, R), -1)
-    term = kl_terms(logq, null) if null is not None else None
-    if by == "lift":
-        rank = logq - torch.log_softmax(null.to(logq.device).float(), -1)
-    elif by == "kl":
-        rank = term
+    # top-k of every head at every position t >= 1 in batched calls (position 0, BOS, has the same context
+    # in every prompt). log q = logits − logsumexp: the ranking by probability is the ranking by logit, so
+    # the [K, S, V] log-softmax is formed only when the ranking needs every token's log q (kl, lift)
+    lg = _sub_logits(bank, R, idx)[:, 1:]                                 # [K, S-1, V]
+    lse = torch.logsumexp(lg, -1, keepdim=True)
+    term = None
+    if by == "prob":
+        rank = lg
     else:
-        rank = logq
-    out = {"tokens": model.token_str(ids[0]), "by": by, "heads": {}}
-    # top-k of every head at every position t >= 1 in two batched calls (position 0, BOS, has the same
-    # context in every prompt); the token strings decoded once per distinct id
+        logq = lg.sub_(lse)
+        lse = torch.zeros_like(lse)                                       # lg now holds log q
+        term = kl_terms(logq, null)
+        rank = term if by == "kl" else logq - torch.log_softmax(null.to(logq.device).float(), -1)
     kk = min(k, rank.shape[-1])
-    top_i = rank[:, 1:].topk(kk, -1).indices                              # [K, S-1, k]
-    base = lq_base[:, 1:].topk(k, -1)                                     # [K, S-1, k]
-    lens_p = logq[:, 1:].gather(-1, top_i).exp()
-    lens_term = term[:, 1:].gather(-1, top_i) if term is not None else None
+    top_i = rank.topk(kk, -1).indices                                     # [K, S-1, k]
+    lens_p = (lg.gather(-1, top_i) - lse).exp()
+    lens_term = term.gather(-1, top_i) if term is not None else None
+    del rank, term, lg
+    bl = baseline_logits(model, R[:, 1:])                                 # [K, S-1, V]
+    base = bl.topk(k, -1)
+    base_p = (base.values - torch.logsumexp(bl, -1, keepdim=True)).exp()
+    del bl
+    out = {"tokens": model.token_str(ids[0]), "by": by, "heads": {}}
+    # the token strings decoded once per distinct id
     ids_all = torch.cat([top_i.reshape(-1), base.indices.reshape(-1)]).unique().tolist()
     text = dict(zip(ids_all, model.token_str(ids_all)))
-    top_l, lens_pl, base_l, base_pl = top_i.tolist(), lens_p.tolist(), base.indices.tolist(), base.values.exp().tolist()
+    top_l, lens_pl, base_l, base_pl = top_i.tolist(), lens_p.tolist(), base.indices.tolist(), base_p.tolist()
     term_l = lens_term.tolist() if lens_term is not None else None
     for j, (l, h) in enumerate(chosen):
         name = f"{l}.{h}"

@@ -7,10 +7,10 @@ its values at every position as the reference does — except under GQA, where a
 several query heads: ``mode="value"`` zeroes the group's values (z of every query head in the group),
 ``"z"`` silences the one query head.
 
-:func:`ablation_drops` batches over pairs *and* prompts: every (pair, prompt) row goes into length-sorted
-batches of mixed pairs, each row silencing its own head through a per-row mask ([B, 1, H, 1] ``scale``
-intervention per layer present in the batch), so the cost is one forward per ``batch_size`` rows whatever
-the number of pairs; :func:`ablation_drops_per_pair` is the plain loop (one forward pass per pair), kept
+:func:`ablation_drops` batches over pairs *and* prompts: a neuron's (pair, prompt) rows of one layer go into
+length-sorted batches, each row silencing its own head through a per-row mask ([B, 1, H, 1] ``scale``
+intervention), and each pass resumes at that layer from the clean pass's residual stream
+(``capture(resume=…)``): an ablation at layer ℓ costs the layers from ℓ on; :func:`ablation_drops_per_pair` is the plain loop (one forward pass per pair), kept
 as the reference the batched path is tested against. The statistics are in
 :func:`headscope.neurons.stages.run_ablate` (unit: the neuron).
 """
@@ -56,45 +56,67 @@ def token_probs(model: Model, rows: list[list[int]], tokens: list[int], heads: t
 
 
 def last_token_probs(model: Model, ids: torch.Tensor, last: list[int], tokens: list[int],
-                     interventions=()) -> torch.Tensor:
+                     interventions=(), resume: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """P(tokens[b]) at position ``last[b]`` of row b of ``ids`` [B, S] → [B] float32 (CPU). The
     unembedding and the softmax run at those positions only (``capture(logit_positions=…)``): the
     other positions' logits — V = 49 152 per token on SmolLM2 — were never used."""
     lp = capture(model, ids.to(model.device), layers=[], what={"logprobs"}, interventions=interventions,
-                 logit_positions=torch.tensor(last)).logprobs[:, 0]          # [B, V]
+                 logit_positions=torch.tensor(last), resume=resume).logprobs[:, 0]          # [B, V]
     return lp[torch.arange(len(tokens), device=lp.device), torch.tensor(tokens, device=lp.device)].exp().float().cpu()
 
 
 def ablation_drops(model: Model, pairs: list[dict], prompts: list[list[list[int]]], tokens: list[int],
                    batch_size: int = 32, progress: bool = True, mode: str = "z") -> list[torch.Tensor]:
-    """For each pair ``{"neuron": i, "layer": k, "head": h}``: drops [P_i] on neuron i's prompts,
-    batched over pairs and prompts (see the module docstring)."""
-    neurons = sorted({p["neuron"] for p in pairs})
-    clean = {i: token_probs(model, prompts[i], [tokens[i]] * len(prompts[i]), None, batch_size) for i in neurons}
-    rows, owner = [], []                        # one row per (pair, prompt)
-    for r, p in enumerate(pairs):
-        for j, ids in enumerate(prompts[p["neuron"]]):
-            rows.append(ids); owner.append((r, j))
+    """For each pair ``{"neuron": i, "layer": k, "head": h}``: drops [P_i] on neuron i's prompts
+    (see the module docstring). Neuron by neuron: one clean pass over its prompts keeps P(token) and the
+    residual stream entering each layer its pairs ablate; then the ablated passes, batched over the
+    (pair, prompt) rows of one layer, resume at that layer from the clean stream (blocks below the
+    ablated head are the clean ones, so they are not run again)."""
+    out = [torch.empty(len(prompts[p["neuron"]])) for p in pairs]
     H = model.n_heads
     silenced = [ablated_heads(model, p["head"], mode) for p in pairs]
-    out = [torch.empty(len(prompts[p["neuron"]])) for p in pairs]
-    bar = tqdm(total=len(rows), desc="ablating heads", unit=" prompt", disable=not progress, file=sys.stderr)
-    for idx, ids in length_sorted_batches(rows, batch_size):
-        pr = [pairs[owner[i][0]] for i in idx]
-        ivs = []
-        for layer in sorted({p["layer"] for p in pr}):
-            mask = torch.ones(len(idx), 1, H, 1)
-            for b, i in enumerate(idx):
-                if pairs[owner[i][0]]["layer"] == layer:
-                    mask[b, 0, silenced[owner[i][0]], 0] = 0.0
-            ivs.append(HeadIntervention(layer=layer, heads=None, kind="scale", value=mask))
-        ablated = last_token_probs(model, ids, [len(rows[i]) - 1 for i in idx], [tokens[p["neuron"]] for p in pr], ivs)
-        for b, i in enumerate(idx):
-            r, j = owner[i]
-            out[r][j] = clean[pairs[r]["neuron"]][j] - ablated[b]
-        bar.update(len(idx))
+    bar = tqdm(total=sum(len(prompts[p["neuron"]]) for p in pairs), desc="ablating heads", unit=" prompt",
+               disable=not progress, file=sys.stderr)
+    for i in sorted({p["neuron"] for p in pairs}):
+        mine = [r for r, p in enumerate(pairs) if p["neuron"] == i]
+        layers = sorted({pairs[r]["layer"] for r in mine})
+        clean, resid = _clean_pass(model, prompts[i], tokens[i], layers, batch_size)
+        for layer in layers:
+            rows = [(r, j) for r in mine if pairs[r]["layer"] == layer for j in range(len(prompts[i]))]
+            for idx, ids in length_sorted_batches([prompts[i][j] for _, j in rows], batch_size):
+                mask = torch.ones(len(idx), 1, H, 1)
+                h = torch.zeros(len(idx), ids.shape[1], model.d_model, dtype=model.dtype)
+                for b, k in enumerate(idx):
+                    r, j = rows[k]
+                    mask[b, 0, silenced[r], 0] = 0.0
+                    h[b, : len(prompts[i][j])] = resid[layer][j]   # positions after the last token: padding, never read
+                ablated = last_token_probs(model, ids, [len(prompts[i][rows[k][1]]) - 1 for k in idx], [tokens[i]] * len(idx),
+                                           [HeadIntervention(layer=layer, heads=None, kind="scale", value=mask)],
+                                           resume=(layer, h))
+                for b, k in enumerate(idx):
+                    r, j = rows[k]
+                    out[r][j] = clean[j] - ablated[b]
+                bar.update(len(idx))
     bar.close()
     return out
+
+
+def _clean_pass(model: Model, rows: list[list[int]], token: int, layers: list[int], batch_size: int
+                ) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """P(token) at the last position of every row [P], and the residual stream entering each of ``layers``
+    on every row ({layer: [[len_j, d] per row]}), from one batched clean pass."""
+    probs = torch.empty(len(rows))
+    resid: dict[int, list] = {l: [None] * len(rows) for l in layers}
+    for idx, ids in length_sorted_batches(rows, batch_size):
+        last = [len(rows[j]) - 1 for j in idx]
+        cap = capture(model, ids.to(model.device), layers=layers, what={"resid_pre", "logprobs"},
+                      logit_positions=torch.tensor(last))
+        lp = cap.logprobs[:, 0]
+        probs[torch.tensor(idx)] = lp[:, token].exp().float().cpu()
+        for l in layers:
+            for b, j in enumerate(idx):
+                resid[l][j] = cap["resid_pre"][l][b, : len(rows[j])]
+    return probs, resid
 
 
 def ablation_drops_per_pair(model: Model, pairs: list[dict], prompts: list[list[list[int]]], tokens: list[int],

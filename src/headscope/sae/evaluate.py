@@ -222,7 +222,7 @@ def evaluate_sae(model: Model, sae, corpus: TokenCorpus, n_tokens: int = 8192, b
     for ids in tqdm(_batches(corpus, "heldout", idx, batch_size), total=math.ceil(len(idx) / batch_size),
                     file=sys.stderr, desc=f"eval SAE layer {L}", disable=not progress, unit=" batch"):
         ids = ids.to(dev)
-        what = ("z", "logprobs") if splice else ("z",)
+        what = ("z", "resid_pre", "logprobs") if splice else ("z",)
         cap = capture(model, ids, layers=[L], what=what, stop_after=None if splice else L)
         z = cap["z"][L]
         x = z[:, 1:].reshape(-1, H * Dh).float()
@@ -249,8 +249,9 @@ def evaluate_sae(model: Model, sae, corpus: TokenCorpus, n_tokens: int = 8192, b
                 "mean": [HeadIntervention(L, kind="mean", value=mean.to(dev, z.dtype), positions=slice(1, None))],
             }
             per_seq["ce_clean"].append(_ce_seq(lp_clean, ids).cpu())
+            start = (L, cap["resid_pre"][L])   # the spliced passes differ from the clean one from layer L on
             for key, ivs in runs.items():
-                lp = capture(model, ids, layers=[], what=("logprobs",), interventions=ivs).logprobs
+                lp = capture(model, ids, layers=[], what=("logprobs",), interventions=ivs, resume=start).logprobs
                 per_seq[f"ce_{key}"].append(_ce_seq(lp, ids).cpu())
                 per_seq[f"kl_{key}"].append(_kl_seq(lp_clean, lp).cpu())
                 del lp

@@ -89,11 +89,12 @@ def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: 
         groups.setdefault(len(r), []).append(i)
 
     # z and feature activations at S2
-    z_s2, zs = {}, {}
+    z_s2, zs, hs = {}, {}, {}
     for n_tok, idx in groups.items():
         ids = torch.tensor([rows[i] for i in idx], device=model.device)
-        z = capture(model, ids, layers=[L], what=("z",), stop_after=L)["z"][L]
-        zs[n_tok] = z
+        cap = capture(model, ids, layers=[L], what=("z", "resid_pre"), stop_after=L)
+        z = cap["z"][L]
+        zs[n_tok], hs[n_tok] = z, cap["resid_pre"][L]   # the variant passes resume at L from this stream
         for j, i in enumerate(idx):
             z_s2[i] = z[j, s2[i]].reshape(-1).float()
     X = torch.stack([z_s2[i] for i in range(len(rows))])
@@ -124,7 +125,9 @@ def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: 
         for v0 in range(0, len(variants), per_pass):
             vs = variants[v0:v0 + per_pass]
             value = torch.cat([variant(v, idx, zs[n_tok]) for v in vs])
-            lg = capture(model, ids.repeat(len(vs), 1), layers=[], what=("logits",),
+            rep = ids.repeat(len(vs), 1)
+            lg = capture(model, rep, layers=[], what=("logits",), resume=(L, hs[n_tok].repeat(len(vs), 1, 1)),
+                         logit_positions=torch.full((rep.shape[0],), n_tok - 1),
                          interventions=[HeadIntervention(L, kind="patch", value=value)]).logits[:, -1].float().cpu()
             lg = lg.view(len(vs), len(idx), -1)
             ar = torch.arange(len(idx))
