@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ OVERRIDES = {
     "neurons.mine": {"max_tokens": 16384},            # default: the whole corpus
     "neurons.ablate": {"max_pairs": 15},              # default: every pair (~120 here)
     "explain.baseline": {"per_layer": 2},             # default: as many random neurons as congruent ones
+    "explain.features": {"sae": "L18"}, "explain.score-features": {"sae": "L18"},   # required: which SAE
 }
 
 
@@ -72,6 +72,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    from headscope.errors import HeadscopeError
     from headscope.models.load import load_model
     from headscope.registry import stages
     from headscope.runs import RunDir, run_stage
@@ -89,8 +90,8 @@ def main() -> int:
             continue
         over = OVERRIDES.get(st.name, {})
         try:
-            opts = st.options(**over) if _required(st.options) else replace(st.options(), **over)
-        except TypeError as e:
+            opts = st.options(**over)
+        except (TypeError, HeadscopeError) as e:
             print(f"{st.name}: skipped ({e})", file=sys.stderr)
             continue
         print(f"{st.name} …", file=sys.stderr, flush=True)
@@ -112,12 +113,6 @@ def main() -> int:
         if a.json:
             Path(a.json).write_text(json.dumps({"bare_tokens_per_s": rate, "rows": rows}, indent=1))
     return 0
-
-
-def _required(cls) -> bool:
-    import dataclasses
-    return any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               for f in dataclasses.fields(cls))
 
 
 if __name__ == "__main__":

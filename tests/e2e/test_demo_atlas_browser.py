@@ -1,12 +1,19 @@
-"""End-to-end on the real default model: the atlas of `headscope demo --small` (the demo's stages on the
-CI's budget, shared with tests/test_study_demo_slow.py) opened in Chromium on head 18.6 — the strongest
+"""End-to-end on the real default model: the demo's atlas opened in Chromium on head 18.6 — the strongest
 induction head of SmolLM2-135M — where a new user lands first. Its page must show what each instrument
-found for it: the lens' tokens, the SAE features attributed to it, and the next-token neurons it drives."""
+found for it: the lens' tokens, the SAE features attributed to it, and the next-token neurons it drives.
+
+Two atlases: ``small``, that of `headscope demo --small` (the demo's stages on the CI's budget, built once
+per session and shared with tests/test_study_demo_slow.py), always; and ``full``, that of a finished
+`headscope demo` run named by the environment variable HEADSCOPE_DEMO_RUN (ten minutes, too long for
+every CI run: `headscope demo --out runs/demo && HEADSCOPE_DEMO_RUN=runs/demo scripts/test.sh
+tests/e2e/test_demo_atlas_browser.py`), skipped when the variable is not set."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +29,21 @@ def _index(run) -> dict:
     return json.loads(re.fullmatch(r'window\.__atlas_page\("index",(.*)\);\n', text, re.S).group(1))
 
 
-def test_head_18_6_page_shows_lens_features_and_neurons(browser, demo_small_run):  # noqa: F811
-    run, _ = demo_small_run
+@pytest.fixture(params=["small", "full"])
+def demo_run(request):
+    """The run folder of the demo whose atlas is opened (see the module docstring)."""
+    if request.param == "small":
+        return request.getfixturevalue("demo_small_run")[0]
+    full = os.environ.get("HEADSCOPE_DEMO_RUN")
+    if not full:
+        pytest.skip("HEADSCOPE_DEMO_RUN (a finished `headscope demo` run folder) is not set")
+    run = Path(full)
+    assert (run / "atlas" / "index.html").is_file(), f"{run} holds no atlas: is the demo finished?"
+    return run
+
+
+def test_head_18_6_page_shows_lens_features_and_neurons(browser, demo_run):  # noqa: F811
+    run = demo_run
     scores = json.loads((run / "heads" / "scores.json").read_text())["scores"]["induction"]
     best = max(((l, h) for l in range(len(scores)) for h in range(len(scores[l]))), key=lambda lh: scores[lh[0]][lh[1]])
     assert f"{best[0]}.{best[1]}" == HEAD, "head 18.6 is the default model's strongest induction head"
