@@ -270,16 +270,15 @@ def _newton_terms(s: torch.Tensor, a0, b, g: torch.Tensor, p: torch.Tensor, cap:
     """For a(s) = a0 + φ(b + s·g) per site (s [k]): the first and second derivatives in s of
     Σ_n KL(p_n ‖ softmax a_n), each [k] (float64). φ is the identity or C·tanh(·/C). ``pg`` [k, n]:
     E_p[g], which does not depend on s (linear case; computed here when not given)."""
+    if not cap:                                       # (before forming b + s·g: the linear case never needs it)
+        return _newton_terms_linear(s, a0 if b is None else a0 + b, g, p, pg)
     z = g * s.view(-1, 1, 1)
     if b is not None:
         z = z + b
-    if cap:
-        tau = torch.tanh(z / cap)
-        a = a0 + cap * tau
-        d1 = g * (1 - tau * tau)                      # da/ds
-        d2 = g * g * (-2.0 / cap) * tau * (1 - tau * tau)  # d²a/ds²
-    else:
-        return _newton_terms_linear(s, a0 if b is None else a0 + b, g, p, pg)
+    tau = torch.tanh(z / cap)
+    a = a0 + cap * tau
+    d1 = g * (1 - tau * tau)                          # da/ds
+    d2 = g * g * (-2.0 / cap) * tau * (1 - tau * tau)  # d²a/ds²
     lse = torch.logsumexp(a, -1)                      # [k, n]
     q = a.sub_(lse.unsqueeze(-1)).exp_()             # softmax, in place of a
     qd1 = q * d1
