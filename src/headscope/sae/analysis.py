@@ -69,7 +69,7 @@ def _head_token_map(model: Model, layer: int, h: int) -> torch.Tensor:
     return (W_O * gain) @ model.W_U.detach().float().cpu().T
 
 
-def _top_tokens(blocks: torch.Tensor, tmap: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+def _top_tokens(blocks: torch.Tensor, tmap: torch.Tensor, k: int, chunk: int = 128) -> torch.Tensor:
     """[..., k] ids of the k largest logits of each block ([..., Dh]) through ``tmap`` [Dh, V]."""
     flat = blocks.reshape(-1, blocks.shape[-1])
     out = [(flat[i:i + chunk] @ tmap).topk(min(k, tmap.shape[1]), dim=-1).indices for i in range(0, len(flat), chunk)]
