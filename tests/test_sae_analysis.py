@@ -108,3 +108,35 @@ def test_run_analysis_writes_heads_json(tmp_path):
     assert 0 <= disk["uncalibrated"]["untrained"] <= 1
     with pytest.raises(HeadscopeError):
         run_analysis(model, run, "C", n_null=5)
+
+
+def _null_rate_loop(source, k_null, q):
+    """The definition of ``null_polysemantic_frac``, one draw and head at a time (reference)."""
+    from headscope.sae.analysis import _bh, _stat_p
+    k2 = {s: v[..., 1] for s, v in k_null.items()}
+    D, H = k2[source].shape
+    rates = []
+    for d in range(D):
+        ps = [max(_stat_p(int(k2[source][d, h]), np.delete(k2[s][:, h], d) if s == source else k2[s][:, h])
+                  for s in k2) for h in range(H)]
+        rates.append(float((_bh(np.array(ps)) <= q).mean()))
+    return float(np.mean(rates))
+
+
+def test_batched_components_and_null_rate_equal_the_loops():
+    """The batched forms used by the stage give exactly what the per-draw loops give."""
+    from headscope.sae.analysis import _null_rate, component_sizes
+    rng = np.random.default_rng(0)
+    for n, dens in [(10, 0.05), (10, 0.15), (10, 0.4), (6, 0.3), (1, 0.5), (0, 0.5)]:
+        rel = rng.random((300, n, n)) < dens                                   # not symmetric: upper triangle read
+        k1, k2, nc = component_sizes(rel)
+        for d in range(300):
+            groups, a, b = group_sizes(rel[d])
+            assert (k1[d], k2[d]) == (a, b)
+            assert nc[d] == n - sum(len(g) for g in groups) + len(groups)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        k_null = {s: rng.integers(0, 5, size=(60, 9, 2)) for s in ("untrained", "permuted")}
+        for s in k_null:
+            assert _null_rate(s, k_null, 0.05) == _null_rate_loop(s, k_null, 0.05)
+            assert _null_rate(s, k_null, 0.5) == _null_rate_loop(s, k_null, 0.5)

@@ -69,7 +69,7 @@ def _head_token_map(model: Model, layer: int, h: int) -> torch.Tensor:
     return (W_O * gain) @ model.W_U.detach().float().cpu().T
 
 
-def _top_tokens(blocks: torch.Tensor, tmap: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+def _top_tokens(blocks: torch.Tensor, tmap: torch.Tensor, k: int, chunk: int = 128) -> torch.Tensor:
     """[..., k] ids of the k largest logits of each block ([..., Dh]) through ``tmap`` [Dh, V]."""
     flat = blocks.reshape(-1, blocks.shape[-1])
     out = [(flat[i:i + chunk] @ tmap).topk(min(k, tmap.shape[1]), dim=-1).indices for i in range(0, len(flat), chunk)]
@@ -119,6 +119,28 @@ def group_sizes(related: np.ndarray) -> tuple[list[list[int]], int, int]:
     return groups, sizes[0], sizes[1]
 
 
+def component_sizes(related: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`group_sizes` of a stack of relations [..., n, n] at once (read from the upper triangle, as
+    there): (k1, k2, number of connected components counting singletons), each [...]."""
+    n = related.shape[-1]
+    if n == 0:
+        zero = np.zeros(related.shape[:-2], dtype=int)
+        return zero, zero, zero
+    up = np.triu(related, 1)
+    reach = up | np.swapaxes(up, -1, -2) | np.eye(n, dtype=bool)
+    while True:                                                                 # transitive closure by squaring
+        r = reach.astype(np.float32)
+        nxt = (r @ r) > 0
+        if (nxt == reach).all():
+            break
+        reach = nxt
+    rep = reach.argmax(-1) == np.arange(n)                                      # smallest member of its component
+    sizes = np.concatenate([np.where(rep, reach.sum(-1), 0), np.zeros((*related.shape[:-2], 2), dtype=int)], -1)
+    top = -np.sort(-sizes, axis=-1)[..., :2]
+    top = np.where(top >= 2, top, 0)
+    return top[..., 0], top[..., 1], rep.sum(-1)
+
+
 def _stat_p(obs: int, null: np.ndarray) -> float:
     """(1 + #{null ≥ obs}) / (1 + N); 1 when obs < 2 (no group at all is no evidence)."""
     return 1.0 if obs < 2 else float((1 + (null >= obs).sum()) / (1 + len(null)))
@@ -150,6 +172,7 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
     # head, so only pairs of different sources calibrate the pair relation (untrained: all differ)
     source = {"untrained": torch.arange(n_null * H * n).reshape(n_null, H, n),
               "permuted": torch.empty(n_null, H, n, dtype=torch.long)}
+    perm_key = torch.empty(n_null, H, n, dtype=torch.long)                      # permuted block = dec[key // H, key % H]
     from tqdm import tqdm
     for d in tqdm(range(n_null), desc="polysemanticity nulls", unit=" draw", disable=not progress):
         u = type(sae)(sae.cfg, seed=seed + 1 + d)
@@ -161,6 +184,7 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
         src = perm[pt, torch.arange(H)[:, None]]                                # [H, n]
         null_blocks["permuted"][d] = dec[pt, src]
         source["permuted"][d] = src
+        perm_key[d] = pt * H + src
     heads, k_null = {}, {s: np.zeros((n_null, H, 2), dtype=int) for s in null_blocks}
     old_null = {s: np.zeros((n_null, H), dtype=bool) for s in null_blocks}
     old_real = np.zeros(H, dtype=bool)
@@ -170,7 +194,12 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
         real_tok = _top_tokens(real_blocks, tmap, top_tokens)
         sims = {"real": pair_similarity(real_blocks, real_tok)}
         for s, nb in null_blocks.items():
-            sims[s] = pair_similarity(nb[:, h], _top_tokens(nb[:, h], tmap, top_tokens))
+            if s == "permuted":   # real blocks, the same ones drawn again and again: each distinct one once
+                keys, inv = perm_key[:, h].flatten().unique(return_inverse=True)
+                tok = _top_tokens(dec.reshape(F * H, Dh)[keys], tmap, top_tokens)[inv].reshape(n_null, n, -1)
+            else:
+                tok = _top_tokens(nb[:, h], tmap, top_tokens)
+            sims[s] = pair_similarity(nb[:, h], tok)
         cross = {s: _upper(source[s][:, h, :, None] != source[s][:, h, None, :]) for s in null_blocks}
         cos_null = np.concatenate([_upper(sims[s][0])[cross[s]] for s in null_blocks])
         jac_null = np.concatenate([_upper(sims[s][1])[cross[s]] for s in null_blocks])
@@ -181,13 +210,12 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
 
         rel = {k: relation(*v) for k, v in sims.items()}
         for s in null_blocks:
-            for d in range(n_null):
-                _, k1, k2 = group_sizes(rel[s][d])
-                k_null[s][d, h] = (k1, k2)
-                old = (sims[s][0][d] >= OLD_COS).numpy() | (sims[s][1][d] >= OLD_JACCARD).numpy()
-                old_null[s][d, h] = _n_components(old) >= 2
+            k1, k2, _ = component_sizes(rel[s])
+            k_null[s][:, h, 0], k_null[s][:, h, 1] = k1, k2
+            old = (sims[s][0] >= OLD_COS).numpy() | (sims[s][1] >= OLD_JACCARD).numpy()
+            old_null[s][:, h] = component_sizes(old)[2] >= 2
         old = (sims["real"][0][0] >= OLD_COS).numpy() | (sims["real"][1][0] >= OLD_JACCARD).numpy()
-        old_real[h] = _n_components(old) >= 2
+        old_real[h] = component_sizes(old)[2] >= 2
         groups, k1, k2 = group_sizes(rel["real"][0])
         feats = top[h].tolist()
         heads[h] = {
@@ -218,24 +246,21 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
     return {"heads": heads, "summary": summary}
 
 
-def _n_components(related: np.ndarray) -> int:
-    groups, _, _ = group_sizes(related)
-    return related.shape[0] - sum(len(g) for g in groups) + len(groups)
-
-
 def _null_rate(source: str, k_null: dict, q: float) -> float:
     """Mean over the draws of ``source`` of the fraction of heads the test calls polysemantic when
     that draw is the SAE under test (its p-values against the other draws of both nulls)."""
+    from scipy.stats import false_discovery_control
     k2 = {s: v[..., 1] for s, v in k_null.items()}                             # [D, H]
-    D, H = k2[source].shape
-    rates = []
-    for d in range(D):
-        ps = []
-        for h in range(H):
-            obs = int(k2[source][d, h])
-            p = max(_stat_p(obs, np.delete(k2[s][:, h], d) if s == source else k2[s][:, h]) for s in k2)
-            ps.append(p)
-        rates.append(float((_bh(np.array(ps)) <= q).mean()))
+    obs = k2[source]
+    p = np.zeros(obs.shape)
+    for s, null in k2.items():
+        ge = (null[None] >= obs[:, None]).sum(1)                                # [D, H]: #{null draws ≥ obs}
+        n = len(null)
+        if s == source:                                                         # leave the draw itself out
+            ge, n = ge - 1, n - 1
+        p = np.maximum(p, (1 + ge) / (1 + n))
+    p = np.where(obs < 2, 1.0, p)
+    rates = (false_discovery_control(p, axis=-1, method="bh") <= q).mean(-1)
     return float(np.mean(rates))
 
 

@@ -56,13 +56,16 @@ def output_tokens(model: Model, sae: AttnSAE, features: list[int], head: int | N
         resid = dec[:, head] @ W_O[head]
     resid = resid * model.norm_gain(model.final_norm).detach().float().cpu()
     logits = resid @ model.W_U.detach().float().cpu().T                        # [n, V]
+    top = logits.topk(k, dim=1)
+    bot = logits.topk(k, dim=1, largest=False)
+    ids = sorted(set(top.indices.flatten().tolist()) | set(bot.indices.flatten().tolist()))
+    tok = dict(zip(ids, model.token_str(ids)))
+    tv, ti, bv, bi = top.values.tolist(), top.indices.tolist(), bot.values.tolist(), bot.indices.tolist()
     out = {}
     for i, f in enumerate(features):
-        top = logits[i].topk(k)
-        bot = (-logits[i]).topk(k)
-        out[f] = {"top": [[model.token_str([t])[0], round(float(v), 4)] for v, t in zip(top.values, top.indices)],
-                  "bottom": [[model.token_str([t])[0], round(float(-v), 4)] for v, t in zip(bot.values, bot.indices)],
-                  "top_ids": top.indices.tolist()}
+        out[f] = {"top": [[tok[t], round(v, 4)] for v, t in zip(tv[i], ti[i])],
+                  "bottom": [[tok[t], round(v, 4)] for v, t in zip(bv[i], bi[i])],
+                  "top_ids": ti[i]}
     return out
 
 
