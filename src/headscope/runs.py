@@ -61,9 +61,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+INDENT_BELOW = 256 * 1024
+"""JSON up to this many characters (compact) is written indented, to be read by eye; larger artifacts stay
+compact: Python's C encoder serves only ``indent=None``, and the pure-Python one took seconds per stage."""
+
+
 def write_json(path: Path, obj) -> None:
-    """Atomically write ``obj`` as indented JSON (NaN/inf are rejected: write None instead)."""
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+    """Atomically write ``obj`` as JSON, indented when small (``INDENT_BELOW``); NaN/inf are rejected
+    (write None instead)."""
+    text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    if len(text) <= INDENT_BELOW:
+        text = json.dumps(obj, indent=1, allow_nan=False)
+    atomic_write_bytes(Path(path), (text + "\n").encode())
 
 
 def read_json(path: Path):
