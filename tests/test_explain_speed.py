@@ -31,12 +31,16 @@ def _ref_path(X, y, grid):
     return out
 
 
-def reference_fit(se: StatisticalExplainer, req: ExplainRequest) -> dict:
+def reference_fit(se: StatisticalExplainer, req: ExplainRequest) -> tuple[dict, bool]:
     """The rule as the explainer computed it before batching: every λ path (the full data, each fold,
-    the rule again down to the chosen λ) fitted one problem at a time by fit_l1_logistic."""
+    the rule again down to the chosen λ) fitted one problem at a time by fit_l1_logistic; and whether
+    the choice of λ is fragile: a fold's held-out balanced accuracy depends on the sign of a score that is
+    0 but for rounding (|score| < 1e-9, e.g. a fold whose training rows are symmetric), which rounding
+    decides."""
     d = se._design(req)                                  # the vocabulary and design, code unchanged
     if isinstance(d, dict):
-        return d
+        return d, False
+    fragile = False
     vocab, X, y = d
     grid = lambda_max(X, y) * np.geomspace(0.95, 0.02, se.n_lambdas)
     ok = [lam for lam, (_, beta) in zip(grid, _ref_path(X, y, grid))
@@ -58,13 +62,15 @@ def reference_fit(se: StatisticalExplainer, req: ExplainRequest) -> dict:
             tr, te = fold != f, fold == f
             for j, (b, beta) in enumerate(_ref_path(X[tr], y[tr], ok)):
                 accs[j] += _bal_acc(b + X[te] @ beta, y[te]) / k
+                score = b + X[te] @ beta
+                fragile |= _bal_acc(score + 1e-9, y[te]) != _bal_acc(score - 1e-9, y[te])
         for l_, acc in zip(ok, accs):
             if acc > best + 1e-9:
                 best, lam = float(acc), float(l_)
     b, beta = _ref_path(X, y, [g for g in grid if g >= lam])[-1]
     nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: se.max_terms]
     return {"window": se.window, "bias": round(b, 3),
-            "terms": [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]}
+            "terms": [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]}, fragile
 
 
 def _design(rng, n=24, F=30, kind="random"):
@@ -159,20 +165,27 @@ def _request(rng, n_act, n_ina, marker=None, n=12):
 def test_fit_gives_the_reference_rule():
     """Uninformative and planted requests of the demo's size, small ones (one fold: no CV), unbalanced
     ones, ones with nothing to fit, and settings where no λ is ok (max_terms=0): fit_many over all of
-    them at once, and fit one by one, give the reference rules."""
+    them at once, and fit one by one, give the reference rules — except where the reference's own
+    choice of λ was decided by rounding (a fold's balanced accuracy that hangs on the sign of a score 0 up
+    to rounding; 10 of these 96 fits, 6 of the demo's 143 requests): there the rounding of the batched
+    products may decide otherwise (1 of the demo's 6 did)."""
     rng = np.random.default_rng(11)
     reqs = [_request(rng, 10, 10) for _ in range(12)]
     reqs += [_request(rng, 10, 10, marker=WORDS[i]) for i in range(6)]
     reqs += [_request(rng, 3, 10, marker="of"), _request(rng, 1, 6), _request(rng, 6, 2, marker="pi"),
              _request(rng, 20, 20, n=20), _request(rng, 0, 5), ExplainRequest(["a b TOKEN"], ["c d TOKEN"], " TOKEN")]
+    n_fragile = 0
     for kw in ({}, {"max_terms": 0}, {"folds": 3, "n_lambdas": 6, "seed": 4}, {"max_terms": 2, "window": 4}):
         se = StatisticalExplainer(**kw)
-        ref = [reference_fit(se, r) for r in reqs]
+        ref, fragile = zip(*[reference_fit(se, r) for r in reqs])
         rules = se.fit_many(reqs)
-        assert rules == ref
-        assert [se.fit(r) for r in reqs[10:20]] == ref[10:20]
-        assert se.explain_many(reqs[:3]) == [se.render(r) for r in ref[:3]]
+        assert [r for r, f in zip(rules, fragile) if not f] == [r for r, f in zip(ref, fragile) if not f]
+        n_fragile += sum(fragile)
+        solid = [i for i, f in enumerate(fragile) if not f]
+        assert [se.fit(reqs[i]) for i in solid[:8]] == [ref[i] for i in solid[:8]]
+        assert se.explain_many([reqs[i] for i in solid[:3]]) == [se.render(ref[i]) for i in solid[:3]]
         assert any(r["terms"] for r in rules) or kw.get("max_terms") == 0
+    assert n_fragile <= 0.15 * 4 * len(reqs)            # most requests are compared
 
 
 # -- random held-out windows -----------------------------------------------------------------------
