@@ -54,7 +54,7 @@ def statistical(run_dir: str, rules_path: str | None) -> None:
             json.dump(texts, f, indent=0)
 
 
-def windows(run_dir: str, n: int) -> None:
+def windows(run_dir: str, n: int, per_seq: int | None = None) -> None:
     from headscope.data import TokenCorpus
     from headscope.explain.features import _random_windows, _records, sae_name
     from headscope.models import load_model
@@ -72,7 +72,8 @@ def windows(run_dir: str, n: int) -> None:
     widths = [(e["index"], len(e["context"]) - e["index"] - 1) for r in recs.values() for e in r["examples"]]
     left, right = max(w[0] for w in widths), max(w[1] for w in widths)
     t = time.perf_counter()
-    out = _random_windows(model, sae, corpus, n, left, right, 0, progress=False)
+    kw = {} if per_seq is None else {"per_seq": per_seq}    # the new code's option (default: its default)
+    out = _random_windows(model, sae, corpus, n, left, right, 0, progress=False, **kw)
     secs = time.perf_counter() - t
     wins = out[0] + out[1] if isinstance(out, tuple) else out
     print(f"random held-out windows: {len(wins)} windows [{left}+1+{right}] of SAE {name} from "
@@ -85,12 +86,13 @@ def main():
     ap.add_argument("what", nargs="*", default=["stat", "windows"], choices=["stat", "windows"])
     ap.add_argument("--rules", default=None)
     ap.add_argument("--windows", type=int, default=2000)
+    ap.add_argument("--per-seq", type=int, default=None)
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     if "stat" in a.what:
         statistical(a.run, a.rules)
     if "windows" in a.what:
-        windows(a.run, a.windows)
+        windows(a.run, a.windows, a.per_seq)
 
 
 if __name__ == "__main__":

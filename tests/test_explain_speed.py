@@ -4,7 +4,7 @@
   together by :func:`fista_batch`; each problem's iterates are those of the single-problem loop
   :func:`fit_l1_logistic`, and ``fit_many`` gives the rules of the one-problem-at-a-time reference below
   (the explainer as it was before).
-* Random held-out windows of ``explain features``: sequences first, then up to 8 centres each, each
+* Random held-out windows of ``explain features``: sequences first, then up to 16 centres each, each
   sequence run only up to the last token its windows need; the activations equal a full-sequence
   capture + encode at those positions.
 """

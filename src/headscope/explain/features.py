@@ -14,7 +14,7 @@ random (seeded) and, per feature:
   zero on every token (detection), and each activating test context twice for fuzzing — its real
   activating tokens marked, and as many random non-activating tokens of the same context marked.
 
-Random windows (:func:`_window_plan`): about ``windows`` / 8 held-out sequences drawn at random, up to 8
+Random windows (:func:`_window_plan`): about ``windows`` / 16 held-out sequences drawn at random, up to 16
 distinct centres each drawn uniformly (never position 0, the BOS), each the dashboard's window (``ctx_left``
 tokens before, ``ctx_right`` after); the explain and the test half come from disjoint sequences. Each
 sequence runs through the model only up to the last token its windows need, then the SAE.
@@ -201,7 +201,7 @@ def _records(folder: Path) -> tuple[dict, dict[int, dict]]:
     return index, recs
 
 
-WINDOWS_PER_SEQUENCE = 8
+WINDOWS_PER_SEQUENCE = 16
 """Random held-out windows drawn per held-out sequence (at most; more when the split is small)."""
 
 
