@@ -14,10 +14,13 @@ random (seeded) and, per feature:
   zero on every token (detection), and each activating test context twice for fuzzing — its real
   activating tokens marked, and as many random non-activating tokens of the same context marked.
 
-Random windows: ``windows`` positions drawn uniformly over the held-out split (never position 0 or the
-BOS), each the dashboard's window (``ctx_left`` tokens before, ``ctx_right`` after), encoded once through
-the model and SAE. Files (``RUN/explain/features/<sae>/``): ``contexts.json``, then
-``explanations_<backend>.json`` and ``scores_<explanations>_by_<scorer>.json`` (+ ``.png``).
+Random windows (:func:`_window_plan`): about ``windows`` / 16 held-out sequences drawn at random, up to 16
+distinct centres each drawn uniformly (never position 0, the BOS), each the dashboard's window (``ctx_left``
+tokens before, ``ctx_right`` after); the explain and the test half come from disjoint sequences. Each
+sequence runs through the model only up to the last token its windows need, then the SAE.
+
+Files (``RUN/explain/features/<sae>/``): ``contexts.json``, then ``explanations_<backend>.json`` and
+``scores_<explanations>_by_<scorer>.json`` (+ ``.png``).
 """
 
 from __future__ import annotations
@@ -198,35 +201,67 @@ def _records(folder: Path) -> tuple[dict, dict[int, dict]]:
     return index, recs
 
 
+WINDOWS_PER_SEQUENCE = 16
+"""Random held-out windows drawn per held-out sequence (at most; more when the split is small)."""
+
+
+def _window_plan(n_seq: int, S: int, n: int, left: int, right: int, seed: int,
+                 per_seq: int = WINDOWS_PER_SEQUENCE) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Where ``n`` random held-out windows lie, as (explain, test) lists of (sequence, centre position):
+    n // 2 windows for the explain half, the rest for the test half, the two halves from disjoint sets of
+    sequences (no test window overlaps a shown one). About n / per_seq sequences are drawn uniformly from
+    the ``n_seq`` held-out sequences of length S, each holds about ``per_seq`` windows (more when the
+    split has too few sequences) at distinct centres drawn uniformly among left+1 … S−right−1 (never the
+    BOS at 0). Each list is in random order; seeded."""
+    lo, hi = left + 1, S - right                                   # centres lo … hi−1
+    _check(n_seq >= 2 and hi - lo >= 1, "the held-out split is too small for random windows")
+    halves = (n // 2, n - n // 2)
+    k = min(n_seq, sum(max(1, -(-h // per_seq)) for h in halves))
+    k_a = max(1, min(k - 1, round(k * halves[0] / n)))
+    rng = random.Random(seed)
+    seqs = rng.sample(range(n_seq), k)
+    plans = []
+    for h, group in zip(halves, (seqs[:k_a], seqs[k_a:])):
+        base, extra = divmod(h, len(group))
+        _check(base + (extra > 0) <= hi - lo,
+               f"the held-out split is too small for {n} random windows ({n_seq} sequences with {hi - lo} centre "
+               f"positions each, split between the explain and test halves): ask for fewer --windows")
+        plan = [(s, p) for i, s in enumerate(group) for p in rng.sample(range(lo, hi), base + (i < extra))]
+        rng.shuffle(plan)
+        plans.append(plan)
+    return plans[0], plans[1]
+
+
 @torch.no_grad()
-def _random_windows(model, sae, corpus, n: int, left: int, right: int, seed: int, progress: bool):
-    """``n`` random held-out windows: (tokens [W], SAE activations [W, F]) each, W = left + 1 + right; the
-    centre position is drawn uniformly among positions left+1 … S−right−1 (never the BOS)."""
+def _random_windows(model, sae, corpus, n: int, left: int, right: int, seed: int, progress: bool,
+                    per_seq: int = WINDOWS_PER_SEQUENCE, batch_size: int = 8):
+    """``n`` random held-out windows where :func:`_window_plan` puts them, as (explain, test) lists of
+    (tokens [W], SAE activations [W, F]), W = left + 1 + right; the activation at position 0 (the BOS)
+    is set to 0. The model is causal, so each sequence runs only up to the last token its windows need:
+    sequences are sorted by that length and batched, each batch truncated to its longest."""
     from ..capture import capture
     S = corpus.seq_len
-    n_seq = corpus.n_sequences("heldout")
-    _check(n_seq > 0 and S > left + right + 2, "the held-out split is too small for random windows")
-    rng = random.Random(seed)
-    picks = sorted((rng.randrange(n_seq), rng.randrange(left + 1, S - right)) for _ in range(n))
+    plans = _window_plan(corpus.n_sequences("heldout"), S, n, left, right, seed, per_seq)
     by_seq: dict[int, list[int]] = {}
-    for s, p in picks:
+    for s, p in plans[0] + plans[1]:
         by_seq.setdefault(s, []).append(p)
-    out = []
+    need = {s: max(ps) + right + 1 for s, ps in by_seq.items()}  # tokens 0 … need−1
+    seqs = sorted(by_seq, key=lambda s: (need[s], s))
     L = sae.cfg.layer
-    seqs = sorted(by_seq)
-    for b in tqdm(range(0, len(seqs), 8), desc="random held-out windows", disable=not progress, file=sys.stderr,
-                  unit=" batch"):
-        chunk = seqs[b:b + 8]
-        ids = torch.stack([corpus.sequence("heldout", s) for s in chunk]).to(model.device)
+    got: dict[tuple[int, int], tuple[list[str], torch.Tensor]] = {}
+    for b in tqdm(range(0, len(seqs), batch_size), desc="random held-out windows", disable=not progress,
+                  file=sys.stderr, unit=" batch"):
+        chunk = seqs[b:b + batch_size]
+        T = max(need[s] for s in chunk)
+        ids = torch.stack([corpus.sequence("heldout", s)[:T] for s in chunk]).to(model.device)
         z = capture(model, ids, layers=[L], what=("z",), stop_after=L)["z"][L]
-        acts = sae.encode(z.reshape(ids.shape[0] * S, -1).float()).reshape(ids.shape[0], S, -1).cpu()
+        acts = sae.encode(z.reshape(len(chunk) * T, -1).float()).reshape(len(chunk), T, -1).cpu()
         acts[:, 0] = 0.0
         for j, s in enumerate(chunk):
             toks = model.token_str(ids[j].tolist())
             for p in by_seq[s]:
-                out.append((toks[p - left:p + right + 1], acts[j, p - left:p + right + 1]))
-    rng.shuffle(out)
-    return out
+                got[s, p] = (toks[p - left:p + right + 1], acts[j, p - left:p + right + 1].clone())
+    return [got[key] for key in plans[0]], [got[key] for key in plans[1]]
 
 
 def _fuzzed(ctx: Context, rng: random.Random) -> Context | None:
@@ -258,9 +293,8 @@ def run_feature_contexts(model, run: RunDir, opts: FeatureExplainOptions, progre
                          progress=progress)
     widths = [(e["index"], len(e["context"]) - e["index"] - 1) for r in recs.values() for e in r["examples"]]
     left, right = max(w[0] for w in widths), max(w[1] for w in widths)
-    wins = _random_windows(model, sae, corpus, opts.windows, left, right, opts.seed, progress)
-    half = len(wins) // 2
-    explain_wins, test_wins = wins[:half], wins[half:]
+    explain_wins, test_wins = _random_windows(model, sae, corpus, opts.windows, left, right, opts.seed, progress)
+    half = len(explain_wins)
     out = {}
     for f in chosen:
         r = recs[f]

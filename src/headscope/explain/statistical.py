@@ -13,7 +13,10 @@ score = b + Σ_j β_j·x_j with x_j ∈ {0, 1}, fitted by proximal gradient (FIS
 logistic loss (each class weighs ½, so the intercept does not just learn the base rate: the held-out
 examples are scored balanced) + λ‖β‖₁. λ is chosen from a geometric grid below λ_max (where β = 0) by
 stratified k-fold cross-validation of balanced accuracy among the λ whose fit has at most ``max_terms``
-non-zero terms (ties: the larger λ, the simpler rule). The explanation is the fitted rule, e.g.::
+non-zero terms (ties: the larger λ, the simpler rule). The full-data path and the k folds of every
+request of an ``explain_many`` call are solved together, one λ step at a time (:func:`fista_batch`: the
+same iterates as the single-problem :func:`fit_l1_logistic`, without a Python loop per problem).
+The explanation is the fitted rule, e.g.::
 
     Active when b + Σ terms > 0: -0.52 + 1.10·[ends with "of"] + 0.61·["the class" in the last 8 words]
     RULE {"window": 8, "bias": -0.52, "terms": [["last", "of", 1.1], ["near", "the class", 0.61]]}
@@ -59,15 +62,29 @@ def describe_term(kind: str, gram: str, window: int) -> str:
     return f'[ends with "{gram}"]' if kind == "last" else f'["{gram}" in the last {window} words]'
 
 
+def balanced_weights(y: np.ndarray) -> np.ndarray:
+    """Per-example weights [n] of the class-balanced loss: each class weighs ½."""
+    npos = max(1, int(y.sum())); nneg = max(1, len(y) - int(y.sum()))
+    return np.where(y > 0, 0.5 / npos, 0.5 / nneg)
+
+
+def lipschitz(Z: np.ndarray, w: np.ndarray) -> float:
+    """Lipschitz constant of the gradient of the weighted logistic loss, Z [n, F+1] (a column of ones
+    first), w [n]."""
+    return 0.25 * np.linalg.norm(Z * np.sqrt(w)[:, None], 2) ** 2 + 1e-12
+
+
 def fit_l1_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 300, tol: float = 1e-5,
                     init: tuple[float, np.ndarray] | None = None) -> tuple[float, np.ndarray]:
     """Class-balanced logistic regression with an L1 penalty on β (not on b), by FISTA.
-    X [n, F] in {0, 1}, y [n] in {0, 1}; ``init``: a warm start (b, β). Returns (b, β [F])."""
+    X [n, F] in {0, 1}, y [n] in {0, 1}; ``init``: a warm start (b, β). Returns (b, β [F]).
+
+    The single-problem reference; :class:`StatisticalExplainer` solves its problems together with
+    :func:`fista_batch`, whose iterates are these (up to floating-point rounding)."""
     n, F = X.shape
-    npos = max(1, int(y.sum())); nneg = max(1, n - int(y.sum()))
-    w = np.where(y > 0, 0.5 / npos, 0.5 / nneg)                      # each class weighs ½
+    w = balanced_weights(y)
     Z = np.hstack([np.ones((n, 1)), X])
-    L = 0.25 * np.linalg.norm(Z * np.sqrt(w)[:, None], 2) ** 2 + 1e-12  # Lipschitz constant of the loss
+    L = lipschitz(Z, w)
     theta = np.zeros(F + 1) if init is None else np.concatenate([[init[0]], init[1]])
     v = theta.copy(); t = 1.0
     for _ in range(iters):
@@ -84,11 +101,46 @@ def fit_l1_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 300, 
     return float(theta[0]), theta[1:]
 
 
+def fista_batch(Z: np.ndarray, y: np.ndarray, W: np.ndarray, L: np.ndarray, lam, theta: np.ndarray,
+                iters: int = 300, tol: float = 1e-5) -> np.ndarray:
+    """Many problems of :func:`fit_l1_logistic` solved together, P per design and R designs.
+
+    Z [R, n, F+1] (a column of ones, then X; padding: zero rows and columns), y [R, n]; problem p of
+    design r weighs the examples by W[r, p] [n] (0: not in the problem, e.g. a cross-validation fold's
+    held-out rows, or padding) and has the Lipschitz constant L[r, p] (:func:`lipschitz` of its own
+    rows); lam [R] (or a scalar); theta [R, P, F+1]: the warm starts (b, β). The leading R axis may be
+    left out (Z [n, F+1], y [n], W [P, n], L [P], theta [P, F+1]). Each problem runs the loop of
+    :func:`fit_l1_logistic` and is frozen at the iteration where that loop stops (converged, or
+    ``iters``), so its result is the single-problem one (zero rows and columns add exact zeros).
+    Returns theta, shaped like the warm starts."""
+    theta = np.array(theta, dtype=np.float64)
+    v = theta.copy()
+    t = np.ones(theta.shape[:-1])                                   # [R, P]
+    active = np.ones(theta.shape[:-1], dtype=bool)
+    step = (np.asarray(lam, dtype=np.float64)[..., None] / L)[..., None]  # [R, P, 1]
+    Lc = L[..., None]
+    Zt, yb = np.swapaxes(Z, -1, -2), y[..., None, :]
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(v @ Zt)))                     # [R, P, n]
+        g = (W * (p - yb)) @ Z                              # [R, P, F+1]
+        new = v - g / Lc
+        new[..., 1:] = np.sign(new[..., 1:]) * np.maximum(np.abs(new[..., 1:]) - step, 0.0)
+        t2 = (1 + np.sqrt(1 + 4 * t * t)) / 2
+        v_next = new + ((t - 1) / t2)[..., None] * (new - theta)
+        done = np.max(np.abs(new - theta), axis=-1) < tol
+        a = active[..., None]
+        theta = np.where(a, new, theta)
+        v = np.where(a, v_next, v)
+        t = np.where(active, t2, t)
+        active &= ~done
+        if not active.any():
+            break
+    return theta
+
+
 def lambda_max(X: np.ndarray, y: np.ndarray) -> float:
     """The smallest λ at which β = 0 (balanced weights: the intercept-only fit predicts ½)."""
-    n = len(y)
-    npos = max(1, int(y.sum())); nneg = max(1, n - int(y.sum()))
-    w = np.where(y > 0, 0.5 / npos, 0.5 / nneg)
+    w = balanced_weights(y)
     return float(np.max(np.abs(X.T @ (w * (y - 0.5))))) if X.size else 0.0
 
 
@@ -113,6 +165,30 @@ class StatisticalExplainer:
     # -- fitting --------------------------------------------------------------------------------
     def fit(self, req: ExplainRequest) -> dict:
         """The rule ``{"window", "bias", "terms": [[kind, gram, weight], …]}`` for one request."""
+        return self.fit_many([req])[0]
+
+    def fit_many(self, reqs: list[ExplainRequest]) -> list[dict]:
+        """The rule of each request (as :meth:`fit`); the requests' fits are solved together."""
+        rules: list[dict | None] = [None] * len(reqs)
+        todo = []
+        for i, req in enumerate(reqs):
+            d = self._design(req)
+            if isinstance(d, dict):
+                rules[i] = d
+            else:
+                todo.append((i, *d))
+        if todo:
+            grids = [lambda_max(X, y) * np.geomspace(0.95, 0.02, self.n_lambdas) for _, _, X, y in todo]
+            chosen = self._choose([(X, y) for _, _, X, y in todo], grids)
+            for (i, vocab, X, y), grid, (lam, path) in zip(todo, grids, chosen):
+                b, beta = path[int(np.count_nonzero(grid >= lam)) - 1]   # the last fit of the grid down to λ
+                nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: self.max_terms]
+                terms = [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]
+                rules[i] = {"window": self.window, "bias": round(b, 3), "terms": terms}
+        return rules
+
+    def _design(self, req: ExplainRequest) -> dict | tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+        """(vocabulary [F], X [n, F], y [n]) of a request, or its rule when there is nothing to fit."""
         texts = req.active + req.inactive
         y = np.array([1.0] * len(req.active) + [0.0] * len(req.inactive))
         feats = [features(words(t), self.window) for t in texts]
@@ -130,46 +206,81 @@ class StatisticalExplainer:
                 vocab.append(k)
         if not req.active or not req.inactive or not vocab:
             return {"window": self.window, "bias": 0.0 if not texts else float(np.sign(y.mean() - 0.5)), "terms": []}
-        X = np.array([[k in f for k in vocab] for f in feats], dtype=np.float64)
-        lmax = lambda_max(X, y)
-        grid = lmax * np.geomspace(0.95, 0.02, self.n_lambdas)
-        lam = self._choose(X, y, grid)
-        b, beta = self._path(X, y, [g for g in grid if g >= lam])[-1]
-        nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: self.max_terms]
-        terms = [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]
-        return {"window": self.window, "bias": round(b, 3), "terms": terms}
+        return vocab, np.array([[k in f for k in vocab] for f in feats], dtype=np.float64), y
 
-    def _choose(self, X: np.ndarray, y: np.ndarray, grid: np.ndarray) -> float:
-        """λ by stratified k-fold CV of balanced accuracy among fits with ≤ max_terms terms."""
-        ok = [lam for lam, (_, beta) in zip(grid, self._path(X, y, grid)) if np.count_nonzero(np.abs(beta) > 1e-6) <= self.max_terms]
-        if not ok:
-            return float(grid[0])
-        k = min(self.folds, int(y.sum()), int((1 - y).sum()))
-        if k < 2:
-            return float(ok[len(ok) // 2])
+    def _folds(self, y: np.ndarray, k: int) -> np.ndarray:
+        """Stratified fold index [n] in 0 … k−1 (seeded)."""
         rng = np.random.default_rng(self.seed)
         fold = np.empty(len(y), dtype=int)
         for cls in (0.0, 1.0):
             idx = rng.permutation(np.flatnonzero(y == cls))
             fold[idx] = np.arange(len(idx)) % k
-        best, best_lam = -1.0, float(ok[0])
-        accs = np.zeros(len(ok))
-        for f in range(k):
-            tr, te = fold != f, fold == f
-            for j, (b, beta) in enumerate(self._path(X[tr], y[tr], ok)):
-                accs[j] += _bal_acc(b + X[te] @ beta, y[te]) / k
-        for lam, acc in zip(ok, accs):  # descending λ: ties keep the larger one
-            if acc > best + 1e-9:
-                best, best_lam = float(acc), float(lam)
-        return best_lam
+        return fold
 
-    @staticmethod
-    def _path(X: np.ndarray, y: np.ndarray, grid) -> list[tuple[float, np.ndarray]]:
-        """Fits along a descending λ grid, each warm-started from the previous one."""
-        out, init = [], None
-        for lam in grid:
-            init = fit_l1_logistic(X, y, lam, init=init)
-            out.append(init)
+    def _choose(self, designs: list[tuple[np.ndarray, np.ndarray]],
+                grids: list[np.ndarray]) -> list[tuple[float, list[tuple[float, np.ndarray]]]]:
+        """Per design (X [n, F], y [n]) and its descending λ grid: λ chosen by stratified k-fold CV of
+        balanced accuracy among the λ whose full-data fit has ≤ max_terms terms ("ok"), and the full-data
+        fits (b, β) along the grid (each warm-started from the previous one; the rule is the one at λ).
+
+        Each fold's fits run along the ok λ, each warm-started from the fold's fit at the previous ok λ.
+        All problems (per design the full data and k folds; all designs, padded with zero rows and
+        columns) are solved together by :func:`fista_batch`, one grid step at a time: the folds at a λ
+        run beside the full data at that λ from their last ok fit, and are kept only when λ is ok."""
+        R, P = len(designs), 1 + self.folds
+        n_max = max(len(y) for _, y in designs)
+        f_max = max(X.shape[1] for X, _ in designs)
+        Z = np.zeros((R, n_max, f_max + 1))
+        Y = np.zeros((R, n_max))
+        W = np.zeros((R, P, n_max))
+        L = np.ones((R, P))                         # padding problems: W = 0, no gradient, stop at once
+        rows, ks = [], []
+        for r, (X, y) in enumerate(designs):
+            n, F = X.shape
+            Z[r, :n, 0] = 1.0
+            Z[r, :n, 1:F + 1] = X
+            Y[r, :n] = y
+            k = min(self.folds, int(y.sum()), int((1 - y).sum()))
+            rr = [np.ones(n, dtype=bool)] + ([self._folds(y, k) != f for f in range(k)] if k >= 2 else [])
+            for p, m in enumerate(rr):
+                W[r, p, :n][m] = balanced_weights(y[m])
+                L[r, p] = lipschitz(Z[r, :n, :F + 1][m], W[r, p, :n][m])
+            rows.append(rr)
+            ks.append(k)
+        lams = np.stack(grids)                      # [R, n_lambdas]
+        theta = np.zeros((R, P, f_max + 1))
+        paths = [[] for _ in range(R)]
+        oks = [[] for _ in range(R)]
+        accs = [[] for _ in range(R)]
+        for i in range(lams.shape[1]):
+            new = fista_batch(Z, Y, W, L, lams[:, i], theta)
+            theta[:, 0] = new[:, 0]
+            for r, (X, y) in enumerate(designs):
+                F = X.shape[1]
+                beta = new[r, 0, 1:F + 1]
+                paths[r].append((float(new[r, 0, 0]), beta))
+                if np.count_nonzero(np.abs(beta) > 1e-6) > self.max_terms:
+                    continue
+                oks[r].append(float(lams[r, i]))
+                theta[r, 1:] = new[r, 1:]
+                acc = 0.0
+                for f in range(1, len(rows[r])):
+                    te = ~rows[r][f]
+                    acc += _bal_acc(new[r, f, 0] + X[te] @ new[r, f, 1:F + 1], y[te]) / ks[r]
+                accs[r].append(acc)
+        out = []
+        for r in range(R):
+            ok = oks[r]
+            if not ok:
+                lam = float(lams[r, 0])
+            elif ks[r] < 2:
+                lam = ok[len(ok) // 2]
+            else:
+                best, lam = -1.0, ok[0]
+                for l_, acc in zip(ok, accs[r]):   # descending λ: ties keep the larger one
+                    if acc > best + 1e-9:
+                        best, lam = float(acc), l_
+            out.append((lam, paths[r]))
         return out
 
     # -- the explanation text and its scorer ------------------------------------------------------
@@ -178,7 +289,7 @@ class StatisticalExplainer:
         return PREFIX + " ".join(parts) + "\nRULE " + json.dumps(rule)
 
     def explain_many(self, reqs: list[ExplainRequest]) -> list[str]:
-        return [self.render(self.fit(r)) for r in reqs]
+        return [self.render(rule) for rule in self.fit_many(reqs)]
 
     @staticmethod
     def parse(explanation: str) -> dict | None:
