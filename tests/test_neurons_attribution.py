@@ -216,8 +216,11 @@ def test_batched_ablation_equals_per_pair_loop(family, mode):
              {"neuron": 0, "layer": 2, "head": 0}]   # two heads of one layer share resumed batches
     batched = ablation.ablation_drops(m, pairs, prompts, tokens, batch_size=5, progress=False, mode=mode)
     loop = ablation.ablation_drops_per_pair(m, pairs, prompts, tokens, batch_size=2, progress=False, mode=mode)
-    for b, l in zip(batched, loop):
+    grouped = ablation.ablation_drops(m, pairs, prompts, tokens, batch_size=5, progress=False, mode=mode,
+                                      resid_bytes=1)   # one neuron per group of kept streams
+    for b, l, g in zip(batched, loop, grouped):
         torch.testing.assert_close(b, l, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, l, rtol=1e-4, atol=1e-6)
     p = pairs[1]
     ids = torch.tensor([prompts[1][2]])
     heads = ablation.ablated_heads(m, p["head"], mode)
