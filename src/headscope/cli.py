@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .allocator import tune_allocator
+    tune_allocator()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

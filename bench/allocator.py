@@ -1,11 +1,7 @@
-"""Does raising glibc's mmap/trim thresholds (``mallopt``) speed up headscope's forward passes? The same
+"""What the allocator tuning of the ``headscope`` command buys (headscope.allocator): the same forward
 passes on the default model in two fresh interpreters, glibc's defaults vs tuned, one after the other.
 
-    python bench/allocator_mallopt.py [--batches 4]
-
-Answer on the 2-core machine (README): page faults 14–18× fewer, system time 4–5 s → 0.3 s, but the wall
-time did not move beyond the machine's noise (0.96–1.12× in three paired runs), so headscope leaves the
-allocator alone.
+    python bench/allocator.py [--batches 4]
 
 The workload is that of mining and of the lens/SAE evaluations: per batch of 16 × 128 corpus tokens, a pass
 to the last layer reading three MLP layers, and a full pass with log-probabilities on the first 64 tokens.
@@ -20,11 +16,9 @@ import subprocess
 import sys
 
 WORK = """
-import ctypes, json, os, resource, sys, time
-tuned = os.environ.get("TUNE") == "1"
-if tuned:   # M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB − 1
-    libc = ctypes.CDLL("libc.so.6")
-    tuned = bool(libc.mallopt(-3, 2**30)) and bool(libc.mallopt(-1, 2**31 - 1))
+import json, resource, sys, time
+from headscope.allocator import tune_allocator
+tuned = tune_allocator()
 from headscope.capture import capture
 from headscope.data import TokenCorpus
 from headscope.models.load import load_model
@@ -47,8 +41,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=4)
     a = ap.parse_args()
     res = {}
-    for name, value in (("glibc defaults", "0"), ("tuned", "1")):
-        out = subprocess.run([sys.executable, "-c", WORK, str(a.batches)], env={**os.environ, "TUNE": value},
+    for name, value in (("glibc defaults", "default"), ("tuned", "")):
+        out = subprocess.run([sys.executable, "-c", WORK, str(a.batches)], env={**os.environ, "HEADSCOPE_MALLOC": value},
                              capture_output=True, text=True, check=True)
         res[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = res[name]
