@@ -1,13 +1,14 @@
 """Keep freed memory for reuse instead of handing it back to the kernel after every tensor.
 
 glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) with a fresh
-``mmap`` and returns it with ``munmap`` when freed, so each new activation, logit block or weight-sized
-temporary page-faults its memory in again (zero-filled by the kernel). A forward pass allocates hundreds
-of such tensors: on the 2-core CPU machine a quarter of the CPU time of a plain mining pass was system
-time and page faults (1.4 M minor faults for 8k tokens). :func:`tune_allocator` raises the mmap threshold
-to 1 GiB and the trim threshold to 2 GiB (``mallopt``), so freed blocks are reused from the heap: the
-same pass ran 1.3–1.4× faster, with 18× fewer page faults (bench in README). The price is that up to
-~2 GiB freed memory stays with the process until it exits.
+``mmap`` and returns it with ``munmap`` when freed, so each new large tensor page-faults its memory in
+again (zero-filled by the kernel). :func:`tune_allocator` raises the mmap threshold to 1 GiB and the trim
+threshold to 2 GiB (``mallopt``), so freed blocks are reused from the heap. What it buys, measured on the
+2-core machine (README): page faults 14–18× fewer everywhere; wall time unchanged on plain forward passes
+(``bench/allocator.py``: 0.96–1.12× in three paired runs); on the lens stages, whose vocabulary-sized
+logit blocks (hundreds of MB each) are always mmapped by default, lens.eval 65–66 s → 41 s and lens.train
+63 → 51 s in the demo (one run each way); the whole demo 589 s without, 546 s with (one run each, on a
+machine whose speed drifts). The price is that up to ~2 GiB freed memory stays with the process.
 
 The ``headscope`` command calls it at start; ``HEADSCOPE_MALLOC=default`` leaves glibc's defaults. A
 library user can call it once. Elsewhere than Linux/glibc it does nothing.
