@@ -295,6 +295,10 @@ class Stage(_Declared):
     report: str | None = None
     """``"module:function"`` printing a short human summary after the CLI ran the stage: ``fn(summary, opts,
     run)``. Without it the CLI prints where the artifacts are."""
+    result: type | None = None
+    """The stage's typed result (a :class:`headscope.results.Result` subclass) when ``func`` returns one; the
+    record keeps it whole (``"result"``) and a reused stage returns it rebuilt. Stages that still return a
+    plain dict leave this None."""
 
 
 @dataclass(frozen=True)
@@ -354,10 +358,15 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     inputs = check_inputs(run.path, stage, opts, writer_of)
     why = "forced" if force else freshness(run, stage, opts, inputs)
     if why is None:
-        return run.record(stage.name).get("summary", {}), False
+        rec = run.record(stage.name)
+        if stage.result is not None and "result" in rec:
+            return stage.result.from_json(rec["result"]), False
+        return rec.get("summary", {}), False
     fn = resolve(stage.func)
     t0, c0 = time.time(), time.process_time()
     summary = fn(model, run, opts, progress=progress) or {}
+    from .results import Result
+    result_json = summary.to_json() if isinstance(summary, Result) else None
     seconds, cpu = time.time() - t0, time.process_time() - c0
     if not primary:  # torchrun: only rank 0 writes artifacts and the record
         return summary, True
@@ -370,7 +379,9 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     write_json(run.record_path(stage.name), {
         "stage": stage.name, "options": options_dict(opts), "options_hash": options_hash(opts),
         "inputs": inputs, "outputs": outputs, "why": why, "finished": time.time(),
-        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "summary": _json_small(summary)})
+        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+        "summary": _json_small(result_json if result_json is not None else summary),
+        **({"result": result_json} if result_json is not None else {})})
     return summary, True
 
 
