@@ -125,7 +125,7 @@ def test_bad_roles_file_is_one_line_error(breaker, msg):
 
 
 def _run(tmp_path, doc=None):
-    write_json(tmp_path / "run.json", {"model": {"n_layers": 2, "n_heads": 3}})
+    write_json(tmp_path / "run.json", {"format_version": 1, "model": {"n_layers": 2, "n_heads": 3}})
     if doc is not None:
         write_json(tmp_path / "heads" / "roles.json", doc)
     return tmp_path
