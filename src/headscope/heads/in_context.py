@@ -43,8 +43,9 @@ def final_scale(model: Model, resid: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def read_in_context(model: Model, ids: torch.Tensor, layers: list[int] | None = None, bank=None, null=None,
-                    gains: dict | None = None, k: int = 5) -> dict[str, dict]:
-    """Every head of ``layers`` (default all) on ``ids`` [1, S] (see the module docstring):
+                    gains: dict | None = None, k: int = 5, heads: list[tuple[int, int]] | None = None) -> dict[str, dict]:
+    """Every head of ``layers`` (default all; ``heads``: only these (layer, head)) on ``ids`` [1, S] (see the
+    module docstring):
     {"L.H": {"src", "weight", "bos", "dla_rank_src", "dla_rank_next", "dla_top", ["lens", "lens_prob",
     "lens_term", "lens_rank_src", "lens_rank_next", "gain", "informative"]}} — lists of length S.
     ``bank``/``null``/``gains``: the run's lenses, null lens logits [V] and per-head eval metrics
@@ -52,7 +53,10 @@ def read_in_context(model: Model, ids: torch.Tensor, layers: list[int] | None = 
     from ..lens.apply import MIN_TERM_BITS, kl_terms
     ids = ids.reshape(1, -1).to(model.device)
     S, H, L = ids.shape[1], model.n_heads, model.n_layers
+    if heads is not None:
+        layers = sorted({l for l, _ in heads})
     layers = list(range(L)) if layers is None else sorted(set(layers))
+    pick = {l: (list(range(H)) if heads is None else sorted({h for ll, h in heads if ll == l})) for l in layers}
     cap = capture(model, ids, layers=sorted(set(layers) | {L - 1}), what={"pattern", "result", "resid_post"})
     tok = ids[0]
     W_U = model.W_U.detach().float()
@@ -73,23 +77,24 @@ def read_in_context(model: Model, ids: torch.Tensor, layers: list[int] | None = 
         tgt_next = torch.where(has_next, tok.cpu()[nxt_pos.clamp(max=S - 1)], torch.full_like(src, -1))
         dla_src = dla_next = None
         dla_top_i = None
-        if dla_ok:
-            r = cap["result"][layer][0].float()                                 # [S, H, d]
+        hs = pick[layer]
+        if dla_ok and hs:
+            r = cap["result"][layer][0][:, hs].float()                          # [S, H', d]
             if model.arch.norm_kind == "layernorm":
                 r = r - r.mean(-1, keepdim=True)
-            c = (r * inv.unsqueeze(1) * gamma).transpose(0, 1).reshape(H * S, -1)
-            lg = c @ W_U.T                                                      # [H·S, V]
-            dla_src = ranks_of(lg, tgt_src.reshape(-1).to(lg.device)).reshape(H, S).cpu()
-            dla_next = ranks_of(lg, tgt_next.reshape(-1).to(lg.device)).reshape(H, S).cpu()
-            dla_top_i = lg.topk(k, -1).indices.reshape(H, S, k).cpu()
+            c = (r * inv.unsqueeze(1) * gamma).transpose(0, 1).reshape(len(hs) * S, -1)
+            lg = c @ W_U.T                                                      # [H'·S, V]
+            shape = (len(hs), S)
+            dla_src = dict(zip(hs, ranks_of(lg, tgt_src[hs].reshape(-1).to(lg.device)).reshape(shape).cpu()))
+            dla_next = dict(zip(hs, ranks_of(lg, tgt_next[hs].reshape(-1).to(lg.device)).reshape(shape).cpu()))
+            dla_top_i = dict(zip(hs, lg.topk(k, -1).indices.reshape(*shape, k).cpu()))
             del lg
-        here = [h for h in range(H) if (layer, h) in lens_sites]
+        here = [h for h in hs if (layer, h) in lens_sites]
         lens_block = {}
         if here:
             from ..lens.apply import _sub_logits, select_sites
-            from ..lens.collect import site_batch
             sites = [(layer, h) for h in here]
-            R, _ = site_batch(model, ids, sites, logprobs=False)                 # [K, S, d]
+            R = cap["result"][layer][0][:, here].float().transpose(0, 1)        # [K, S, d], as lens.collect.site_batch
             logq = torch.log_softmax(_sub_logits(bank, R, select_sites(bank, sites)).float(), -1)  # [K, S, V]
             K = len(here)
             ls = ranks_of(logq.reshape(K * S, -1), tgt_src[here].reshape(-1).to(logq.device)).reshape(K, S).cpu()
@@ -99,18 +104,18 @@ def read_in_context(model: Model, ids: torch.Tensor, layers: list[int] | None = 
             lens_block = {h: (ls[j], ln[j], top.indices[j].cpu(), logq[j].gather(-1, top.indices[j]).exp().cpu(),
                               top.values[j].cpu() if null is not None else None) for j, h in enumerate(here)}
             del logq, term
-        all_ids = sorted({int(i) for i in (dla_top_i.reshape(-1).tolist() if dla_top_i is not None else [])}
+        all_ids = sorted({int(i) for x in (dla_top_i or {}).values() for i in x.reshape(-1).tolist()}
                          | {int(i) for b in lens_block.values() for i in b[2].reshape(-1).tolist()})
         text = dict(zip(all_ids, model.token_str(all_ids))) if all_ids else {}
-        for h in range(H):
+        for h in hs:
             rec = {"src": [None] + src[h, 1:].tolist(), "weight": [None] + [round(x, 3) for x in weight[h, 1:].tolist()],
                    "bos": [None] + [round(float(x), 3) for x in pat[h, 1:, 0].tolist()],
                    "dla_rank_src": None, "dla_rank_next": None, "dla_top": None}
             nxt_ok = has_next[h].tolist()
             if dla_src is not None:
-                rec["dla_rank_src"] = [None] + dla_src[h, 1:].tolist()
-                rec["dla_rank_next"] = [None] + [int(v) if ok else None for v, ok in zip(dla_next[h, 1:].tolist(), nxt_ok[1:])]
-                rec["dla_top"] = [[]] + [[text[i] for i in row] for row in dla_top_i[h, 1:].tolist()]
+                rec["dla_rank_src"] = [None] + dla_src[h][1:].tolist()
+                rec["dla_rank_next"] = [None] + [int(v) if ok else None for v, ok in zip(dla_next[h][1:].tolist(), nxt_ok[1:])]
+                rec["dla_top"] = [[]] + [[text[i] for i in row] for row in dla_top_i[h][1:].tolist()]
             if h in lens_block:
                 ls, ln, ti, tp, tt = lens_block[h]
                 keep = [[tt is None or tt[t, c] > MIN_TERM_BITS for c in range(ti.shape[1])] for t in range(S)]
