@@ -82,7 +82,7 @@ def test_lens_view_baseline_is_the_unembedding_of_the_head_result(engine, tiny):
         q = bank(r.float()[None], lenses=torch.tensor([bank.sites.index((2, 1))]))[0]   # [S, V] lens logits
     ids0 = ids[0]
     for t in range(1, S):
-        assert ic["lens_rank_src"][t] == int((q[t] >= q[t, ids0[ic["src"][t]]]).sum())
+        assert ic["lens_rank_src"][t] == min(100, int((q[t] >= q[t, ids0[ic["src"][t]]]).sum()))
     ids = tiny.to_tokens(PROMPT)
     r = capture(tiny, ids, layers=[2], what={"result"})["result"][2][0, :, 1]          # [S, d]
     with torch.no_grad():

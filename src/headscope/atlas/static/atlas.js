@@ -992,8 +992,9 @@ function verdictCard(v) {
 }
 
 /* per position: where the head looks (excluding BOS) and the ranks of the attended token and of the token after it */
-function rankCell(r) {
+function rankCell(r, cap) {
   if (!isNum(r)) return h("td", { class: "num muted" }, "—");
+  if (isNum(cap) && r >= cap) return h("td", { class: "num rank muted" }, "≥" + cap);
   return h("td", { class: "num rank" + (r === 1 ? " top1" : r <= 5 ? " top5" : "") }, String(r));
 }
 function contextPositions(tokens, rc) {
@@ -1007,10 +1008,10 @@ function contextPositions(tokens, rc) {
     const s = rc.src[i];
     const cells = [h("td", {}, h("span", { class: "muted small" }, i + " "), tok(x)),
       h("td", {}, isNum(s) ? [h("span", { class: "muted small" }, s + " "), tok(tokens[s]), h("span", { class: "muted small" }, ` ${fmt(rc.weight[i])}; ${fmt(rc.bos[i])}`)] : "—"),
-      rankCell(rc.dla_rank_src ? rc.dla_rank_src[i] : null)];
-    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : rankCell(rc.lens_rank_src[i]));
-    cells.push(rankCell(rc.dla_rank_next ? rc.dla_rank_next[i] : null));
-    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : rankCell(rc.lens_rank_next[i]));
+      rankCell(rc.dla_rank_src ? rc.dla_rank_src[i] : null, rc.rank_cap)];
+    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : rankCell(rc.lens_rank_src[i], rc.rank_cap));
+    cells.push(rankCell(rc.dla_rank_next ? rc.dla_rank_next[i] : null, rc.rank_cap));
+    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : rankCell(rc.lens_rank_next[i], rc.rank_cap));
     cells.push(h("td", { class: "muted" }, (rc.dla_top && rc.dla_top[i] || []).map((y) => tok(y))));
     if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : h("td", { class: "lens-tokens" }, (rc.lens[i] || []).map((y, j) =>
       tok(y, { title: `p = ${fmt(rc.lens_prob[i][j])}` + (rc.lens_term && isNum(rc.lens_term[i][j]) ? `, KL term ${fmt(rc.lens_term[i][j])} bits` : "") }))));
