@@ -469,7 +469,9 @@ function patternView(tokens, pat) {
 /* ---------- renderers per source ---------- */
 const RENDER = {};
 
-RENDER.heads = function (d, src) {
+RENDER.heads = function (d, src) { // the verdict ("roles") has its own card at the top
+  const keys = Object.keys(d).filter((k) => k !== "roles");
+  if (!keys.length) return h("span");
   const card = section("Head scores");
   const scal = Object.entries(d).filter(([, v]) => isNum(v) || v === null);
   card.appendChild(h("table", { class: "kv" }, scal.map(([k, v]) => h("tr", {}, h("td", {}, k.replace(/_/g, " ")), h("td", { class: "num" }, fmt(v))))));
@@ -477,7 +479,7 @@ RENDER.heads = function (d, src) {
     const p = d.prefix_induction;
     card.appendChild(h("div", {}, h("span", { class: "muted" }, "prefix induction by prefix length "), sparkline(p.scores, p.prefix_lengths)));
   }
-  for (const [k, v] of Object.entries(d)) if (!isNum(v) && v !== null && k !== "prefix_induction") card.appendChild(renderKV(k, v));
+  for (const [k, v] of Object.entries(d)) if (!isNum(v) && v !== null && k !== "prefix_induction" && k !== "roles") card.appendChild(renderKV(k, v));
   return card;
 };
 
@@ -868,7 +870,11 @@ RENDER.neurons = function (d) {
 };
 
 function labelCard(lab, afterVerdict) {
-  const card = h("section", { class: "card label", id: "head-label" }, h("h2", {}, afterVerdict ? "Every fact, with its source" : "In one line"));
+  // after the verdict card, only the facts the verdict does not already state (and an LLM summary)
+  const facts = (lab.facts || []).filter((f) => !(afterVerdict && f.kind === "roles"));
+  if (afterVerdict && !facts.length && !lab.summary) return h("span");
+  lab = Object.assign({}, lab, { facts });
+  const card = h("section", { class: "card label", id: "head-label" }, h("h2", {}, afterVerdict ? "Other facts, with their sources" : "In one line"));
   if (lab.label && !afterVerdict) card.appendChild(h("p", { class: "label-line" }, lab.label));
   if (lab.summary) card.appendChild(h("blockquote", { class: "label-summary" }, lab.summary, h("span", { class: "muted small" }, "  (written by an LLM from the facts below)")));
   if (lab.facts && lab.facts.length) card.appendChild(h("ul", { class: "facts" }, lab.facts.map((f) => h("li", {},
@@ -997,15 +1003,22 @@ function rankCell(r, cap) {
   if (isNum(cap) && r >= cap) return h("td", { class: "num rank muted" }, "≥" + cap);
   return h("td", { class: "num rank" + (r === 1 ? " top1" : r <= 5 ? " top5" : "") }, String(r));
 }
+const MIN_SOURCE_WEIGHT = 0.1; // below this weight on its most-attended non-BOS source, a position's ranks are not shown
 function contextPositions(tokens, rc) {
   const hasLens = Array.isArray(rc.lens_rank_src);
   const silent = hasLens && (rc.informative === false || (isNum(rc.gain) && rc.gain <= 0));
-  const head = ["position", "attends most to (weight; BOS weight)", "attended token: rank in direct logits", hasLens ? "· in lens" : null,
-    "token after it: rank in direct logits", hasLens ? "· in lens" : null, "top direct-logit tokens", hasLens ? "lens tokens (by KL(lens ‖ null) term)" : null].filter(Boolean);
+  const head = ["position", "attends most to (weight; BOS weight)", "attended token's rank: direct logits", hasLens ? "lens" : null,
+    "rank of the token after it: direct logits", hasLens ? "lens" : null, "top direct-logit tokens", hasLens ? "lens tokens (by KL(lens ‖ null) term)" : null].filter(Boolean);
   const t = h("table", { class: "data ctxpos", id: "context-table" }, h("tr", {}, head.map((x) => h("th", {}, x))));
+  const nCols = head.length;
   tokens.forEach((x, i) => {
     if (i === 0) return;
     const s = rc.src[i];
+    if (isNum(rc.weight[i]) && rc.weight[i] < MIN_SOURCE_WEIGHT) { // it looks (almost) nowhere but BOS: nothing to read
+      t.appendChild(h("tr", { class: "bosrow" }, h("td", {}, h("span", { class: "muted small" }, i + " "), tok(x)),
+        h("td", { colspan: nCols - 1, class: "muted small" }, `attends to BOS (${fmt(rc.bos[i])}); its largest other weight is ${fmt(rc.weight[i])} (on ${JSON.stringify(String(tokens[s]))}): nothing to read here`)));
+      return;
+    }
     const cells = [h("td", {}, h("span", { class: "muted small" }, i + " "), tok(x)),
       h("td", {}, isNum(s) ? [h("span", { class: "muted small" }, s + " "), tok(tokens[s]), h("span", { class: "muted small" }, ` ${fmt(rc.weight[i])}; ${fmt(rc.bos[i])}`)] : "—"),
       rankCell(rc.dla_rank_src ? rc.dla_rank_src[i] : null, rc.rank_cap)];
@@ -1017,7 +1030,7 @@ function contextPositions(tokens, rc) {
       tok(y, { title: `p = ${fmt(rc.lens_prob[i][j])}` + (rc.lens_term && isNum(rc.lens_term[i][j]) ? `, KL term ${fmt(rc.lens_term[i][j])} bits` : "") }))));
     t.appendChild(h("tr", {}, cells));
   });
-  return h("div", {}, h("h3", {}, "Per position: the source it attends to most (BOS left out), and where that token — and the token after it — ranks among all tokens in what the head writes (its direct logit contribution through the final norm's scale" + (hasLens ? ", and its lens" : "") + "). Rank 1 at the attended token: copying; at the token after it: induction-style prediction."),
+  return h("div", {}, h("h3", {}, "Per position: the source it attends to most (BOS left out), and where that token — and the token after it — ranks among all tokens in what the head writes (its direct logit contribution through the final norm's scale" + (hasLens ? ", and its lens" : "") + "). Rank 1 at the attended token: copying; at the token after it: induction-style prediction. Positions where it puts under " + MIN_SOURCE_WEIGHT + " on every non-BOS token are folded."),
     silent ? h("p", { class: "muted" }, "This lens reads nothing beyond base rates from this head (not informative by its test): its tokens and ranks are not shown.") : null,
     h("div", { class: "tablewrap" }, t));
 }
