@@ -949,7 +949,7 @@ RENDER.lens = function (d) {
     isNum(d.improvement) ? ` · improvement over the unembedding: ${fmt(d.improvement)}` : "",
     isNum(d.top1) ? ` · top-1 agreement with the model: ${fmt(100 * d.top1, 1)} %` + (isNum(d.top1_unembed) ? ` (baseline ${fmt(100 * d.top1_unembed, 1)} %)` : "") : ""));
   if (d.top_tokens && d.top_tokens.length) {
-    card.appendChild(h("h3", {}, "Tokens this head's lens promotes most above base rates (held-out average)"));
+    card.appendChild(h("h3", {}, "Its lens's largest KL(lens ‖ null) terms (held-out average)" + (d.informative ? "" : " — this lens is not informative: read nothing into them")));
     card.appendChild(h("div", { class: "toks lens-tokens" }, d.top_tokens.map((t) => Array.isArray(t) ? tok(t[0], { title: fmt(t[1]) }) : tok(typeof t === "object" && t ? (t.token ?? JSON.stringify(t)) : t))));
   }
   for (const [k, v] of Object.entries(d)) if (!["kl_lens", "kl_unembed", "kl_unembed_nonorm", "kl_null", "gain", "gain_se", "informative", "improvement", "top1", "top1_unembed", "top_tokens", "entropy"].includes(k)) card.appendChild(renderKV(k, v));
