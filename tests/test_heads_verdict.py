@@ -148,8 +148,20 @@ def test_run_findings_only_where_tests_passed(tmp_path):
     write_json(run / "sae" / "L1" / "heads.json", {"heads": {
         "0": {"polysemantic": True, "q_poly": 0.01, "n_groups": 3},
         "1": {"polysemantic": False, "q_poly": 0.5, "n_groups": 1}}})
+    # look-ups: a significant pair on 0.2, a non-significant one on 1.1
+    write_json(run / "explain" / "explanations_statistical.json", {"pairs": [
+        {"neuron": 0, "name": "0.2", "explanation": "the prompt ends with a noun\nmore"},
+        {"neuron": 0, "name": "1.1", "explanation": "anything"}]})
+    write_json(run / "explain" / "scores_statistical.json", {"pairs": [
+        {"neuron": 0, "name": "0.2", "neuron_layer": 1, "neuron_index": 7, "token": " cat", "E": 0.8, "E_low": 0.7,
+         "E_high": 0.88, "q": 0.004, "significant": True, "E_control": 0.5},
+        {"neuron": 0, "name": "1.1", "neuron_layer": 1, "neuron_index": 7, "token": " cat", "E": 0.6, "q": 0.3,
+         "significant": False}]})
     f = run_findings(run)
     assert set(f) == {"1.0", "0.2"}
+    assert [x["kind"] for x in f["0.2"]] == ["neurons", "lookup"]
+    assert "“the prompt ends with a noun” — E = 0.80 [0.70, 0.88] on held-out prompts, shuffled explanation " \
+           "0.50 (binomial vs chance, BH q = 0.004)" in f["0.2"][1]["text"]
     assert [x["kind"] for x in f["1.0"]] == ["lens", "sae"]
     assert "'ĠParis', 'ĠFrance'" in f["1.0"][0]["text"] and "KL(lens ‖ null)" in f["1.0"][0]["text"]
     assert "1.7 (→ ' cat') by 0.12, q = 0.01" in f["0.2"][0]["text"]

@@ -14,7 +14,9 @@ Facts, in this order, only when the run holds them (an absent instrument adds no
   explanation was scored (``explain/features/<name>/scores_*``), quoted with its detection score beside
   the shuffled-explanation control;
 * **neurons** (``neurons/ablation.json``): the next-token neurons whose token probability zeroing the head
-  significantly lowers (BH over pairs). An attribution alone is never a fact ("drives" has no test).
+  significantly lowers (BH over pairs). An attribution alone is never a fact ("drives" has no test);
+* **look-ups** (``explain/scores_<backend>.json``): (neuron, head) explanations scored above chance on
+  held-out prompts (binomial, BH over pairs), with E, its CI and the shuffled control.
 
 ``label`` is the facts joined by " · " (at most ``max_facts``). ``summary``: one or two sentences the LLM
 writes from the facts alone (prompted not to add anything); None with ``summary = "none"``.
@@ -103,7 +105,7 @@ def _feature_explanations(run: Path) -> dict[str, dict[str, tuple[str, str, dict
 
 def head_facts(run_dir: Path, top_frac: float = 0.05) -> dict[str, list[dict]]:
     """Every head's facts (see the module docstring) from the run directory's artifacts."""
-    from ..heads.verdict import lens_findings, load_roles, neuron_findings, sae_findings, verdict
+    from ..heads.verdict import lens_findings, load_roles, lookup_findings, neuron_findings, sae_findings, verdict
     run_dir = Path(run_dir)
     info = read_json(run_dir / "run.json")
     L, H = int(info["model"]["n_layers"]), int(info["model"]["n_heads"])
@@ -140,7 +142,7 @@ def head_facts(run_dir: Path, top_frac: float = 0.05) -> dict[str, list[dict]]:
                              f"{ex[2]['shuffled_balanced_accuracy']:.2f} shuffled)")
                 facts[hk].append({"kind": "sae", "source": ex[1] if scored else str(hj.relative_to(run_dir)),
                                   "feature": f, "sae": name, "score": tf["attribution"], "text": text})
-    for hk, fs in neuron_findings(run_dir).items():
+    for hk, fs in list(neuron_findings(run_dir).items()) + list(lookup_findings(run_dir).items()):
         if hk in facts:
             facts[hk] += [{k: f[k] for k in ("kind", "source", "score", "text")} for f in fs]
     return facts

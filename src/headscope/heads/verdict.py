@@ -14,8 +14,9 @@ Reading rules (never relaxed here, whatever the artifacts hold):
 * the other instruments add a finding only when their own test passed (:func:`run_findings`): the lens is
   informative (one-sided test, BH over heads: :mod:`headscope.lens.verdict`), with its tokens ranked by
   their KL(lens ‖ null) term; the SAE's calibrated polysemanticity test passed (BH); zeroing the head
-  lowered a next-token neuron's token probability (one-sided Mann–Whitney, BH over pairs). A weight
-  attribution without a test ("drives", "promotes") is never a finding.
+  lowered a next-token neuron's token probability (one-sided Mann–Whitney, BH over pairs); a look-up
+  explanation (when the head is active for a neuron) scored above chance on held-out prompts (binomial,
+  BH over pairs). A weight attribution without a test ("drives", "promotes") is never a finding.
 
 ``roles.json`` schema: docs/atlas.md § Roles and the contract in :func:`check_roles`.
 """
@@ -325,11 +326,39 @@ def neuron_findings(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def run_findings(run_dir: Path) -> dict[str, list[dict]]:
-    """{"L.H": [{"kind", "source", "anchor", "score", "text"}]}: every finding of the lens, SAE and neuron
-    instruments that passed its own test (see the module docstring), in that order."""
+def lookup_findings(run_dir: Path) -> dict[str, list[dict]]:
+    """Heads with a (neuron, head) look-up explanation whose held-out score beat chance (``explain/
+    scores_<backend>.json``: E on balanced prompts, one-sided binomial test, BH over pairs), each quoted
+    with its E, Wilson CI and q — and its shuffled-explanation control when the run scored one."""
+    d = Path(run_dir) / "explain"
     out: dict[str, list[dict]] = {}
-    for part in (lens_findings(run_dir), sae_findings(run_dir), neuron_findings(run_dir)):
+    if not d.is_dir():
+        return out
+    for sf in sorted(d.glob("scores_*.json")):
+        backend = sf.stem[len("scores_"):].split("_by_")[0]
+        ef = d / f"explanations_{backend}.json"
+        if not ef.is_file():
+            continue
+        text_of = {(e.get("neuron"), e.get("name")): e.get("explanation") for e in read_json(ef).get("pairs", [])}
+        for r in read_json(sf).get("pairs", []):
+            if r.get("significant") is not True or not all(_ok(r.get(k)) for k in ("E", "q")):
+                continue
+            ex = (text_of.get((r.get("neuron"), r.get("name"))) or "").strip().splitlines()
+            ci = f" [{num(r['E_low'])}, {num(r['E_high'])}]" if _ok(r.get("E_low")) and _ok(r.get("E_high")) else ""
+            ctrl = f", shuffled explanation {num(r['E_control'])}" if _ok(r.get("E_control")) else ""
+            text = (f"Look-up ({backend}): when it is active for next-token neuron {r.get('neuron_layer')}."
+                    f"{r.get('neuron_index')} (→ {_tok(r.get('token'))}), explained as “{ex[0][:90] if ex else '?'}” — "
+                    f"E = {num(r['E'])}{ci} on held-out prompts{ctrl} (binomial vs chance, BH q = {num(r['q'])})")
+            out.setdefault(str(r.get("name")), []).append({"kind": "lookup", "source": str(sf.relative_to(run_dir)),
+                                                           "anchor": "src-explain", "score": r["E"], "text": text})
+    return out
+
+
+def run_findings(run_dir: Path) -> dict[str, list[dict]]:
+    """{"L.H": [{"kind", "source", "anchor", "score", "text"}]}: every finding of the lens, SAE, neuron and
+    look-up instruments that passed its own test (see the module docstring), in that order."""
+    out: dict[str, list[dict]] = {}
+    for part in (lens_findings(run_dir), sae_findings(run_dir), neuron_findings(run_dir), lookup_findings(run_dir)):
         for hk, fs in part.items():
             out.setdefault(hk, []).extend(fs)
     return out
