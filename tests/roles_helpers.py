@@ -16,12 +16,12 @@ ROLE_INFO = {
                        "uniform causal attention",
                        {"task": "repeated random-token sequences", "metric": "induction score of later heads",
                         "expected_sign": -1,
-                        "effect_phrase": "ablating it lowers the induction scores of later heads by "
+                        "effect_phrase": "ablating it changes the induction scores of later heads by "
                                          "{effect:.2f} [{lo:.2f}, {hi:.2f}]"}),
     "copying": ("Copying head", "raises the logit of the token it attends to", "copying score",
                 "a random token of the same context",
                 {"task": "natural text", "metric": "logit of the attended token", "expected_sign": -1,
-                 "effect_phrase": "ablating it lowers the logit of the attended token by {effect:.2f} "
+                 "effect_phrase": "ablating it changes the logit of the attended token by {effect:.2f} "
                                   "[{lo:.2f}, {hi:.2f}]"}),
     "sink": ("Attention sink", "puts most of its attention on the first token", "attention to position 0",
              "uniform causal attention", None),

@@ -34,11 +34,24 @@ def test_numbers_come_from_the_document():
     assert "0.73 vs 0.021" in v.text and "by 1.23 [1.01, 1.50] nats/token" in v.text
 
 
-def test_negative_expected_sign_worded_as_magnitudes():
+def test_negative_expected_sign_keeps_its_sign():
     doc = roles_doc(heads={"0.0": {"copying": {"score": 0.6, "control": 0.02, "effect": -0.8,
                                                "effect_ci": [-1.1, -0.5]}}})
     v = verdict("0.0", doc)
-    assert "lowers the logit of the attended token by 0.80 [0.50, 1.10]" in v.text
+    assert "ablating it changes the logit of the attended token by -0.80 [-1.10, -0.50]" in v.text
+
+
+def test_local_head_names_its_offset():
+    doc = roles_doc(heads={"0.0": {"induction": INDUCTION_CONFIRMED}})
+    doc["roles"]["local"] = {**doc["roles"]["sink"], "title": "Local (fixed-offset) head",
+                             "phrase": "attends to the token a fixed number of positions back"}
+    doc["roles"]["local"]["passed"] = [[True, False, False], [False, False, False]]
+    doc["heads"]["0.0"].update(shown=["induction", "local"], offset=2)
+    v = verdict("0.0", doc)
+    assert "Also" not in v.text and v.shown == ("local",)
+    doc["heads"]["0.0"]["confirmed"] = []
+    doc["roles"]["induction"]["confirmed"][0][0] = False
+    assert "local (fixed-offset) head (offset 2) (attention to position 0" in verdict("0.0", doc).text
 
 
 def test_two_confirmed_roles_strongest_first_in_two_sentences():

@@ -13,7 +13,8 @@ own rule:
   both BH), ranked by their causal effect in the role's direction; the roles are ordered by the
   standardised effect (effect / SE from its CI) of their strongest head, so the first round lists the
   clearest causal finding of every role. The reason is the verdict's sentence for that role (score vs
-  control, effect with CI).
+  control, effect with CI). Roles confirmed by a *small* effect (expected sign 0: attention sinks, whose
+  ablation barely moves the output) are findings of the verdict, not of this list.
 
 * ``heads`` (repeated random tokens, :mod:`headscope.heads.scores`): the 2 highest induction and the 2
   highest previous-token scores, each only when it is above the median head *and* at least
@@ -123,7 +124,7 @@ def role_candidates(heads: dict, k: int = PER_SCORE) -> list[list[dict]]:
         if not isinstance(v, dict):
             continue
         for row in v.get("rows") or []:
-            if row.get("confirmed") and _num(row.get("effect")):
+            if row.get("confirmed") and _num(row.get("effect")) and row.get("expected_sign") != 0:  # not no-ops
                 by_role.setdefault(row["role"], []).append((abs(row["effect"]), _z(row), hk, row))
     lists = []
     for rid, xs in by_role.items():

@@ -94,7 +94,9 @@ def num(v) -> str:
     """A measured number as the verdict prints it: 2 decimals, 2 significant digits below 0.05."""
     if not _ok(v):
         return "n/a"
-    return f"{v:.2f}" if v == 0 or abs(v) >= 0.05 else f"{v:.2g}"
+    if v == 0:
+        return "0.00"
+    return f"{v:.2f}" if abs(v) >= 0.05 else f"{v:.2g}"
 
 
 def _at(grid, L: int, H: int):
@@ -128,8 +130,17 @@ def role_row(doc: dict, rid: str, head: str) -> dict:
         row.update({"effect": _at(c["effect"], L, H), "effect_ci": _at(c["ci"], L, H),
                     "effect_q": _at(c["q_value"], L, H), "screen": _at(c["screen"], L, H),
                     "causal_passed": bool(_at(c["passed"], L, H)), "metric": c["metric"], "task": c["task"],
-                    "ablation": c["ablation"]})
+                    "ablation": c["ablation"], "expected_sign": c.get("expected_sign")})
     return row
+
+
+def _title(doc: dict, rid: str, head: str, lower: bool = False) -> str:
+    """The role's title, with the head's offset for a fixed-offset (local) head."""
+    t = doc["roles"][rid]["title"]
+    off = (doc["heads"].get(head) or {}).get("offset")
+    if rid == "local" and isinstance(off, int):
+        t += f" (offset {off})"
+    return t[0].lower() + t[1:] if lower else t
 
 
 def _vs(r: dict, row: dict) -> str:
@@ -138,15 +149,16 @@ def _vs(r: dict, row: dict) -> str:
 
 
 def effect_words(r: dict, row: dict) -> str | None:
-    """The causal effect in the role's own words (its ``effect_phrase``), None when not ablated."""
+    """The causal effect in the role's own words: its ``effect_phrase`` filled with the signed effect and CI
+    (``{effect}``, ``{lo}``, ``{hi}``: "ablating it changes … by -0.120 [-0.160, -0.080]"); None when not
+    ablated."""
     c = r.get("causal")
     e, ci = row.get("effect"), row.get("effect_ci")
     if c is None or not _ok(e):
         return None
     lo, hi = (ci if isinstance(ci, list) and len(ci) == 2 and all(_ok(x) for x in ci) else (math.nan, math.nan))
     try:
-        text = str(c["effect_phrase"]).format(effect=abs(e), signed=e, lo=abs(lo) if e >= 0 else abs(hi),
-                                              hi=abs(hi) if e >= 0 else abs(lo))
+        text = str(c["effect_phrase"]).format(effect=e, lo=lo, hi=hi)
     except (KeyError, IndexError, ValueError):
         text = f"{c['ablation']}-ablating it changes the {c['metric']} by {e:+.2f} [{lo:.2f}, {hi:.2f}]"
     return text.replace("[nan, nan]", "(no CI)")
@@ -221,9 +233,9 @@ def verdict(head: str, roles_doc: dict | None, findings: list[dict] | None = Non
             r, row = roles[rid], all_rows[rid]
             eff = effect_words(r, row)
             if i == 0:
-                parts.append(f"{r['title']}: {r['phrase']} ({_vs(r, row)}); {eff}.")
+                parts.append(f"{_title(roles_doc, rid, head)}: {r['phrase']} ({_vs(r, row)}); {eff}.")
             else:
-                parts.append(f"{r['title'][0].lower() + r['title'][1:]} ({_vs(r, row)}; {eff})")
+                parts.append(f"{_title(roles_doc, rid, head, lower=True)} ({_vs(r, row)}; {eff})")
             links.append((r["title"], f"role-{rid}"))
         if len(parts) > 1:
             sentence = parts[0] + " Also confirmed: " + "; ".join(parts[1:]) + "."
@@ -233,7 +245,7 @@ def verdict(head: str, roles_doc: dict | None, findings: list[dict] | None = Non
             sentence = f"No role confirmed among the {len(roles)} tested."
             if shown:
                 sentence += " Shown by score only: " + "; ".join(
-                    f"{roles[r]['title'][0].lower() + roles[r]['title'][1:]} ({_vs(roles[r], all_rows[r])}; "
+                    f"{_title(roles_doc, r, head, lower=True)} ({_vs(roles[r], all_rows[r])}; "
                     f"{_why_not(roles[r], all_rows[r])})" for r in shown) + "."
                 links += [(roles[r]["title"], f"role-{r}") for r in shown]
     else:
