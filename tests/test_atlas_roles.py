@@ -95,3 +95,32 @@ def test_every_head_read_in_context(built, tiny):
                     assert 1 <= s <= t and float(pat[t, s]) >= float(pat[t, 1:t + 1].max()) - 1.5e-3
                     assert 1 <= rc["dla_rank_src"][t] <= tiny.d_vocab
                     assert (rc["dla_rank_next"][t] is None) == (s + 1 > t)
+
+
+def test_roles_stage_output_reads_into_verdicts_and_atlas(tmp_path):
+    """The contract from the other side: the heads.roles stage's own roles.json (once that stage is part of
+    this build) passes check_roles, every head gets a verdict consistent with the file's grids, and the
+    atlas builds with it."""
+    pytest.importorskip("headscope.heads.roles")
+    import json
+    from headscope.heads.options import RolesOptions
+    from headscope.heads.verdict import check_roles, run_verdicts
+    from headscope.registry import stage
+    from headscope.runs import run_stage
+    m = tiny_model("gpt2", seed=3)
+    run = RunDir(tmp_path / "run", m.identity())
+    small = dict(seq_len=32, text_seqs=8, rep_seqs=8, half_len=8, prefix_examples=8, prefix_len=2, prefix_seq_len=32,
+                 task_seqs=6, null_draws=16, batch_size=8, confirm_top=2)
+    run_stage(m, run, stage("heads.roles"), RolesOptions(**{k: v for k, v in small.items()
+                                                            if k in RolesOptions.__dataclass_fields__}), progress=False)
+    doc = check_roles(json.loads((run.path / "heads" / "roles.json").read_text()))
+    vs = run_verdicts(run.path)
+    assert len(vs) == m.n_layers * m.n_heads
+    for hk, v in vs.items():
+        l, h = map(int, hk.split("."))
+        assert all(doc["roles"][r]["confirmed"][l][h] for r in v.confirmed)
+        assert v.text.startswith("No role confirmed among") == (not v.confirmed)
+        assert "drives" not in v.text and "promotes" not in v.text
+    build_atlas(run.path, model=m, examples=PROMPTS[:1], progress=False)
+    _, ix = read_page(run.path / "atlas" / "data" / "index.js")
+    assert len(ix["role_grid"]) == m.n_layers and set(ix["roles"]) == set(doc["roles"])
