@@ -343,10 +343,10 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
     got = collect(run_dir)
     sources, errors = got["sources"], got["errors"]
 
-    ex_list, ex_layers, ex_read = [], None, None
+    ex_list, ex_layers, ex_lens = [], None, None
     if model is not None and examples:
         ex_list, ex_layers = example_patterns(model, examples)
-        ex_read = example_readings(model, run_dir, examples)
+        ex_lens = example_readings(model, run_dir, examples)  # every head read in context (lens or not)
 
     final = run_dir / "atlas"
     tmp = Path(tempfile.mkdtemp(prefix=".atlas.tmp.", dir=run_dir))  # unique: concurrent builds do not collide
@@ -375,8 +375,8 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             page = {"layer": layer, "heads": heads}
             if ex_layers is not None:
                 page["patterns"] = ex_layers[layer]
-            if ex_read and layer in ex_read:
-                page["in_context"] = ex_read[layer]
+            if ex_lens and layer in ex_lens:
+                page["in_context"] = ex_lens[layer]
             write(f"layer/{layer}", page)
             bar.update(1)
         bar.close()
