@@ -106,3 +106,13 @@ def test_hand_built_copying_head_ranks_the_attended_token_first():
     # a head that writes nothing (o_proj zero for head 1) never ranks a token first (ties count against it)
     other = read_in_context(model, ids, layers=[0])["0.1"]
     assert all(other["dla_rank_src"][t] == RANK_CAP for t in range(1, ids.shape[1]))
+
+
+def test_post_attention_norm_model_has_no_direct_logits_and_empty_request():
+    """Gemma-2's r_h is not what reaches the residual stream: no direct-logit ranks, the rest is read."""
+    model = tiny_model("gemma2")
+    ids = model.to_tokens("the cat sat on the mat")
+    rec = read_in_context(model, ids, heads=[(1, 2)])
+    assert list(rec) == ["1.2"] and rec["1.2"]["dla_rank_src"] is None and rec["1.2"]["dla_top"] is None
+    assert all(1 <= rec["1.2"]["src"][t] <= t for t in range(1, ids.shape[1]))
+    assert read_in_context(model, ids, heads=[]) == {}

@@ -80,6 +80,8 @@ def read_in_context(model: Model, ids: torch.Tensor, layers: list[int] | None = 
         layers = sorted({l for l, _ in heads})
     layers = list(range(L)) if layers is None else sorted(set(layers))
     sites = [(l, h) for l in layers for h in (range(H) if heads is None else sorted({h for ll, h in heads if ll == l}))]
+    if not sites:
+        return {}
     cap = capture(model, ids, layers=sorted(set(layers) | {L - 1}), what={"pattern", "result", "resid_post"})
     tok = ids[0].cpu()
     # where each head looks: the most-attended source s in 1..t, its weight, BOS's weight     [K, S]
