@@ -62,8 +62,27 @@ def test_lens_view_baseline_is_the_unembedding_of_the_head_result(engine, tiny):
     lens = res["heads"]["2.1"]["lens"]
     S = len(res["tokens"])
     assert len(lens["lens"]) == len(lens["unembedding"]) == S and lens["lens"][0] == lens["unembedding"][0] == []
-    assert all(len(x) == 5 for x in lens["lens"][1:])  # position 0 is not modelled
-    assert all(np.all(np.diff(p) <= 1e-6) for p in lens["lens_prob"])  # sorted by probability
+    assert all(len(x) <= 5 for x in lens["lens"][1:]) and any(lens["lens"][1:])  # position 0 is not modelled
+    # ranked by the token's term of KL(lens ‖ null), as `lens show` does (never by probability: base rates)
+    from headscope.lens.apply import show
+    from headscope.lens.train import load_null
+    null = load_null(engine.run_dir / "lens")
+    ref = show(tiny, engine.lens["bank"], PROMPT, sites=[(2, 1)], k=5, null=null, by="kl")["heads"]["2.1"]
+    assert [[x[0] for x in p["lens"]] for p in ref["positions"]] == lens["lens"][1:]
+    assert all(np.all(np.diff(p) <= 1e-6) for p in lens["lens_term"][1:])
+    # read in context: the attended source and ranks, for every picked head (lens ranks only with a lens)
+    ic = res["heads"]["2.1"]["in_context"]
+    assert len(ic["src"]) == S and ic["src"][0] is None and all(1 <= ic["src"][t] <= t for t in range(1, S))
+    assert all(1 <= r <= tiny.d_vocab for r in ic["dla_rank_src"][1:] + ic["lens_rank_src"][1:])
+    assert "lens_rank_src" not in res["heads"]["0.0"]["in_context"] and res["heads"]["0.0"]["in_context"]["dla_top"]
+    ids = tiny.to_tokens(PROMPT)
+    r = capture(tiny, ids, layers=[2], what={"result"})["result"][2][0, :, 1]          # [S, d]
+    bank = engine.lens["bank"]
+    with torch.no_grad():
+        q = bank(r.float()[None], lenses=torch.tensor([bank.sites.index((2, 1))]))[0]   # [S, V] lens logits
+    ids0 = ids[0]
+    for t in range(1, S):
+        assert ic["lens_rank_src"][t] == min(100, int((q[t] >= q[t, ids0[ic["src"][t]]]).sum()))
     ids = tiny.to_tokens(PROMPT)
     r = capture(tiny, ids, layers=[2], what={"result"})["result"][2][0, :, 1]          # [S, d]
     with torch.no_grad():

@@ -72,3 +72,40 @@ def test_head_18_6_page_shows_lens_features_and_neurons(browser, demo_run):  # n
     links = set(card.locator("a").all_inner_texts())
     assert driven <= {x.strip() for x in links}, (driven, links)
     assert not errors, errors
+
+
+def test_head_18_6_verdict_confirms_induction_and_reads_in_context(browser, demo_run):  # noqa: F811
+    """The verdict leads 18.6's page: induction confirmed (score vs control, causal effect with CI), the roles
+    table row marked confirmed, the grid coloured by its confirmed role, search by role name, and on the
+    example prompt the head's own output ranks the token it attends to first somewhere (it copies).
+    Needs the heads.roles stage in the demo (issue 20)."""
+    run = demo_run
+    roles = json.loads((run / "heads" / "roles.json").read_text())
+    conf = roles["heads"][HEAD]["confirmed"]
+    assert "induction" in conf, roles["heads"][HEAD]
+    ind = roles["roles"]["induction"]
+    effect = ind["causal"]["effect"][18][6]
+    url = (run / "atlas" / "index.html").as_uri()
+    page, errors = new_page(browser)
+    page.goto(url)
+    page.wait_for_selector("#start-here")
+    assert HEAD in page.locator("#start-here a.headlink").all_inner_texts()
+    assert "Induction head confirmed" in page.inner_text("#start-here")
+    page.wait_for_selector(f'#grid td.cell[data-head="{HEAD}"]')
+    assert page.get_attribute(f'#grid td.cell[data-head="{HEAD}"]', "data-role") == conf[0]
+    page.fill("#search", "induction")
+    page.press("#search", "Enter")
+    page.wait_for_selector(".hits-head a")
+    assert HEAD in page.locator(".hits-head a").all_inner_texts()
+    page.goto(url + f"#/head/{HEAD}")
+    page.wait_for_selector("#head-verdict")
+    assert page.locator("main section.card").first.get_attribute("id") == "head-verdict"
+    text = page.inner_text("#verdict-text")
+    assert "Induction head" in text and f"{abs(effect):.2f}" in text, text
+    assert "No role confirmed" not in text
+    row = page.locator("#role-induction")
+    assert "confirmed" in (row.get_attribute("class") or "") and "confirmed" in row.locator("td.state").inner_text()
+    # read in context: where it attends, and the attended token ranked first by its direct logit contribution
+    page.wait_for_selector("#context-table")
+    assert page.locator("#context-table td.rank.top1").count() >= 1
+    assert not errors, errors

@@ -6,9 +6,13 @@ opens from disk without a server; each page is small so a model with thousands o
     RUN/atlas/index.html
     RUN/atlas/static/atlas.js, atlas.css
     RUN/atlas/data/index.js                      model, sources, grid measures [L][H], collection sizes,
-                                                  highlights (the Start-here heads: atlas/highlights.py)
+                                                  highlights (the Start-here heads: atlas/highlights.py),
+                                                  role_grid [L][H] (strongest confirmed role or null) and
+                                                  roles {id: title} when the run has heads/roles.json
     RUN/atlas/data/layer/<L>.js                  {"layer": L, "heads": {"<H>": {source: per-head data}},
-                                                  "patterns": [{"prompt": i, "heads": {"<H>": [S][S]}}]}
+                                                  "patterns": [{"prompt": i, "heads": {"<H>": [S][S]}}],
+                                                  "in_context": {"<H>": [{"prompt": i, readings}]}
+                                                  (example_readings: where it looks, what it writes)
     RUN/atlas/data/search/<c>.js                 {"tokens": {token: ["L.H", ...]}} (c: first character)
     RUN/atlas/data/search/docs.js                {"docs": [[kind, id, href, title, text], ...]}: heads,
                                                   features and neurons by token and explanation text
@@ -180,6 +184,11 @@ def _docs(sources: dict, coll_index: list[dict], colls: list, L: int, H: int) ->
                 if isinstance(d, dict) and isinstance(d.get("label"), dict):
                     lab = d["label"]
                     texts += [lab.get("label") or "", lab.get("summary") or ""]
+                if isinstance(d, dict) and isinstance(d.get("roles"), dict):  # search by role name
+                    v = d["roles"]
+                    texts += [v.get("text") or ""] + [f"confirmed {r.replace('_', ' ')} {r.replace('_', '-')}"
+                                                      for r in v.get("confirmed") or []]
+                    lab = lab or {"label": v.get("roles_sentence")}
                 for e in (d.get("explanations") or []) if isinstance(d, dict) else []:
                     texts.append(str(e.get("explanation", "")))
             words = " ".join(dict.fromkeys(normalize_token(t) for t in toks if normalize_token(t)))
@@ -201,6 +210,22 @@ def _docs(sources: dict, coll_index: list[dict], colls: list, L: int, H: int) ->
             name = f"{key[len('features_'):]} #{iid}" if kind == "feature" else iid
             docs.append([kind, name, f"#/item/{ci}/{iid}", title, (" ".join(ex) + " " + words).strip().lower()[:MAX_DOC_CHARS]])
     return docs
+
+
+def role_grid(sources: dict, L: int, H: int) -> dict:
+    """``{"role_grid": [L][H] the head's strongest confirmed role (or None), "roles": {id: title}}`` from the
+    heads source's verdicts; {} when the run has no roles (the grid is then coloured by measures only)."""
+    heads = sources.get("heads") or {}
+    titles = {rid: r.get("title", rid) for rid, r in (heads.get("roles") or {}).items() if isinstance(r, dict)}
+    if not titles:
+        return {}
+    grid = [[None] * H for _ in range(L)]
+    for hk, d in (heads.get("per_head") or {}).items():
+        lh = _parse_head(hk, L, H)
+        conf = ((d or {}).get("roles") or {}).get("confirmed") if isinstance(d, dict) else None
+        if lh is not None and conf:
+            grid[lh[0]][lh[1]] = conf[0]
+    return {"role_grid": grid, "roles": titles}
 
 
 def _collections(sources: dict) -> tuple[list[tuple[str, str, list[tuple[str, dict]]]], dict]:
@@ -264,30 +289,31 @@ def example_patterns(model, prompts, layers: list[int] | None = None) -> tuple[l
     return examples, per_layer
 
 
-def example_lens(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[str, list]] | None:
-    """Each lens head's top-k tokens per position on the example prompts, next to its unembedding
-    baseline (``headscope.lens.apply.show``): {layer: {"<H>": [{"prompt": i, "lens": [S][k],
-    "lens_prob": [S][k], "unembedding": [S][k]}]}}, or None when the run has no lenses."""
-    if not (Path(run_dir) / "lens" / "lenses.json").is_file():
-        return None
-    try:
-        from ..lens.apply import load_gains, show
-        from ..lens.lenses import load_bank
-        from .live import lens_lists
-    except ModuleNotFoundError:
-        return None
-    bank, _ = load_bank(model, Path(run_dir) / "lens")
-    bank = bank.to(model.device)
-    gains = load_gains(Path(run_dir) / "lens")
+def example_readings(model, run_dir: Path, prompts, k: int = 5) -> dict[int, dict[str, list]]:
+    """Every head read in context on the example prompts (:func:`headscope.heads.in_context.read_in_context`:
+    per position the source it attends to most, the ranks of that token and of the token after it in the
+    head's direct logit contribution and lens, its top tokens by that contribution and its lens tokens ranked
+    by their KL(lens ‖ null) term): {layer: {"<H>": [{"prompt": i, ...}]}}. Lens fields only when the run
+    has lenses (and the null lens: the KL ranking needs it)."""
+    from ..heads.in_context import read_in_context
+    bank = null = gains = None
+    lens = Path(run_dir) / "lens"
+    if (lens / "lenses.json").is_file() and (lens / "null.safetensors").is_file():
+        try:
+            from ..lens.apply import load_gains
+            from ..lens.lenses import load_bank
+            from ..lens.train import load_null
+        except ModuleNotFoundError:
+            pass
+        else:
+            bank = load_bank(model, lens)[0].to(model.device)
+            null, gains = load_null(lens), load_gains(lens)
     out: dict[int, dict[str, list]] = {}
     for i, text in enumerate(prompts):
         ids = model.to_tokens(text)[:, :MAX_EXAMPLE_TOKENS]
-        short = model.tokenizer.decode(ids[0, 1:].tolist())
-        res = show(model, bank, short, k=k, gains=gains, by="prob")
-        for name, info in res["heads"].items():
+        for name, rec in read_in_context(model, ids, bank=bank, null=null, gains=gains, k=k).items():
             layer, head = map(int, name.split("."))
-            out.setdefault(layer, {}).setdefault(str(head), []).append(
-                {"prompt": i, **lens_lists(info, len(res["tokens"]))})
+            out.setdefault(layer, {}).setdefault(str(head), []).append({"prompt": i, **rec})
     return out
 
 
@@ -320,7 +346,7 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
     ex_list, ex_layers, ex_lens = [], None, None
     if model is not None and examples:
         ex_list, ex_layers = example_patterns(model, examples)
-        ex_lens = example_lens(model, run_dir, examples)
+        ex_lens = example_readings(model, run_dir, examples)  # every head read in context (lens or not)
 
     final = run_dir / "atlas"
     tmp = Path(tempfile.mkdtemp(prefix=".atlas.tmp.", dir=run_dir))  # unique: concurrent builds do not collide
@@ -350,7 +376,7 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             if ex_layers is not None:
                 page["patterns"] = ex_layers[layer]
             if ex_lens and layer in ex_lens:
-                page["lens_examples"] = ex_lens[layer]
+                page["in_context"] = ex_lens[layer]
             write(f"layer/{layer}", page)
             bar.update(1)
         bar.close()
@@ -378,6 +404,7 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
             "measures": _measures(sources, L, H),
             "highlights": [x for x in highlights(sources, H, load_neuron_ablation(run_dir))
                            if _parse_head(x["head"], L, H) is not None],  # only heads this model has
+            **role_grid(sources, L, H),
             "globals": globs, "collections": coll_index,
             "search_shards": sorted(shards), "search_docs": True, "examples": ex_list,
             "stages": {k: {kk: vv for kk, vv in v.items() if _is_number(vv) or isinstance(vv, str)}

@@ -8,6 +8,14 @@ A run may hold any subset of the instruments; a missing one adds nothing.
 **Candidates**, each list ordered strongest first, each only from findings that pass the instrument's
 own rule:
 
+* ``roles`` (``heads/roles.json``, when the run has it: it then replaces the raw head scores below): per
+  role, the heads where it is *confirmed* (score beat its control and ablation had the predicted effect,
+  both BH), ranked by their causal effect in the role's direction; the roles are ordered by the
+  standardised effect (effect / SE from its CI) of their strongest head, so the first round lists the
+  clearest causal finding of every role. The reason is the verdict's sentence for that role (score vs
+  control, effect with CI). Roles confirmed by a *small* effect (expected sign 0: attention sinks, whose
+  ablation barely moves the output) are findings of the verdict, not of this list.
+
 * ``heads`` (repeated random tokens, :mod:`headscope.heads.scores`): the 2 highest induction and the 2
   highest previous-token scores, each only when it is above the median head *and* at least
   ``UNIFORM_FACTOR`` (2) times what uniform attention would give on the same positions (mean of 1/(t+1)
@@ -28,8 +36,8 @@ own rule:
   mean effect. Attribution alone (a head active on 25–75 % of a neuron's prompts) has no test and lists
   nothing.
 
-**Merge.** Round robin over the candidate lists in the order induction, previous-token, lens, SAE
-polysemantic, SAE attribution, neurons: each round takes the next head of every list, so every
+**Merge.** Round robin over the candidate lists in the order roles (one list per role) — or, without
+roles, induction and previous-token scores —, lens, SAE polysemantic, SAE attribution, neurons: each round takes the next head of every list, so every
 instrument with a finding is on the first screen before any gets a second head. A head met again keeps
 its first reason and collects the others in ``also``.
 """
@@ -96,6 +104,47 @@ def score_candidates(heads: dict, name: str, k: int = PER_SCORE) -> list[dict]:
         out.append({"head": hk, "source": "heads",
                     "reason": f"{label} score {v:.2f}, {_ordinal(rank)} of {len(vals)} heads ({ref})"})
     return out
+
+
+def _z(row: dict) -> float:
+    """Standardised causal effect of a roles-table row: |effect| / SE, SE from the 95 % CI's width."""
+    ci = row.get("effect_ci")
+    if not (isinstance(ci, list) and len(ci) == 2 and all(_num(x) for x in ci)) or ci[1] <= ci[0]:
+        return 0.0
+    return abs(row["effect"]) / ((ci[1] - ci[0]) / 3.92)
+
+
+def role_candidates(heads: dict, k: int = PER_SCORE) -> list[list[dict]]:
+    """Per role with a confirmed head, its ``k`` heads with the largest causal effect (in the role's
+    direction); the lists ordered by their best head's standardised effect (module docstring)."""
+    by_role: dict[str, list[tuple[float, float, str, dict]]] = {}
+    titles = {rid: r.get("title", rid) for rid, r in (heads.get("roles") or {}).items() if isinstance(r, dict)}
+    for hk, d in (heads.get("per_head") or {}).items():
+        v = (d or {}).get("roles") if isinstance(d, dict) else None
+        if not isinstance(v, dict):
+            continue
+        for row in v.get("rows") or []:
+            if row.get("confirmed") and _num(row.get("effect")) and row.get("expected_sign") != 0:  # not no-ops
+                by_role.setdefault(row["role"], []).append((abs(row["effect"]), _z(row), hk, row))
+    lists = []
+    for rid, xs in by_role.items():
+        xs.sort(key=lambda x: (-x[0], -x[1]))
+        out = []
+        for _, z, hk, row in xs[:k]:
+            ci = row.get("effect_ci") or [None, None]
+            out.append({"head": hk, "source": "roles", "z": z,
+                        "reason": f"{titles.get(rid, rid)} confirmed: {row['score_name']} {row['score']:.2f} vs "
+                                  f"{row['control']:.2f} ({row['control_name']}); {row.get('ablation', 'mean')}-"
+                                  f"ablation effect on the {row.get('metric', 'task metric')} "
+                                  f"{row['effect']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], q = {row['effect_q']:.2g}"
+                                  if all(_num(x) for x in (*ci, row.get("effect_q"), row.get("score"), row.get("control")))
+                                  else f"{titles.get(rid, rid)} confirmed (causal effect {row['effect']:+.2f})"})
+        lists.append(out)
+    lists.sort(key=lambda xs: -max(x["z"] for x in xs))
+    for xs in lists:
+        for x in xs:
+            x.pop("z")
+    return lists
 
 
 def lens_candidates(lens: dict, k: int = PER_LENS) -> list[dict]:
@@ -197,9 +246,10 @@ def load_neuron_ablation(run_dir: Path) -> dict | None:
 def highlights(sources: dict, n_heads: int, neuron_ablation: dict | None = None, limit: int = LIMIT) -> list[dict]:
     """The Start-here list (module docstring): ``[{"head", "reason", "source", "also"}]``, at most ``limit``."""
     heads, lens, sae = (sources.get(s) or {} for s in ("heads", "lens", "sae"))
-    lists = [score_candidates(heads, "induction"), score_candidates(heads, "prev_token"), lens_candidates(lens),
-             sae_poly_candidates(sae), sae_attribution_candidates(sae, n_heads),
-             neuron_candidates(neuron_ablation if "neurons" in sources else None)]
+    first = (role_candidates(heads) if heads.get("roles")
+             else [score_candidates(heads, "induction"), score_candidates(heads, "prev_token")])
+    lists = first + [lens_candidates(lens), sae_poly_candidates(sae), sae_attribution_candidates(sae, n_heads),
+                     neuron_candidates(neuron_ablation if "neurons" in sources else None)]
     out: list[dict] = []
     seen: dict[str, dict] = {}
     for rnd in range(max((len(c) for c in lists), default=0)):

@@ -29,15 +29,17 @@ MAX_HEADS = 12
 
 def lens_lists(info: dict, n_tokens: int) -> dict:
     """One head of :func:`headscope.lens.apply.show` as per-position lists aligned with the prompt's
-    ``n_tokens`` tokens: {"lens": [S][k] tokens, "lens_prob": [S][k], "unembedding": [S][k], "gain",
-    "informative"}; position 0 is not modelled, so its lists are empty."""
+    ``n_tokens`` tokens: {"lens": [S][≤k] tokens, "lens_prob": [S][≤k], "lens_term": [S][≤k] (bits of
+    KL(lens ‖ null), when ranked by it), "unembedding": [S][k], "gain", "informative"}; position 0 is not
+    modelled, so its lists are empty."""
     view = {"lens": [[] for _ in range(n_tokens)], "lens_prob": [[] for _ in range(n_tokens)],
-            "unembedding": [[] for _ in range(n_tokens)], "gain": info.get("gain"),
-            "informative": info.get("informative")}
+            "lens_term": [[] for _ in range(n_tokens)], "unembedding": [[] for _ in range(n_tokens)],
+            "gain": info.get("gain"), "informative": info.get("informative")}
     for p in info["positions"]:
         t = p["t"]
         view["lens"][t] = [x[0] for x in p["lens"]]
         view["lens_prob"][t] = [round(x[1], 4) for x in p["lens"]]
+        view["lens_term"][t] = [round(x[2], 4) if x[2] is not None else None for x in p["lens"]]
         view["unembedding"][t] = [x[0] for x in p["unembed"]]
     return view
 
@@ -118,9 +120,12 @@ class LiveEngine:
             return None
         from ..lens.apply import load_gains
         from ..lens.lenses import load_bank
+        from ..lens.train import load_null
         bank, _ = load_bank(self.model, self.run_dir / "lens")
         bank = bank.to(self.model.device)
-        return {"bank": bank, "sites": set(map(tuple, bank.sites)), "gains": load_gains(self.run_dir / "lens")}
+        null = load_null(self.run_dir / "lens") if (self.run_dir / "lens" / "null.safetensors").is_file() else None
+        return {"bank": bank, "sites": set(map(tuple, bank.sites)), "gains": load_gains(self.run_dir / "lens"),
+                "null": null}
 
     def _load_saes(self):
         root = self.run_dir / "sae"
@@ -184,6 +189,11 @@ class LiveEngine:
                 for l, h in heads:
                     p = cap["pattern"][l][0, h].float().cpu()
                     out["heads"][f"{l}.{h}"] = {"pattern": (torch.round(p * 1000) / 1000).tolist()}
+                from ..heads.in_context import read_in_context   # where each head looks and what it writes
+                lens = self.lens or {}
+                for hk, rec in read_in_context(model, ids, heads=list(heads), bank=lens.get("bank"),
+                                               null=lens.get("null"), gains=lens.get("gains")).items():
+                    out["heads"][hk]["in_context"] = rec
             for name, fn in (("lens", self._lens_view), ("sae", self._sae_view), ("neurons", self._neuron_view)):
                 try:
                     fn(prompt, ids, heads, out)
@@ -192,7 +202,8 @@ class LiveEngine:
         return out
 
     def _lens_view(self, prompt: str, ids, heads, out: dict, k: int = 5) -> None:
-        """Per position t ≥ 1, the top-k tokens of each picked head's lens (by probability) and of its
+        """Per position t ≥ 1, the top-k tokens of each picked head's lens — ranked by their KL(lens ‖ null)
+        term, as ``lens show`` does (by probability only when the run has no null lens) — and of its
         unembedding baseline (``headscope.lens.apply.show``); position 0's lists are empty."""
         if not self.lens:
             return
@@ -200,7 +211,9 @@ class LiveEngine:
         if not sites:
             return
         from ..lens.apply import show
-        res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"], by="prob")
+        null = self.lens.get("null")
+        res = show(self.model, self.lens["bank"], prompt, sites=sites, k=k, gains=self.lens["gains"], null=null,
+                   by="kl" if null is not None else "prob")
         for name, info in res["heads"].items():
             out["heads"][name]["lens"] = lens_lists(info, len(out["tokens"]))
 

@@ -1,16 +1,22 @@
-"""A one-line label per head, assembled from what headscope measured, each fact with its source
-(``headscope explain label``); with an LLM back-end, also a written summary of those facts.
+"""A one-line label per head, led by its verdict, every fact with its source and only facts whose own
+test passed (``headscope explain label``); with an LLM back-end, also a written summary of those facts.
 
 Facts, in this order, only when the run holds them (an absent instrument adds nothing, never a guess):
 
-* **head scores** (``heads/scores.json``): a score is quoted when the head ranks in the top ``top_frac``
-  of all heads for it (rank among every head, so "0.41" is read against the model's own distribution);
-* **lens** (``lens/eval.json``): when the lens is informative (gain > 2·SE): its gain ± SE in bits/token
-  and the tokens it promotes;
-* **SAE features** (``sae/<name>/heads.json`` and ``explain/features/<name>/explanations_*.json``): the
-  features that attribute most to the head, with their explanations (first line) when explained;
-* **driven neurons** (``neurons/attribution.json``): the next-token neurons this head drives, with the
-  token each predicts; and the (neuron, head) explanation scores when scored.
+* **verdict** (``heads/roles.json``, :mod:`headscope.heads.verdict`): the confirmed roles with their score
+  vs control and causal effect, or "No role confirmed among the N tested" (shown-only roles marked
+  untested causally). Without a roles file, the **head scores** (``heads/scores.json``) on which the head
+  ranks in the top ``top_frac`` of all heads, as measurements with their rank (no claim);
+* **lens** (``lens/eval.json``): when the lens is informative by the lens instrument's one rule (one-sided
+  test, BH over heads): its gain ± SE in bits/token and the tokens of its largest KL(lens ‖ null) terms;
+* **SAE** (``sae/<name>/heads.json``): the polysemanticity finding when its calibrated test passed (BH);
+  the features putting most of their decoder norm on the head, each with its explanation only when that
+  explanation was scored (``explain/features/<name>/scores_*``), quoted with its detection score beside
+  the shuffled-explanation control;
+* **neurons** (``neurons/ablation.json``): the next-token neurons whose token probability zeroing the head
+  significantly lowers (BH over pairs). An attribution alone is never a fact ("drives" has no test);
+* **look-ups** (``explain/scores_<backend>.json``): (neuron, head) explanations scored above chance on
+  held-out prompts (binomial, BH over pairs), with E, its CI and the shuffled control.
 
 ``label`` is the facts joined by " · " (at most ``max_facts``). ``summary``: one or two sentences the LLM
 writes from the facts alone (prompted not to add anything); None with ``summary = "none"``.
@@ -59,10 +65,6 @@ def _first_line(text: str, n: int = 90) -> str:
     return line if len(line) <= n else line[:n - 1] + "…"
 
 
-def _tok(t) -> str:
-    return repr(str(t))
-
-
 def _score_facts(scores: dict, L: int, H: int, top_frac: float) -> dict[str, list[dict]]:
     """Per head, the scores on which it ranks in the top ``top_frac`` of all heads."""
     out: dict[str, list[dict]] = {}
@@ -77,39 +79,50 @@ def _score_facts(scores: dict, L: int, H: int, top_frac: float) -> dict[str, lis
     return out
 
 
-def _feature_explanations(run: Path) -> dict[str, dict[str, tuple[str, str]]]:
-    """{sae: {feature: (explanation, file)}} from every explanations file (an LLM's before the rule's)."""
-    out: dict[str, dict[str, tuple[str, str]]] = {}
+def _feature_explanations(run: Path) -> dict[str, dict[str, tuple[str, str, dict | None]]]:
+    """{sae: {feature: (explanation, file, detection scores or None)}} from every explanations file (an LLM's
+    before the rule's); the scores are the feature's detection balanced accuracy and its shuffled control."""
+    out: dict[str, dict[str, tuple[str, str, dict | None]]] = {}
     root = run / "explain" / "features"
     if not root.is_dir():
         return out
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        scores: dict[tuple[str, str], dict] = {}
+        for sf in sorted(d.glob("scores_*_by_*.json")):
+            sc = read_json(sf)
+            for u in sc.get("features", []):
+                det = u.get("detection") or {}
+                if det.get("balanced_accuracy") is not None and det.get("shuffled_balanced_accuracy") is not None:
+                    scores.setdefault((sc.get("explanations"), str(u["id"])), det)
         files = sorted(d.glob("explanations_*.json"), key=lambda p: p.stem.endswith("statistical"))
         for f in files:
+            backend = f.stem[len("explanations_"):]
             for feat, e in read_json(f)["features"].items():
-                out.setdefault(d.name, {}).setdefault(feat, (e["explanation"], str(f.relative_to(run))))
+                out.setdefault(d.name, {}).setdefault(feat, (e["explanation"], str(f.relative_to(run)),
+                                                             scores.get((backend, str(feat)))))
     return out
 
 
 def head_facts(run_dir: Path, top_frac: float = 0.05) -> dict[str, list[dict]]:
     """Every head's facts (see the module docstring) from the run directory's artifacts."""
+    from ..heads.verdict import lens_findings, load_roles, lookup_findings, neuron_findings, sae_findings, verdict
     run_dir = Path(run_dir)
     info = read_json(run_dir / "run.json")
     L, H = int(info["model"]["n_layers"]), int(info["model"]["n_heads"])
     facts: dict[str, list[dict]] = {f"{l}.{h}": [] for l in range(L) for h in range(H)}
-    sp = run_dir / "heads" / "scores.json"
-    if sp.is_file():
-        for hk, fs in _score_facts(read_json(sp)["scores"], L, H, top_frac).items():
+    roles = load_roles(run_dir)
+    if roles is not None:
+        for hk in facts:
+            v = verdict(hk, roles)
+            facts[hk].append({"kind": "roles", "source": "heads/roles.json", "roles": list(v.confirmed),
+                              "score": len(v.confirmed), "text": v.roles_sentence})
+    elif (run_dir / "heads" / "scores.json").is_file():
+        for hk, fs in _score_facts(read_json(run_dir / "heads" / "scores.json")["scores"], L, H, top_frac).items():
             facts[hk] += fs
-    ev = run_dir / "lens" / "eval.json"
-    if ev.is_file():
-        e = read_json(ev)
-        for hk, v in e.get("per_head", {}).items():
-            if v.get("informative") and hk in facts:
-                toks = [t[0] if isinstance(t, list) else t for t in (e.get("top_tokens", {}).get(hk) or [])[:4]]
-                facts[hk].append({"kind": "lens", "source": "lens/eval.json", "score": v.get("gain"),
-                                  "text": f"lens gain {v['gain']:.2f}±{v.get('gain_se') or 0:.2f} bits"
-                                          + (f", promotes {', '.join(map(_tok, toks))}" if toks else "")})
+    for part in (lens_findings(run_dir), sae_findings(run_dir)):
+        for hk, fs in part.items():
+            if hk in facts:
+                facts[hk] += [{k: f[k] for k in ("kind", "source", "score", "text")} for f in fs]
     fx = _feature_explanations(run_dir)
     for hj in sorted((run_dir / "sae").glob("*/heads.json")) if (run_dir / "sae").is_dir() else []:
         name = hj.parent.name
@@ -123,24 +136,15 @@ def head_facts(run_dir: Path, top_frac: float = 0.05) -> dict[str, list[dict]]:
                 f = str(tf["feature"])
                 ex = fx.get(name, {}).get(f)
                 text = f"SAE {name} feature {f} ({tf['attribution']:.2f} of its decoder norm)"
-                if ex:
-                    text += f": {_first_line(ex[0], 70)}"
-                facts[hk].append({"kind": "sae", "source": ex[1] if ex else str(hj.relative_to(run_dir)),
+                scored = ex is not None and ex[2] is not None
+                if scored:
+                    text += (f": {_first_line(ex[0], 70)} (detection {ex[2]['balanced_accuracy']:.2f} vs "
+                             f"{ex[2]['shuffled_balanced_accuracy']:.2f} shuffled)")
+                facts[hk].append({"kind": "sae", "source": ex[1] if scored else str(hj.relative_to(run_dir)),
                                   "feature": f, "sae": name, "score": tf["attribution"], "text": text})
-    att = run_dir / "neurons" / "attribution.json"
-    if att.is_file():
-        a = read_json(att)
-        mined = a.get("neurons", [])
-        by_head: dict[str, list[str]] = {}
-        for p in a.get("pairs", []):
-            n = mined[p["neuron"]] if p["neuron"] < len(mined) else {}
-            name = f"{n.get('layer', '?')}.{n.get('neuron', p['neuron'])}"
-            by_head.setdefault(p["name"], []).append(f"{name} (→ {_tok(n.get('token', '?'))})")
-        for hk, ns in by_head.items():
-            if hk in facts:
-                facts[hk].append({"kind": "neurons", "source": "neurons/attribution.json", "score": len(ns),
-                                  "text": f"drives neuron{'s' if len(ns) > 1 else ''} {', '.join(ns[:3])}"
-                                          + (f" and {len(ns) - 3} more" if len(ns) > 3 else "")})
+    for hk, fs in list(neuron_findings(run_dir).items()) + list(lookup_findings(run_dir).items()):
+        if hk in facts:
+            facts[hk] += [{k: f[k] for k in ("kind", "source", "score", "text")} for f in fs]
     return facts
 
 

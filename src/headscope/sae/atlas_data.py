@@ -59,7 +59,7 @@ def atlas_data(run_dir: Path) -> dict:
             for h, info in heads["heads"].items():
                 rec = {"sae": name, "top_features": info["top_features"], "n_groups": info["n_groups"],
                        "polysemantic": info["polysemantic"]}
-                rec.update({k: info[k] for k in ("verdict", "q_poly") if k in info})
+                rec.update({k: info[k] for k in ("verdict", "q_poly", "power") if k in info})  # power: {detected, planted}
                 if recon:
                     rec["reconstruction"] = recon
                 if ioi:

@@ -138,13 +138,15 @@ function gridPage(main) {
     const pref = ["heads.induction", "heads.prev_token"];
     GRID.measure = (ms.find((m) => pref.includes(m.id)) || ms[0]).id;
   }
+  if (ix.role_grid && GRID.measure === null) GRID.measure = ROLE_MEASURE;
+  const opts = (ix.role_grid ? [{ id: ROLE_MEASURE, label: "confirmed role (heads/roles.json)" }] : []).concat(ms);
   const select = h("select", { id: "measure", onchange: (e) => { GRID.measure = e.target.value; drawGrid(); } },
-    ms.map((m) => h("option", { value: m.id, selected: m.id === GRID.measure ? "selected" : null }, m.label)));
+    opts.map((m) => h("option", { value: m.id, selected: m.id === GRID.measure ? "selected" : null }, m.label)));
   const search = h("input", { id: "search", type: "search", placeholder: "search heads, features, neurons by token or explanation", size: 40 });
   const hitsBox = h("div", { id: "hits", class: "muted" });
   search.addEventListener("keydown", (e) => { if (e.key === "Enter") doSearch(search.value, hitsBox); });
   const controls = h("div", { class: "controls" },
-    ms.length ? h("label", {}, "colour by ", select) : h("span", { class: "muted" }, "No per-head measures in this run yet."),
+    opts.length ? h("label", {}, "colour by ", select) : h("span", { class: "muted" }, "No per-head measures in this run yet."),
     h("label", {}, search, h("button", { onclick: () => doSearch(search.value, hitsBox) }, "search")));
   const grid = h("div", { id: "grid-wrap" });
   const side = h("div", { id: "side" });
@@ -163,10 +165,51 @@ function cellFmt(v) {
 }
 function measureById(id) { return A.index.measures.find((m) => m.id === id); }
 
+/* the grid coloured by each head's strongest confirmed role (heads/roles.json): one colour per role */
+const ROLE_MEASURE = "__roles";
+const ROLE_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
+function roleColor(rid) { const ids = Object.keys(A.index.roles || {}); return ROLE_COLORS[Math.max(0, ids.indexOf(rid)) % ROLE_COLORS.length]; }
+function roleTitle(rid) { return (A.index.roles || {})[rid] || rid; }
+function drawRoleGrid(wrap) {
+  const ix = A.index, L = ix.n_layers, H = ix.n_heads, g = ix.role_grid;
+  const table = h("table", { class: "grid", id: "grid" });
+  const hr = h("tr", {}, h("th", { class: "corner" }, "L \\ H"));
+  for (let j = 0; j < H; j++) hr.appendChild(h("th", {}, String(j)));
+  table.appendChild(hr);
+  const count = {};
+  for (let i = 0; i < L; i++) {
+    const tr = h("tr", {}, h("th", {}, String(i)));
+    for (let j = 0; j < H; j++) {
+      const rid = g[i][j], key = `${i}.${j}`, hit = GRID.hits && GRID.hits.has(key);
+      if (rid) count[rid] = (count[rid] || 0) + 1;
+      tr.appendChild(h("td", { class: "cell" + (hit ? " hit" : "") + (GRID.hits && !hit ? " dim" : ""), "data-head": key, "data-role": rid || "",
+        title: `head ${key} · ` + (rid ? `confirmed: ${roleTitle(rid)}` : "no role confirmed"),
+        style: { background: rid ? roleColor(rid) : "#f3f3f3", color: "#fff" }, onclick: () => { location.hash = "#/head/" + key; } },
+        rid ? roleTitle(rid).slice(0, 3) : ""));
+    }
+    table.appendChild(tr);
+  }
+  wrap.appendChild(table);
+  const legend = document.getElementById("legend");
+  if (legend) {
+    clear(legend);
+    legend.appendChild(h("div", { class: "rolelegend" }, Object.keys(ix.roles || {}).map((rid) => h("span", { class: "rolekey" },
+      h("span", { class: "swatch", style: { background: roleColor(rid) } }), ` ${roleTitle(rid)} (${count[rid] || 0})  `)),
+      h("span", { class: "muted" }, " · grey: no role confirmed · a head's strongest confirmed role (score beat its control and ablation had the predicted effect, both BH) · click a head to open its page")));
+  }
+  const side = document.getElementById("side");
+  if (side) {
+    clear(side);
+    side.appendChild(section("Heads confirmed per role", h("table", { class: "kv" }, Object.keys(ix.roles || {}).map((rid) =>
+      h("tr", {}, h("td", {}, h("span", { class: "swatch", style: { background: roleColor(rid) } }), " ", roleTitle(rid)), h("td", { class: "num" }, String(count[rid] || 0)))))));
+  }
+}
+
 function drawGrid() {
   const ix = A.index, wrap = document.getElementById("grid-wrap");
   if (!wrap) return;
   clear(wrap);
+  if (GRID.measure === ROLE_MEASURE && ix.role_grid) return drawRoleGrid(wrap);
   const m = measureById(GRID.measure);
   const L = ix.n_layers, H = ix.n_heads;
   const table = h("table", { class: "grid", id: "grid" });
@@ -216,7 +259,7 @@ function drawGrid() {
 function startCard() { // the heads with the strongest findings (atlas/highlights.py), nothing when none
   const hl = A.index.highlights || [];
   if (!hl.length) return null;
-  const label = { heads: "head scores", lens: "lens", sae: "SAE", neurons: "neurons" };
+  const label = { heads: "head scores", roles: "confirmed role", lens: "lens", sae: "SAE", neurons: "neurons" };
   return h("section", { class: "card start", id: "start-here" }, h("h2", {}, "Start here"),
     h("p", { class: "muted small" }, "The heads with the strongest findings in this run, each with its reason:"),
     h("ol", { class: "starthere" }, hl.map((x) => h("li", {},
@@ -313,7 +356,9 @@ async function headPage(main, key) {
   let page;
   try { page = await load("layer/" + L); } catch (e) { main.appendChild(h("p", { class: "error" }, e.message)); return; }
   const data = page.heads[String(H)] || {};
-  if (data.explain && data.explain.label) main.appendChild(labelCard(data.explain.label));
+  const verdict = data.heads && data.heads.roles;
+  if (verdict) main.appendChild(verdictCard(verdict));
+  if (data.explain && data.explain.label) main.appendChild(labelCard(data.explain.label, !!verdict));
   main.appendChild(measuresCard(L, H));
   const order = ["heads", "lens", "sae", "neurons", "explain"].concat(Object.keys(data));
   const done = new Set();
@@ -321,7 +366,9 @@ async function headPage(main, key) {
     if (done.has(src) || data[src] === undefined) continue;
     done.add(src);
     const r = RENDER[src] || renderGeneric;
-    main.appendChild(r(data[src], src, key));
+    const card = r(data[src], src, key);
+    if (card && card.tagName === "SECTION" && !card.id) card.id = "src-" + src;   // evidence anchors
+    main.appendChild(card);
   }
   main.appendChild(patternCard(page, L, H));
 }
@@ -347,7 +394,8 @@ function measuresCard(L, H) {
 }
 
 function patternCard(page, L, H) {
-  const card = section("On a prompt: lens tokens and attention pattern");
+  const card = section("Read in context: where it looks, what it writes");
+  card.id = "in-context";
   const body = h("div", { id: "pattern-body" });
   const ex = A.index.examples || [];
   const pats = page.patterns || [];
@@ -355,11 +403,11 @@ function patternCard(page, L, H) {
     const sel = h("select", { id: "pattern-prompt", onchange: () => show(+sel.value) },
       ex.map((e, i) => h("option", { value: i }, e.text.slice(0, 80))));
     card.appendChild(h("div", { class: "controls" }, h("label", {}, "example prompt ", sel)));
-    const lensEx = (page.lens_examples || {})[String(H)] || [];
+    const ctxEx = (page.in_context || {})[String(H)] || [];
     const show = (i) => {
       clear(body);
-      const le = lensEx.find((x) => x.prompt === i);
-      if (le) body.appendChild(lensPositions(ex[i].tokens, le));
+      const rc = ctxEx.find((x) => x.prompt === i);
+      if (rc) body.appendChild(contextPositions(ex[i].tokens, rc));
       const p = pats.find((x) => x.prompt === i);
       if (p) body.appendChild(h("div", {}, h("h3", {}, "Attention pattern (rows: destination, columns: source)"), patternView(ex[i].tokens, p.heads[String(H)])));
     };
@@ -377,7 +425,8 @@ function patternCard(page, L, H) {
         const res = await livePost({ prompt: input.value, heads: [`${L}.${H}`] });
         const d = res.heads[`${L}.${H}`];
         clear(body);
-        if (d.lens) body.appendChild(lensPositions(res.tokens, d.lens));
+        if (d.in_context) body.appendChild(contextPositions(res.tokens, d.in_context));
+        else if (d.lens) body.appendChild(lensPositions(res.tokens, d.lens));
         body.appendChild(h("div", {}, h("h3", {}, "Attention pattern"), patternView(res.tokens, d.pattern)));
       } catch (e) { clear(body).appendChild(h("p", { class: "error" }, e.message)); }
     };
@@ -420,7 +469,9 @@ function patternView(tokens, pat) {
 /* ---------- renderers per source ---------- */
 const RENDER = {};
 
-RENDER.heads = function (d, src) {
+RENDER.heads = function (d, src) { // the verdict ("roles") has its own card at the top
+  const keys = Object.keys(d).filter((k) => k !== "roles");
+  if (!keys.length) return h("span");
   const card = section("Head scores");
   const scal = Object.entries(d).filter(([, v]) => isNum(v) || v === null);
   card.appendChild(h("table", { class: "kv" }, scal.map(([k, v]) => h("tr", {}, h("td", {}, k.replace(/_/g, " ")), h("td", { class: "num" }, fmt(v))))));
@@ -428,7 +479,7 @@ RENDER.heads = function (d, src) {
     const p = d.prefix_induction;
     card.appendChild(h("div", {}, h("span", { class: "muted" }, "prefix induction by prefix length "), sparkline(p.scores, p.prefix_lengths)));
   }
-  for (const [k, v] of Object.entries(d)) if (!isNum(v) && v !== null && k !== "prefix_induction") card.appendChild(renderKV(k, v));
+  for (const [k, v] of Object.entries(d)) if (!isNum(v) && v !== null && k !== "prefix_induction" && k !== "roles") card.appendChild(renderKV(k, v));
   return card;
 };
 
@@ -654,8 +705,9 @@ function renderLive(out, res) {
     const card = section(`Head ${k}`);
     card.querySelector("h2").appendChild(h("span", {}, " ", headLink(k)));
     if (d.lens) card.appendChild(lensPositions(res.tokens, d.lens));
+    if (d.in_context) card.appendChild(contextPositions(res.tokens, d.in_context));
     if (d.pattern) card.appendChild(patternView(res.tokens, d.pattern));
-    for (const [kk, v] of Object.entries(d)) if (kk !== "pattern" && kk !== "lens") card.appendChild(renderKV(kk, v));
+    for (const [kk, v] of Object.entries(d)) if (!["pattern", "lens", "in_context"].includes(kk)) card.appendChild(renderKV(kk, v));
     out.appendChild(card);
   }
   for (const [k, v] of Object.entries(res.views || {})) {
@@ -727,7 +779,7 @@ RENDER.sae = function (d, src, key) {
   const recs = d && d.sae ? d.sae : d;
   for (const r of Array.isArray(recs) ? recs : [recs]) {
     card.appendChild(h("p", {}, h("b", {}, `SAE ${r.sae}`), " · ",
-      r.polysemantic === undefined ? "" : (r.polysemantic ? `polysemantic (${r.n_groups} groups among its top features)` : `monosemantic-looking (${r.n_groups} group)`)));
+      polyText(r)));
     const t = h("table", { class: "data feats" }, h("tr", {}, h("th", {}, "feature"), h("th", {}, "weight attribution to this head"), h("th", {}, "top output tokens")));
     for (const f of r.top_features || []) {
       t.appendChild(h("tr", {}, h("td", {}, featureLink(r.sae, f.feature)),
@@ -817,9 +869,13 @@ RENDER.neurons = function (d) {
   return card;
 };
 
-function labelCard(lab) {
-  const card = h("section", { class: "card label", id: "head-label" }, h("h2", {}, "In one line"));
-  if (lab.label) card.appendChild(h("p", { class: "label-line" }, lab.label));
+function labelCard(lab, afterVerdict) {
+  // after the verdict card, only the facts the verdict does not already state (and an LLM summary)
+  const facts = (lab.facts || []).filter((f) => !(afterVerdict && f.kind === "roles"));
+  if (afterVerdict && !facts.length && !lab.summary) return h("span");
+  lab = Object.assign({}, lab, { facts });
+  const card = h("section", { class: "card label", id: "head-label" }, h("h2", {}, afterVerdict ? "Other facts, with their sources" : "In one line"));
+  if (lab.label && !afterVerdict) card.appendChild(h("p", { class: "label-line" }, lab.label));
   if (lab.summary) card.appendChild(h("blockquote", { class: "label-summary" }, lab.summary, h("span", { class: "muted small" }, "  (written by an LLM from the facts below)")));
   if (lab.facts && lab.facts.length) card.appendChild(h("ul", { class: "facts" }, lab.facts.map((f) => h("li", {},
     f.text, h("span", { class: "muted small" }, " — source: "), factLink(f)))));
@@ -893,9 +949,88 @@ RENDER.lens = function (d) {
     isNum(d.improvement) ? ` · improvement over the unembedding: ${fmt(d.improvement)}` : "",
     isNum(d.top1) ? ` · top-1 agreement with the model: ${fmt(100 * d.top1, 1)} %` + (isNum(d.top1_unembed) ? ` (baseline ${fmt(100 * d.top1_unembed, 1)} %)` : "") : ""));
   if (d.top_tokens && d.top_tokens.length) {
-    card.appendChild(h("h3", {}, "Tokens this head's lens promotes most above base rates (held-out average)"));
+    card.appendChild(h("h3", {}, "Its lens's largest KL(lens ‖ null) terms (held-out average)" + (d.informative ? "" : " — this lens is not informative: read nothing into them")));
     card.appendChild(h("div", { class: "toks lens-tokens" }, d.top_tokens.map((t) => Array.isArray(t) ? tok(t[0], { title: fmt(t[1]) }) : tok(typeof t === "object" && t ? (t.token ?? JSON.stringify(t)) : t))));
   }
   for (const [k, v] of Object.entries(d)) if (!["kl_lens", "kl_unembed", "kl_unembed_nonorm", "kl_null", "gain", "gain_se", "informative", "improvement", "top1", "top1_unembed", "top_tokens", "entropy"].includes(k)) card.appendChild(renderKV(k, v));
   return card;
 };
+
+/* ---------- verdict, roles table, reading in context ---------- */
+function polyText(r) { // the polysemanticity finding; "one group" is never claimed without the test's power
+  if (r.polysemantic === undefined) return "";
+  if (r.polysemantic) return `polysemantic (${r.n_groups} groups among its top features, BH q = ${fmt(r.q_poly)})`;
+  if (r.power && isNum(r.power.detected) && isNum(r.power.planted))
+    return `not shown polysemantic (the test detected ${r.power.detected} of ${r.power.planted} planted groups)`;
+  return "";
+}
+
+function scrollToId(id) { const el = document.getElementById(id); if (el) el.scrollIntoView({ behavior: "instant", block: "start" }); }
+function evidenceLink(text, target) {
+  return h("a", { href: "javascript:void 0", class: "evidence", "data-target": target, onclick: (e) => { e.preventDefault(); scrollToId(target); } }, text);
+}
+function ciText(ci) { return Array.isArray(ci) && ci.length === 2 ? `[${fmt(ci[0])}, ${fmt(ci[1])}]` : "—"; }
+
+function verdictCard(v) {
+  const card = h("section", { class: "card verdict", id: "head-verdict" }, h("h2", {}, "Verdict"));
+  card.appendChild(h("p", { class: "verdict-line", id: "verdict-text" }, v.roles_sentence));
+  if ((v.findings || []).length) card.appendChild(h("ul", { class: "facts" }, v.findings.map((f) => h("li", {}, f.text + " ",
+    f.anchor ? evidenceLink("evidence", f.anchor) : null, h("span", { class: "muted small" }, " — " + f.source)))));
+  const links = (v.links || []).filter((l) => l.target.startsWith("role-"));
+  card.appendChild(h("p", { class: "muted small" }, "Evidence: ", links.map((l) => [evidenceLink(l.text, l.target), " · "]),
+    evidenceLink("roles table", "roles-table"), " · ", evidenceLink("read in context", "in-context")));
+  const cols = ["role", "score", "control", "95 % CI", "q", "causal effect", "95 % CI", "q", "screen (AtP)", "verdict"];
+  const t = h("table", { class: "data roles", id: "roles-table" }, h("tr", {}, cols.map((c) => h("th", {}, c))));
+  for (const r of v.rows || []) {
+    const state = r.confirmed ? "confirmed" : r.shown ? (r.causal ? (isNum(r.effect) ? "shown; causal test not passed" : "shown; not ablated (untested causally)") : "shown; no causal test for this role") : "not shown";
+    t.appendChild(h("tr", { id: "role-" + r.role, class: "role-row " + (r.confirmed ? "confirmed" : r.shown ? "shown" : "none"), title: `${r.definition} (${r.source})` },
+      h("td", {}, h("b", {}, r.title)),
+      h("td", { class: "num" }, `${fmt(r.score)}`, h("span", { class: "muted small" }, " " + r.score_name)),
+      h("td", { class: "num" }, `${fmt(r.control)}`, h("span", { class: "muted small" }, " " + r.control_name)),
+      h("td", { class: "num" }, ciText(r.ci)), h("td", { class: "num" }, fmt(r.q)),
+      h("td", { class: "num" }, r.causal ? fmt(r.effect) : "—", r.causal && r.metric ? h("span", { class: "muted small" }, " " + r.metric) : null),
+      h("td", { class: "num" }, ciText(r.effect_ci)), h("td", { class: "num" }, fmt(r.effect_q)),
+      h("td", { class: "num" }, fmt(r.screen)), h("td", { class: "state" }, state)));
+  }
+  card.appendChild(h("div", { class: "tablewrap" }, t));
+  card.appendChild(h("p", { class: "muted small" }, "A role is shown when its score beats its control (one-sided test, Benjamini–Hochberg over heads) and confirmed when ablating the head also has the effect the role predicts on the role's own task (expected sign, CI excluding 0, BH). The screen is the attribution-patching estimate of the same effect. Hover a row for the role's definition and source."));
+  return card;
+}
+
+/* per position: where the head looks (excluding BOS) and the ranks of the attended token and of the token after it */
+function rankCell(r, cap) {
+  if (!isNum(r)) return h("td", { class: "num muted" }, "—");
+  if (isNum(cap) && r >= cap) return h("td", { class: "num rank muted" }, "≥" + cap);
+  return h("td", { class: "num rank" + (r === 1 ? " top1" : r <= 5 ? " top5" : "") }, String(r));
+}
+const MIN_SOURCE_WEIGHT = 0.1; // below this weight on its most-attended non-BOS source, a position's ranks are not shown
+function contextPositions(tokens, rc) {
+  const hasLens = Array.isArray(rc.lens_rank_src);
+  const silent = hasLens && (rc.informative === false || (isNum(rc.gain) && rc.gain <= 0));
+  const head = ["position", "attends most to (weight; BOS weight)", "attended token's rank: direct logits", hasLens ? "lens" : null,
+    "rank of the token after it: direct logits", hasLens ? "lens" : null, "top direct-logit tokens", hasLens ? "lens tokens (by KL(lens ‖ null) term)" : null].filter(Boolean);
+  const t = h("table", { class: "data ctxpos", id: "context-table" }, h("tr", {}, head.map((x) => h("th", {}, x))));
+  const nCols = head.length;
+  tokens.forEach((x, i) => {
+    if (i === 0) return;
+    const s = rc.src[i];
+    if (isNum(rc.weight[i]) && rc.weight[i] < MIN_SOURCE_WEIGHT) { // it looks (almost) nowhere but BOS: nothing to read
+      t.appendChild(h("tr", { class: "bosrow" }, h("td", {}, h("span", { class: "muted small" }, i + " "), tok(x)),
+        h("td", { colspan: nCols - 1, class: "muted small" }, `attends to BOS (${fmt(rc.bos[i])}); its largest other weight is ${fmt(rc.weight[i])} (on ${JSON.stringify(String(tokens[s]))}): nothing to read here`)));
+      return;
+    }
+    const cells = [h("td", {}, h("span", { class: "muted small" }, i + " "), tok(x)),
+      h("td", {}, isNum(s) ? [h("span", { class: "muted small" }, s + " "), tok(tokens[s]), h("span", { class: "muted small" }, ` ${fmt(rc.weight[i])}; ${fmt(rc.bos[i])}`)] : "—"),
+      rankCell(rc.dla_rank_src ? rc.dla_rank_src[i] : null, rc.rank_cap)];
+    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : rankCell(rc.lens_rank_src[i], rc.rank_cap));
+    cells.push(rankCell(rc.dla_rank_next ? rc.dla_rank_next[i] : null, rc.rank_cap));
+    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : rankCell(rc.lens_rank_next[i], rc.rank_cap));
+    cells.push(h("td", { class: "muted" }, (rc.dla_top && rc.dla_top[i] || []).map((y) => tok(y))));
+    if (hasLens) cells.push(silent ? h("td", { class: "muted" }, "—") : h("td", { class: "lens-tokens" }, (rc.lens[i] || []).map((y, j) =>
+      tok(y, { title: `p = ${fmt(rc.lens_prob[i][j])}` + (rc.lens_term && isNum(rc.lens_term[i][j]) ? `, KL term ${fmt(rc.lens_term[i][j])} bits` : "") }))));
+    t.appendChild(h("tr", {}, cells));
+  });
+  return h("div", {}, h("h3", {}, "Per position: the source it attends to most (BOS left out), and where that token — and the token after it — ranks among all tokens in what the head writes (its direct logit contribution through the final norm's scale" + (hasLens ? ", and its lens" : "") + "). Rank 1 at the attended token: copying; at the token after it: induction-style prediction. Positions where it puts under " + MIN_SOURCE_WEIGHT + " on every non-BOS token are folded."),
+    silent ? h("p", { class: "muted" }, "This lens reads nothing beyond base rates from this head (not informative by its test): its tokens and ranks are not shown.") : null,
+    h("div", { class: "tablewrap" }, t));
+}
