@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import HeadscopeError
 from .options import Parser, add_options
+from .runs import check_out_path
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
@@ -61,19 +62,6 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
         if not 0 <= layer < n_layers:
             raise HeadscopeError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
     return sorted(out)
-
-
-def check_out_path(out: str | Path) -> Path:
-    """A usable run-directory path: not a file, and creatable/writable (checked before any work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadscopeError(f"--out {out} is a file, not a run directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise HeadscopeError(f"--out {out}: {probe} is not writable")
-    return out
 
 
 def _stage_handler(stage):

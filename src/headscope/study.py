@@ -145,8 +145,7 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
 
     ``model``: an already loaded model (else ``[study].model`` is loaded). ``only``: run just these
     stages. ``force``: rerun these stages even when up to date."""
-    from .cli import check_out_path
-    from .runs import RunDir, read_json, run_stage, update_json
+    from .runs import RunDir, check_out_path, read_json, run_stage, update_json
     study = dict(config.get("study", {}))
     out = check_out_path(out or study.get("out") or "runs/study")
     steps = plan(config, only)

@@ -51,6 +51,18 @@ def report(summary: dict, opts: ScoreOptions, run) -> None:
         print(f"  top prefix-induction heads (prefix {doc['prefix_induction']['prefix_lengths'][-1]}): {tops}")
 
 
+def load(model, run) -> dict:
+    """The head scores as tensors: ``induction``, ``prev_token``, ``duplicate_token`` ``[n_layers, n_heads]``
+    (NaN for layers not scored) and, when computed, ``prefix_induction`` ``[n_prefix_lengths, n_layers,
+    n_heads]`` (prefix lengths in RUN/heads/scores.json)."""
+    from ..errors import HeadscopeError
+    from ..runs import read_tensors
+    path = run / "heads" / "scores.safetensors"
+    if not path.is_file():
+        raise HeadscopeError(f"no head scores in {run.path}: run `run.heads.score()` first")
+    return read_tensors(path)
+
+
 INSTRUMENT = Instrument(
     name="heads",
     help="head scores on synthetic sequences",
@@ -61,4 +73,5 @@ INSTRUMENT = Instrument(
               report="headscope.heads.instrument:report"),
     ),
     atlas_data="headscope.heads.atlas_data:atlas_data",
+    loaders=(("load", "headscope.heads.instrument:load"),),
 )

@@ -191,6 +191,19 @@ def cmd_steer(model, run, opts: SteerOptions) -> int:
     return _legacy(model, run, opts, "steer_cmd")
 
 
+def load(model, run, allow_other_checkpoint: bool = False):
+    """The run's lens bank (:class:`headscope.lens.lenses.LensBank`, its sites in ``bank.sites``) for the
+    model; lenses made for another model are refused unless ``allow_other_checkpoint`` (same shapes, other
+    unembedding)."""
+    from ..errors import HeadscopeError
+    from .lenses import load_bank
+    if model is None:
+        raise HeadscopeError(f"loading lenses needs the model: open_run('{run.path}', model=...)")
+    if not (run / "lens" / "lenses.json").is_file():
+        raise HeadscopeError(f"no lenses in {run.path}: run `run.lens.train()` first")
+    return load_bank(model, run / "lens", allow_other_checkpoint=allow_other_checkpoint)[0]
+
+
 LENS_FILES = ["lens/lenses.json", "lens/lenses.safetensors", "lens/null.safetensors", "lens/train.json"]
 """The bank, its null lens and its training summary (train.json is written last)."""
 
@@ -217,4 +230,5 @@ INSTRUMENT = Instrument(
                 doc="add a token direction to a head, or scale/ablate heads; generations before/after", new_run=True),
     ),
     atlas_data="headscope.lens.atlas_data:atlas_data",
+    loaders=(("load", "headscope.lens.instrument:load"),),
 )

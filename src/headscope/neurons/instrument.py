@@ -196,6 +196,19 @@ def report_ablate(res: dict, opts, run) -> None:
               f"{fmt(v['mann_whitney']['p'])}")
 
 
+def load(model, run, which: Which = "top") -> dict:
+    """The neuron set's artifacts that exist, as JSON documents: ``find``, ``mine``, ``attribution``,
+    ``ablation`` (RUN/neurons/ for ``top``, RUN/neurons/random/ for ``random``)."""
+    from ..errors import HeadscopeError
+    from ..runs import read_json
+    folder = run / _dir(which)
+    out = {name: read_json(folder / f"{name}.json") for name in ("find", "mine", "attribution", "ablation")
+           if (folder / f"{name}.json").is_file()}
+    if not out:
+        raise HeadscopeError(f"no {which} neurons in {run.path}: run `run.neurons.find(which='{which}')` first")
+    return out
+
+
 INSTRUMENT = Instrument(
     name="neurons",
     help="next-token neurons, their max-activating prompts and the heads that drive them",
@@ -216,4 +229,5 @@ INSTRUMENT = Instrument(
               report="headscope.neurons.instrument:report_ablate"),
     ),
     atlas_data="headscope.neurons.atlas_data:atlas_data",
+    loaders=(("load", "headscope.neurons.instrument:load"),),
 )

@@ -273,6 +273,17 @@ def cmd_dfa(model, run, opts: DfaOptions) -> int:
     return _legacy(model, run, opts, "cmd_dfa")
 
 
+def load(model, run, name: str):
+    """The SAE ``name`` of the run (:class:`headscope.sae.model.AttnSAE`), checked against the model when
+    there is one."""
+    from ..errors import HeadscopeError
+    from .io import load_sae
+    if not (run / "sae" / name).is_dir():
+        have = sorted(p.parent.name for p in (run / "sae").glob("*/cfg.json"))
+        raise HeadscopeError(f"no SAE '{name}' in {run.path}; SAEs here: {', '.join(have) or 'none'}")
+    return load_sae(run / "sae" / name, model)
+
+
 INSTRUMENT = Instrument(
     name="sae",
     help="sparse autoencoders on attention outputs (z): train, evaluate, attribute",
@@ -312,4 +323,5 @@ INSTRUMENT = Instrument(
                 doc="direct feature attribution of one feature on a prompt (and recursive DFA)"),
     ),
     atlas_data="headscope.sae.atlas_data:atlas_data",
+    loaders=(("load", "headscope.sae.instrument:load"),),
 )
