@@ -41,9 +41,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from headscope.cli import parse_layers
+    from headscope.sites import parse_layers
     from headscope.lens.evaluate import run_eval
-    from headscope.lens.lenses import LensConfig, parse_sites
+    from headscope.lens.lenses import LensConfig
+    from headscope.sites import parse_sites
     from headscope.lens.train import TrainConfig, run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir

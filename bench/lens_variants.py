@@ -47,7 +47,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from headscope.lens.evaluate import run_eval
-    from headscope.lens.lenses import LensConfig, parse_sites
+    from headscope.lens.lenses import LensConfig
+    from headscope.sites import parse_sites
     from headscope.lens.train import TrainConfig, run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir

@@ -12,10 +12,11 @@ from headscope.errors import HeadscopeError
 from headscope.lens.closed_form import Moments
 from headscope.lens.collect import site_batch
 from headscope.lens.evaluate import evaluate_bank, run_eval
-from headscope.lens.lenses import LensBank, LensConfig, load_bank, parse_sites, save_bank
+from headscope.lens.lenses import LensBank, LensConfig, load_bank, save_bank
 from headscope.lens.objectives import forward_kl
 from headscope.lens.train import TrainConfig, load_null, run_train
 from headscope.runs import RunDir
+from headscope.sites import parse_sites
 from headscope.testing.tiny import FAMILIES, tiny_model
 
 SMALL = dict(tokens=1024, init_tokens=512, batch_size=2, seq_len=32, chunk_tokens=24, checkpoint_every=2)

@@ -102,7 +102,7 @@ def test_sweep_trains_from_one_cache_and_plots(tmp_path):
     assert [p["architecture"] for p in res["points"]] == ["topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
     assert all(p["ce_recovered_zero"] is not None and p["l0"] > 0 for p in res["points"])
     assert read_json(tmp_path / "run/sae/sweep_L1/sweep.json")["architectures"] == res["architectures"]
-    from headscope.sae.sweep import parse_grid
+    from headscope.sae.options import parse_grid
     assert parse_grid("topk:8,16 jumprelu:0.5") == {"topk": [8.0, 16.0], "jumprelu": [0.5]}
     with pytest.raises(HeadscopeError, match="not ARCH:V1,V2"):
         parse_grid("gated:1")

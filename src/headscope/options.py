@@ -16,6 +16,7 @@ same ones. Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Optio
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -131,3 +132,13 @@ def from_table(cls: type, table: dict, where: str):
 
 def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
+    """The model options every command that runs a model shares."""
+    p.add_argument("--model", default=default, metavar="SPEC",
+                   help="'default' (embedded SmolLM2-135M), a local HF directory, a .gguf file, or a hub id")
+    p.add_argument("--device", default="cpu" if default else None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:N, or auto (spread over all GPUs)")
+    p.add_argument("--dtype", default="float32" if default else None, choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations dtype")

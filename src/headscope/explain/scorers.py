@@ -26,8 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .contexts import JudgeRequest
-
-KINDS = ("detection", "fuzzing")
+from .options import KINDS
 
 
 def balanced_accuracy(probs: list[float | None], truth: list[bool]) -> float | None:

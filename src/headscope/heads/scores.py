@@ -31,7 +31,7 @@ from ..models.load import Model
 from ..runs import RunDir, save_figure, write_json, write_tensors
 
 if TYPE_CHECKING:
-    from .instrument import ScoreOptions
+    from .options import ScoreOptions
 
 SCORES = ("induction", "prev_token", "duplicate_token")
 
@@ -188,7 +188,7 @@ def run_head_scores(model: Model, run: RunDir, opts: ScoreOptions, progress: boo
     """Compute every head score and write ``heads/scores.json``, ``heads/scores.safetensors`` and PNGs.
 
     Returns the JSON document (the stage contract decides whether to run at all)."""
-    from ..cli import parse_layers
+    from ..sites import parse_layers
     out = run / "heads"
     layers = parse_layers(opts.layers, model.n_layers)
     n_seqs, half_len, prefix_examples, batch_size, seed = (opts.n_seqs, opts.half_len, opts.prefix_examples,

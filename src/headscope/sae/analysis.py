@@ -46,7 +46,7 @@ import torch
 
 from ..models.load import Model
 from ..runs import RunDir, read_tensors, write_json, write_tensors
-from .instrument import AnalysisOptions
+from .options import AnalysisOptions
 from .attribution import weight_attribution
 from .io import load_sae
 from .train import sae_dir

@@ -59,7 +59,7 @@ from .io import load_sae
 from .train import sae_dir
 
 from ..options import check
-from .instrument import EvalOptions, eval_outputs
+from .options import EvalOptions, eval_outputs
 
 DENSE = 0.1
 MIN_EFFECT = EvalOptions.__dataclass_fields__["min_effect"].default

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import HeadscopeError
-from .config import TRAINABLE
+from .options import TRAINABLE
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
 THRESHOLDED = ("jumprelu", "batchtopk", "matryoshka_batchtopk")

@@ -20,29 +20,12 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, write_json
 from .evaluate import run_eval
-from .model import TRAINABLE
 from .store import cache_activations
 from .train import TrainConfig, run_train
 
 KNOB = {"topk": ("k", "k"), "batchtopk": ("k", "btk"), "matryoshka_batchtopk": ("k", "mtk"),
         "jumprelu": ("l0_coeff", "l0_"), "standard": ("l1_coeff", "l1_")}
 """architecture -> (TrainConfig field swept, short name used in the SAE's name)."""
-
-
-def parse_grid(spec: str) -> dict[str, list[float]]:
-    """``"topk:16,32 jumprelu:0.3,1"`` -> {"topk": [16, 32], "jumprelu": [0.3, 1.0]}."""
-    grid: dict[str, list[float]] = {}
-    for part in spec.replace(";", " ").split():
-        arch, _, vals = part.partition(":")
-        if arch not in TRAINABLE or not vals:
-            raise HeadscopeError(f"sweep grid entry '{part}' is not ARCH:V1,V2 with ARCH one of {', '.join(TRAINABLE)}")
-        try:
-            grid[arch] = [float(v) for v in vals.split(",") if v]
-        except ValueError:
-            raise HeadscopeError(f"sweep grid entry '{part}' has a value that is not a number") from None
-    if not grid:
-        raise HeadscopeError("sweep needs at least one ARCH:VALUES entry")
-    return grid
 
 
 def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None = None,

@@ -30,7 +30,7 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
-from .config import TrainConfig
+from .options import TrainConfig
 from .io import save_sae
 from .model import AttnSAE, SAEConfig
 from .store import CacheSource, ModelSource, ShuffledBatches
