@@ -43,6 +43,7 @@ def main() -> None:
 
     from headscope.sites import parse_layers
     from headscope.lens.evaluate import run_eval
+    from headscope.lens.options import EvalOptions
     from headscope.lens.lenses import LensConfig
     from headscope.sites import parse_sites
     from headscope.lens.train import TrainConfig, run_train
@@ -71,7 +72,7 @@ def main() -> None:
         t0 = time.time()
         run_train(model, run, sites, LensConfig(**lens_kw), TrainConfig(**cfg, **train_kw), fresh=True, progress=False)
         t_train = time.time() - t0
-        ev = run_eval(model, run, tokens=args.eval_tokens, progress=False)
+        ev = run_eval(model, run, EvalOptions(tokens=args.eval_tokens), progress=False)
         ph = ev["per_head"]
         gains = {k: v["gain"] for k, v in ph.items()}
         c = next(iter(ev["control"].values()))

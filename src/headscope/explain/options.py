@@ -23,49 +23,67 @@ KINDS = ("detection", "fuzzing")
 Which = Literal["top", "random"]
 
 
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise HeadscopeError(msg)
+
+
 @dataclass(frozen=True)
-class BackendOptions:
-    """The explainer / scorer back-end (shared by every explain step)."""
+class LLMOptions:
+    """Where an LLM back-end runs: the one declaration shared by every explain step (the pair steps'
+    :class:`BackendOptions` add the back-end choice and the offline explainer's knobs)."""
+
+    llm: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_LLM", "gpt-4o"))
+    """openai backend: model name at the endpoint"""
+    base_url: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_BASE_URL", "https://api.openai.com/v1"))
+    """openai backend: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
+    explainer_model: str = "default"
+    """local backend: model spec (default: the embedded model)"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: environment variable holding the key"""
+    concurrency: int = 4
+    """openai backend: requests in flight"""
+    max_retries: int = 5
+    """openai backend: retries per request"""
+    timeout: float = 60.0
+    """openai backend: seconds per request"""
+    cache_dir: Optional[str] = None
+    """openai backend: response cache (default: RUN/explain/cache)"""
+
+    def __post_init__(self):
+        from urllib.parse import urlparse
+        u = urlparse(self.base_url)
+        _check(u.scheme in ("http", "https") and bool(u.netloc),
+               f"--base-url {self.base_url!r} is not an http(s) URL")
+        _check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
+               "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
+
+    def client_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
+        return {"base_url": self.base_url, "llm": self.llm, "local_model": self.explainer_model,
+                "api_key_env": self.api_key_env, "concurrency": self.concurrency, "max_retries": self.max_retries,
+                "timeout": self.timeout, "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
+                "dry_run": dry_run, "device": device}
+
+
+@dataclass(frozen=True)
+class BackendOptions(LLMOptions):
+    """The explainer / scorer back-end of the (neuron, head) pair steps: which back-end, where it runs
+    (:class:`LLMOptions`) and the offline explainer's knobs."""
 
     backend: Literal["statistical", "openai", "local"] = "statistical"
     """statistical: offline sparse logistic regression over n-grams; openai: any OpenAI-compatible endpoint;
     local: a HF chat model in-process"""
-    base_url: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_BASE_URL", "https://api.openai.com/v1"))
-    """OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
-    llm: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_LLM", "gpt-4o"))
-    """model name at the endpoint"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the key"""
-    concurrency: int = 4
-    """requests in flight"""
-    max_retries: int = 5
-    """retries per request"""
-    timeout: float = 60.0
-    """seconds per request"""
-    cache_dir: Optional[str] = None
-    """response cache (default: RUN/explain/cache)"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
     max_terms: int = 5
     """statistical backend: at most this many terms in the rule"""
     window: int = 8
     """statistical backend: n-grams among the last WINDOW words count as near the end"""
 
     def __post_init__(self):
-        from urllib.parse import urlparse
-        u = urlparse(self.base_url)
-        check(u.scheme in ("http", "https") and bool(u.netloc),
-              f"--base-url {self.base_url!r} is not an http(s) URL")
-        check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
-              "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
+        super().__post_init__()
         check(self.max_terms >= 1 and self.window >= 1, "--max-terms and --window must be at least 1")
 
     def backend_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
-        return {"base_url": self.base_url, "llm": self.llm, "api_key_env": self.api_key_env,
-                "concurrency": self.concurrency, "max_retries": self.max_retries, "timeout": self.timeout,
-                "cache_dir": Path(self.cache_dir) if self.cache_dir else None, "dry_run": dry_run,
-                "local_model": self.explainer_model, "device": device, "max_terms": self.max_terms,
-                "window": self.window}
+        return {**self.client_kwargs(device, dry_run), "max_terms": self.max_terms, "window": self.window}
 
 
 @dataclass(frozen=True)
@@ -133,43 +151,6 @@ class DryRunOptions(BackendOptions):
     """at most this many pairs"""
     max_examples: int = 10
     """active and inactive examples shown, each"""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise HeadscopeError(msg)
-
-
-@dataclass(frozen=True)
-class LLMOptions:
-    """Where an LLM back-end runs (shared by the feature, pair-score and label steps)."""
-
-    llm: str = "gpt-4o"
-    """openai backend: model name at the endpoint"""
-    base_url: str = "https://api.openai.com/v1"
-    """openai backend: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai backend: environment variable holding the key"""
-    concurrency: int = 4
-    """openai backend: requests in flight"""
-    max_retries: int = 5
-    """openai backend: retries per request"""
-    timeout: float = 60.0
-    """openai backend: seconds per request"""
-    cache_dir: Optional[str] = None
-    """openai backend: response cache (default: RUN/explain/cache)"""
-
-    def __post_init__(self):
-        _check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
-               "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
-
-    def client_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
-        return {"base_url": self.base_url, "llm": self.llm, "local_model": self.explainer_model,
-                "api_key_env": self.api_key_env, "concurrency": self.concurrency, "max_retries": self.max_retries,
-                "timeout": self.timeout, "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
-                "dry_run": dry_run, "device": device}
 
 
 def backend_name(backend: str) -> str:

@@ -19,7 +19,6 @@ Every score is reduced inside the capture hook, so memory is [B, H] per layer, n
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,9 +28,7 @@ from ..capture import capture
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, save_figure, write_json, write_tensors
-
-if TYPE_CHECKING:
-    from .options import ScoreOptions
+from .options import ScoreOptions
 
 SCORES = ("induction", "prev_token", "duplicate_token")
 

@@ -24,8 +24,7 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
 def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> dict:
     """lens.eval: held-out KL and information gain of every lens in RUN/lens."""
     from .evaluate import run_eval
-    out = run_eval(model, run, tokens=opts.tokens, batch_size=opts.batch_size, transfer_tokens=opts.transfer_tokens,
-                   baselines=opts.baselines, stride=opts.stride)
+    out = run_eval(model, run, opts, progress=progress)
     keys = ("tokens", "documents", "n_heads", "n_positive_gain", "n_informative", "n_informative_2se", "median_gain",
             "median_gain_se")
     return {k: out.get(k) for k in keys} | {"control_gain": [c["gain"] for c in out["control"].values()]}

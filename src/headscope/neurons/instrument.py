@@ -12,43 +12,6 @@ def _dir(which: str) -> str:
     return "neurons" if which == "top" else "neurons/random"
 
 
-def stage_find(model, run, opts: FindOptions, progress: bool = True) -> dict:
-    from pathlib import Path
-
-    from ..sites import parse_layers
-    from ..errors import HeadscopeError
-    from .stages import run_find
-    layers = parse_layers(opts.layers, model.n_layers) if opts.layers else None
-    reject = None
-    if opts.reject_file:
-        p = Path(opts.reject_file)
-        if not p.is_file():
-            raise HeadscopeError(f"reject file not found: {p}")
-        reject = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
-    return run_find(model, run, opts.which, layers=layers, last_k=opts.last_k, per_layer=opts.per_layer,
-                    rank_by=opts.rank_by, kind=opts.kind, require_space=opts.require_space, min_chars=opts.min_chars,
-                    reject=reject, seed=opts.seed, unembed=opts.unembed)
-
-
-def stage_mine(model, run, opts: MineOptions, progress: bool = True) -> dict:
-    from .stages import run_mine
-    return run_mine(model, run, opts.which, corpus=opts.corpus, seq_len=opts.seq_len, top_k=opts.top_k,
-                    top_k_test=opts.top_k_test, keep=opts.keep, max_prompt_tokens=opts.max_prompt_tokens,
-                    trim_tolerance=opts.trim_tolerance, batch_size=opts.batch_size, max_tokens=opts.max_tokens, progress=progress)
-
-
-def stage_attribute(model, run, opts: AttributeOptions, progress: bool = True) -> dict:
-    from .stages import run_attribute
-    return run_attribute(model, run, opts.which, gated=opts.gated, norm_scale=opts.norm_scale, k_sigma=opts.k_sigma,
-                         low=opts.low, high=opts.high, batch_size=opts.batch_size, progress=progress)
-
-
-def stage_ablate(model, run, opts: AblateOptions, progress: bool = True) -> dict:
-    from .stages import run_ablate
-    return run_ablate(model, run, opts.which, max_pairs=opts.max_pairs, mode=opts.mode, batch_size=opts.batch_size,
-                      progress=progress)
-
-
 def report_find(summary: dict, opts: FindOptions, run) -> None:
     from ..runs import read_json
     path = run / _dir(opts.which) / "find.json"
@@ -93,17 +56,17 @@ INSTRUMENT = Instrument(
     name="neurons",
     help="next-token neurons, their max-activating prompts and the heads that drive them",
     stages=(
-        Stage("neurons.find", FindOptions, "headscope.neurons.instrument:stage_find",
+        Stage("neurons.find", FindOptions, "headscope.neurons.stages:run_find",
               writes=lambda o: [f"{_dir(o.which)}/find.json"],
               doc="next-token neurons ranked by congruence", report="headscope.neurons.instrument:report_find"),
-        Stage("neurons.mine", MineOptions, "headscope.neurons.instrument:stage_mine",
+        Stage("neurons.mine", MineOptions, "headscope.neurons.stages:run_mine",
               reads=lambda o: [f"{_dir(o.which)}/find.json"], writes=lambda o: [f"{_dir(o.which)}/mine.json"],
               doc="max-activating prompts of each neuron", report="headscope.neurons.instrument:report_summary"),
-        Stage("neurons.attribute", AttributeOptions, "headscope.neurons.instrument:stage_attribute",
+        Stage("neurons.attribute", AttributeOptions, "headscope.neurons.stages:run_attribute",
               reads=lambda o: [f"{_dir(o.which)}/mine.json"],
               writes=lambda o: [f"{_dir(o.which)}/attribution.json"],
               doc="head → neuron attribution on those prompts", report="headscope.neurons.instrument:report_summary"),
-        Stage("neurons.ablate", AblateOptions, "headscope.neurons.instrument:stage_ablate",
+        Stage("neurons.ablate", AblateOptions, "headscope.neurons.stages:run_ablate",
               reads=lambda o: [f"{_dir(o.which)}/attribution.json"], writes=lambda o: [f"{_dir(o.which)}/ablation.json"],
               doc="drop in P(token) when a head is ablated, active vs inactive prompts",
               report="headscope.neurons.instrument:report_ablate"),

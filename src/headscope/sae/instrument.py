@@ -48,8 +48,7 @@ def stage_dashboards(model, run, opts: DashboardOptions, progress: bool = True) 
 
 def stage_ioi(model, run, opts: IoiOptions, progress: bool = True) -> dict:
     from .ioi import run_ioi
-    res = run_ioi(model, run, opts.name, n_prompts=opts.n_prompts, seed=opts.seed, max_features=opts.max_features,
-                  progress=progress)
+    res = run_ioi(model, run, opts, progress=progress)
     return {k: v for k, v in res.items() if k != "features"}
 
 

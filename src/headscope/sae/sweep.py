@@ -20,6 +20,7 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, write_json
 from .evaluate import run_eval
+from .options import EvalOptions
 from .store import cache_activations
 from .train import TrainConfig, run_train
 
@@ -61,7 +62,8 @@ def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None 
     points = []
     for arch, field, val, name in jobs:
         tr = run_train(model, run, layer, name=name, progress=progress, **{**options, "architecture": arch, field: val})
-        ev = run_eval(model, run, name, n_tokens=eval_tokens, corpus=options.get("corpus"), progress=progress)
+        ev = run_eval(model, run, EvalOptions(name=name, n_tokens=eval_tokens, corpus=options.get("corpus")),
+                      progress=progress)
         points.append({"name": name, "architecture": arch, "value": val, "tokens_per_s": tr.get("tokens_per_s"),
                        **{k: ev.get(k) for k in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean",
                                                   "kl_recovered_zero", "dead_frac")}})
