@@ -34,8 +34,9 @@ else:
 
 run = open_run(out, model=model)
 
-# 1. head scores: a typed result, and the scores as [n_layers, n_heads] tensors
-run.heads.score(**heads)
+# 1. head scores: a typed result (the top heads), and the scores as [n_layers, n_heads] tensors
+res = run.heads.score(**heads)
+print("top previous-token heads:", res.top["prev_token"][:3])
 scores = run.heads.load()
 ind = torch.nan_to_num(scores["induction"], nan=-1.0)
 top = ind.flatten().topk(3).indices
@@ -45,8 +46,8 @@ print("top induction heads:", ", ".join(f"{i // ind.shape[1]}.{i % ind.shape[1]}
 # 2. one lens per head of one layer, judged on held-out text against a null lens
 run.lens.train(layers=str(layer), **lens)
 res = run.lens.eval(**lens_eval)
-print(f"lenses: {res['n_informative']}/{res['n_heads']} informative (BH q = 0.05), "
-      f"median gain {res['median_gain']:+.3f} bits/token; control lens {res['control_gain']}")
+print(f"lenses: {res.n_informative}/{res.n_heads} informative (BH q = 0.05), "
+      f"median gain {res.median_gain:+.3f} bits/token; control lens {res.control_gain}")
 bank = run.lens.load()
 print(f"lens bank: {len(bank.sites)} heads, e.g. {bank.sites[0]}")
 
@@ -54,4 +55,5 @@ print(f"lens bank: {len(bank.sites)} heads, e.g. {bank.sites[0]}")
 run.sae.train(layer=layer, name=f"L{layer}", **sae)
 ev = run.sae.eval(name=f"L{layer}", **sae_eval)
 sae_module = run.sae.load(f"L{layer}")
-print(f"SAE L{layer}: d_sae = {sae_module.cfg.d_sae}; eval summary keys: {sorted(ev)[:6]}")
+print(f"SAE L{layer}: d_sae = {sae_module.cfg.d_sae}, L0 {ev.l0:.1f}, FVE {ev.fve}, "
+      f"headline {ev.headline['score']} = {ev.headline['value']}")

@@ -20,6 +20,8 @@ import headscope
 from headscope import HeadscopeError, open_run
 from headscope import registry
 from headscope.api import attr_name
+from headscope.heads.results import HeadScoresResult
+from headscope.runs import read_json
 from headscope.testing.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +57,12 @@ def test_every_stage_and_command_of_the_registry_is_a_method_with_its_options_as
 
 def test_stage_is_reused_while_fresh_rerun_when_forced_or_options_change(run):
     res = run.heads.score(**SCORE)
+    assert isinstance(res, HeadScoresResult)
     rec = run.record("heads.score")
     assert rec["why"] == "not run yet" and rec["options"]["n_seqs"] == 2
     again = run.heads.score(**SCORE)
     assert run.record("heads.score")["finished"] == rec["finished"], "fresh result reused, not recomputed"
-    assert again == {k: v for k, v in res.items() if k in again}
+    assert again == res, "a reused stage returns the same typed result"
     run.heads.score(**SCORE, force=True)
     assert run.record("heads.score")["why"] == "forced"
     run.heads.score(**{**SCORE, "n_seqs": 3})
@@ -67,13 +70,20 @@ def test_stage_is_reused_while_fresh_rerun_when_forced_or_options_change(run):
 
 
 def test_heads_load_returns_the_scores_as_tensors_equal_to_the_json(run, tiny):
-    doc = run.heads.score(**SCORE)
+    res = run.heads.score(**SCORE)
+    doc = read_json(run.path / "heads" / "scores.json")
     t = run.heads.load()
     assert t["induction"].shape == (tiny.n_layers, tiny.n_heads)
     assert t["prefix_induction"].shape == (2, tiny.n_layers, tiny.n_heads)
     for name in ("induction", "prev_token", "duplicate_token"):
         want = torch.tensor(doc["scores"][name], dtype=torch.float32)
         torch.testing.assert_close(t[name], want, atol=1e-5, rtol=0)
+        # the result's top heads are the tensor's largest entries
+        flat = t[name].flatten()
+        top = flat.topk(len(res.top[name])).indices.tolist()
+        assert [l * tiny.n_heads + h for l, h, _ in res.top[name]] == top
+        assert [v for _, _, v in res.top[name]] == pytest.approx(flat[top].tolist(), abs=1e-5)
+    assert res.layers == list(range(tiny.n_layers)) and res.prefix_lengths == [1, 2]
 
 
 def test_the_same_run_from_the_python_api_and_a_study_shares_records(run, tmp_path):
@@ -147,10 +157,16 @@ def test_an_existing_run_opens_without_a_model_for_loaders(run, tmp_path):
 
 
 def test_lens_and_sae_steps_return_loadable_objects(run, tiny):
-    run.lens.train(layers=2, heads="0,1", tokens=256, init_tokens=256, batch_size=4)  # int layers taken as text
+    from headscope.lens.results import LensTrainResult
+    from headscope.sae.results import SAETrainResult
+    res = run.lens.train(layers=2, heads="0,1", tokens=256, init_tokens=256, batch_size=4)  # int layers as text
+    assert isinstance(res, LensTrainResult) and res.sites == 2
     bank = run.lens.load()
     assert list(bank.sites) == [(2, 0), (2, 1)]
-    run.sae.train(layer=1, name="L1", n_tokens=512, batch_size=64, buffer_tokens=256, expansion=1, k=2, seq_len=32)
+    res = run.sae.train(layer=1, name="L1", n_tokens=512, batch_size=64, buffer_tokens=256, expansion=1, k=2,
+                        seq_len=32)
+    assert isinstance(res, SAETrainResult) and (res.name, res.layer) == ("L1", 1)
+    assert run.record("sae.train")["result"] == res.to_json()
     sae = run.sae.load("L1")
     assert sae.cfg.layer == 1 and sae.cfg.d_in == tiny.n_heads * tiny.d_head
     assert run.record("sae.train")["options"]["name"] == "L1"

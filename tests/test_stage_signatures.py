@@ -102,3 +102,18 @@ def test_no_new_keyword_twin_of_an_option():
     assert new == {}, f"functions repeating option defaults (take the options dataclass instead): {new}"
     gone = {k for k in KNOWN_TWINS if k not in found}
     assert not gone, f"no longer twins, remove from KNOWN_TWINS: {gone}"
+
+
+@pytest.mark.parametrize("item", [i for ins in registry.instruments() for i in ins.stages + ins.commands],
+                         ids=lambda i: i.name)
+def test_every_step_help_renders(item, capsys):
+    """``headscope <instrument> <step> --help`` prints (a literal % in an option's help once broke it)."""
+    from headscope.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([item.instrument, item.step, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(item.options):
+        if not f.metadata.get("positional"):
+            assert ("--" + f.name.replace("_", "-")) in out or any(a in out for a in f.metadata.get("alias", [])), \
+                (item.name, f.name)

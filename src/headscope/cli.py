@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import HeadscopeError
-from .options import Parser, add_model_args, add_options
+from .options import HelpFormatter, Parser, add_model_args, add_options
 from .runs import check_out_path
 
 
@@ -96,9 +96,8 @@ def _command_handler(cmd):
 
 def _add_step(sub, item, is_stage: bool) -> None:
     opts_doc = (item.options.__doc__ or "").strip()
-    from simple_parsing import SimpleHelpFormatter
     p = sub.add_parser(item.step, help=item.doc, description=opts_doc or item.doc,
-                       formatter_class=SimpleHelpFormatter)
+                       formatter_class=HelpFormatter)
     if is_stage or item.needs_model:
         add_model_args(p)
     if not is_stage and item.run_positional:

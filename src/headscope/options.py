@@ -17,9 +17,11 @@ same ones. Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Optio
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -52,6 +54,17 @@ class Parser(simple_parsing.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we print one line
         print(f"headscope: error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+class HelpFormatter(simple_parsing.SimpleHelpFormatter):
+    """simple_parsing's help, with a literal ``%`` in an option's help text (``95 % bound``) printed as
+    such instead of breaking argparse's ``%``-formatting of the help."""
+
+    def _expand_help(self, action):
+        if action.help and "%" in action.help:
+            action = copy.copy(action)
+            action.help = re.sub(r"%(?!\(\w+\)[sdrf])", "%%", action.help)
+        return super()._expand_help(action)
 
 
 def add_options(parser: Parser, cls: type, dest: str = "opts") -> None:

@@ -5,9 +5,20 @@ from __future__ import annotations
 from ..registry import Instrument
 from ..runs import Stage
 from .options import ScoreOptions
+from .results import HeadScoresResult
 
 
-def report(summary: dict, opts: ScoreOptions, run) -> None:
+def stage_score(model, run, opts: ScoreOptions, progress: bool = True) -> HeadScoresResult:
+    """heads.score: every head score into RUN/heads/ (:func:`headscope.heads.scores.run_head_scores`)."""
+    from .scores import SCORES, run_head_scores, top_heads
+    doc = run_head_scores(model, run, opts, progress=progress)
+    pre = doc.get("prefix_induction")
+    return HeadScoresResult(n_layers=doc["n_layers"], n_heads=doc["n_heads"], layers=list(doc["config"]["layers"]),
+                            top={name: [list(t) for t in top_heads(doc["scores"][name])] for name in SCORES},
+                            prefix_lengths=list(pre["prefix_lengths"]) if pre else None)
+
+
+def report(summary, opts: ScoreOptions, run) -> None:
     """Print the top heads of each score (read from RUN/heads/scores.json)."""
     from ..runs import read_json
     from .scores import SCORES, top_heads
@@ -38,7 +49,7 @@ INSTRUMENT = Instrument(
     name="heads",
     help="head scores on synthetic sequences",
     stages=(
-        Stage("heads.score", ScoreOptions, "headscope.heads.scores:run_head_scores",
+        Stage("heads.score", ScoreOptions, "headscope.heads.instrument:stage_score", result=HeadScoresResult,
               writes=lambda o: ["heads/scores.json", "heads/scores.safetensors"],
               doc="induction, previous-token, duplicate-token and prefix-induction scores of every head",
               report="headscope.heads.instrument:report"),

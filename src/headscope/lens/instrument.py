@@ -7,9 +7,10 @@ from __future__ import annotations
 from ..registry import Instrument
 from ..runs import Command, Stage
 from .options import EvalOptions, ScanOptions, ShowOptions, SteerOptions, TrainOptions
+from .results import LensEvalResult, LensTrainResult
 
 
-def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
+def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> LensTrainResult:
     """lens.train: train the lenses of ``opts.layers``/``opts.heads`` into RUN/lens (torchrun-aware)."""
     from ..distributed import Distributed
     from ..sites import parse_layers, parse_sites
@@ -18,19 +19,20 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
     sites = parse_sites(opts.heads, model) if "." in opts.heads else \
         parse_sites(opts.heads, model, layers=parse_layers(opts.layers, model.n_layers))
     s = run_train(model, run, sites, lens, cfg, fresh=False, progress=progress, dist=Distributed())
-    return {k: s.get(k) for k in ("tokens_seen", "steps") if k in s} | {"sites": len(sites)}
+    return LensTrainResult(sites=len(sites), steps=s.get("steps"), tokens_seen=s.get("tokens_seen"))
 
 
-def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> dict:
+def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> LensEvalResult:
     """lens.eval: held-out KL and information gain of every lens in RUN/lens."""
     from .evaluate import run_eval
     out = run_eval(model, run, opts, progress=progress)
     keys = ("tokens", "documents", "n_heads", "n_positive_gain", "n_informative", "n_informative_2se", "median_gain",
             "median_gain_se")
-    return {k: out.get(k) for k in keys} | {"control_gain": [c["gain"] for c in out["control"].values()]}
+    return LensEvalResult(**{k: out.get(k) for k in keys},
+                          control_gain=[c["gain"] for c in out["control"].values()])
 
 
-def report_eval(summary: dict, opts: EvalOptions, run) -> None:
+def report_eval(summary, opts: EvalOptions, run) -> None:
     from ..runs import read_json
     out = read_json(run / "lens" / "eval.json")
     print(f"held-out tokens: {out['tokens']} (position 0 left out) in {out['windows']} windows from {out['documents']} "
@@ -78,10 +80,10 @@ INSTRUMENT = Instrument(
                 "judged against the unembedding and a null lens.",
     stages=(
         Stage("lens.train", TrainOptions, "headscope.lens.instrument:stage_train",
-              writes=lambda o: LENS_FILES,
+              writes=lambda o: LENS_FILES, result=LensTrainResult,
               doc="per-head lenses (closed-form start + KL refinement)"),
         Stage("lens.eval", EvalOptions, "headscope.lens.instrument:stage_eval",
-              reads=lambda o: LENS_FILES, writes=lambda o: ["lens/eval.json"],
+              reads=lambda o: LENS_FILES, writes=lambda o: ["lens/eval.json"], result=LensEvalResult,
               doc="held-out KL of each lens against the unembedding baseline and the null lens",
               report="headscope.lens.instrument:report_eval"),
     ),

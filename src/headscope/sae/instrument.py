@@ -10,6 +10,7 @@ from ..registry import Instrument
 from ..runs import Command, Stage
 from .options import (AnalysisOptions, CacheOptions, DashboardOptions, DfaOptions, EvalOptions, ImportOptions,
                       IoiOptions, SweepOptions, TrainConfig, eval_outputs)
+from .results import SAEDashboardsResult, SAEEvalResult, SAEImportResult, SAEIoiResult, SAETrainResult
 
 
 TrainOptions = TrainConfig
@@ -20,7 +21,7 @@ def _sae_files(name: str) -> list[str]:
     return [f"sae/{name}/cfg.json", f"sae/{name}/sae_weights.safetensors"]
 
 
-def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
+def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> SAETrainResult:
     from ..distributed import Distributed
     from .train import run_train
     dist = Distributed()
@@ -28,32 +29,40 @@ def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> dict:
         model.hf.to(dist.device(str(model.device)))
     res = run_train(model, run, opts.layer, name=opts.sae_name, dist=dist, progress=progress,
                     **{k: v for k, v in options_dict(opts).items() if k not in ("layer", "name")})
-    return {k: res[k] for k in ("name", "layer", "n_steps", "tokens", "tokens_per_s", "final") if k in res}
+    return SAETrainResult(name=res.get("name", opts.sae_name), layer=opts.layer,
+                          **{k: res[k] for k in ("n_steps", "tokens", "tokens_per_s", "final") if k in res})
 
 
-def stage_import(model, run, opts: ImportOptions, progress: bool = True) -> dict:
+def stage_import(model, run, opts: ImportOptions, progress: bool = True) -> SAEImportResult:
     from .io import import_sae
     sae = import_sae(opts.path, run / f"sae/{opts.name}", model, layer=opts.layer)
     c = sae.cfg
-    return {"name": opts.name, "layer": c.layer, "architecture": c.architecture, "d_sae": c.d_sae,
-            "head_index": c.head_index}
+    return SAEImportResult(name=opts.name, layer=c.layer, architecture=c.architecture, d_sae=c.d_sae,
+                           head_index=c.head_index)
 
 
-def stage_dashboards(model, run, opts: DashboardOptions, progress: bool = True) -> dict:
+def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> SAEEvalResult:
+    """sae.eval: :func:`headscope.sae.evaluate.run_eval`, its summary typed."""
+    from .evaluate import run_eval
+    return SAEEvalResult(**run_eval(model, run, opts, progress=progress))
+
+
+def stage_dashboards(model, run, opts: DashboardOptions, progress: bool = True) -> SAEDashboardsResult:
     from .dashboards import run_dashboards
     idx = run_dashboards(model, run, opts.name, n_tokens=opts.n_tokens, batch_size=opts.batch_size,
                          n_examples=opts.n_examples, corpus=opts.corpus, progress=progress)
-    return {"alive": idx.get("alive")}
+    return SAEDashboardsResult(alive=idx.get("alive"))
 
 
-def stage_ioi(model, run, opts: IoiOptions, progress: bool = True) -> dict:
+def stage_ioi(model, run, opts: IoiOptions, progress: bool = True) -> SAEIoiResult:
     from .ioi import run_ioi
     res = run_ioi(model, run, opts, progress=progress)
-    return {k: v for k, v in res.items() if k != "features"}
+    return SAEIoiResult(**{k: v for k, v in res.items() if k != "features"})
 
 
-def report_json(summary: dict, opts, run) -> None:
-    print(json.dumps(summary, indent=1, default=str))
+def report_json(summary, opts, run) -> None:
+    from ..results import Result
+    print(json.dumps(summary.to_json() if isinstance(summary, Result) else summary, indent=1, default=str))
 
 
 def load(model, run, name: str):
@@ -71,14 +80,14 @@ INSTRUMENT = Instrument(
     name="sae",
     help="sparse autoencoders on attention outputs (z): train, evaluate, attribute",
     stages=(
-        Stage("sae.train", TrainOptions, "headscope.sae.instrument:stage_train",
+        Stage("sae.train", TrainOptions, "headscope.sae.instrument:stage_train", result=SAETrainResult,
               writes=lambda o: _sae_files(o.sae_name) + [f"sae/{o.sae_name}/train.json"],
               doc="one attention-output SAE", report="headscope.sae.instrument:report_json"),
-        Stage("sae.import", ImportOptions, "headscope.sae.instrument:stage_import",
+        Stage("sae.import", ImportOptions, "headscope.sae.instrument:stage_import", result=SAEImportResult,
               writes=lambda o: _sae_files(o.name),
               doc="a pretrained SAELens / Gemma Scope attention SAE, checked against the model",
               report="headscope.sae.instrument:report_json"),
-        Stage("sae.eval", EvalOptions, "headscope.sae.evaluate:run_eval",
+        Stage("sae.eval", EvalOptions, "headscope.sae.instrument:stage_eval", result=SAEEvalResult,
               reads=lambda o: _sae_files(o.name), writes=lambda o: eval_outputs(o.name),
               doc="SAE metrics: L0, explained variance, KL/CE recovered with bootstrap CIs, density",
               report="headscope.sae.instrument:report_json"),
@@ -88,10 +97,11 @@ INSTRUMENT = Instrument(
               doc="head attribution of the features; polysemanticity of each head against two nulls",
               report="headscope.sae.instrument:report_json"),
         Stage("sae.dashboards", DashboardOptions, "headscope.sae.instrument:stage_dashboards",
+              result=SAEDashboardsResult,
               reads=lambda o: _sae_files(o.name), writes=lambda o: [f"sae/{o.name}/dashboards"],
               doc="feature pages: max-activating examples, DFA, logits, density",
               report="headscope.sae.instrument:report_json"),
-        Stage("sae.ioi", IoiOptions, "headscope.sae.instrument:stage_ioi",
+        Stage("sae.ioi", IoiOptions, "headscope.sae.instrument:stage_ioi", result=SAEIoiResult,
               reads=lambda o: _sae_files(o.name), writes=lambda o: [f"sae/{o.name}/ioi.json"],
               doc="IOI worked example: logit difference when each live feature is ablated at S2",
               report="headscope.sae.instrument:report_json"),
