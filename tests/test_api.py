@@ -22,6 +22,7 @@ from headscope import registry
 from headscope.api import attr_name
 from headscope.heads.results import HeadScoresResult
 from headscope.runs import read_json
+from headscope.testing.study import tiny_study
 from headscope.testing.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,12 @@ def test_the_same_run_from_the_python_api_and_a_study_shares_records(run, tmp_pa
     rec = run.study(cfg)
     assert run.record("heads.score")["finished"] == finished
     assert "heads.score" not in rec.get("stages", {})
+    # a TOML file, as a user writes one: the study's own (tiny) options differ, so the stage reruns
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_study("heads.score"))
+    rec = run.study(path)
+    assert rec["stages"]["heads.score"]["why"] == "options changed"
+    assert run.record("heads.score")["options"]["n_seqs"] == 4
 
 
 @pytest.mark.parametrize("call,msg", [
@@ -146,6 +153,19 @@ def test_open_run_takes_a_transformers_model_with_its_tokenizer(tmp_path, gpt2_d
     run2 = open_run(tmp_path / "b", model=AutoModelForCausalLM.from_pretrained(gpt2_dir), progress=False)
     run2.heads.score(**SCORE)
     torch.testing.assert_close(run.heads.load()["induction"], run2.heads.load()["induction"])
+
+
+def test_open_run_takes_an_nnsight_style_wrapper(tmp_path, gpt2_dir):
+    """nnsight's LanguageModel holds the HF model as ``._model`` and its ``.tokenizer``: taken as it is."""
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = types.SimpleNamespace(_model=AutoModelForCausalLM.from_pretrained(gpt2_dir),
+                               tokenizer=AutoTokenizer.from_pretrained(gpt2_dir))
+    run = open_run(tmp_path / "n", model=lm, progress=False)
+    assert run.model.hf is lm._model and run.model.n_layers == lm._model.config.n_layer
+    res = run.heads.score(**SCORE)
+    assert res.n_layers == lm._model.config.n_layer
 
 
 def test_an_existing_run_opens_without_a_model_for_loaders(run, tmp_path):
