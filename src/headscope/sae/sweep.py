@@ -19,14 +19,14 @@ from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, write_json
+from .architectures import REGISTRY
 from .evaluate import run_eval
 from .options import EvalOptions
 from .store import cache_activations
 from .train import TrainConfig, run_train
 
-KNOB = {"topk": ("k", "k"), "batchtopk": ("k", "btk"), "matryoshka_batchtopk": ("k", "mtk"),
-        "jumprelu": ("l0_coeff", "l0_"), "standard": ("l1_coeff", "l1_")}
-"""architecture -> (TrainConfig field swept, short name used in the SAE's name)."""
+KNOB = {name: a.sweep_knob for name, a in REGISTRY.items() if a.sweep_knob}
+"""architecture -> (TrainConfig field swept, short name used in the SAE's name), from each architecture."""
 
 
 def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None = None,
