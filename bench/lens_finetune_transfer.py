@@ -77,6 +77,7 @@ def main() -> None:
 
     from headscope.data import TokenCorpus
     from headscope.lens.evaluate import run_checkpoint_transfer, run_eval
+    from headscope.lens.options import EvalOptions
     from headscope.lens.lenses import LensConfig
     from headscope.lens.train import TrainConfig, run_train
     from headscope.models.load import cache_dir, load_model
@@ -111,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         native_run = RunDir(Path(d) / "native", tuned.identity())
         run_train(tuned, native_run, sites, LensConfig(**info["lens"]), tcfg, progress=False)
-        native = run_eval(tuned, native_run, tokens=args.tokens, transfer_tokens=0, progress=False)["per_head"]
+        native = run_eval(tuned, native_run, EvalOptions(tokens=args.tokens), progress=False)["per_head"]
 
     print(f"\n{'head':>6} {'source':>8} {'transferred':>12} {'native':>8}   (gain over the null lens, bits/token)")
     rows = []

@@ -41,9 +41,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from headscope.cli import parse_layers
+    from headscope.sites import parse_layers
     from headscope.lens.evaluate import run_eval
-    from headscope.lens.lenses import LensConfig, parse_sites
+    from headscope.lens.options import EvalOptions
+    from headscope.lens.lenses import LensConfig
+    from headscope.sites import parse_sites
     from headscope.lens.train import TrainConfig, run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir
@@ -70,7 +72,7 @@ def main() -> None:
         t0 = time.time()
         run_train(model, run, sites, LensConfig(**lens_kw), TrainConfig(**cfg, **train_kw), fresh=True, progress=False)
         t_train = time.time() - t0
-        ev = run_eval(model, run, tokens=args.eval_tokens, progress=False)
+        ev = run_eval(model, run, EvalOptions(tokens=args.eval_tokens), progress=False)
         ph = ev["per_head"]
         gains = {k: v["gain"] for k, v in ph.items()}
         c = next(iter(ev["control"].values()))

@@ -47,7 +47,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from headscope.lens.evaluate import run_eval
-    from headscope.lens.lenses import LensConfig, parse_sites
+    from headscope.lens.options import EvalOptions
+    from headscope.lens.lenses import LensConfig
+    from headscope.sites import parse_sites
     from headscope.lens.train import TrainConfig, run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir
@@ -66,7 +68,7 @@ def main() -> None:
         t0 = time.time()
         run_train(model, run, sites, LensConfig(**lens_kw), cfg, fresh=True, progress=False)
         t_train = time.time() - t0
-        ev = run_eval(model, run, tokens=args.eval_tokens, transfer_tokens=0, progress=False)
+        ev = run_eval(model, run, EvalOptions(tokens=args.eval_tokens), progress=False)
         gains = [ev["per_head"][f"{l}.{h}"]["gain"] for l, h in sites]
         kl = sum(ev["per_head"][f"{l}.{h}"]["kl_lens"] for l, h in sites) / len(sites)
         row = {"variant": name, "stat_tokens": cfg.init_tokens if cfg.init != "identity" else 0,

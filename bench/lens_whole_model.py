@@ -33,9 +33,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from headscope.cli import parse_layers
+    from headscope.sites import parse_layers
     from headscope.lens.evaluate import run_eval
-    from headscope.lens.lenses import LensConfig, parse_sites
+    from headscope.lens.options import EvalOptions
+    from headscope.lens.lenses import LensConfig
+    from headscope.sites import parse_sites
     from headscope.lens.train import TrainConfig, run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir
@@ -52,7 +54,7 @@ def main() -> None:
     rows = []
     for n in args.eval_tokens:
         t0 = time.time()
-        ev = run_eval(model, run, tokens=n, batch_size=args.batch_size, progress=False)
+        ev = run_eval(model, run, EvalOptions(tokens=n, batch_size=args.batch_size), progress=False)
         c = next(iter(ev["control"].values()))
         row = {"eval_tokens": ev["tokens"], "windows": ev["windows"], "documents": ev["documents"],
                "kl_null": ev["kl_null"], "n_heads": ev["n_heads"], "n_informative_bh": ev["n_informative"],

@@ -121,6 +121,7 @@ def bench_stages(model, args) -> None:
     import tempfile
     from pathlib import Path
     from headscope.neurons import stages as ns
+    from headscope.neurons.options import AblateOptions, AttributeOptions, MineOptions
     from headscope.runs import RunDir
     ref = Path(args.stages)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_neurons_")) / "run"
@@ -145,7 +146,7 @@ def bench_stages(model, args) -> None:
         tokens["trim"] = 0
         mining.capture = counting
         t = time.perf_counter()
-        ns.run_mine(model, run, which, progress=False, **opt["mine"])
+        ns.run_mine(model, run, MineOptions(which=which, **opt["mine"]), progress=False)
         mining.capture = real
         old = json.loads((ns.set_dir(refrun, which) / "mine.json").read_text())["neurons"]
         new = json.loads((ns.set_dir(run, which) / "mine.json").read_text())["neurons"]
@@ -156,13 +157,13 @@ def bench_stages(model, args) -> None:
                                for a, b in zip(o[k], n[k]))}
     for which in ("top", "random"):
         t = time.perf_counter()
-        ns.run_attribute(model, run, which, progress=False, **opt["attribution"])
+        ns.run_attribute(model, run, AttributeOptions(which=which, **opt["attribution"]), progress=False)
         same = json.loads((ns.set_dir(refrun, which) / "attribution.json").read_text())["pairs"] == \
             json.loads((ns.set_dir(run, which) / "attribution.json").read_text())["pairs"]
         out["stages"][f"attribute.{which}"] = {"s": round(time.perf_counter() - t, 1), "same_pairs_as_ref": same}
     for which in ("top", "random"):
         t = time.perf_counter()
-        ns.run_ablate(model, run, which, progress=False, **opt["ablation"])
+        ns.run_ablate(model, run, AblateOptions(which=which, **opt["ablation"]), progress=False)
         eff = [json.loads((ns.set_dir(r, which) / "ablation.json").read_text())["summary"]["effect"]["mean"]
                for r in (refrun, run)]
         out["stages"][f"ablate.{which}"] = {"s": round(time.perf_counter() - t, 1), "effect_ref": eff[0],

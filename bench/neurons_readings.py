@@ -21,6 +21,7 @@ from headscope.explain import stages as ex
 from headscope.models.load import load_model
 from headscope.neurons import congruence
 from headscope.neurons import stages as ns
+from headscope.neurons.options import AblateOptions, AttributeOptions, FindOptions, MineOptions
 from headscope.runs import RunDir, write_json
 
 
@@ -51,14 +52,14 @@ def main() -> None:
 
     layers = list(range(model.n_layers - args.last_k, model.n_layers))
     out["unembed_overlap"] = step("overlap", congruence.top_set_overlap, model, layers, per_layer=20)
-    step("find", ns.run_find, model, run, last_k=args.last_k, per_layer=args.per_layer)
-    step("mine", ns.run_mine, model, run, top_k=args.top_k, top_k_test=args.top_k_test, max_tokens=args.max_tokens)
-    step("attribute", ns.run_attribute, model, run)
+    step("find", ns.run_find, model, run, FindOptions(last_k=args.last_k, per_layer=args.per_layer))
+    step("mine", ns.run_mine, model, run, MineOptions(top_k=args.top_k, top_k_test=args.top_k_test, max_tokens=args.max_tokens))
+    step("attribute", ns.run_attribute, model, run, AttributeOptions())
     step("explain", ex.run_explain, model, run, "statistical")
     out["score"] = step("score", ex.run_score, model, run, "statistical")
     out["compare"] = step("baseline", ex.run_random_baseline, model, run, "statistical")
     out["random_score"] = json.loads((run / "explain/random/scores_statistical.json").read_text())["summary"]
-    out["ablate"] = step("ablate", ns.run_ablate, model, run, max_pairs=args.max_pairs)
+    out["ablate"] = step("ablate", ns.run_ablate, model, run, AblateOptions(max_pairs=args.max_pairs))
     if args.local_pairs:
         from headscope.explain.hf_local import LocalHFExplainer
         be = LocalHFExplainer(model)     # the studied model is itself the chat model (SmolLM2-135M-Instruct)

@@ -176,7 +176,7 @@ def test_cli_build_and_errors(scored_run, tmp_path, capsys):
 
 
 def test_model_spec_for(tmp_path, tiny):
-    from headscope.atlas.cli import model_spec_for
+    from headscope.atlas.commands import model_spec_for
     from headscope.models.load import DEFAULT_NAME
     run = RunDir(tmp_path / "r", tiny.identity())
     assert model_spec_for(run.path, None) is None and model_spec_for(run.path, "gpt2") == "gpt2"

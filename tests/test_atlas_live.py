@@ -10,29 +10,12 @@ from safetensors.numpy import load_file
 from headscope.atlas.live import LiveEngine
 from headscope.capture import capture
 from headscope.study import load_config, run_study
+from headscope.testing.study import tiny_study
 from headscope.testing.tiny import tiny_model
 
-STUDY = """
-[lens.train]
-layers = "2"
-heads = "0,1"
-tokens = 512
-init_tokens = 512
-batch_size = 4
-[sae.train]
-layer = 1
-n_tokens = 2048
-batch_size = 256
-k = 8
-[neurons.find]
-per_layer = 3
-require_space = false
-min_chars = 1
-[neurons.mine]
-top_k = 4
-top_k_test = 2
-max_tokens = 4000
-"""
+STUDY = tiny_study("lens.train", "sae.train", "neurons.find", "neurons.mine",
+                   tables={"lens.train": {"tokens": 512, "init_tokens": 512}, "sae.train": {"n_tokens": 2048},
+                           "neurons.mine": {"max_tokens": 4000}})
 PROMPT = "The list of the class is a list of the object"
 
 

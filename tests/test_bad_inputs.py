@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from headscope.cli import main
+from headscope.testing.study import tiny_study
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 LEAD = "lead: stage contract / options dataclasses (issue 11)"
@@ -40,34 +41,7 @@ CONFIGS = {
     "bad_range": "[heads.score]\nn_seqs = 0\n",
 }
 
-STUDY = """
-[heads.score]
-n_seqs = 4
-half_len = 8
-prefix_examples = 4
-prefix_lengths = [1, 2]
-[lens.train]
-layers = "2"
-heads = "0,1"
-tokens = 256
-init_tokens = 256
-batch_size = 4
-[lens.eval]
-tokens = 256
-[sae.train]
-layer = 1
-n_tokens = 1024
-batch_size = 256
-k = 8
-[neurons.find]
-per_layer = 3
-require_space = false
-min_chars = 1
-[neurons.mine]
-top_k = 4
-top_k_test = 2
-max_tokens = 2000
-"""
+STUDY = tiny_study("heads.score", "lens.train", "lens.eval", "sae.train", "neurons.find", "neurons.mine")
 
 
 def bad(cmd: str, match: str, id: str | None = None):

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from headscope.cli import main, parse_layers
+from headscope.cli import main
+from headscope.sites import parse_layers
 from headscope import HeadscopeError
 
 

@@ -8,6 +8,7 @@ import pytest
 from headscope.explain import stages as ex
 from headscope.explain.pair_scores import PairScoreOptions, run_score_pairs
 from headscope.neurons import stages as ns
+from headscope.neurons.options import AttributeOptions, FindOptions, MineOptions
 from headscope.runs import RunDir, read_json
 from headscope.testing.tiny import tiny_model
 from headscope.explain.statistical import StatisticalExplainer
@@ -19,9 +20,9 @@ EMPTY_RULE = StatisticalExplainer().render({"window": 8, "bias": 0.0, "terms": [
 def explained(tmp_path_factory):
     m = tiny_model("llama_gqa")
     run = RunDir(tmp_path_factory.mktemp("run"), m.identity())
-    ns.run_find(m, run, per_layer=2, require_space=False, min_chars=1, last_k=2)
-    ns.run_mine(m, run, seq_len=48, top_k=6, top_k_test=6, max_tokens=1200, progress=False)
-    ns.run_attribute(m, run, k_sigma=1.0, progress=False)
+    ns.run_find(m, run, FindOptions(per_layer=2, require_space=False, min_chars=1, last_k=2))
+    ns.run_mine(m, run, MineOptions(seq_len=48, top_k=6, top_k_test=6, max_tokens=1200), progress=False)
+    ns.run_attribute(m, run, AttributeOptions(k_sigma=1.0), progress=False)
     ex.run_explain(m, run, "statistical", progress=False)
     ex.run_score(m, run, "statistical", max_per_class=20, min_per_class=2, control=False, progress=False)
     return m, run

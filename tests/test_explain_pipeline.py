@@ -8,6 +8,7 @@ import pytest
 from headscope.errors import HeadscopeError
 from headscope.explain import stages as ex
 from headscope.neurons import stages as ns
+from headscope.neurons.options import AttributeOptions, FindOptions, MineOptions
 from headscope.runs import RunDir
 from headscope.testing.tiny import tiny_model
 from test_explain_client import Server
@@ -17,9 +18,9 @@ from test_explain_client import Server
 def attributed(tmp_path_factory):
     m = tiny_model("llama_gqa")
     run = RunDir(tmp_path_factory.mktemp("run"), m.identity())
-    ns.run_find(m, run, per_layer=2, require_space=False, min_chars=1, last_k=2)
-    ns.run_mine(m, run, seq_len=48, top_k=6, top_k_test=12, max_tokens=1200, progress=False)
-    ns.run_attribute(m, run, k_sigma=1.0, progress=False)
+    ns.run_find(m, run, FindOptions(per_layer=2, require_space=False, min_chars=1, last_k=2))
+    ns.run_mine(m, run, MineOptions(seq_len=48, top_k=6, top_k_test=12, max_tokens=1200), progress=False)
+    ns.run_attribute(m, run, AttributeOptions(k_sigma=1.0), progress=False)
     n_pairs = len(json.loads((run / "neurons/attribution.json").read_text())["pairs"])
     assert n_pairs >= 3
     return m, run, n_pairs

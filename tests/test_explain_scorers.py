@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from headscope.explain.contexts import Context, ExplainContextsRequest, JudgeRequest, judge_messages
-from headscope.explain.scorers import auroc, balanced_accuracy, derangement, mean_ci, score_units
+from headscope.explain.scorers import auroc, derangement, mean_ci, said_yes, score_units
+from headscope.explain.scoring import balanced_accuracy
 from headscope.explain.token_stats import TokenStatExplainer
 
 VOCAB = [f" w{i}" for i in range(60)]
@@ -62,9 +63,9 @@ def test_metrics_against_direct_computation():
     assert auroc(probs, truth) == pytest.approx(sum(pairs) / len(pairs))
     tpr = np.mean([p >= 0.5 for p in pos])
     tnr = np.mean([p < 0.5 for p in neg])
-    assert balanced_accuracy(probs, truth) == pytest.approx((tpr + tnr) / 2)
-    assert balanced_accuracy([1.0, 0.0], [True, True]) is None
-    assert balanced_accuracy([None, None], [True, False]) == 0.5  # unparsed = "no"
+    assert balanced_accuracy(said_yes(probs), truth)["E"] == pytest.approx((tpr + tnr) / 2)
+    assert balanced_accuracy(said_yes([1.0, 0.0]), [True, True])["E"] is None
+    assert balanced_accuracy(said_yes([None, None]), [True, False])["E"] == 0.5  # unparsed = "no"
 
 
 def test_derangement_and_ci():

@@ -12,10 +12,12 @@ from headscope.errors import HeadscopeError
 from headscope.lens.closed_form import Moments
 from headscope.lens.collect import site_batch
 from headscope.lens.evaluate import evaluate_bank, run_eval
-from headscope.lens.lenses import LensBank, LensConfig, load_bank, parse_sites, save_bank
+from headscope.lens.lenses import LensBank, LensConfig, load_bank, save_bank
 from headscope.lens.objectives import forward_kl
+from headscope.lens.options import EvalOptions
 from headscope.lens.train import TrainConfig, load_null, run_train
 from headscope.runs import RunDir
+from headscope.sites import parse_sites
 from headscope.testing.tiny import FAMILIES, tiny_model
 
 SMALL = dict(tokens=1024, init_tokens=512, batch_size=2, seq_len=32, chunk_tokens=24, checkpoint_every=2)
@@ -165,7 +167,7 @@ def test_train_loss_decreases_and_eval(tmp_path, models):
     h = [x["loss_bits"] for x in s["history"]]
     assert len(h) == 16 and np.mean(h[-4:]) < 0.7 * np.mean(h[:2])
     assert (tmp_path / "run/lens/lenses.safetensors").exists() and not (tmp_path / "run/lens/checkpoint").exists()
-    out = run_eval(m, run, tokens=256, batch_size=2, transfer_tokens=64, progress=False)
+    out = run_eval(m, run, EvalOptions(tokens=256, batch_size=2, transfer_tokens=64), progress=False)
     ph = out["per_head"]["2.1"]
     assert ph["gain"] == pytest.approx(ph["kl_null"] - ph["kl_lens"])
     assert out["heatmap_gain"][2][1] == ph["gain"] and out["heatmap_gain"][0][0] is None

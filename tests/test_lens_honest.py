@@ -19,6 +19,7 @@ from headscope.lens import collect, sampling
 from headscope.lens.apply import format_show, load_gains, scan, show
 from headscope.lens.atlas_data import atlas_data
 from headscope.lens.evaluate import run_eval
+from headscope.lens.options import EvalOptions
 from headscope.lens.lenses import LensConfig, load_bank
 from headscope.lens.sampling import Windows, fixed_prefix, select_positions
 from headscope.lens.train import TrainConfig, load_null, run_train
@@ -84,7 +85,7 @@ def oracle_head(model):
 def _train_eval(tmp_path, m, name, sites, tokens=2048):
     run = RunDir(tmp_path / name, m.identity())
     run_train(m, run, sites, LensConfig(), TrainConfig(**CFG), progress=False)
-    return run, run_eval(m, run, tokens=tokens, batch_size=8, progress=False)
+    return run, run_eval(m, run, EvalOptions(tokens=tokens, batch_size=8), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from headscope.explain import atlas_data as explain_atlas
 from headscope.explain import stages as ex
 from headscope.neurons import atlas_data as neuron_atlas
 from headscope.neurons import stages as ns
+from headscope.neurons.options import AblateOptions, AttributeOptions, FindOptions, MineOptions
 from headscope.runs import RunDir, read_tensors
 from headscope.testing.tiny import save_tiny_model, tiny_model
 
-MINE = dict(seq_len=48, top_k=8, top_k_test=12, max_tokens=1200, progress=False)
+MINE = dict(seq_len=48, top_k=8, top_k_test=12, max_tokens=1200)
 SCORE = dict(max_per_class=6, min_per_class=2)
 
 
@@ -24,13 +25,13 @@ def done_run(tmp_path_factory):
     m = tiny_model("llama_gqa")
     run = RunDir(tmp_path_factory.mktemp("run"), m.identity())
     for which in ("top", "random"):
-        ns.run_find(m, run, which, per_layer=2, require_space=False, min_chars=1, last_k=2)
-        ns.run_mine(m, run, which, **MINE)
-        ns.run_attribute(m, run, which, k_sigma=1.0, progress=False)
+        ns.run_find(m, run, FindOptions(which=which, per_layer=2, require_space=False, min_chars=1, last_k=2))
+        ns.run_mine(m, run, MineOptions(which=which, **MINE), progress=False)
+        ns.run_attribute(m, run, AttributeOptions(which=which, k_sigma=1.0), progress=False)
         ex.run_explain(m, run, "statistical", which, progress=False)
         ex.run_score(m, run, "statistical", which, progress=False, **SCORE)
-    ns.run_ablate(m, run, "top", max_pairs=4, progress=False)
-    ns.run_ablate(m, run, "random", max_pairs=4, progress=False)
+    ns.run_ablate(m, run, AblateOptions(which="top", max_pairs=4), progress=False)
+    ns.run_ablate(m, run, AblateOptions(which="random", max_pairs=4), progress=False)
     ex.run_compare(m, run, "statistical")
     return m, run
 

@@ -22,10 +22,11 @@ def test_default_model_pipeline_offline(model, tmp_path):
     from headscope.neurons import atlas_data as neuron_atlas
     from headscope.neurons import congruence
     from headscope.neurons import stages as ns
+    from headscope.neurons.options import AblateOptions, AttributeOptions, FindOptions, MineOptions
     from headscope.runs import RunDir, read_tensors
 
     run = RunDir(tmp_path / "run", model.identity())
-    res = ns.run_find(model, run, last_k=2, per_layer=3)
+    res = ns.run_find(model, run, FindOptions(last_k=2, per_layer=3))
     assert res["neurons"] == 6
     found = json.loads((run / "neurons/find.json").read_text())["neurons"]
     for n in found:                                      # the reference filters hold on a real vocabulary
@@ -33,9 +34,9 @@ def test_default_model_pipeline_offline(model, tmp_path):
     lc = congruence.layer_congruence(model, 29)
     top = max((n for n in found if n["layer"] == 29), key=lambda n: n["dot"])
     assert top["dot"] == pytest.approx(float(lc.dot[top["neuron"]]), rel=1e-5)
-    mined = ns.run_mine(model, run, top_k=10, top_k_test=24, max_tokens=8000, progress=False)
+    mined = ns.run_mine(model, run, MineOptions(top_k=10, top_k_test=24, max_tokens=8000), progress=False)
     assert mined["train_prompts"] >= 48 and mined["test_prompts"] >= 100
-    att = ns.run_attribute(model, run, progress=False)
+    att = ns.run_attribute(model, run, AttributeOptions(), progress=False)
     A = read_tensors(run / "neurons/attribution.safetensors")["A"]
     assert A.shape[2] == 30 * 9
     assert not torch.isnan(A[0, 0, : (found[0]["layer"] + 1) * 9]).any()          # sequential: same layer eligible
@@ -43,7 +44,7 @@ def test_default_model_pipeline_offline(model, tmp_path):
     ex.run_explain(model, run, "statistical", progress=False)
     summary = ex.run_score(model, run, "statistical", max_per_class=12, min_per_class=4, progress=False)
     assert summary["pairs"] == att["pairs"] and summary["scored"] > 0
-    abl = ns.run_ablate(model, run, max_pairs=6, progress=False)
+    abl = ns.run_ablate(model, run, AblateOptions(max_pairs=6), progress=False)
     assert abl["pairs"] == min(6, att["pairs"])
     assert abl["effect"]["n"] == abl["neurons"] and abl["wilcoxon"]["n"] == abl["neurons"]
     comp = ex.run_random_baseline(model, run, "statistical", per_layer=3, progress=False)

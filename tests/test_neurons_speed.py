@@ -12,6 +12,7 @@ from headscope.data import TokenCorpus
 from headscope.errors import HeadscopeError
 from headscope.neurons import ablation, mining
 from headscope.neurons import stages as ns
+from headscope.neurons.options import FindOptions, MineOptions
 from headscope.runs import RunDir
 from headscope.testing.tiny import tiny_model
 
@@ -63,21 +64,21 @@ def test_random_set_mines_from_the_cache(tmp_path, monkeypatch):
     """run_mine of the random set after the top set runs no corpus pass, and its mine.json equals the one
     mined without the cache."""
     m = tiny_model("llama_gqa")
-    opts = dict(seq_len=48, top_k=5, top_k_test=7, max_tokens=1200, progress=False)
+    opts = dict(seq_len=48, top_k=5, top_k_test=7, max_tokens=1200)
     run = RunDir(tmp_path / "run", m.identity())
     for which in ("top", "random"):
-        ns.run_find(m, run, which, per_layer=2, require_space=False, min_chars=1, last_k=2)
-    ns.run_mine(m, run, "top", **opts)
+        ns.run_find(m, run, FindOptions(which=which, per_layer=2, require_space=False, min_chars=1, last_k=2))
+    ns.run_mine(m, run, MineOptions(which="top", **opts), progress=False)
     assert len(list(ns.mine_cache_dir(run).glob("top_*.safetensors"))) == 2       # train and held-out
     from headscope.data import TokenCorpus as TC
     real = TC.batches
     monkeypatch.setattr(TC, "batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("corpus pass")))
-    ns.run_mine(m, run, "random", **opts)
+    ns.run_mine(m, run, MineOptions(which="random", **opts), progress=False)
     monkeypatch.setattr(TC, "batches", real)
     cached = json.loads((run / "neurons/random/mine.json").read_text())
     for f in ns.mine_cache_dir(run).glob("*"):
         f.unlink()
-    ns.run_mine(m, run, "random", **opts)
+    ns.run_mine(m, run, MineOptions(which="random", **opts), progress=False)
     fresh = json.loads((run / "neurons/random/mine.json").read_text())
     for a, b in zip(cached["neurons"], fresh["neurons"]):
         for key in ("train", "test"):

@@ -94,12 +94,13 @@ def test_untrained_sae_has_no_polysemantic_head(seed):
 
 def test_run_analysis_writes_heads_json(tmp_path):
     from headscope.sae.analysis import run_analysis
+    from headscope.sae.options import AnalysisOptions
     from headscope.errors import HeadscopeError
     model = tiny_model("gpt2")
     run = RunDir(tmp_path / "run", model.identity())
     sae = constructed_sae(model)
     save_sae(sae, run.path / "sae" / "C")
-    res = run_analysis(model, run, "C", n_null=100, progress=False)
+    res = run_analysis(model, run, AnalysisOptions(name="C", n_null=100), progress=False)
     disk = read_json(run.path / "sae" / "C" / "heads.json")
     assert disk["polysemantic_frac"] == res["polysemantic_frac"] == 0.25
     assert set(disk["null_polysemantic_frac"]) == {"untrained", "permuted"}
@@ -107,7 +108,7 @@ def test_run_analysis_writes_heads_json(tmp_path):
     assert len(disk["heads"]["0"]["top_features"]) == 10 and disk["heads"]["0"]["top_features"][0]["top_tokens"]
     assert 0 <= disk["uncalibrated"]["untrained"] <= 1
     with pytest.raises(HeadscopeError):
-        run_analysis(model, run, "C", n_null=5)
+        run_analysis(model, run, AnalysisOptions(name="C", n_null=5))
 
 
 def _null_rate_loop(source, k_null, q):

@@ -249,6 +249,7 @@ def test_run_eval_writes_cis_and_the_atlas_says_how_good(tmp_path):
     from headscope.runs import RunDir, read_json, read_tensors
     from headscope.sae.atlas_data import atlas_data
     from headscope.sae.evaluate import run_eval
+    from headscope.sae.options import EvalOptions
     from headscope.sae.io import save_sae
     from headscope.errors import HeadscopeError
     model = tiny_model("gpt2")
@@ -258,9 +259,8 @@ def test_run_eval_writes_cis_and_the_atlas_says_how_good(tmp_path):
     save_sae(sae, run.path / "sae" / "H")
     corpus = many_docs_corpus(tmp_path)
     with pytest.raises(HeadscopeError):
-        run_eval(model, run, "H", n_tokens=10, corpus=corpus, progress=False)
+        run_eval(model, run, EvalOptions(name="H", n_tokens=10, corpus=corpus), progress=False)
     assert not (run.path / "sae/H/eval.json").exists()
-    from headscope.sae.instrument import EvalOptions
     summary = run_eval(model, run, EvalOptions(name="H", n_tokens=640, batch_size=4, corpus=corpus, mean_tokens=640,
                                                n_boot=200), progress=False)
     ev = read_json(run.path / "sae/H/eval.json")

@@ -185,3 +185,25 @@ def test_batch_topk_candidates_exact():
         assert torch.equal(got, got.sort().values) and got.unique().numel() == n
         if guess == 0.8 * cut and m is pre:   # no ties: the very same set
             assert torch.equal(got, want.sort().values)
+
+
+def test_architecture_registry_is_the_one_list():
+    """One module per architecture, one registry: the model, the trainer (TRAINABLE: the CLI's choices)
+    and the SAELens IO read it; every architecture's parameters are created and named by its object."""
+    import typing
+
+    from headscope.sae.architectures import REGISTRY, get
+    from headscope.sae.model import ARCHITECTURES, THRESHOLDED
+    from headscope.sae.options import TRAINABLE, TrainConfig
+    assert ARCHITECTURES == tuple(REGISTRY)
+    assert set(TRAINABLE) == {n for n, a in REGISTRY.items() if a.trainable}
+    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["architecture"])) == set(TRAINABLE)
+    assert set(THRESHOLDED) == {n for n, a in REGISTRY.items() if "threshold" in a.param_names}
+    for name, arch in REGISTRY.items():
+        assert arch.name == name and type(arch).__module__.startswith("headscope.sae.architectures.")
+        sae = AttnSAE(SAEConfig(d_in=8, d_sae=16, n_heads=2, d_head=4, layer=0, architecture=name, k=2))
+        assert sae.arch is get(name)
+        assert set(sae.param_names()) == {n for n, _ in sae.named_parameters()} | \
+            ({"threshold"} if name in ("batchtopk", "matryoshka_batchtopk") else set())
+    with pytest.raises(HeadscopeError, match="unknown SAE architecture 'nope'"):
+        get("nope")

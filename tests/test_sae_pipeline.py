@@ -11,6 +11,7 @@ from headscope.sae.analysis import run_analysis
 from headscope.sae.atlas_data import atlas_data
 from headscope.sae.dashboards import run_dashboards
 from headscope.sae.evaluate import run_eval
+from headscope.sae.options import AnalysisOptions, EvalOptions
 from headscope.sae.train import run_train
 from headscope.testing.tiny import tiny_model
 
@@ -25,14 +26,14 @@ def test_stage_functions_and_atlas_data(tmp_path, arch):
     opts = dict(corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256, buffer_tokens=2048, expansion=2,
                 architecture=arch, k=4, seq_len=64, l0_coeff=0.05)
     run_train(model, run, 1, progress=False, **opts)
-    ev = run_eval(model, run, "L1", n_tokens=512, batch_size=4, progress=False)
+    ev = run_eval(model, run, EvalOptions(name="L1", n_tokens=512, batch_size=4), progress=False)
     for key in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean", "kl_recovered_zero", "dead_frac", "dense_frac"):
         assert key in ev
     assert ev["l0"] <= 4 if arch == "topk" else 0 < ev["l0"] < 64
     sp = read_tensors(tmp_path / "run/sae/L1/sparsity.safetensors")["sparsity"]
     assert sp.shape == (64,) and (sp <= 0).all()
     assert (tmp_path / "run/sae/L1/eval_density.png").stat().st_size > 1000
-    run_analysis(model, run, "L1", n_null=50, progress=False)
+    run_analysis(model, run, AnalysisOptions(name="L1", n_null=50), progress=False)
     an = read_json(tmp_path / "run/sae/L1/heads.json")
     assert set(an["heads"]) == {"0", "1", "2", "3"}
     assert all(h["n_groups"] == len(h["groups"]) and h["verdict"] for h in an["heads"].values())
@@ -102,7 +103,7 @@ def test_sweep_trains_from_one_cache_and_plots(tmp_path):
     assert [p["architecture"] for p in res["points"]] == ["topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
     assert all(p["ce_recovered_zero"] is not None and p["l0"] > 0 for p in res["points"])
     assert read_json(tmp_path / "run/sae/sweep_L1/sweep.json")["architectures"] == res["architectures"]
-    from headscope.sae.sweep import parse_grid
+    from headscope.sae.options import parse_grid
     assert parse_grid("topk:8,16 jumprelu:0.5") == {"topk": [8.0, 16.0], "jumprelu": [0.5]}
     with pytest.raises(HeadscopeError, match="not ARCH:V1,V2"):
         parse_grid("gated:1")

@@ -31,8 +31,10 @@ def trained(tmp_path_factory):
 
 def test_kl_recovered_with_ci_above_080_at_l0_below_50(trained):
     from headscope.sae.evaluate import run_eval
+    from headscope.sae.options import EvalOptions
     model, run, res = trained
-    run_eval(model, run, f"L{LAYER}", n_tokens=2048, batch_size=4, mean_tokens=4096, n_boot=1000, progress=False)
+    run_eval(model, run, EvalOptions(name=f"L{LAYER}", n_tokens=2048, batch_size=4, mean_tokens=4096, n_boot=1000),
+             progress=False)
     from headscope.runs import read_json
     ev = read_json(run / "sae" / f"L{LAYER}" / "eval.json")  # the stage returns a small summary; all is here
     assert ev["n_tokens"] >= 2000 and ev["n_documents"] >= 10
@@ -45,9 +47,10 @@ def test_kl_recovered_with_ci_above_080_at_l0_below_50(trained):
 
 def test_polysemanticity_nulls_on_real_model(trained):
     from headscope.sae.analysis import polysemanticity, run_analysis
+    from headscope.sae.options import AnalysisOptions
     from headscope.sae.model import AttnSAE
     model, run, _ = trained
-    res = run_analysis(model, run, f"L{LAYER}", n_null=100, progress=False)
+    res = run_analysis(model, run, AnalysisOptions(name=f"L{LAYER}", n_null=100), progress=False)
     assert all(v <= 0.1 for v in res["null_polysemantic_frac"].values()), res["null_polysemantic_frac"]
     from headscope.sae.io import load_sae
     sae = load_sae(run.path / "sae" / f"L{LAYER}", model)
@@ -57,11 +60,12 @@ def test_polysemanticity_nulls_on_real_model(trained):
 
 def test_ioi_example_runs(trained):
     from headscope.sae.ioi import ioi_prompts, run_ioi
+    from headscope.sae.options import IoiOptions
     model, run, _ = trained
     ps = ioi_prompts(model, 10)
     assert {p["order"] for p in ps} == {"ABBA", "BABA"}
     assert all(p["text"].count(p["s"]) == 2 and p["text"].count(p["io"]) == 1 for p in ps)
-    res = run_ioi(model, run, f"L{LAYER}", n_prompts=20, max_features=6, progress=False)
+    res = run_ioi(model, run, IoiOptions(name=f"L{LAYER}", n_prompts=20, max_features=6), progress=False)
     assert res["logit_diff_clean"] > 0          # the model prefers the indirect object
     assert res["n_live_features"] > 0 and len(res["features"]) == 6
     assert all(abs(f["delta_abba"] + f["delta_baba"] - 2 * f["delta_logit_diff"]) < 1e-4 for f in res["features"])

@@ -11,18 +11,10 @@ from headscope import registry
 from headscope.errors import HeadscopeError
 from headscope.runs import read_json
 from headscope.study import builtin_config, load_config, plan, run_study
+from headscope.testing.study import tiny_study
 from headscope.testing.tiny import tiny_model
 
-TINY = """
-[study]
-corpus = "default"
-[heads.score]
-n_seqs = 4
-half_len = 8
-prefix_examples = 4
-prefix_lengths = [1, 2]
-[atlas]
-"""
+TINY = tiny_study("heads.score", study={"corpus": "default"}, tables={"atlas": {}})
 
 
 def write(tmp_path, text, name="s.toml"):
@@ -127,8 +119,8 @@ def test_runs_reuses_and_reruns_on_changed_options(tmp_path, tiny, monkeypatch):
 
 
 def test_stage_that_writes_nothing_is_an_error(tmp_path, tiny, monkeypatch):
-    from headscope.heads import scores
-    monkeypatch.setattr(scores, "run_head_scores", lambda model, run, opts, progress=True: {})
+    from headscope.heads import instrument
+    monkeypatch.setattr(instrument, "stage_score", lambda model, run, opts, progress=True: {})
     with pytest.raises(HeadscopeError, match="without writing"):
         run_study(load_config(write(tmp_path, "[heads.score]\n")), out=tmp_path / "run", model=tiny)
     assert not (tmp_path / "run" / "stages" / "heads.score.json").exists()

@@ -15,65 +15,14 @@ import sys
 from pathlib import Path
 
 from .errors import HeadscopeError
-from .options import Parser, add_options
-
-
-def add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
-    """The model options every command that runs a model shares."""
-    p.add_argument("--model", default=default, metavar="SPEC",
-                   help="'default' (embedded SmolLM2-135M), a local HF directory, a .gguf file, or a hub id")
-    p.add_argument("--device", default="cpu" if default else None, metavar="DEVICE",
-                   help="cpu, cuda, cuda:N, or auto (spread over all GPUs)")
-    p.add_argument("--dtype", default="float32" if default else None, choices=("float32", "bfloat16", "float16"),
-                   help="weights and activations dtype")
+from .options import HelpFormatter, Parser, add_model_args, add_options
+from .runs import check_out_path
 
 
 def load_from_args(args):
     """Load the model named by ``--model/--device/--dtype``."""
     from .models.load import load_model
     return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def parse_layers(text: str | None, n_layers: int) -> list[int]:
-    """'all', '3', '1,4,7', '10-13' or '-4' (last four) → sorted layer list (range-checked)."""
-    if text is None or text == "all":
-        return list(range(n_layers))
-    text = str(text)
-    if text.startswith("-") and text[1:].isdigit():
-        k = int(text[1:])
-        if k < 1:
-            raise HeadscopeError(f"layers '{text}': ask for at least one layer")
-        return list(range(max(0, n_layers - k), n_layers))
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = part.split("-")
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise HeadscopeError(f"cannot parse layers '{text}' (use e.g. 'all', '3', '1,4', '10-13', '-4')") from None
-    if not out:
-        raise HeadscopeError(f"layers '{text}' names no layer")
-    for layer in out:
-        if not 0 <= layer < n_layers:
-            raise HeadscopeError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
-    return sorted(out)
-
-
-def check_out_path(out: str | Path) -> Path:
-    """A usable run-directory path: not a file, and creatable/writable (checked before any work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadscopeError(f"--out {out} is a file, not a run directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise HeadscopeError(f"--out {out}: {probe} is not writable")
-    return out
 
 
 def _stage_handler(stage):
@@ -147,9 +96,8 @@ def _command_handler(cmd):
 
 def _add_step(sub, item, is_stage: bool) -> None:
     opts_doc = (item.options.__doc__ or "").strip()
-    from simple_parsing import SimpleHelpFormatter
     p = sub.add_parser(item.step, help=item.doc, description=opts_doc or item.doc,
-                       formatter_class=SimpleHelpFormatter)
+                       formatter_class=HelpFormatter)
     if is_stage or item.needs_model:
         add_model_args(p)
     if not is_stage and item.run_positional:

@@ -16,9 +16,12 @@ same ones. Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Optio
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -51,6 +54,17 @@ class Parser(simple_parsing.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we print one line
         print(f"headscope: error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+class HelpFormatter(simple_parsing.SimpleHelpFormatter):
+    """simple_parsing's help, with a literal ``%`` in an option's help text (``95 % bound``) printed as
+    such instead of breaking argparse's ``%``-formatting of the help."""
+
+    def _expand_help(self, action):
+        if action.help and "%" in action.help:
+            action = copy.copy(action)
+            action.help = re.sub(r"%(?!\(\w+\)[sdrf])", "%%", action.help)
+        return super()._expand_help(action)
 
 
 def add_options(parser: Parser, cls: type, dest: str = "opts") -> None:
@@ -131,3 +145,13 @@ def from_table(cls: type, table: dict, where: str):
 
 def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = "default") -> None:
+    """The model options every command that runs a model shares."""
+    p.add_argument("--model", default=default, metavar="SPEC",
+                   help="'default' (embedded SmolLM2-135M), a local HF directory, a .gguf file, or a hub id")
+    p.add_argument("--device", default="cpu" if default else None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:N, or auto (spread over all GPUs)")
+    p.add_argument("--dtype", default="float32" if default else None, choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations dtype")

@@ -37,6 +37,9 @@ class Instrument:
     commands: tuple[Command, ...] = ()
     atlas_data: str | None = None
     description: str = ""
+    loaders: tuple[tuple[str, str], ...] = ()
+    """``(name, "module:function")`` pairs: the Python API's ``run.<instrument>.<name>(...)``, a function
+    ``fn(model, run, ...)`` that only reads artifacts (``model`` may be None when it needs none)."""
 
 
 @lru_cache(maxsize=None)

@@ -193,6 +193,19 @@ def artifact_hash(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def check_out_path(out: str | Path) -> Path:
+    """A usable run-directory path: not a file, and creatable/writable (checked before any work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HeadscopeError(f"--out {out} is a file, not a run directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise HeadscopeError(f"--out {out}: {probe} is not writable")
+    return out
+
+
 class RunDir:
     """A run directory bound to one model. ``RunDir(path, model.identity())`` creates it or checks
     that an existing one was made for the same model and format version. ``RunDir(path)`` opens an

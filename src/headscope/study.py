@@ -70,7 +70,7 @@ class Plan:
 
 def plan(config: dict, only: list[str] | None = None) -> Plan:
     """Check the whole config against the registry and build every stage's options before anything runs."""
-    from .atlas.instrument import BuildOptions
+    from .atlas.options import BuildOptions
     from .registry import instruments, stages
     by_instrument = {ins.name: ins for ins in instruments()}
     study = config.get("study", {})
@@ -145,8 +145,7 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
 
     ``model``: an already loaded model (else ``[study].model`` is loaded). ``only``: run just these
     stages. ``force``: rerun these stages even when up to date."""
-    from .cli import check_out_path
-    from .runs import RunDir, read_json, run_stage, update_json
+    from .runs import RunDir, check_out_path, read_json, run_stage, update_json
     study = dict(config.get("study", {}))
     out = check_out_path(out or study.get("out") or "runs/study")
     steps = plan(config, only)
@@ -239,7 +238,7 @@ def _run(args, config: dict) -> int:
 
 
 def _common(p) -> None:
-    from .cli import add_model_args
+    from .options import add_model_args
     add_model_args(p, default=None)
     p.add_argument("--out", default=None, help="run directory (overrides [study].out)")
     p.add_argument("--only", default=None, metavar="STAGES", help="run only these stages (comma-separated)")

@@ -12,36 +12,16 @@ import shutil
 
 import pytest
 
+from headscope.testing.study import tiny_study
 from headscope.testing.tiny import tiny_model
 
 EVIL = 'x <script>window.__xss=1</script> "><img src=x onerror="window.__xss=2"> y'
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
-TINY_STUDY = """
-[heads.score]
-n_seqs = 4
-half_len = 8
-prefix_examples = 4
-prefix_lengths = [1, 2]
-[lens.train]
-layers = "1-2"
-heads = "all"
-tokens = 1024
-init_tokens = 1024
-batch_size = 4
-[lens.eval]
-tokens = 512
-[sae]
-name = "L1"
-[sae.train]
-layer = 1
-n_tokens = 4096
-batch_size = 256
-k = 8
-[sae.analysis]
-[sae.dashboards]
-n_tokens = 1024
-"""
+TINY_STUDY = tiny_study("heads.score", "lens.train", "lens.eval", "sae.train", "sae.analysis", "sae.dashboards",
+                        tables={"lens.train": {"layers": "1-2", "heads": "all", "tokens": 1024, "init_tokens": 1024},
+                                "lens.eval": {"tokens": 512}, "sae": {"name": "L1"},
+                                "sae.train": {"n_tokens": 4096}, "sae.dashboards": {"n_tokens": 1024}})
 
 
 def chromium_path() -> str | None:

@@ -23,6 +23,7 @@ def run_dir(tmp_path_factory):
         run_score_features
     from headscope.explain.head_label import LabelOptions, run_labels
     from headscope.sae.analysis import run_analysis
+    from headscope.sae.options import AnalysisOptions
     from headscope.sae.dashboards import run_dashboards
     from headscope.sae.train import run_train
     tmp = tmp_path_factory.mktemp("e2e-explain")
@@ -30,7 +31,7 @@ def run_dir(tmp_path_factory):
     run = RunDir(tmp / "run", model.identity())
     run_train(model, run, 1, progress=False, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
               buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
-    run_analysis(model, run, "L1")
+    run_analysis(model, run, AnalysisOptions(name="L1"))
     run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
     run_explain_features(model, run, FeatureExplainOptions(sae="L1", features=0, n_explain=5, n_test=4, windows=200),
                          progress=False)

@@ -28,123 +28,17 @@ from __future__ import annotations
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
 
-from ..errors import HeadscopeError
+from ..options import check as _check
 from ..runs import RunDir, read_json, write_json
 from .contexts import Context, ExplainContextsRequest, feature_backend
-from .scorers import KINDS, score_units
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise HeadscopeError(msg)
-
-
-@dataclass(frozen=True)
-class LLMOptions:
-    """Where an LLM back-end runs (shared by the feature, pair-score and label steps)."""
-
-    llm: str = "gpt-4o"
-    """openai backend: model name at the endpoint"""
-    base_url: str = "https://api.openai.com/v1"
-    """openai backend: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai backend: environment variable holding the key"""
-    concurrency: int = 4
-    """openai backend: requests in flight"""
-    max_retries: int = 5
-    """openai backend: retries per request"""
-    timeout: float = 60.0
-    """openai backend: seconds per request"""
-    cache_dir: Optional[str] = None
-    """openai backend: response cache (default: RUN/explain/cache)"""
-
-    def __post_init__(self):
-        _check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
-               "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
-
-    def client_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
-        return {"base_url": self.base_url, "llm": self.llm, "local_model": self.explainer_model,
-                "api_key_env": self.api_key_env, "concurrency": self.concurrency, "max_retries": self.max_retries,
-                "timeout": self.timeout, "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
-                "dry_run": dry_run, "device": device}
-
-
-def backend_name(backend: str) -> str:
-    """File-name form of a feature back-end: ``keyword`` (the pair explainer's old name, which a study's
-    shared ``[explain] backend`` may carry) is the offline ``statistical`` explainer."""
-    return "statistical" if backend in ("keyword", "statistical") else backend
-
-
-@dataclass(frozen=True)
-class FeatureExplainOptions(LLMOptions):
-    """Explain SAE features from their max-activating and random held-out contexts."""
-
-    sae: str = ""
-    """SAE name under RUN/sae/ (required, e.g. L14)"""
-    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
-    """statistical (= keyword): offline token-rate rule; openai: any OpenAI-compatible endpoint; local: HF chat model"""
-    features: int = 64
-    """features explained, drawn at random among the alive ones (0: all; fewer are a subset of more)"""
-    n_explain: int = 10
-    """max-activating contexts shown, and as many random held-out contexts"""
-    n_test: int = 10
-    """held-out activating and non-activating contexts per feature kept for scoring"""
-    windows: int = 2000
-    """random held-out windows encoded (the random and non-activating contexts come from them)"""
-    seed: int = 0
-    """which features and windows"""
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(bool(self.sae), "--sae is required: the SAE's name under RUN/sae/ (e.g. L14)")
-        _check(self.features >= 0, "--features must be at least 0")
-        _check(self.n_explain >= 1, "--n-explain must be at least 1")
-        _check(self.n_test >= 1, "--n-test must be at least 1")
-        _check(self.windows >= 2, "--windows must be at least 2")
-
-
-@dataclass(frozen=True)
-class FeatureScoreOptions(LLMOptions):
-    """Score feature explanations: detection and fuzzing, each beside the shuffled-explanation baseline."""
-
-    sae: str = ""
-    """SAE name under RUN/sae/ (required, e.g. L14)"""
-    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
-    """the judge (statistical = keyword: the offline rule)"""
-    explanations: str = ""
-    """whose explanations to score (default: the judge's own back-end)"""
-    scorers: list[str] = field(default_factory=lambda: ["detection", "fuzzing"])
-    """detection and/or fuzzing"""
-    seed: int = 0
-    """the shuffled-explanation derangement and the bootstrap"""
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(bool(self.sae), "--sae is required: the SAE's name under RUN/sae/ (e.g. L14)")
-        bad = [s for s in self.scorers if s not in KINDS]
-        _check(not bad and len(self.scorers) > 0, f"--scorers: choose from {', '.join(KINDS)} (got {bad})")
-
-    @property
-    def explanations_name(self) -> str:
-        return backend_name(self.explanations or self.backend)
-
-
-@dataclass(frozen=True)
-class FeatureDryRunOptions(FeatureExplainOptions):
-    """Write the feature-explanation requests an OpenAI-compatible endpoint would get to JSONL; send nothing
-    (the contexts are computed and written, since the requests show them)."""
-
-    jsonl: str = "explain-feature-requests.jsonl"
-    """where to write the requests"""
+from .options import FeatureDryRunOptions, FeatureExplainOptions, FeatureScoreOptions, backend_name
+from .scorers import score_units
 
 
 def cmd_features_dry_run(model, run: RunDir, opts: FeatureDryRunOptions) -> int:

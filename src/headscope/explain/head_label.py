@@ -27,37 +27,18 @@ File: ``explain/labels.json`` = ``{"backend", "options", "heads": {"L.H": {"labe
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 from tqdm import tqdm
 
-from ..options import check
 from ..runs import RunDir, read_json, write_json
-from .features import LLMOptions
+from .options import LabelOptions
 
 SUMMARY_PROMPT = """Here is what measurements say about attention head {head} of a language model:
 {facts}
 
 In one or two sentences, summarise what this head does. Use only the facts above; do not add any claim they do not support."""
-
-
-@dataclass(frozen=True)
-class LabelOptions(LLMOptions):
-    """A one-line label per head from headscope's measurements, plus an LLM summary."""
-
-    summary: Literal["none", "openai", "local"] = "none"
-    """none: the facts only; openai / local: also a summary written by that back-end"""
-    top_frac: float = 0.05
-    """quote a head score when the head ranks in this top fraction of all heads"""
-    max_facts: int = 6
-    """facts in the one-line label"""
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(0 < self.top_frac <= 1, "--top-frac must be in (0, 1]")
-        check(self.max_facts >= 1, "--max-facts must be at least 1")
 
 
 def _first_line(text: str, n: int = 90) -> str:

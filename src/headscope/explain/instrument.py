@@ -3,19 +3,14 @@ run|score|baseline|compare`` and the study's ``[explain.*]`` tables (``[explain]
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
-
-from simple_parsing import field
-from simple_parsing.helpers import flag
 
 from ..options import check
 from ..registry import Instrument
 from ..runs import Command, Stage
-
-Which = Literal["top", "random"]
+from .options import (BackendOptions, BaselineOptions, CompareOptions, DryRunOptions, FeatureDryRunOptions,
+                      FeatureExplainOptions, FeatureScoreOptions, LabelOptions, PairScoreOptions, RunOptions,
+                      ScoreOptions, backend_name)
 
 
 def _dir(which: str) -> str:
@@ -24,118 +19,6 @@ def _dir(which: str) -> str:
 
 def _neurons(which: str) -> str:
     return "neurons" if which == "top" else "neurons/random"
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """The explainer / scorer back-end (shared by every explain step)."""
-
-    backend: Literal["statistical", "openai", "local"] = "statistical"
-    """statistical: offline sparse logistic regression over n-grams; openai: any OpenAI-compatible endpoint;
-    local: a HF chat model in-process"""
-    base_url: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_BASE_URL", "https://api.openai.com/v1"))
-    """OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for vLLM"""
-    llm: str = field(default_factory=lambda: os.environ.get("HEADSCOPE_LLM", "gpt-4o"))
-    """model name at the endpoint"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the key"""
-    concurrency: int = 4
-    """requests in flight"""
-    max_retries: int = 5
-    """retries per request"""
-    timeout: float = 60.0
-    """seconds per request"""
-    cache_dir: Optional[str] = None
-    """response cache (default: RUN/explain/cache)"""
-    explainer_model: str = "default"
-    """local backend: model spec (default: the embedded model)"""
-    max_terms: int = 5
-    """statistical backend: at most this many terms in the rule"""
-    window: int = 8
-    """statistical backend: n-grams among the last WINDOW words count as near the end"""
-
-    def __post_init__(self):
-        from urllib.parse import urlparse
-        u = urlparse(self.base_url)
-        check(u.scheme in ("http", "https") and bool(u.netloc),
-              f"--base-url {self.base_url!r} is not an http(s) URL")
-        check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
-              "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
-        check(self.max_terms >= 1 and self.window >= 1, "--max-terms and --window must be at least 1")
-
-    def backend_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
-        return {"base_url": self.base_url, "llm": self.llm, "api_key_env": self.api_key_env,
-                "concurrency": self.concurrency, "max_retries": self.max_retries, "timeout": self.timeout,
-                "cache_dir": Path(self.cache_dir) if self.cache_dir else None, "dry_run": dry_run,
-                "local_model": self.explainer_model, "device": device, "max_terms": self.max_terms,
-                "window": self.window}
-
-
-@dataclass(frozen=True)
-class RunOptions(BackendOptions):
-    """Explains each (neuron, head) pair from its active and inactive train prompts."""
-
-    which: Which = field(default="top", alias=["--set"])
-    """neuron set"""
-    max_pairs: Optional[int] = None
-    """explain at most this many pairs"""
-    max_examples: int = 10
-    """active and inactive examples shown, each"""
-
-
-@dataclass(frozen=True)
-class ScoreOptions(BackendOptions):
-    """Classifies balanced held-out prompts from the explanation alone; E = (TPR+TNR)/2 with a Wilson interval,
-    a binomial test against chance, BH over pairs and a shuffled-explanation control."""
-
-    which: Which = field(default="top", alias=["--set"])
-    """neuron set"""
-    explanations: Optional[str] = None
-    """score another backend's explanations (default: the scorer's)"""
-    max_per_class: int = 20
-    """held-out prompts per class and pair (as many active as inactive)"""
-    min_per_class: int = 5
-    """score a pair only with at least this many held-out prompts of each class"""
-    control: bool = flag(default=True, negative_prefix="--no-")
-    """also score each pair with another neuron's explanation (doubles the scorer's calls)"""
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(1 <= self.min_per_class <= self.max_per_class, "need 1 <= --min-per-class <= --max-per-class")
-
-
-@dataclass(frozen=True)
-class BaselineOptions(BackendOptions):
-    """The random-neuron baseline through the same pipeline (find, mine, attribute, explain, score), then the
-    comparison with the congruent neurons."""
-
-    seed: int = 0
-    """seed of the random neurons"""
-    per_layer: Optional[int] = None
-    """random neurons per layer (default: as many as the congruent set)"""
-
-
-@dataclass(frozen=True)
-class CompareOptions:
-    """Per-neuron E of congruent vs random neurons: bootstrap difference of means, Mann–Whitney, KS."""
-
-    scores: str = "statistical"
-    """which backend's scores"""
-
-
-@dataclass(frozen=True)
-class DryRunOptions(BackendOptions):
-    """Writes the requests an OpenAI-compatible endpoint would get to a JSONL file and estimates tokens; sends
-    nothing."""
-
-    jsonl: str = field(default="explain-requests.jsonl", positional=False)
-    """where to write the requests"""
-    which: Which = field(default="top", alias=["--set"])
-    """neuron set"""
-    max_pairs: Optional[int] = None
-    """at most this many pairs"""
-    max_examples: int = 10
-    """active and inactive examples shown, each"""
 
 
 def _backend(opts: BackendOptions, run, model, dry_run: Path | None = None):
@@ -228,15 +111,7 @@ def _feat(o, name: str) -> str:
     return f"explain/features/{o.sae}/{name}"
 
 
-def _feature_dry_run_options():
-    from .features import FeatureDryRunOptions
-    return FeatureDryRunOptions
-
-
 def _feature_stages():
-    from .features import FeatureExplainOptions, FeatureScoreOptions, backend_name
-    from .head_label import LabelOptions
-    from .pair_scores import PairScoreOptions
     sae_in = lambda o: [f"sae/{o.sae}/cfg.json", f"sae/{o.sae}/sae_weights.safetensors",
                         f"sae/{o.sae}/dashboards/index.json"]
     return (
@@ -287,7 +162,7 @@ INSTRUMENT = Instrument(
                 doc="E of congruent vs random neurons", needs_model=False),
         Command("explain.dry-run", DryRunOptions, "headscope.explain.instrument:cmd_dry_run",
                 doc="write the endpoint requests to JSONL and estimate tokens; send nothing"),
-        Command("explain.features-dry-run", _feature_dry_run_options(), "headscope.explain.features:cmd_features_dry_run",
+        Command("explain.features-dry-run", FeatureDryRunOptions, "headscope.explain.features:cmd_features_dry_run",
                 doc="write the feature-explanation requests to JSONL; send nothing"),
     ),
     atlas_data="headscope.explain.atlas_data:atlas_data",

@@ -16,40 +16,16 @@ File: ``explain/[random/]pair_scores_<explanations>_by_<judge>.json``.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 
 from tqdm import tqdm
 
 from ..errors import HeadscopeError
 from ..runs import RunDir, read_json, write_json
 from .contexts import Context, JudgeRequest
-from .features import LLMOptions
+from .options import PairScoreOptions
 from .prompts import ClassifyRequest
 from .scorers import score_units
-
-
-@dataclass(frozen=True)
-class PairScoreOptions(LLMOptions):
-    """Detection scores of (neuron, head) explanations beside shuffled explanations, with CIs."""
-
-    backend: str = "statistical"
-    """the judge: a pair back-end of `headscope explain score` (statistical, openai, local)"""
-    explanations: str = ""
-    """whose explanations to score (default: the judge's own back-end)"""
-    which: Literal["top", "random"] = "top"
-    """the congruent neuron set or the random-neuron baseline set"""
-    max_per_class: int = 20
-    """held-out prompts of each class (active / inactive) per pair, drawn balanced as `explain score` does"""
-    min_per_class: int = 5
-    """pairs with fewer held-out prompts of a class are not scored"""
-    seed: int = 0
-    """the shuffled-explanation derangement and the bootstrap"""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 1 <= self.min_per_class <= self.max_per_class:
-            raise HeadscopeError("need 1 <= --min-per-class <= --max-per-class")
 
 
 def _pair_key(p: dict) -> str:

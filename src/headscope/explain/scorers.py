@@ -26,19 +26,18 @@ from __future__ import annotations
 import numpy as np
 
 from .contexts import JudgeRequest
+from .options import KINDS
+from .scoring import balanced_accuracy
 
-KINDS = ("detection", "fuzzing")
+
+def said_yes(probs: list[float | None]) -> list[bool]:
+    """The judge's answers as yes/no: P ≥ 0.5 is yes, None (unparsed) is no."""
+    return [p is not None and p >= 0.5 for p in probs]
 
 
-def balanced_accuracy(probs: list[float | None], truth: list[bool]) -> float | None:
-    """(TPR + TNR)/2 with P ≥ 0.5 as yes; None when the truth is all one class."""
-    pos = [p for p, t in zip(probs, truth) if t]
-    neg = [p for p, t in zip(probs, truth) if not t]
-    if not pos or not neg:
-        return None
-    tpr = sum(p is not None and p >= 0.5 for p in pos) / len(pos)
-    tnr = sum(not (p is not None and p >= 0.5) for p in neg) / len(neg)
-    return (tpr + tnr) / 2
+def _ba(probs: list[float | None], truth: list[bool]) -> float | None:
+    """(TPR + TNR)/2 of :func:`said_yes` (:func:`headscope.explain.scoring.balanced_accuracy`'s ``E``)."""
+    return balanced_accuracy(said_yes(probs), truth)["E"]
 
 
 def graded(probs: list[float | None]) -> bool:
@@ -122,8 +121,8 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
         truth = [t for _, t in units[u]["items"].get(kind, [])]
         real, shuf = probs[start:start + n], probs[start + n:start + 2 * n]
         rows[u][kind] = {
-            "balanced_accuracy": balanced_accuracy(real, truth), "auroc": auroc(real, truth),
-            "shuffled_balanced_accuracy": balanced_accuracy(shuf, truth), "shuffled_auroc": auroc(shuf, truth),
+            "balanced_accuracy": _ba(real, truth), "auroc": auroc(real, truth),
+            "shuffled_balanced_accuracy": _ba(shuf, truth), "shuffled_auroc": auroc(shuf, truth),
             "n_pos": sum(truth), "n_neg": len(truth) - sum(truth), "unparsed": sum(p is None for p in real),
             "shuffled_from": units[perm[u]]["id"], "graded": graded(real + shuf),
             "probs": [None if p is None else round(float(p), 4) for p in real], "truth": truth}

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import HeadscopeError
-from ..neurons.stages import file_hash, load_attribution, pair_labels, set_dir
+from ..neurons.stages import load_attribution, pair_labels, set_dir, source_hash
 from ..neurons.stats import (bootstrap_diff_of_means, bootstrap_mean, describe, ks_2samp, mann_whitney,
                              wilcoxon_signed)
 from ..runs import RunDir, read_json, write_json
@@ -97,7 +97,7 @@ def run_explain(model, run: RunDir, backend="statistical", which: str = "top", m
         raise HeadscopeError("no (neuron, head) pairs to explain: no head is active on 25–75% of any neuron's "
                              "train prompts; mine more prompts (--top-k) or more neurons")
     path = d / f"explanations_{backend.name}.json"
-    src = file_hash(set_dir(run, which) / "attribution.json")
+    src = source_hash(set_dir(run, which) / "attribution.json")
     old = read_json(path) if path.is_file() and not force else {}
     done = {_pair_key(p): p for p in old.get("pairs", [])} if old.get("source") == src and \
         old.get("backend") == backend.config() else {}
@@ -234,7 +234,7 @@ def run_score(model, run: RunDir, backend="statistical", which: str = "top", exp
     if ctrl is not None:
         hist["shuffled explanations"] = [r["E_control"] for r in rows if r.get("E_control") is not None]
     histogram_png(path.with_suffix(".png"), hist, f"Explanation scores E ({ex_name})", "E = (TPR+TNR)/2")
-    write_json(path, {"options": opts, "scorer": backend.config(), "explanations": ex_name, "source": file_hash(ex_path),
+    write_json(path, {"options": opts, "scorer": backend.config(), "explanations": ex_name, "source": source_hash(ex_path),
                       "pairs": rows, "summary": summary})
     return summary
 
@@ -280,18 +280,22 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
     set's mining cache (:func:`headscope.neurons.stages.mine_cache_dir`: every neuron of the mined
     layers), so only the trimming runs the model."""
     from ..neurons import stages as ns
+    from ..neurons.options import AblateOptions, AttributeOptions, FindOptions, MineOptions
     top = ns.set_dir(run, "top")
     f, m, a = (ns._need(top / n, s) for n, s in (("find.json", "find"), ("mine.json", "mine"),
                                                   ("attribution.json", "attribute")))
     fo, mo, ao = f["options"], m["options"], a["options"]
-    ns.run_find(model, run, "random", layers=fo["layers"], per_layer=per_layer or fo["per_layer"], kind=fo["kind"],
-                unembed=fo.get("unembed", "centred"), seed=seed)
-    ns.run_mine(model, run, "random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
-                top_k_test=mo["top_k_test"], keep=mo["keep"], max_prompt_tokens=mo["max_prompt_tokens"],
-                trim_tolerance=mo.get("trim_tolerance", 0.0),
-                max_tokens=mo["max_tokens"], progress=progress)
-    ns.run_attribute(model, run, "random", gated=ao["gated"], norm_scale=ao["norm_scale"], k_sigma=ao["k_sigma"],
-                     low=ao["low"], high=ao["high"], progress=progress)
+    ns.run_find(model, run, FindOptions(which="random", layers=",".join(map(str, fo["layers"])),
+                                        per_layer=per_layer or fo["per_layer"], kind=fo["kind"],
+                                        unembed=fo.get("unembed", "centred"), seed=seed))
+    ns.run_mine(model, run, MineOptions(which="random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
+                                        top_k_test=mo["top_k_test"], keep=mo["keep"],
+                                        max_prompt_tokens=mo["max_prompt_tokens"],
+                                        trim_tolerance=mo.get("trim_tolerance", 0.0), max_tokens=mo["max_tokens"]),
+                progress=progress)
+    ns.run_attribute(model, run, AttributeOptions(which="random", gated=ao["gated"], norm_scale=ao["norm_scale"],
+                                                  k_sigma=ao["k_sigma"], low=ao["low"], high=ao["high"]),
+                     progress=progress)
     be = make_backend(backend, run, model, **(backend_options or {}))
     sp = explain_dir(run, "top") / f"scores_{be.name}.json"
     so = read_json(sp).get("options", {}) if sp.is_file() else {}
@@ -302,6 +306,7 @@ def run_random_baseline(model, run: RunDir, backend="statistical", seed: int = 0
     top_abl = top / "ablation.json"
     if top_abl.is_file():  # the causal check on the random neurons too, with the congruent set's options
         ab = read_json(top_abl)["options"]
-        res["ablation_vs_random"] = ns.run_ablate(model, run, "random", max_pairs=ab["max_pairs"], mode=ab["mode"],
-                                                  progress=progress).get("vs_random")
+        res["ablation_vs_random"] = ns.run_ablate(
+            model, run, AblateOptions(which="random", max_pairs=ab["max_pairs"], mode=ab["mode"]),
+            progress=progress).get("vs_random")
     return res

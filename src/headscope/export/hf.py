@@ -21,31 +21,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HeadscopeError
 from ..runs import RunDir, read_json
+from .options import HFOptions
 
 FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
-
-
-@dataclass(frozen=True)
-class HFOptions:
-    """Write an SAE as a Hugging Face model-repository folder in SAELens' layout (+ README model card)."""
-
-    sae: str = ""
-    """SAE name under RUN/sae/ (default: the only one)"""
-    repo_id: str = "USER/REPO"
-    """the repository id the card's loading example names"""
-    license: str = "mit"
-    """license in the card's front matter"""
-    to: str = ""
-    """the repository folder to create (required)"""
-
-    def __post_init__(self):
-        if not self.to:
-            raise HeadscopeError("--to is required: the repository folder to create")
 
 
 def _fmt(v) -> str:

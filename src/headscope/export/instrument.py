@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ..registry import Instrument
 from ..runs import Command
-from .hf import HFOptions
-from .neuronpedia import NeuronpediaOptions
+from .options import HFOptions, NeuronpediaOptions
 
 INSTRUMENT = Instrument(
     name="export",

@@ -25,11 +25,11 @@ import gzip
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HeadscopeError
 from ..runs import RunDir, read_json
+from .options import NeuronpediaOptions
 
 FEATURE_DEFAULTS = {
     "creatorId": None, "createdAt": None, "maxActApprox": 0, "hasVector": False, "vector": [], "vectorLabel": None,
@@ -47,32 +47,6 @@ ACTIVATION_OPTIONAL = {
     "binContains": None, "qualifyingTokenIndex": None}
 EXPLANATION_OPTIONAL = {"embedding": None, "triggeredById": None, "typeName": None, "explanationModelName": None,
                         "notes": None, "createdAt": None}
-
-
-@dataclass(frozen=True)
-class NeuronpediaOptions:
-    """Write an SAE's feature dashboards and explanations in Neuronpedia's import layout."""
-
-    sae: str = ""
-    """SAE name under RUN/sae/ (default: the only one with dashboards)"""
-    model_id: str = ""
-    """Neuronpedia model id (default: the run's model name, lower-cased)"""
-    source_set: str = "headscope-att"
-    """source set name; the source id is '<layer>-<source set>'"""
-    hf_repo_id: str = ""
-    """Hugging Face repository holding the weights (from `headscope export hf`), if any"""
-    creator_id: str = "headscope"
-    """placeholder creator/author id (Neuronpedia sets the uploader's)"""
-    batch_size: int = 512
-    """features per batch file"""
-    to: str = ""
-    """folder to write <model_id>/<source_id>/ into (required)"""
-
-    def __post_init__(self):
-        if not self.to:
-            raise HeadscopeError("--to is required: the folder to write the export into")
-        if self.batch_size < 1:
-            raise HeadscopeError("--batch-size must be at least 1")
 
 
 def _id(*parts) -> str:

@@ -19,7 +19,6 @@ Every score is reduced inside the capture hook, so memory is [B, H] per layer, n
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,9 +28,7 @@ from ..capture import capture
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, save_figure, write_json, write_tensors
-
-if TYPE_CHECKING:
-    from .instrument import ScoreOptions
+from .options import ScoreOptions
 
 SCORES = ("induction", "prev_token", "duplicate_token")
 
@@ -188,7 +185,7 @@ def run_head_scores(model: Model, run: RunDir, opts: ScoreOptions, progress: boo
     """Compute every head score and write ``heads/scores.json``, ``heads/scores.safetensors`` and PNGs.
 
     Returns the JSON document (the stage contract decides whether to run at all)."""
-    from ..cli import parse_layers
+    from ..sites import parse_layers
     out = run / "heads"
     layers = parse_layers(opts.layers, model.n_layers)
     n_seqs, half_len, prefix_examples, batch_size, seed = (opts.n_seqs, opts.half_len, opts.prefix_examples,

@@ -31,6 +31,8 @@ import torch
 from ..distributed import Distributed
 from ..errors import HeadscopeError
 from .lenses import LensBank, softcap
+from .options import CALIB_TOKENS
+
 
 class Moments:
     """Running sums for the closed-form fit: n, Σp [V], and per lens Σr [L,d'], Σrrᵀ [L,d',d'],
@@ -239,8 +241,6 @@ def _low_rank(A: torch.Tensor, C: torch.Tensor, G: torch.Tensor, rank: int) -> t
     return Uk, Vk
 
 
-CALIB_TOKENS = 512
-"""Positions used to fit the scale (a single number per lens)."""
 NEWTON_STEPS = 4
 S_MIN, S_MAX = 1e-2, 20.0
 SITES_PER_CHUNK = 8

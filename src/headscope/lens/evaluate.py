@@ -41,6 +41,7 @@ from ..stats import cluster_bootstrap_se, clustered_mean_se, one_sided_p
 from .collect import site_batch
 from .lenses import LensBank, load_bank, softcap
 from .objectives import LN2
+from .options import EvalOptions
 from .sampling import Windows, select_positions
 from .train import load_null
 from .verdict import Q, decide
@@ -327,16 +328,17 @@ def write_plots(model: Model, out: dict, folder) -> None:
         save(fig, "transfer.png")
 
 
-def run_eval(model: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8, seq_len: int | None = None,
-             corpus: str | None = None, transfer_tokens: int = 0, transfer_sites: list[tuple[int, int]] | None = None,
-             progress: bool = True, seed: int = 0, baselines: bool = True, stride: int = 1) -> dict:
-    """Evaluate the lenses in ``run/lens`` on ``tokens`` held-out tokens spread over the held-out documents;
+def run_eval(model: Model, run: RunDir, opts: EvalOptions, progress: bool = True, *, seq_len: int | None = None,
+             corpus: str | None = None, transfer_sites: list[tuple[int, int]] | None = None, seed: int = 0) -> dict:
+    """Evaluate the lenses in ``run/lens`` on ``opts.tokens`` held-out tokens spread over the held-out documents
+    (``corpus``/``seq_len``: default the lenses' training corpus and length; ``transfer_sites``: the heads of
+    the transfer matrix, default up to ``MAX_TRANSFER_SITES`` spread over the bank);
     write ``run/lens/eval.json`` (see module docstring; keys: tokens, windows, documents, df, q, kl_null,
     per_head{"L.H": metrics}, control{…}, top_tokens, heatmap_gain / heatmap_improvement
     [n_layers][n_heads] (None where no lens), n_heads, n_positive_gain, n_informative (BH),
     n_informative_2se, median_gain (± median_gain_se, cluster bootstrap), transfer{sites, kl, gain})."""
-    if tokens < 1:
-        raise HeadscopeError("--tokens must be at least 1")
+    tokens, batch_size, transfer_tokens = opts.tokens, opts.batch_size, opts.transfer_tokens
+    baselines, stride = opts.baselines, opts.stride
     bank, info = load_bank(model, run / "lens")
     null = load_null(run / "lens")
     tr = info.get("train", {})

@@ -30,86 +30,20 @@ unembedding hash, site, sites, kind, training config); :func:`load_bank` refuses
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from simple_parsing.helpers import flag
 from torch import nn
 
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import read_json, read_tensors, write_json, write_tensors
+from .options import LensConfig
 
-KINDS = ("affine", "lowrank", "full")
 LENS_FORMAT = 2
 """2: statistics without position 0, null refitted on every token seen, control lenses."""
-SHARING = ("none", "layer", "all")
 SITE = "result"
-
-
-@dataclass
-class LensConfig:
-    """The parameterization of a bank of lenses."""
-
-    kind: Literal["affine", "lowrank", "full"] = "affine"
-    """``affine``, ``lowrank`` or ``full`` (see module docstring)."""
-    norm: bool = False
-    """Apply the model's (frozen) final norm before the unembedding."""
-    rank: int = 64
-    """Rank of A for ``lowrank``."""
-    vocab_bias: bool = flag(default=True, negative_prefix="--no-")
-    """Learn the vocabulary bias c (affine/lowrank): lets the lens carry token base rates."""
-    shared: Literal["none", "layer", "all"] = "none"
-    """``none`` (one lens per head), ``layer`` (one per layer, shared by its heads) or ``all`` (one lens
-    for every head); ``True``/``False`` mean ``layer``/``none``."""
-
-    def check(self) -> "LensConfig":
-        if self.kind not in KINDS:
-            raise HeadscopeError(f"unknown lens kind '{self.kind}' (choose from {', '.join(KINDS)})")
-        if self.shared is True or self.shared is False:
-            self.shared = "layer" if self.shared else "none"
-        if self.shared not in SHARING:
-            raise HeadscopeError(f"unknown sharing '{self.shared}' (choose from {', '.join(SHARING)})")
-        if self.kind == "lowrank" and self.rank < 1:
-            raise HeadscopeError(f"lens rank must be at least 1, got {self.rank}")
-        return self
-
-
-def parse_sites(text: str, model: Model, layers: list[int] | None = None) -> list[tuple[int, int]]:
-    """Sites from '20.3,21.*' (layer.head, ``*`` for all heads) or, with ``layers`` given, head
-    indices '0,3' / 'all' applied to every listed layer. Range-checked; sorted, unique."""
-    out: set[tuple[int, int]] = set()
-    text = (text or "all").strip()
-    if not text:
-        raise HeadscopeError("no heads given")
-    if layers is not None and "." not in text:
-        heads = list(range(model.n_heads)) if text in ("all", "*") else []
-        if not heads:
-            for part in text.split(","):
-                try:
-                    heads.append(int(part))
-                except ValueError:
-                    raise HeadscopeError(f"cannot parse heads '{text}' (use e.g. 'all', '0,3' or '20.3,21.*')") from None
-        for layer in layers:
-            for h in heads:
-                out.add((model.check_layer(layer), model.check_head(h)))
-        return sorted(out)
-    for part in text.split(","):
-        part = part.strip()
-        if "." not in part:
-            raise HeadscopeError(f"cannot parse head '{part}' (use LAYER.HEAD, e.g. 20.3 or 21.*)")
-        ls, hs = part.split(".", 1)
-        try:
-            layer = int(ls)
-            heads = range(model.n_heads) if hs == "*" else [int(hs)]
-        except ValueError:
-            raise HeadscopeError(f"cannot parse head '{part}' (use LAYER.HEAD, e.g. 20.3 or 21.*)") from None
-        model.check_layer(layer)
-        for h in heads:
-            out.add((layer, model.check_head(h)))
-    return sorted(out)
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import HeadscopeError
+from .options import OBJECTIVES
 
-OBJECTIVES = ("fkl", "rkl", "ce", "fkl_shortlist")
 LN2 = 0.6931471805599453
 
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 
 import torch
 
@@ -35,83 +34,12 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
-from .closed_form import CALIB_TOKENS, Moments, calibrate_scale
+from .closed_form import Moments, calibrate_scale
 from .collect import site_batch
 from .lenses import LensBank, LensConfig, save_bank, softcap
-from .objectives import LN2, OBJECTIVES, loss, next_tokens, shortlist
+from .objectives import LN2, loss, next_tokens, shortlist
+from .options import TrainConfig
 from .sampling import Windows, select_positions
-
-INITS = ("lstsq", "identity", "base")
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``headscope lens train`` (one docstring per field)."""
-
-    tokens: int = 4096
-    """Training tokens of KL refinement after the closed-form start (0: the start alone). The default
-    (8192 + 4096 tokens, Adam 3e-4) is the best measured CPU budget in docs/lens.md."""
-    init: Literal["lstsq", "base", "identity"] = "lstsq"
-    """``lstsq`` (closed-form least squares + scale calibration, see closed_form.py), ``base``
-    (vocabulary bias at the log base rates, A = 0) or ``identity`` (step 0 = unembedding baseline)."""
-    init_tokens: int = 8192
-    """Tokens for the closed-form statistics (one pass, no gradients; costs about one model forward
-    per token, shared by every head of every layer)."""
-    calib_tokens: int = CALIB_TOKENS
-    """Positions (of the statistics pass) on which each lens' scale is fitted by Newton's method on
-    forward KL; costs heads · positions · vocabulary per Newton step (~7 min for 270 heads at 512)."""
-    objective: Literal["fkl", "rkl", "ce", "fkl_shortlist"] = "fkl"
-    """``fkl``, ``rkl``, ``ce`` or ``fkl_shortlist`` (see objectives.py)."""
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """``adam`` or ``sgd`` (SGD with Nesterov momentum 0.9, as tuned-lens)."""
-    lr: float = 3e-4
-    """Learning rate of the refinement."""
-    warmup: int = 1
-    """Linear learning-rate warm-up steps (then linear decay to 0 at the last step)."""
-    weight_decay: float = 0.0
-    """Weight decay of the refinement."""
-    clip: float = 1.0
-    """Per-lens gradient-norm clip (each head is clipped on its own)."""
-    batch_size: int = 8
-    """Sequences per step per rank."""
-    seq_len: int = 128
-    """Tokens per sequence."""
-    corpus: str = "default"
-    """'default', a text file, a folder or a JSONL file (see headscope.data)."""
-    chunk_tokens: int = 256
-    """Positions per lens-logit chunk (memory: K·chunk_tokens·V floats)."""
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the big logit matmul: ``float32`` or ``bfloat16`` (parameters stay float32)."""
-    checkpoint_every: int = 50
-    """Refinement steps between checkpoints."""
-    seed: int = 0
-    """Data and initialisation seed."""
-    shortlist_top_k: int = 32
-    """fkl_shortlist: the model's top tokens kept per position."""
-    shortlist_negatives: int = 2048
-    """fkl_shortlist: random negative tokens per step."""
-
-    def check(self) -> "TrainConfig":
-        if self.init not in INITS:
-            raise HeadscopeError(f"unknown init '{self.init}' (choose from {', '.join(INITS)})")
-        if self.objective not in OBJECTIVES:
-            raise HeadscopeError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
-        if self.optimizer not in OPTIMIZERS:
-            raise HeadscopeError(f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise HeadscopeError(f"compute dtype must be float32 or bfloat16, got '{self.compute_dtype}'")
-        if self.calib_tokens < 1:
-            raise HeadscopeError("--calib-tokens must be at least 1")
-        for name in ("tokens", "init_tokens", "warmup", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise HeadscopeError(f"--{name.replace('_', '-')} must not be negative")
-        if self.batch_size < 1 or self.chunk_tokens < 1 or self.lr <= 0:
-            raise HeadscopeError("batch size, chunk tokens and learning rate must be positive")
-        return self
-
-    def steps(self, world_size: int = 1) -> int:
-        return math.ceil(self.tokens / (self.batch_size * self.seq_len * world_size)) if self.tokens else 0
 
 
 def _dtype(name: str) -> torch.dtype:

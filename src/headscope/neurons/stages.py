@@ -18,8 +18,10 @@ import torch
 from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
-from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from ..runs import RunDir, file_hash, read_json, read_tensors, write_json, write_tensors
+from ..sites import parse_layers
 from . import ablation, attribution, congruence, mining
+from .options import AblateOptions, AttributeOptions, FindOptions, MineOptions
 from .stats import bh, bootstrap_diff_of_means, bootstrap_mean, describe, mann_whitney, wilcoxon_signed
 
 SETS = ("top", "random")
@@ -32,8 +34,10 @@ def set_dir(run: RunDir, which: str = "top") -> Path:
     return run / ("neurons" if which == "top" else "neurons/random")
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+def source_hash(path: Path) -> str:
+    """The ``source`` a neuron/explain artifact records of the file it was made from: the first 16 hex
+    digits of :func:`headscope.runs.file_hash` (sha1 of the bytes)."""
+    return file_hash(path)[:16]
 
 
 def _need(path: Path, stage: str) -> dict:
@@ -43,25 +47,32 @@ def _need(path: Path, stage: str) -> dict:
 
 
 # -- find ---------------------------------------------------------------------------------------
-def run_find(model: Model, run: RunDir, which: str = "top", layers: list[int] | None = None, last_k: int = 3,
-             per_layer: int = 20, rank_by: str = "dot", kind: str = "prediction", require_space: bool = True,
-             min_chars: int = 3, reject: list[str] | None = None, seed: int = 0, unembed: str = "centred") -> dict:
-    """Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron, token_id, token, dot, cos,
-    kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates, passed}}}``. ``unembed``:
-    ``"centred"`` (default, TransformerLens' ``center_unembed``) or ``"raw"`` W_U, see
-    :mod:`headscope.neurons.congruence`."""
-    if layers is None:
-        layers = list(range(max(0, model.n_layers - last_k), model.n_layers))
-    opts = {"layers": layers, "per_layer": per_layer, "rank_by": rank_by, "kind": kind,
-            "require_space": require_space, "min_chars": min_chars,
-            "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed, "unembed": unembed}
+def run_find(model: Model, run: RunDir, opts: FindOptions, progress: bool = True) -> dict:
+    """The ``neurons.find`` stage. Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron,
+    token_id, token, dot, cos, kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates,
+    passed}}}``. ``opts.unembed``: ``"centred"`` (default, TransformerLens' ``center_unembed``) or ``"raw"``
+    W_U, see :mod:`headscope.neurons.congruence`."""
+    which, last_k, per_layer, rank_by, kind = opts.which, opts.last_k, opts.per_layer, opts.rank_by, opts.kind
+    require_space, min_chars, seed, unembed = opts.require_space, opts.min_chars, opts.seed, opts.unembed
+    layers = parse_layers(opts.layers, model.n_layers) if opts.layers else \
+        list(range(max(0, model.n_layers - last_k), model.n_layers))
+    reject = None
+    if opts.reject_file:
+        p = Path(opts.reject_file)
+        if not p.is_file():
+            raise HeadscopeError(f"reject file not found: {p}")
+        reject = [line.rstrip("\n") for line in p.read_text().splitlines() if line.strip()]
+    recorded = {"layers": layers, "per_layer": per_layer, "rank_by": rank_by, "kind": kind,
+                "require_space": require_space, "min_chars": min_chars,
+                "reject": list(congruence.DEFAULT_REJECT if reject is None else reject), "seed": seed,
+                "unembed": unembed}
     path = set_dir(run, which) / "find.json"
     if which == "top":
-        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars, opts["reject"],
-                                      unembed=unembed)
+        res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars,
+                                      recorded["reject"], unembed=unembed)
     else:
         res = congruence.random_neurons(model, layers, per_layer, seed, kind, unembed=unembed)
-    write_json(path, {"options": opts, **res})
+    write_json(path, {"options": recorded, **res})
     return {"neurons": len(res["neurons"]), "per_layer": res["per_layer"]}
 
 
@@ -74,26 +85,26 @@ def mine_cache_dir(run: RunDir) -> Path:
     return run / "neurons" / "mine_cache"
 
 
-def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "default", seq_len: int = 128,
-             top_k: int = 20, top_k_test: int = 20, keep: float = 0.8, max_prompt_tokens: int = 100,
-             trim_tolerance: float = 0.0,
-             batch_size: int = 16, max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer, neuron, token_id, token,
-    "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per token), act, full_act,
-    seq, pos, start}``."""
+def run_mine(model: Model, run: RunDir, opts: MineOptions, progress: bool = True) -> dict:
+    """The ``neurons.mine`` stage. Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer,
+    neuron, token_id, token, "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per
+    token), act, full_act, seq, pos, start}``."""
+    which, corpus, seq_len, top_k, top_k_test = opts.which, opts.corpus, opts.seq_len, opts.top_k, opts.top_k_test
+    keep, max_prompt_tokens, trim_tolerance = opts.keep, opts.max_prompt_tokens, opts.trim_tolerance
+    batch_size, max_tokens = opts.batch_size, opts.max_tokens
     d = set_dir(run, which)
     found = _need(d / "find.json", "find")
-    opts = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
-            "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens}
+    recorded = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
+                "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens}
     if trim_tolerance:   # recorded only when used, so earlier mine.json files keep their options
-        opts["trim_tolerance"] = trim_tolerance
+        recorded["trim_tolerance"] = trim_tolerance
     path = d / "mine.json"
     if not 0 < keep <= 1:
         raise HeadscopeError(f"--keep must be in (0, 1], got {keep}")
     tc = TokenCorpus(model, corpus, seq_len=seq_len, progress=progress)
     mining.check_corpus(tc, top_k, top_k_test)
     neurons = found["neurons"]
-    src = file_hash(d / "find.json")
+    src = source_hash(d / "find.json")
     out = [dict((k, n[k]) for k in ("layer", "neuron", "token_id", "token")) for n in neurons]
     layers = sorted(set(found.get("options", {}).get("layers") or []) | {n["layer"] for n in neurons})
     kk = max(top_k, top_k_test)
@@ -109,7 +120,7 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
             for p in ps:
                 p["tokens"] = model.token_str(p["ids"])
             o[key] = ps
-    write_json(path, {"options": opts, "source": src, "neurons": out})
+    write_json(path, {"options": recorded, "source": src, "neurons": out})
     res = _mine_summary({"neurons": out})
     return res
 
@@ -123,17 +134,17 @@ def _mine_summary(data: dict) -> dict:
 
 
 # -- attribute ----------------------------------------------------------------------------------
-def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "full", norm_scale: bool = True,
-                  k_sigma: float = 2.0, low: float = 0.25, high: float = 0.75, batch_size: int = 32,
-                  progress: bool = True) -> dict:
-    """Writes ``<set>/attribution.safetensors`` (``A`` [N, P, L·H] float32, NaN for ineligible heads and
+def run_attribute(model: Model, run: RunDir, opts: AttributeOptions, progress: bool = True) -> dict:
+    """The ``neurons.attribute`` stage. Writes ``<set>/attribution.safetensors`` (``A`` [N, P, L·H] float32, NaN for ineligible heads and
     padding; ``active`` [N, P, L·H] uint8; ``split`` [N, P] int8: 0 train, 1 test, −1 padding) and
     ``<set>/attribution.json``: ``{"options", "source", "neurons": [{layer, neuron, token, n_train,
     n_test, "heads": {"L.H": {frac_train, frac_test, mean_A}} (heads active at least once),
     "explain": ["L.H", …]}], "pairs": [{neuron, layer, head, name, frac_train}]}``."""
+    which, gated, norm_scale, k_sigma = opts.which, opts.gated, opts.norm_scale, opts.k_sigma
+    low, high, batch_size = opts.low, opts.high, opts.batch_size
     d = set_dir(run, which)
     mined = _need(d / "mine.json", "mine")
-    opts = {"gated": gated, "norm_scale": norm_scale, "k_sigma": k_sigma, "low": low, "high": high}
+    recorded = {"gated": gated, "norm_scale": norm_scale, "k_sigma": k_sigma, "low": low, "high": high}
     path = d / "attribution.json"
     neurons = mined["neurons"]
     rows, layer_of, neuron_of, where = [], [], [], []
@@ -172,7 +183,7 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
                           "name": attribution.head_name(model, k), "frac_train": round(float(frac_tr[k]), 4)})
         out.append({"layer": n["layer"], "neuron": n["neuron"], "token": n["token"], "token_id": n["token_id"],
                     "n_train": int(tr.sum()), "n_test": int(te.sum()), "heads": heads, "explain": names})
-    write_json(path, {"options": opts, "source": file_hash(d / "mine.json"), "neurons": out, "pairs": pairs})
+    write_json(path, {"options": recorded, "source": source_hash(d / "mine.json"), "neurons": out, "pairs": pairs})
     res = {"pairs": len(pairs), "neurons_with_pairs": sum(1 for n in out if n["explain"])}
     return res
 
@@ -235,7 +246,7 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
     from .plots import histogram_png
     histogram_png(d / "ablation.png", {"head active": act_all, "head inactive": inact_all},
                   f"Drop in P(neuron's token) when the head is zeroed ({which} neurons)", "P(clean) − P(ablated)")
-    return {"options": {"max_pairs": max_pairs, "mode": mode}, "source": file_hash(d / "attribution.json"),
+    return {"options": {"max_pairs": max_pairs, "mode": mode}, "source": source_hash(d / "attribution.json"),
             "pairs": rows, "per_neuron": {str(k): v for k, v in per_neuron.items()}, "summary": summary}
 
 
@@ -262,9 +273,8 @@ def _neuron_effects(rows: list[dict]) -> dict[int, float]:
     return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
 
 
-def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
-               batch_size: int = 32, progress: bool = True) -> dict:
-    """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
+def run_ablate(model: Model, run: RunDir, opts: AblateOptions, progress: bool = True) -> dict:
+    """The ``neurons.ablate`` stage: the causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
     (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
     not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
     pair) and BH q over the pairs. The unit of the run's test is the **neuron** (its pairs share prompts):
@@ -276,9 +286,9 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
     "per_neuron": {i: effect}, "summary": {unit, pairs, neurons, effect: {mean, low, high, n}, wilcoxon,
     significant_bh, pooled_descriptive}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P]
     NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""
+    which, max_pairs, mode, batch_size = opts.which, opts.max_pairs, opts.mode, opts.batch_size
     d = set_dir(run, which)
     load_attribution(run, which)
-    opts = {"max_pairs": max_pairs, "mode": mode}
     path = d / "ablation.json"
     ablation.ablated_heads(model, 0, mode)  # checks the mode before any work
     res = _ablate_set(model, run, which, max_pairs, mode, batch_size, progress)

@@ -46,7 +46,7 @@ import torch
 
 from ..models.load import Model
 from ..runs import RunDir, read_tensors, write_json, write_tensors
-from .instrument import AnalysisOptions
+from .options import AnalysisOptions
 from .attribution import weight_attribution
 from .io import load_sae
 from .train import sae_dir
@@ -265,18 +265,14 @@ def _null_rate(source: str, k_null: dict, q: float) -> float:
 
 
 # -- the stage -----------------------------------------------------------------------------------------
-def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions | str, progress: bool = True, **legacy) -> dict:
+def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions, progress: bool = True) -> dict:
     """Weight attribution [F, H] and the per-head polysemanticity test of SAE ``opts.name``; writes
     ``attribution.safetensors`` and ``heads.json`` (last) ({name, layer, criterion, alive_known, heads:
     {"h": {top_features, groups, n_groups, k1, k2, p_poly, q_poly, p_struct, q_struct, polysemantic,
     verdict, pair_threshold, null_mean_k2, n_features_majority}}, polysemantic_frac, structured_frac,
     null_polysemantic_frac {untrained, permuted}, uncalibrated {rule, real, untrained, permuted}}).
     Uses ``feature_counts.safetensors`` of ``sae eval`` when present (dead features left out).
-    Returns a small summary. ``run_analysis(model, run, name, **fields)`` is accepted too."""
-    if isinstance(opts, str):
-        opts = AnalysisOptions(name=opts, **legacy)
-    elif legacy:
-        raise TypeError(f"run_analysis: unexpected keyword(s) {', '.join(legacy)} next to AnalysisOptions")
+    Returns a small summary."""
     folder = sae_dir(run, opts.name)
     sae = load_sae(folder, model)
     alive = None

@@ -59,7 +59,7 @@ from .io import load_sae
 from .train import sae_dir
 
 from ..options import check
-from .instrument import EvalOptions, eval_outputs
+from .options import EvalOptions, eval_outputs
 
 DENSE = 0.1
 MIN_EFFECT = EvalOptions.__dataclass_fields__["min_effect"].default
@@ -322,17 +322,12 @@ SUMMARY_KEYS = ("name", "layer", "n_tokens", "n_documents", "l0", "fve", "dead_f
                 "ce_recovered_mean", "kl_recovered_zero", "kl_recovered_mean")
 
 
-def run_eval(model: Model, run: RunDir, opts: EvalOptions | str, progress: bool = True, **legacy) -> dict:
+def run_eval(model: Model, run: RunDir, opts: EvalOptions, progress: bool = True) -> dict:
     """Evaluate SAE ``opts.name`` of the run directory on held-out tokens; writes :func:`eval_outputs`
     into ``sae/<name>/``: ``eval.json`` (written last), ``sparsity.safetensors``,
     ``feature_counts.safetensors``, ``per_sequence.safetensors`` (the per-sequence sums behind the CIs:
     ``PER_SEQ_KEYS`` + ``doc``, ``n``, each [n_seq]) and ``eval_density.png``. Returns a small summary
-    (``SUMMARY_KEYS`` + ``headline``). ``run_eval(model, run, name, n_tokens=…, …)`` (the options as
-    keywords) is accepted for callers not yet on the options dataclass (sae/sweep.py)."""
-    if isinstance(opts, str):
-        opts = EvalOptions(name=opts, **legacy)
-    elif legacy:
-        raise TypeError(f"run_eval: unexpected keyword(s) {', '.join(legacy)} next to EvalOptions")
+    (``SUMMARY_KEYS`` + ``headline``)."""
     folder = sae_dir(run, opts.name)
     sae = load_sae(folder, model)
     tj = folder / "train.json"

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import HeadscopeError
 from ..runs import read_json, read_tensors, write_json, write_tensors
+from .architectures import get as get_architecture
 from .model import ARCHITECTURES, THRESHOLDED, AttnSAE, SAEConfig, param_names
 
 SAE_LENS_VERSION = "6.0.0"
@@ -55,21 +56,18 @@ def save_sae(sae: AttnSAE, path: str | Path) -> Path:
     without ``cfg.json`` is not a complete SAE)."""
     path = Path(path)
     c = sae.cfg
+    a = get_architecture(c.architecture)
     w = {k: getattr(sae, k).detach().float().cpu() for k in sae.param_names()}
-    if c.architecture == "gated":
-        w["b_gate"] = w.pop("b_enc")
+    for ours, theirs in a.saelens_renames.items():   # gated: b_enc is SAELens' b_gate
+        w[theirs] = w.pop(ours)
     d_in = c.d_in
     if c.head_index is not None:   # back to the Dh-wide per-head form SAELens uses
         sl = slice(c.head_index * c.d_head, (c.head_index + 1) * c.d_head)
         w["W_enc"], w["W_dec"], w["b_dec"] = w["W_enc"][sl], w["W_dec"][:, sl], w["b_dec"][sl]
         d_in = c.d_head
     write_tensors(path / WEIGHTS, {k: v.contiguous() for k, v in w.items()})
-    arch = "jumprelu" if c.architecture in THRESHOLDED else c.architecture
-    hs = {"layer": c.layer, "model": c.model, "architecture": c.architecture}
-    if c.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
-        hs["k"] = c.k
-    if c.architecture == "matryoshka_batchtopk":
-        hs["matryoshka_widths"] = list(c.matryoshka_widths)
+    arch = a.saelens_name   # BatchTopK / Matryoshka: their inference form, a JumpReLU
+    hs = {"layer": c.layer, "model": c.model, "architecture": c.architecture, **a.headscope_fields(c)}
     cfg = {
         "architecture": arch,
         "d_in": d_in,
@@ -93,9 +91,7 @@ def save_sae(sae: AttnSAE, path: str | Path) -> Path:
             "headscope": hs,
         },
     }
-    if c.architecture == "topk":
-        cfg["k"] = c.k
-        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg.update(a.saelens_fields(c))
     write_json(path / CFG, cfg)
     return path
 
@@ -166,11 +162,13 @@ def load_sae(path: str | Path, model=None, layer: int | None = None) -> AttnSAE:
                      matryoshka_widths=list(widths), head_index=head_index)
     w = {key: v.float() for key, v in read_tensors(path / WEIGHTS).items()}
     where = path / WEIGHTS
-    if arch == "gated":
-        _need(w, ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"), where)
-        w["b_enc"] = w.pop("b_gate")
+    a = get_architecture(arch)
+    if a.saelens_renames:   # gated: SAELens' b_gate is b_enc
+        _need(w, [a.saelens_renames.get(n, n) for n in a.param_names], where)
+        for ours, theirs in a.saelens_renames.items():
+            w[ours] = w.pop(theirs)
     _need(w, KEYS, where)
-    if arch in THRESHOLDED:
+    if a.thresholded:
         if "threshold" not in w and "log_threshold" in w:
             w["threshold"] = w.pop("log_threshold").exp()
         if "threshold" not in w and "topk_threshold" in w:   # BatchTopK in training form: one global threshold
@@ -185,10 +183,8 @@ def load_sae(path: str | Path, model=None, layer: int | None = None) -> AttnSAE:
             raise HeadscopeError(f"{where}: {n} contains NaN or inf")
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens encodes x·W_enc + b_enc; headscope (x − b_dec)·W_enc + b_enc′ with b_enc′ = b_enc + b_dec·W_enc
-        w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
-        if arch == "gated":
-            w["b_mag"] = w["b_mag"] + w["b_dec"] @ (w["W_enc"] * w["r_mag"].exp())
-    if cfg.get("rescale_acts_by_decoder_norm") and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        w.update(a.fold_input_bias(w))
+    if cfg.get("rescale_acts_by_decoder_norm") and a.uses_k:
         # SAELens multiplies pre-activations by ‖W_dec[f]‖ and divides activations by it before decoding:
         # fold that into the encoder (the threshold compares the rescaled pre-activation, so it stays).
         nrm = w["W_dec"].norm(dim=1).clamp_min(1e-8)

@@ -22,6 +22,7 @@ from ..models.load import Model
 from ..runs import RunDir, write_json
 from .attribution import weight_attribution
 from .io import load_sae
+from .options import IoiOptions
 from .train import sae_dir
 
 TEMPLATES = (
@@ -66,12 +67,13 @@ def _s2_position(model: Model, ids: list[int], s_id: int) -> int:
 
 
 @torch.no_grad()
-def run_ioi(model: Model, run: RunDir, name: str, *, n_prompts: int = 100, top: int = 20, seed: int = 0,
-            max_features: int | None = None, progress: bool = True) -> dict:
-    """The IOI example on SAE ``name``; writes ``sae/<name>/ioi.json`` and returns it.
+def run_ioi(model: Model, run: RunDir, opts: IoiOptions, progress: bool = True, *, top: int = 20) -> dict:
+    """The IOI example on SAE ``opts.name``; writes ``sae/<name>/ioi.json`` and returns it.
 
-    ``max_features``: ablate only the live features with the largest mean activation at S2 (default: all)."""
+    ``opts.max_features``: ablate only the live features with the largest mean activation at S2 (default:
+    all); ``top``: features listed in the result."""
     from tqdm import tqdm
+    name, n_prompts, seed, max_features = opts.name, opts.n_prompts, opts.seed, opts.max_features
     sae = load_sae(sae_dir(run, name), model).to(model.device)
     L = sae.cfg.layer
     prompts = ioi_prompts(model, n_prompts, seed)

@@ -19,30 +19,14 @@ from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, write_json
+from .architectures import REGISTRY
 from .evaluate import run_eval
-from .model import TRAINABLE
+from .options import EvalOptions
 from .store import cache_activations
 from .train import TrainConfig, run_train
 
-KNOB = {"topk": ("k", "k"), "batchtopk": ("k", "btk"), "matryoshka_batchtopk": ("k", "mtk"),
-        "jumprelu": ("l0_coeff", "l0_"), "standard": ("l1_coeff", "l1_")}
-"""architecture -> (TrainConfig field swept, short name used in the SAE's name)."""
-
-
-def parse_grid(spec: str) -> dict[str, list[float]]:
-    """``"topk:16,32 jumprelu:0.3,1"`` -> {"topk": [16, 32], "jumprelu": [0.3, 1.0]}."""
-    grid: dict[str, list[float]] = {}
-    for part in spec.replace(";", " ").split():
-        arch, _, vals = part.partition(":")
-        if arch not in TRAINABLE or not vals:
-            raise HeadscopeError(f"sweep grid entry '{part}' is not ARCH:V1,V2 with ARCH one of {', '.join(TRAINABLE)}")
-        try:
-            grid[arch] = [float(v) for v in vals.split(",") if v]
-        except ValueError:
-            raise HeadscopeError(f"sweep grid entry '{part}' has a value that is not a number") from None
-    if not grid:
-        raise HeadscopeError("sweep needs at least one ARCH:VALUES entry")
-    return grid
+KNOB = {name: a.sweep_knob for name, a in REGISTRY.items() if a.sweep_knob}
+"""architecture -> (TrainConfig field swept, short name used in the SAE's name), from each architecture."""
 
 
 def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None = None,
@@ -78,7 +62,8 @@ def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None 
     points = []
     for arch, field, val, name in jobs:
         tr = run_train(model, run, layer, name=name, progress=progress, **{**options, "architecture": arch, field: val})
-        ev = run_eval(model, run, name, n_tokens=eval_tokens, corpus=options.get("corpus"), progress=progress)
+        ev = run_eval(model, run, EvalOptions(name=name, n_tokens=eval_tokens, corpus=options.get("corpus")),
+                      progress=progress)
         points.append({"name": name, "architecture": arch, "value": val, "tokens_per_s": tr.get("tokens_per_s"),
                        **{k: ev.get(k) for k in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean",
                                                   "kl_recovered_zero", "dead_frac")}})

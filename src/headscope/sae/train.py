@@ -30,7 +30,7 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
-from .config import TrainConfig
+from .options import TrainConfig
 from .io import save_sae
 from .model import AttnSAE, SAEConfig
 from .store import CacheSource, ModelSource, ShuffledBatches
@@ -233,7 +233,7 @@ def _step(t: _Trainer, step: int, x: torch.Tensor, layer: int):
 def _maybe_resample(t: _Trainer, step: int) -> None:
     """Standard SAEs: resample dead features every ``resample_every`` steps, at most ``resample_max`` times."""
     cfg = t.cfg
-    if cfg.architecture == "standard" and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
+    if t.sae.arch.resamples_dead and cfg.resample_every and (step + 1) % cfg.resample_every == 0 \
             and t.n_resampled < cfg.resample_max and step + 1 < t.n_steps:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         n_dead = _resample(t.sae, t.batches.block_rows(step) * t.scale, t.fired_window == 0, t.opt, g)
