@@ -14,6 +14,7 @@ from ..options import check, options_dict
 from ..registry import Instrument
 from ..runs import Command, Stage
 from .lenses import LensConfig
+from .options import SteerEvalOptions
 from .train import TrainConfig
 
 
@@ -87,14 +88,17 @@ class ShowOptions:
 
 @dataclass(frozen=True)
 class ScanOptions:
-    """How often each head's lens puts listed tokens in its top-k (+ a prompt-set classifier)."""
+    """How often each head's lens puts listed tokens in its top-k, against a frequency-matched control list
+    (BH over heads); with --contrast, a prompt-set classifier scored by held-out AUROC against baselines."""
 
     token_list: str
-    """file with one word per line"""
+    """file with one word per line (or builtin:injection_words)"""
     prompts: str
-    """file with one prompt per line"""
+    """file with one prompt per line; '# source: NAME' lines group prompts for cross-validation (or
+    builtin:injection)"""
     contrast: Optional[str] = None
-    """second prompt file: train a classifier separating the two sets"""
+    """second prompt file (or builtin:ordinary): a classifier separating the two sets, held-out AUROC with a
+    CI next to bag-of-words, unembedding and random-head baselines"""
     k: int = field(default=10, alias=["-k"])
     """top-k"""
     multi_token: Literal["first", "skip"] = "first"
@@ -191,6 +195,11 @@ def cmd_steer(model, run, opts: SteerOptions) -> int:
     return _legacy(model, run, opts, "steer_cmd")
 
 
+def _steer_result():
+    from .steer_eval import SteerEvalResult
+    return SteerEvalResult
+
+
 LENS_FILES = ["lens/lenses.json", "lens/lenses.safetensors", "lens/null.safetensors", "lens/train.json"]
 """The bank, its null lens and its training summary (train.json is written last)."""
 
@@ -207,6 +216,11 @@ INSTRUMENT = Instrument(
               reads=lambda o: LENS_FILES, writes=lambda o: ["lens/eval.json"],
               doc="held-out KL of each lens against the unembedding baseline and the null lens",
               report="headscope.lens.instrument:report_eval"),
+        Stage("lens.steer-eval", SteerEvalOptions, "headscope.lens.steer_eval:stage_steer_eval",
+              reads=lambda o: LENS_FILES + ([] if o.heads else ["lens/eval.json"]),
+              writes=lambda o: ["lens/steer_eval.json"],
+              doc="steering through heads against a random direction and residual-stream steering",
+              report="headscope.lens.steer_eval:report_steer_eval", result=_steer_result()),
     ),
     commands=(
         Command("lens.show", ShowOptions, "headscope.lens.instrument:cmd_show",
