@@ -198,6 +198,8 @@ def test_steer_eval_and_scan_end_to_end(tmp_path, model_dir, capsys):
     from headscope.lens.atlas_data import atlas_data
     out = str(tmp_path / "run")
     common = ["--model", str(model_dir), "--out", out]
+    assert main(["lens", "steer-eval", *common, "--heads", "1.0"]) == 2  # no lenses yet
+    assert "lens train" in capsys.readouterr().err and not (tmp_path / "run/lens/steer_eval.json").exists()
     assert main(["lens", "train", *common, "--layers", "1-2", "--heads", "0,3", "--tokens", "0", "--init-tokens",
                  "256", "--seq-len", "32", "--batch-size", "2"]) == 0
     words = tmp_path / "words.txt"
