@@ -20,9 +20,10 @@ last prompt position; steered − clean, bits) and the rate of t among the next 
 tokens. Cost: KL(clean ‖ steered) of the next-token distribution in bits, averaged over every position
 ≥ 1 of unrelated prompts (other documents), and the perplexity of the steered continuation under the clean
 model. Every mean comes with a 95 % CI over target tokens (the independent unit: a token's vector is
-shared by all its prompts). A head *steers* when its edit beats the random direction (paired by token,
-one-sided t test, df = tokens − 1) at a strength, with Benjamini–Hochberg q = 0.05 over every
-(head, direction, strength) test.
+shared by all its prompts). A head *steers* when its edit beats the random direction at a strength: the paired
+difference (by token) is positive and its two-sided t test (df = tokens − 1; two-sided so that a pass
+is exactly a 95 % CI above zero when there is one test) survives Benjamini–Hochberg at q = 0.05 over
+every (head, direction, strength) test.
 
 Writes ``RUN/lens/steer_eval.json``; returns :class:`SteerEvalResult`.
 """
@@ -275,7 +276,8 @@ def test_rows(per_token: dict, clean: dict, curves: dict, strengths: list[float]
                 diff = dirs[d][i]["logp"] - dirs["random"][i]["logp"]
                 m, ci = mean_ci(diff)
                 se = float(np.std(diff, ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-                p = float(one_sided_p(m, se, len(diff) - 1))
+                p1 = float(one_sided_p(m, se, len(diff) - 1))
+                p = 2 * min(p1, 1 - p1)  # two-sided: agrees with the 95 % CI shown beside it
                 pt = curves[head][d][i]
                 ref = matched_reference(curves[head]["resid"], pt["kl"])
                 rows.append({"head": head, "direction": d, "strength": s, "dlogp": pt["dlogp"],
@@ -284,7 +286,7 @@ def test_rows(per_token: dict, clean: dict, curves: dict, strengths: list[float]
                              "vs_resid": None if ref is None else pt["dlogp"] - ref})
     bh = benjamini_hochberg([r["p_value"] if r["p_value"] is not None else np.nan for r in rows], Q)
     for r, b in zip(rows, bh):
-        r["passes"] = bool(b)
+        r["passes"] = bool(b and r["diff"] > 0)
     return rows
 
 
@@ -430,5 +432,5 @@ def report_steer_eval(summary, opts: SteerEvalOptions, run) -> None:
     out = read_json(run / "lens" / "steer_eval.json")
     print(format_table(out))
     n = sum(r["passes"] for r in out["tests"])
-    print(f"{n}/{len(out['tests'])} head edits beat the random direction (paired by token, BH q = {out['q']})")
+    print(f"{n}/{len(out['tests'])} head edits beat the random direction (paired by token, two-sided, BH q = {out['q']})")
     print(f"→ {run / 'lens' / 'steer_eval.json'}")
