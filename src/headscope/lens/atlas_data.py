@@ -87,7 +87,9 @@ def add_applications(folder: Path, out: dict) -> None:
                 mine = [r for r in rows if r["direction"] == d]
                 passing = [r for r in mine if r["passes"]]
                 by_dir[d] = max(passing or mine, key=lambda r: r["diff"])
-            h = per_head.setdefault(name, {})
+            if name not in per_head:  # a head steered without an evaluated lens: no head entry to extend
+                continue
+            h = per_head[name]
             h["steering"] = {"directions": by_dir, "steers": any(r["passes"] for r in rows)}
             h.setdefault("applications", {})["steering"] = h["steering"]["steers"]
         out["steer_eval"] = {k: se.get(k) for k in ("heads", "tokens", "n_prompts", "n_cost_prompts", "new_tokens",
