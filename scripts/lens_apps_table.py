@@ -36,7 +36,8 @@ def steering(se: dict) -> list[str]:
                 if t:
                     vs = f"{t['diff']:+.2f} [{t['diff_ci'][0]:+.2f}, {t['diff_ci'][1]:+.2f}]"
                     beat = "yes" if t["passes"] else "**does not beat the control**"
-                    ref = "beyond its range" if t["vs_resid"] is None else f"{t['vs_resid']:+.2f}"
+                    ref = ("same edit" if d == "unembed" else "beyond its range" if t["vs_resid"] is None
+                           else f"{t['vs_resid']:+.2f}")
                 out.append(f"| {head} | {d} | {p['strength']:g} | {p['dlogp']:+.2f} [{p['dlogp_ci'][0]:+.2f}, "
                            f"{p['dlogp_ci'][1]:+.2f}] | {p['rate']:.2f} | {p['kl']:.3f} | {p['ppl']:.1f} | {vs} | "
                            f"{beat} | {ref} |")

@@ -13,7 +13,9 @@ For target tokens t (concrete nouns, single tokens with a leading space) × succ
   attention output is added to the residual stream (every family headscope reads), adding a constant
   vector to one head's output *is* adding it to the residual stream after layer L's attention: the head
   edits differ from this reference only by their direction and their (smaller) norm. The comparison is
-  therefore made at matched cost: the reference's success interpolated at the head edit's KL cost.
+  therefore made at matched cost: the lens direction's success against the reference curve (the residual
+points and the unembed head points, all W_U[t] added after layer L's attention at different norms)
+interpolated at the lens edit's KL cost.
 
 Success, per target token (averaged over the success prompts): Δ log₂ p(t) at the next position (the
 last prompt position; steered − clean, bits) and the rate of t among the next ``new_tokens`` greedy
@@ -273,13 +275,16 @@ def test_rows(per_token: dict, clean: dict, curves: dict, strengths: list[float]
             if dirs.get(d) is None:
                 continue
             for i, s in enumerate(strengths):
-                diff = dirs[d][i]["logp"] - dirs["random"][i]["logp"]
+                diff = np.asarray(dirs[d][i]["logp"]) - np.asarray(dirs["random"][i]["logp"])
                 m, ci = mean_ci(diff)
                 se = float(np.std(diff, ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
                 p1 = float(one_sided_p(m, se, len(diff) - 1))
                 p = 2 * min(p1, 1 - p1)  # two-sided: agrees with the 95 % CI shown beside it
                 pt = curves[head][d][i]
-                ref = matched_reference(curves[head]["resid"], pt["kl"])
+                # the unembed head edit is itself a residual-stream edit (W_U[t] after layer L's attention):
+                # it joins the reference curve and is not compared with it
+                ref = None if d == "unembed" else matched_reference(curves[head]["resid"] + curves[head]["unembed"],
+                                                                      pt["kl"])
                 rows.append({"head": head, "direction": d, "strength": s, "dlogp": pt["dlogp"],
                              "dlogp_random": curves[head]["random"][i]["dlogp"], "diff": m, "diff_ci": ci,
                              "p_value": _f(p), "kl": pt["kl"], "resid_dlogp_at_same_kl": ref,
@@ -420,7 +425,8 @@ def format_table(out: dict) -> str:
                 note = ""
                 if t:
                     note = (f"{t['diff']:+.2f} ({'beats the control' if t['passes'] else 'does not beat the control'})"
-                            + (f" / {t['vs_resid']:+.2f}" if t["vs_resid"] is not None else " / beyond resid range"))
+                            + (" / same edit" if d == "unembed" else f" / {t['vs_resid']:+.2f}"
+                               if t["vs_resid"] is not None else " / beyond resid range"))
                 lines.append(f"{name:>6} {d:>9} {p['strength']:6.2f} {p['dlogp']:+7.2f} "
                              f"[{p['dlogp_ci'][0]:+6.2f}, {p['dlogp_ci'][1]:+6.2f}] {p['rate']:5.2f} {p['kl']:8.3f} "
                              f"{p['ppl']:7.1f}  {note}")
