@@ -175,6 +175,8 @@ def test_localisation_needs_to_beat_a_frequency_matched_control(model):
     lf = np.log1p(freq)
     pairs = list(zip(sorted(listed, key=lambda t: -freq[t]), ctrl))  # controls come in the list's frequency order
     assert all(abs(lf[c] - lf[t]) < 0.05 for t, c in pairs), [(freq[t], freq[c]) for t, c in pairs]
+    text = model.token_str(list(range(model.d_vocab)))
+    assert all(text[c][:1].isspace() == text[t][:1].isspace() for t, c in pairs)  # same form: leading space or not
     g = torch.Generator().manual_seed(0)
     P = 30
     control = torch.rand(P, 3, generator=g) * 0.2

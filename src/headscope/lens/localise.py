@@ -37,8 +37,10 @@ def _word_like(text: str) -> bool:
 
 
 def matched_controls(model: Model, token_ids: list[int], freq: np.ndarray, seed: int = 0) -> list[int]:
-    """One control token per listed token, of nearly the same corpus frequency, none in the list and no
-    two the same; word-like tokens (alphabetic, ≥ 2 letters) preferred, any other token when too few."""
+    """One control token per listed token, of nearly the same corpus frequency and the same form (a word
+    with a leading space gets one with a leading space), none in the list and no two the same; word-like
+    tokens (alphabetic, ≥ 2 letters) preferred, any other token when too few. Returned in the order of
+    the listed tokens by decreasing frequency."""
     listed = set(token_ids)
     texts = model.token_str(list(range(model.d_vocab)))
     special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
@@ -48,10 +50,14 @@ def matched_controls(model: Model, token_ids: list[int], freq: np.ndarray, seed:
     rng = np.random.default_rng(seed)
     logf = np.log1p(freq.astype(np.float64))
     avail = np.array(pool)
+    spaced = np.array([texts[t][:1].isspace() for t in pool])
     used = np.zeros(len(avail), dtype=bool)
     out = []
     for t in sorted(token_ids, key=lambda t: -freq[t]):
         dist = np.abs(logf[avail] - logf[t])
+        same = spaced == texts[t][:1].isspace()
+        if (same & ~used).sum() >= NEAREST:
+            dist[~same] = np.inf
         dist[used] = np.inf
         near = np.argsort(dist, kind="stable")[:NEAREST]
         near = near[np.isfinite(dist[near])]
