@@ -15,7 +15,8 @@ Applications (issue 24), where measured:
 - ``per_head[...]["steering"]`` (``lens/steer_eval.json``): per tested direction ("unembed", "lens") the
   row at the strength with the largest effect over the random direction (or the passing one): Δ log₂ p of
   the target (bits), the random direction's, the difference with its 95 % CI over tokens, BH-adjusted
-  ``passes``, KL cost and the residual-stream reference's Δ log₂ p at the same KL; ``steers``: any passes.
+  ``passes``, KL cost and the residual-stream reference's Δ log₂ p at the same KL; ``steers``: any passes;
+  the same row's numbers flat as ``<direction>_dlogp`` / ``_random_dlogp`` / ``_diff`` / ``_passes``.
 - ``per_head[...]["localisation"]`` (``lens/scan.json``): the token list's hit rate against the
   frequency-matched control list's, difference ± SE over prompts, p, ``localised`` (BH over heads).
 - ``per_head[...]["applications"]``: {"steering": True/False, "localisation": True/False} for the
@@ -91,6 +92,9 @@ def add_applications(folder: Path, out: dict) -> None:
                 continue
             h = per_head[name]
             h["steering"] = {"directions": by_dir, "steers": any(r["passes"] for r in rows)}
+            for d, r in by_dir.items():  # flat numbers one level down: the atlas makes layer×head grids of them
+                h["steering"].update({f"{d}_dlogp": r["dlogp"], f"{d}_random_dlogp": r["dlogp_random"],
+                                      f"{d}_diff": r["diff"], f"{d}_passes": r["passes"]})
             h.setdefault("applications", {})["steering"] = h["steering"]["steers"]
         out["steer_eval"] = {k: se.get(k) for k in ("heads", "tokens", "n_prompts", "n_cost_prompts", "new_tokens",
                                                    "strengths", "resid_strengths", "clean", "curves", "q")}
