@@ -266,7 +266,7 @@ def matched_reference(curve: list[dict], kl: float) -> float | None:
     return float(np.interp(kl, xs, ys))
 
 
-def test_rows(per_token: dict, clean: dict, curves: dict, strengths: list[float]) -> list[dict]:
+def control_tests(per_token: dict, curves: dict, strengths: list[float]) -> list[dict]:
     """Every (head, direction ∈ HEAD_DIRECTIONS, strength) against the random direction at the same
     strength, paired by token: Δ log₂ p difference, its CI, one-sided p and BH over all rows."""
     rows = []
@@ -354,7 +354,7 @@ def steer_eval(model: Model, success: list[torch.Tensor], cost: list[torch.Tenso
                 per_token[name][d].append(m)
                 bar.update(1)
     bar.close()
-    tests = test_rows(per_token, clean, curves, strengths)
+    tests = control_tests(per_token, curves, strengths)
     lists = {n: {d: None if v is None else [{k: x.tolist() for k, x in m.items()} for m in v]
                  for d, v in dirs.items()} for n, dirs in per_token.items()}
     r0, _ = mean_ci(clean["rate"])
@@ -364,7 +364,7 @@ def steer_eval(model: Model, success: list[torch.Tensor], cost: list[torch.Tenso
 
 def stage_steer_eval(model: Model, run, opts: SteerEvalOptions, progress: bool = True) -> SteerEvalResult:
     """lens.steer_eval: steering through the chosen heads against the random and residual-stream references."""
-    from ..runs import read_json, write_json
+    from ..runs import write_json
     from .lenses import load_bank
     bank, info = load_bank(model, run / "lens")
     sites = choose_heads(model, run, opts, bank)
