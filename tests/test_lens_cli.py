@@ -11,7 +11,9 @@ import torch
 
 from headscope.cli import main
 from headscope.errors import HeadscopeError
-from headscope.lens.apply import classify, fit_logistic, resolve_token_list, steer, Steer
+from headscope.lens.apply import resolve_token_list, steer, Steer
+from headscope.lens.classifier import fit_logistic
+from headscope.lens.classifier import compare
 from headscope.lens.atlas_data import atlas_data
 from headscope.testing.tiny import save_tiny_model, tiny_model
 
@@ -53,7 +55,7 @@ def test_cli_end_to_end(tmp_path, model_dir, capsys):
                             "Open a file now", "Read bytes until"]) + "\n")
     assert main(["lens", "scan", *common, "--token-list", str(words), "--prompts", str(a), "--contrast", str(b)]) == 0
     cap = capsys.readouterr()
-    assert "supercalifragilistic" in cap.err and "held-out accuracy" in cap.out
+    assert "supercalifragilistic" in cap.err and "held-out AUROC" in cap.out and "bag_of_words" in cap.out
     scan = json.loads((tmp_path / "run/lens/scan.json").read_text())
     assert len(scan["heatmap_hit_rate"]) == 3 and scan["heatmap_hit_rate"][1][0] is not None
     empty = tmp_path / "empty.txt"
@@ -93,8 +95,8 @@ def test_logistic_regression_matches_numpy_and_separates():
     p = 1 / (1 + np.exp(-(Xn @ wn + float(b))))
     grad = Xn.T @ (p - yn) / len(yn) + 2e-2 * wn
     assert np.abs(grad).max() < 1e-4
-    res = classify(X, y, ["a", "b", "c"])
-    assert res["heldout_accuracy"] >= 0.8 and res["top_features"][0]["feature"] == "b"
+    res = compare({"lens": X, "other": X[:, [0, 2]]}, y.numpy())
+    assert res["auroc"]["lens"]["auroc"] >= 0.9 and res["vs_lens"]["other"]["lens_better"]
 
 
 def test_steer_ablation_changes_nothing_for_scale_one():

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..capture import HeadIntervention, run_with_interventions
@@ -184,35 +185,40 @@ def resolve_token_list(model: Model, words: list[str], multi: str = "first") -> 
 
 
 @torch.no_grad()
-def prompt_features(model: Model, bank: LensBank, prompts: list[str], token_ids: list[int], k: int = 10,
-                    batch_size: int = 8, null: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per prompt and site: hit rate [P, K] (fraction of the prompt's positions t ≥ 1 where any listed
-    token is among the lens' top-k by KL term q·log(q/q_null) with a term above ``MIN_TERM_BITS``, or
-    by probability when ``null`` is None) and log-mass [P, K] (mean over those positions of
-    log Σ_{t∈list} q_lens(t))."""
+def prompt_hits(model: Model, bank: LensBank, prompts: list[str], lists: list[list[int]], k: int = 10,
+                null: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token list, prompt and site: hit rate [L, P, K] (fraction of the prompt's positions t ≥ 1 where
+    any token of the list is among the lens' top-k by KL term q·log(q/q_null) with a term above
+    ``MIN_TERM_BITS``, or by probability when ``null`` is None) and log-mass [L, P, K] (mean over those
+    positions of log Σ_{t∈list} q_lens(t)). One forward pass per prompt (no padding in the statistics)."""
     if not prompts:
         raise HeadscopeError("the prompt set is empty")
-    tok = torch.tensor(token_ids, device=model.device)
+    toks = [torch.tensor(t, device=model.device) for t in lists]
     hits, mass = [], []
-    for a in range(0, len(prompts), batch_size):
-        chunk = prompts[a:a + batch_size]
-        rows = [model.to_tokens(p)[0] for p in chunk]
-        for ids in rows:  # one prompt at a time: no padding positions in the statistics
-            if ids.shape[0] < 2:
-                raise HeadscopeError(f"prompt {prompts[a]!r}… is a single token: nothing to read after BOS")
-            R, _ = site_batch(model, ids.unsqueeze(0), bank.sites, logprobs=False)
-            logq = torch.log_softmax(bank(R[:, 1:]), -1)  # [K, S−1, V]: position 0 (BOS) left out
-            if null is not None:
-                term = kl_terms(logq, null)
-                v, top = term.topk(min(k, logq.shape[-1]), -1)  # [K, S−1, k]
-                hit = (torch.isin(top, tok) & (v > MIN_TERM_BITS)).any(-1).float().mean(-1)
-            else:
-                top = logq.topk(min(k, logq.shape[-1]), -1).indices
-                hit = torch.isin(top, tok).any(-1).float().mean(-1)
-            m = torch.logsumexp(logq[..., tok], -1).mean(-1)
-            hits.append(hit.cpu())
-            mass.append(m.cpu())
-    return torch.stack(hits), torch.stack(mass)
+    for p in prompts:
+        ids = model.to_tokens(p)[0]
+        if ids.shape[0] < 2:
+            raise HeadscopeError(f"prompt {p!r} is a single token: nothing to read after BOS")
+        R, _ = site_batch(model, ids.unsqueeze(0), bank.sites, logprobs=False)
+        logq = torch.log_softmax(bank(R[:, 1:]), -1)  # [K, S−1, V]: position 0 (BOS) left out
+        if null is not None:
+            term = kl_terms(logq, null)
+            v, top = term.topk(min(k, logq.shape[-1]), -1)  # [K, S−1, k]
+            ok = v > MIN_TERM_BITS
+            del term
+        else:
+            top = logq.topk(min(k, logq.shape[-1]), -1).indices
+            ok = torch.ones_like(top, dtype=torch.bool)
+        hits.append(torch.stack([(torch.isin(top, t) & ok).any(-1).float().mean(-1).cpu() for t in toks]))
+        mass.append(torch.stack([torch.logsumexp(logq[..., t], -1).mean(-1).cpu() for t in toks]))
+    return torch.stack(hits, 1), torch.stack(mass, 1)
+
+
+def prompt_features(model: Model, bank: LensBank, prompts: list[str], token_ids: list[int], k: int = 10,
+                    batch_size: int = 8, null: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hit rate [P, K] and log-mass [P, K] of one token list (see :func:`prompt_hits`)."""
+    h, m = prompt_hits(model, bank, prompts, [token_ids], k, null)
+    return h[0], m[0]
 
 
 def heatmap(model: Model, sites: list[tuple[int, int]], values: torch.Tensor) -> list[list[float | None]]:
@@ -224,79 +230,50 @@ def heatmap(model: Model, sites: list[tuple[int, int]], values: torch.Tensor) ->
 
 def scan(model: Model, bank: LensBank, words: list[str], prompts: list[str], k: int = 10, multi: str = "first",
          contrast: list[str] | None = None, gains: dict | None = None, seed: int = 0,
-         null: torch.Tensor | None = None) -> dict:
+         null: torch.Tensor | None = None, freq=None, sources: list | None = None,
+         contrast_sources: list | None = None, reps: int = 1000) -> dict:
     """How often each head's lens puts a listed token in its top-k (by KL term with ``null``, the
-    default of the CLI) over ``prompts`` (layer×head heatmap of hit rates), and with ``contrast`` a
-    prompt-set classifier (see :func:`classify`). ``gains`` from :func:`load_gains`: heads that are not
-    informative are listed in ``uninformative_heads``."""
+    default of the CLI) over ``prompts`` (layer×head heatmap of hit rates). With ``freq`` (token counts
+    [V] of the corpus), the same rate for a frequency-matched control list and the per-head test against
+    it (``localisation``, see :mod:`.localise`). With ``contrast``, the prompt-set classifier against its
+    baselines (``classifier``, see :mod:`.classifier`; ``sources`` / ``contrast_sources`` group the
+    prompts for cross-validation). ``gains`` from :func:`load_gains`: heads that are not informative are
+    listed in ``uninformative_heads``."""
+    from .classifier import contrast_report
+    from .localise import localise, matched_controls
     token_ids, report = resolve_token_list(model, words, multi)
-    hits, mass = prompt_features(model, bank, prompts, token_ids, k, null=null)
-    rate = hits.mean(0)
+    names = [f"{l}.{h}" for l, h in bank.sites]
+    lists = [token_ids]
+    if freq is not None:
+        control_ids = matched_controls(model, token_ids, freq, seed)
+        lists.append(control_ids)
+    H, _ = prompt_hits(model, bank, prompts, lists, k, null)
+    rate = H[0].mean(0)
     out = {"k": k, "ranking": "kl" if null is not None else "prob", "tokens": model.token_str(token_ids), "token_ids": token_ids, "token_report": report,
-           "n_prompts": len(prompts), "hit_rate": {f"{l}.{h}": float(r) for (l, h), r in zip(bank.sites, rate)},
+           "n_prompts": len(prompts), "hit_rate": {n: float(r) for n, r in zip(names, rate)},
            "heatmap_hit_rate": heatmap(model, bank.sites, rate)}
+    if freq is not None:
+        loc = localise(H[0], H[1], names)
+        loc["control_tokens"] = model.token_str(control_ids)
+        loc["frequency"] = {"list_median": float(np.median(freq[token_ids])),
+                            "control_median": float(np.median(freq[control_ids]))}
+        out["localisation"] = loc
+        out["heatmap_localised_diff"] = heatmap(model, bank.sites,
+                                                torch.tensor([loc["per_head"][n]["diff"] for n in names]))
     if gains:
         out["uninformative_heads"] = [n for n in out["hit_rate"] if n in gains and not gains[n]["informative"]]
+        if "localisation" in out:  # a lens that reads nothing localises nothing, whatever its rate
+            for n in out["uninformative_heads"]:
+                out["localisation"]["per_head"][n]["lens_informative"] = False
     if contrast is not None:
-        h2, m2 = prompt_features(model, bank, contrast, token_ids, k, null=null)
-        X = torch.cat([torch.cat([hits, mass], 1), torch.cat([h2, m2], 1)])
-        y = torch.cat([torch.ones(len(prompts)), torch.zeros(len(contrast))])
-        names = [f"{l}.{h}:hit" for l, h in bank.sites] + [f"{l}.{h}:logmass" for l, h in bank.sites]
-        out["classifier"] = classify(X, y, names, seed=seed)
+        srcs = None
+        if sources is not None and contrast_sources is not None and all(s is not None for s in sources + contrast_sources):
+            srcs = list(sources) + list(contrast_sources)
+        out["classifier"] = contrast_report(model, bank, prompts, contrast, token_ids, k, srcs, seed=seed, reps=reps)
     return out
 
 
 # -- a small logistic regression (no scikit-learn dependency) ---------------------------------------------
-def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-regularised logistic regression on standardised X [n, f], y ∈ {0,1} [n] (L-BFGS). Returns
-    (w [f], b) for the standardised features."""
-    X, y = X.double(), y.double()
-    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        z = X @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
-def classify(X: torch.Tensor, y: torch.Tensor, names: list[str], holdout: float = 0.3, seed: int = 0,
-             top: int = 10) -> dict:
-    """Logistic regression separating two prompt sets from per-head lens statistics X [n, f]:
-    trained on a random (1 − holdout) split, accuracy reported on the held-out rest; the heads that
-    carry the signal are the features with the largest |weight| (features standardised on train)."""
-    n = X.shape[0]
-    if n < 4 or y.min() == y.max():
-        raise HeadscopeError("the classifier needs at least 2 prompts in each set")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    n_test = max(2, int(round(n * holdout)))
-    # stratify: keep both classes in the test split
-    pos, neg = perm[y[perm] == 1], perm[y[perm] == 0]
-    tp = max(1, int(round(len(pos) * holdout)))
-    tn = max(1, n_test - tp)
-    test = torch.cat([pos[:tp], neg[:tn]])
-    train = torch.cat([pos[tp:], neg[tn:]])
-    if len(train) < 2 or y[train].min() == y[train].max():
-        raise HeadscopeError("too few prompts to hold some out: give at least 4 prompts in each set")
-    mu, sd = X[train].mean(0), X[train].std(0).clamp_min(1e-6)
-    Z = (X - mu) / sd
-    w, b = fit_logistic(Z[train], y[train])
-    pred = ((Z.double() @ w + b) > 0).float()
-    acc_test = float((pred[test] == y[test]).float().mean())
-    acc_train = float((pred[train] == y[train]).float().mean())
-    order = w.abs().argsort(descending=True)[:top]
-    return {"n_train": len(train), "n_test": len(test), "train_accuracy": acc_train, "heldout_accuracy": acc_test,
-            "chance": float(max(y[test].mean(), 1 - y[test].mean())),
-            "top_features": [{"feature": names[i], "weight": float(w[i])} for i in order.tolist()]}
-
-
 # -- steer -----------------------------------------------------------------------------------------------
 @dataclass
 class Steer:

@@ -10,6 +10,20 @@ largest mean term q·log(q/q_null) of KL(lens ‖ null) over held-out positions 
 present only when the head is informative (a head with no gain says nothing, so no tokens are shown).
 ``summary.control``: the control lens(es) — same training on a scrambled head output — with their gain
 and SE, the value a head with nothing to read gets.
+
+Applications (issue 24), where measured:
+- ``per_head[...]["steering"]`` (``lens/steer_eval.json``): per tested direction ("unembed", "lens") the
+  row at the strength with the largest effect over the random direction (or the passing one): Δ log₂ p of
+  the target (bits), the random direction's, the difference with its 95 % CI over tokens, BH-adjusted
+  ``passes``, KL cost and the residual-stream reference's Δ log₂ p at the same KL; ``steers``: any passes;
+  the same row's numbers flat as ``<direction>_dlogp`` / ``_random_dlogp`` / ``_diff`` / ``_passes``.
+- ``per_head[...]["localisation"]`` (``lens/scan.json``): the token list's hit rate against the
+  frequency-matched control list's, difference ± SE over prompts, p, ``localised`` (BH over heads).
+- ``per_head[...]["applications"]``: {"steering": True/False, "localisation": True/False} for the
+  applications measured on this head (absent when not measured): what the lens page says it passed.
+- ``steer_eval``: the run's steering summary (tokens, prompts, strengths, clean perplexity, per head and
+  direction the success-vs-cost curve points); ``scan.classifier``: held-out AUROC of the prompt-set
+  classifier with its CI, its baselines and the verdict.
 """
 
 from __future__ import annotations
@@ -53,9 +67,44 @@ def atlas_data(run_dir: Path) -> dict:
     if (folder / "scan.json").exists():
         sc = read_json(folder / "scan.json")
         out["scan"] = {k: sc.get(k) for k in ("tokens", "k", "n_prompts", "heatmap_hit_rate", "classifier")}
+    add_applications(folder, out)
     if (folder / "transfer_checkpoint.json").exists():
         tc = read_json(folder / "transfer_checkpoint.json")
         out["transfer_checkpoint"] = {"target": tc.get("target_model", {}).get("model"),
                                       "n_positive_gain": tc.get("n_positive_gain"),
                                       "gain": {k: v["gain"] for k, v in tc.get("per_head", {}).items()}}
     return out
+
+
+def add_applications(folder: Path, out: dict) -> None:
+    """Per-head steering and localisation results (see the module docstring), in place."""
+    per_head = out["per_head"]
+    if (folder / "steer_eval.json").exists():
+        se = read_json(folder / "steer_eval.json")
+        for name in se["heads"]:
+            rows = [r for r in se["tests"] if r["head"] == name]
+            by_dir = {}
+            for d in sorted({r["direction"] for r in rows}):
+                mine = [r for r in rows if r["direction"] == d]
+                passing = [r for r in mine if r["passes"]]
+                by_dir[d] = max(passing or mine, key=lambda r: r["diff"])
+            if name not in per_head:  # a head steered without an evaluated lens: no head entry to extend
+                continue
+            h = per_head[name]
+            h["steering"] = {"directions": by_dir, "steers": any(r["passes"] for r in rows)}
+            for d, r in by_dir.items():  # flat numbers one level down: the atlas makes layer×head grids of them
+                h["steering"].update({f"{d}_dlogp": r["dlogp"], f"{d}_random_dlogp": r["dlogp_random"],
+                                      f"{d}_diff": r["diff"], f"{d}_passes": r["passes"]})
+            h.setdefault("applications", {})["steering"] = h["steering"]["steers"]
+        out["steer_eval"] = {k: se.get(k) for k in ("heads", "tokens", "n_prompts", "n_cost_prompts", "new_tokens",
+                                                   "strengths", "resid_strengths", "clean", "curves", "q")}
+    if (folder / "scan.json").exists():
+        sc = read_json(folder / "scan.json")
+        loc = sc.get("localisation")
+        if loc:
+            for name, v in loc["per_head"].items():
+                if name in per_head:
+                    per_head[name]["localisation"] = v
+                    per_head[name].setdefault("applications", {})["localisation"] = bool(v["localised"])
+            out.setdefault("scan", {})["localisation"] = {k: loc.get(k) for k in ("n_localised", "q", "n_prompts",
+                                                                                 "control_tokens", "frequency")}

@@ -39,39 +39,42 @@ def show_cmd(model, run, opts) -> int:
     return 0
 
 
-def _read_lines(path: str, what: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise HeadscopeError(f"{what} file not found: {path}")
-    lines = [l.rstrip("\n") for l in p.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
-    if not lines:
-        raise HeadscopeError(f"{what} file {path} is empty")
-    return lines
-
-
 def scan_cmd(model, run, opts) -> int:
-    from ..runs import write_json
+    from ..runs import read_json, write_json
     from .apply import load_gains, scan
-    words = _read_lines(opts.token_list, "token list")
-    prompts = _read_lines(opts.prompts, "prompts")
-    contrast = _read_lines(opts.contrast, "contrast prompts") if opts.contrast else None
+    from .classifier import format_contrast, read_prompt_file
+    from .localise import token_frequencies
+    words, _ = read_prompt_file(opts.token_list, "token list")
+    prompts, sources = read_prompt_file(opts.prompts, "prompts")
+    contrast, csources = read_prompt_file(opts.contrast, "contrast prompts") if opts.contrast else (None, None)
     bank, null = _bank(run, model)
+    info = read_json(_lens_dir(run) / "lenses.json")
+    freq = token_frequencies(model, info.get("train", {}).get("corpus", "default"))
     res = scan(model, bank, words, prompts, k=opts.k, multi=opts.multi_token, contrast=contrast,
-               gains=load_gains(_lens_dir(run)), null=null)
+               gains=load_gains(_lens_dir(run)), null=null, freq=freq, sources=sources, contrast_sources=csources)
     write_json(_lens_dir(run) / "scan.json", res)
     rep = res["token_report"]
     if rep["multi_token"]:
         print(f"not single tokens: {', '.join(rep['multi_token'])} → "
               + ("first token used" if opts.multi_token == "first" else "skipped"), file=sys.stderr)
-    top = sorted(res["hit_rate"].items(), key=lambda kv: -kv[1])[:10]
+    loc = res["localisation"]
     uninf = set(res.get("uninformative_heads", []))
-    print(f"{len(res['token_ids'])} tokens, {res['n_prompts']} prompts, top-{opts.k}; heads most often reading them:")
-    for name, r in top:
-        print(f"  {name:>7} {r:6.3f}" + ("  (lens not informative: not meaningful)" if name in uninf else ""))
+    print(f"{len(res['token_ids'])} tokens, {res['n_prompts']} prompts, top-{opts.k}; control list of the same corpus "
+          f"frequency (median {loc['frequency']['list_median']:.0f} vs {loc['frequency']['control_median']:.0f}): "
+          + ", ".join(loc["control_tokens"][:8]) + (" …" if len(loc["control_tokens"]) > 8 else ""))
+    print(f"{'head':>7} {'rate':>6} {'control':>7} {'diff':>7} {'±se':>6} {'p':>8}")
+    top = sorted(loc["per_head"].items(), key=lambda kv: -kv[1]["diff"])[:10]
+    for name, v in top:
+        se = v["se"] if v["se"] is not None else float("nan")
+        p = v["p_value"] if v["p_value"] is not None else float("nan")
+        note = "  localised" if v["localised"] else ""
+        if name in uninf:
+            note += "  (lens not informative: not meaningful)"
+        print(f"{name:>7} {v['rate']:6.3f} {v['control_rate']:7.3f} {v['diff']:+7.3f} {se:6.3f} {p:8.2g}{note}")
+    print(f"{loc['n_localised']}/{len(loc['per_head'])} heads localised: list rate above the control's "
+          f"(one-sided, SE over prompts, Benjamini-Hochberg q = {loc['q']})")
     if "classifier" in res:
-        c = res["classifier"]
-        print(f"classifier: held-out accuracy {c['heldout_accuracy']:.2f} (chance {c['chance']:.2f}, "
-              f"{c['n_test']} held out); strongest: " + ", ".join(f["feature"] for f in c["top_features"][:5]))
+        print(format_contrast(res["classifier"]))
     print(f"→ {_lens_dir(run) / 'scan.json'}")
     return 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..registry import Instrument
 from ..runs import Command, Stage
-from .options import EvalOptions, ScanOptions, ShowOptions, SteerOptions, TrainOptions
+from .options import EvalOptions, ScanOptions, ShowOptions, SteerEvalOptions, SteerOptions, TrainOptions
 from .results import LensEvalResult, LensTrainResult
 
 
@@ -70,6 +70,11 @@ def load(model, run, allow_other_checkpoint: bool = False):
     return load_bank(model, run / "lens", allow_other_checkpoint=allow_other_checkpoint)[0]
 
 
+def _steer_result():
+    from .steer_eval import SteerEvalResult
+    return SteerEvalResult
+
+
 LENS_FILES = ["lens/lenses.json", "lens/lenses.safetensors", "lens/null.safetensors", "lens/train.json"]
 """The bank, its null lens and its training summary (train.json is written last)."""
 
@@ -86,6 +91,11 @@ INSTRUMENT = Instrument(
               reads=lambda o: LENS_FILES, writes=lambda o: ["lens/eval.json"], result=LensEvalResult,
               doc="held-out KL of each lens against the unembedding baseline and the null lens",
               report="headscope.lens.instrument:report_eval"),
+        Stage("lens.steer-eval", SteerEvalOptions, "headscope.lens.steer_eval:stage_steer_eval",
+              reads=lambda o: LENS_FILES + ([] if o.heads else ["lens/eval.json"]),
+              writes=lambda o: ["lens/steer_eval.json"],
+              doc="steering through heads against a random direction and residual-stream steering",
+              report="headscope.lens.steer_eval:report_steer_eval", result=_steer_result()),
     ),
     commands=(
         Command("lens.show", ShowOptions, "headscope.lens.commands:show_cmd",
