@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -34,6 +35,18 @@ def check(ok: bool, message: str) -> None:
     """Raise :class:`HeadscopeError` with ``message`` unless ``ok`` (for ``__post_init__`` range checks)."""
     if not ok:
         raise HeadscopeError(message)
+
+
+def check_name(value: str | None, option: str) -> None:
+    """A name that becomes a folder of the run directory (``sae/<name>/``) must be one plain folder name:
+    not empty, no ``/`` or ``\\``, no leading ``.`` (so never ``..``), no control characters."""
+    if value is None:
+        return
+    check(isinstance(value, str) and value != "" and not value.startswith(".") and "/" not in value
+          and "\\" not in value and value.isprintable() and len(value.encode()) <= 200
+          and not re.search(r"\.tmp($|[.-])|\.staging-|\.old-", value),
+          f"{option} {value!r} is not a plain folder name (no '/', no leading '.', no control characters, "
+          "no '.tmp')")
 
 
 def flag(name: str) -> str:

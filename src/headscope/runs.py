@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -160,20 +161,189 @@ def locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_CACHE: dict[tuple, str] = {}
+PERSIST_HASHES_FROM = 1 << 20
+"""Files of at least this many bytes keep their content hash on disk (``$HEADSCOPE_CACHE/hashes/``) across
+processes, keyed by (path, size, mtime, inode), so a large corpus is read once, not at every stage check."""
+
+
+def _hash_cache_file(key: tuple) -> Path:
+    from .models.load import cache_dir
+    return cache_dir() / "hashes" / hashlib.sha1(repr(key).encode()).hexdigest()[:32]
 
 
 def file_hash(path: Path) -> str:
-    """sha1 of a file's bytes (cached per (path, size, mtime) within a process)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
+    """sha1 of a file's bytes, cached per (path, size, mtime, inode): within the process, and on disk for
+    files of ``PERSIST_HASHES_FROM`` bytes or more. A file that cannot be read (``/proc/self/mem``, a
+    folder without permission) is a one-line error."""
+    try:
+        st = os.stat(path)
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key in _HASH_CACHE:
+            return _HASH_CACHE[key]
+        persist = st.st_size >= PERSIST_HASHES_FROM and os.path.isfile(path)
+        if persist:
+            cached = _hash_cache_file(key)
+            if cached.is_file():
+                text = cached.read_text().strip()
+                if len(text) == 40:
+                    _HASH_CACHE[key] = text
+                    return text
+        if not os.path.isfile(path):
+            raise HeadscopeError(f"{path} is not a regular file")
         h = hashlib.sha1()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()
+    except OSError as e:
+        raise HeadscopeError(f"cannot read {os.fsdecode(path)!r}: {e.strerror}") from None
+    _HASH_CACHE[key] = h.hexdigest()
+    if persist:
+        try:
+            atomic_write_bytes(_hash_cache_file(key), h.hexdigest().encode())
+        except OSError:
+            pass  # a read-only cache only costs the next process a re-read
     return _HASH_CACHE[key]
+
+
+def inside(root: Path, rel: str, what: str = "path") -> Path:
+    """``root / rel`` when ``rel`` stays inside ``root`` (relative, no ``..`` part, no NUL); else a one-line
+    error. Every run-relative path a stage reads or writes goes through here, so a name taken from a config
+    (an SAE's ``--name``) can never write outside the run directory."""
+    rel = str(rel)
+    if os.path.isabs(rel) or ".." in Path(rel).parts or "\0" in rel or not rel.strip():
+        raise HeadscopeError(f"{what} {rel!r} would leave the run directory {root}")
+    return Path(root) / rel
+
+
+def external_inputs(opts) -> dict[str, str]:
+    """Content hashes of the files and folders an options dataclass names (a corpus file or folder, an
+    activation cache, an SAE to import, a reject list): ``{"file:<field>": sha1}`` for every string
+    option whose value is an existing path. The stage contract compares them like run artifacts, so
+    rewriting a corpus in place reruns the stages that read it."""
+    import dataclasses
+    out = {}
+    if not dataclasses.is_dataclass(opts):
+        return out
+    for f in dataclasses.fields(opts):
+        v = getattr(opts, f.name)
+        if not isinstance(v, str) or not v or v == "default" or v.startswith("hf:") or "\0" in v:
+            continue
+        p = Path(v).expanduser()
+        try:
+            exists = p.exists()
+        except (OSError, ValueError):
+            continue
+        if exists:
+            out[f"file:{f.name}"] = artifact_hash(p)
+    return out
+
+
+@contextmanager
+def building_folder(final: Path, what: str):
+    """Build a new folder ``final`` (which must not exist) as one unit: yields a uniquely named temporary
+    folder beside it (``.<name>.tmp-XXXX``, never an existing path) and renames it to ``final`` when the
+    block ends without an error. On any error the temporary folder, and parent folders created for it,
+    are removed, and a file-system error becomes a one-line :class:`HeadscopeError` naming ``what``."""
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        raise HeadscopeError(f"{what} {final} exists: choose a new folder")
+    created = []
+    probe = final.parent
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    tmp = None
+    try:
+        for d in reversed(created):
+            d.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        if final.exists():
+            raise HeadscopeError(f"{what} {final} appeared while it was written: nothing written")
+        os.rename(tmp, final)
+        tmp = None
+    except OSError as e:
+        raise HeadscopeError(f"{what} {final}: cannot write: {e.strerror}") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+CHECKPOINT_STATE_KEY = "headscope_state"
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """A training checkpoint as ONE file (tensors + the JSON ``state`` in the safetensors metadata),
+    renamed into place: a kill at any moment leaves the previous checkpoint or the new one, never a mix."""
+    write_tensors(path, tensors, metadata={CHECKPOINT_STATE_KEY: json.dumps(state),
+                                           "step": str(state.get("step"))})
+
+
+def read_checkpoint(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict] | None:
+    """``(tensors, state)`` of a checkpoint written by :func:`write_checkpoint`; None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    meta = read_metadata(path)
+    if CHECKPOINT_STATE_KEY not in meta:
+        return None  # an old two-file checkpoint (not crash-safe): the caller starts over
+    try:
+        state = json.loads(meta[CHECKPOINT_STATE_KEY])
+    except json.JSONDecodeError as e:
+        raise HeadscopeError(f"corrupt checkpoint {path}: {e}") from None
+    return read_tensors(path, device=device), state
+
+
+TEMP_NAME = re.compile(r"\.tmp($|[.-])|\.staging-|\.old-|^\.atlas\.(tmp|old)")
+"""Names of the temporary files and folders headscope writes beside their targets (mkstemp's
+``<name>.<rand>.tmp[.png]``, :func:`staging_folder`, :func:`commit_folder`'s ``.old-``, the atlas')."""
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+    """Remove the temporary files/folders an interrupted process left in the run directory ``root``.
+    Runs only when no other headscope process holds the run (the run lock, see :func:`using_run`)."""
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            if TEMP_NAME.search(name) and not name.endswith(".lock"):
+                p = Path(dirpath) / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                    dirnames.remove(name)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+@contextmanager
+def using_run(root: Path):
+    """Hold a shared lock on the run directory ``root`` for the block; when no other process holds it,
+    first clean the leftovers of an interrupted one (:func:`clean_leftovers`)."""
+    root = Path(root)
+    try:
+        f = open(root / ".run.lock", "a+b")
+    except OSError:  # a read-only run: nothing to clean, nothing will be written
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            clean_leftovers(root)
+        except BlockingIOError:
+            pass
+        fcntl.flock(f, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def artifact_hash(path: Path) -> str | None:
@@ -317,13 +487,16 @@ class Command(_Declared):
 def check_inputs(run_path: Path, stage: Stage, opts, writer_of: Callable[[str], str | None] | None = None) -> dict:
     """Hash of every artifact ``stage`` reads; a one-line error naming the command that makes a missing one."""
     inputs = {}
+    for rel in stage.writes(opts):
+        inside(run_path, rel, f"{stage.name} output")
     for rel in stage.reads(opts):
-        h = artifact_hash(Path(run_path) / rel)
+        h = artifact_hash(inside(run_path, rel, f"{stage.name} input"))
         if h is None:
             maker = writer_of(rel) if writer_of else None
             hint = f": run `headscope {maker.replace('.', ' ', 1)}` first" if maker else ""
             raise HeadscopeError(f"{stage.name} needs {Path(run_path) / rel}, which is missing{hint}")
         inputs[rel] = h
+    inputs.update(external_inputs(opts))
     return inputs
 
 
@@ -364,7 +537,16 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
         return rec.get("summary", {}), False
     fn = resolve(stage.func)
     t0, c0 = time.time(), time.process_time()
-    summary = fn(model, run, opts, progress=progress) or {}
+    new_outputs = [rel for rel in stage.writes(opts) if not (run / rel).exists()]
+    with using_run(run.path):
+        try:
+            summary = fn(model, run, opts, progress=progress) or {}
+        except BaseException as e:
+            if primary and not isinstance(e, KeyboardInterrupt):
+                _remove_partial(run, new_outputs)
+            if isinstance(e, OSError):
+                raise HeadscopeError(f"{stage.name}: {os_error_text(e)}; its partial output was removed") from None
+            raise
     from .results import Result
     result_json = summary.to_json() if isinstance(summary, Result) else None
     seconds, cpu = time.time() - t0, time.process_time() - c0
@@ -383,6 +565,23 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
         "summary": _json_small(result_json if result_json is not None else summary),
         **({"result": result_json} if result_json is not None else {})})
     return summary, True
+
+
+def _remove_partial(run: RunDir, rels: list[str]) -> None:
+    """Remove the outputs a failed stage created (those that did not exist before it started)."""
+    for rel in rels:
+        p = run / rel
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for a file-system error: what failed, on which path (``ENOSPC``: the disk is full)."""
+    what = e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f" ({os.fsdecode(e.filename)!r})" if getattr(e, "filename", None) else ""
+    return f"{what}{where}"
 
 
 def _json_small(summary) -> dict:

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from simple_parsing import field
 
-from ..options import check
+from ..options import check, check_name
 
 TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
 """Architectures headscope trains (the choices of ``sae train --arch``)."""
@@ -86,6 +86,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.layer >= 0, f"--layer {self.layer} must be 0 or more")
+        check_name(self.name, "--name")
+        for n in ("l1_coeff", "l0_coeff", "bandwidth", "threshold_lr", "aux_coeff", "decay_frac", "l1_warmup_frac"):
+            check(math.isfinite(getattr(self, n)), f"--{n.replace('_', '-')} must be a finite number")
+        check(0 <= self.decay_frac <= 1 and 0 <= self.l1_warmup_frac <= 1,
+              "--decay-frac and --l1-warmup-frac must lie in [0, 1]")
+        check(self.warmup_steps >= 0 and self.k_aux >= 0 and self.aux_coeff >= 0 and self.resample_every >= 0
+              and self.resample_max >= 0 and self.l1_coeff >= 0 and 0 <= self.threshold_lr <= 1,
+              "--warmup-steps, --k-aux, --aux-coeff, --resample-every, --resample-max and --l1 must be 0 or more, "
+              "--threshold-lr in [0, 1]")
+        check(self.dead_tokens is None or self.dead_tokens >= 1, "--dead-tokens must be at least 1")
         for n in ("expansion", "k", "batch_size", "n_tokens", "seq_len", "buffer_tokens", "checkpoint_every",
                   "model_batch"):
             check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from simple_parsing import field
 
-from ..options import check, options_dict
+from ..options import check, check_name, options_dict
 from ..registry import Instrument
 from ..runs import Command, Stage
 from .config import TrainConfig
@@ -43,6 +43,7 @@ class EvalOptions:
     """bootstrap seed"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.n_tokens >= 1 and self.batch_size >= 1, "--n-tokens (--tokens) and --batch-size must be at least 1")
         check(self.mean_tokens >= 1 and self.n_boot >= 1, "--mean-tokens and --n-boot must be at least 1")
         check(self.min_effect >= 0, f"--min-effect must be 0 or more, got {self.min_effect}")
@@ -75,6 +76,7 @@ class AnalysisOptions:
     """seed of the nulls"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.top_n >= 2 and self.top_tokens >= 1, "--top-n must be at least 2 and --top-tokens at least 1")
         check(self.n_null >= 20, f"--n-null must be at least 20, got {self.n_null}")
         check(0 < self.pair_alpha < 1 and 0 < self.q < 1, "--pair-alpha and --q must lie in (0, 1)")
@@ -96,6 +98,7 @@ class DashboardOptions:
     """corpus (default: the SAE's)"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.n_tokens >= 1 and self.n_examples >= 1, "--n-tokens (--tokens) and --n-examples must be at least 1")
 
 
@@ -113,6 +116,8 @@ class IoiOptions:
     """prompt seed"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
+        check(self.max_features is None or self.max_features >= 1, "--max-features must be at least 1")
         check(self.n_prompts >= 1, "--n-prompts (--prompts) must be at least 1")
 
 
@@ -197,7 +202,9 @@ class DfaOptions:
     """components shown by --recursive"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.feature >= 0, f"--feature {self.feature}: feature indices start at 0")
+        check(self.top >= 1, f"--top must be at least 1, got {self.top}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,10 @@ class ImportOptions:
     """name of the SAE in the run directory"""
     layer: Optional[int] = None
     """layer (needed for a params.npz whose path has no layer_<L> part)"""
+
+    def __post_init__(self):
+        check_name(self.name, "--name")
+        check(self.layer is None or self.layer >= 0, f"--layer {self.layer} must be 0 or more")
 
 
 def _sae_files(name: str) -> list[str]:
