@@ -65,12 +65,17 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
 
 def check_out_path(out: str | Path) -> Path:
     """A usable run-directory path: not a file, and creatable/writable (checked before any work)."""
+    if "\0" in str(out) or not str(out).strip():
+        raise HeadscopeError(f"--out {str(out)!r} is not a usable path")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadscopeError(f"--out {out} is a file, not a run directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
+    try:
+        if out.exists() and not out.is_dir():
+            raise HeadscopeError(f"--out {out} is a file, not a run directory")
+        probe = out
+        while not probe.exists():
+            probe = probe.parent
+    except OSError as e:
+        raise HeadscopeError(f"--out {out}: {e.strerror}") from None
     if not os.access(probe, os.W_OK):
         raise HeadscopeError(f"--out {out}: {probe} is not writable")
     return out
@@ -79,8 +84,10 @@ def check_out_path(out: str | Path) -> Path:
 def _stage_handler(stage):
     def handler(args) -> int:
         from .registry import writer_of
+        from .options import check_values
         from .runs import RunDir, check_inputs, resolve, run_stage
         opts = args.opts
+        check_values(opts)
         out = check_out_path(args.out)
         if list(stage.reads(opts)):
             if not (out / "run.json").is_file():
@@ -124,14 +131,16 @@ def _remove_if_only_run_json(out: Path) -> None:
     """Undo a run directory this command created when its stage failed before writing anything (a bad
     option found once the model was loaded): nothing half-written is left behind."""
     import shutil
-    files = [p for p in out.rglob("*") if p.is_file()]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".run.lock"]
     if [p.name for p in files] in (["run.json"], []):
         shutil.rmtree(out, ignore_errors=True)
 
 
 def _command_handler(cmd):
     def handler(args) -> int:
+        from .options import check_values
         from .runs import RunDir, resolve
+        check_values(args.opts)
         out = Path(args.run_dir if cmd.run_positional else args.out)
         if cmd.new_run:
             check_out_path(out)
@@ -184,8 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_LIBRARIES = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+"""Set (unless already set) before transformers is imported: its "Loading weights" bars and load reports
+would otherwise reach stderr before an error, which must be one line. Set e.g.
+``HF_HUB_DISABLE_PROGRESS_BARS=0`` to see download bars."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
     from .allocator import tune_allocator
     tune_allocator()
     try:
@@ -196,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return int(args.func(args) or 0)
     except HeadscopeError as e:
-        print(f"headscope: error: {e}", file=sys.stderr)
+        print(f"headscope: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (read-only, full disk, EIO, a name too long): one line
+        from .runs import os_error_text
+        print(f"headscope: error: {os_error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("headscope: interrupted; finished work is kept and a second run resumes", file=sys.stderr)

@@ -375,6 +375,8 @@ class RunDir:
             raise HeadscopeError(f"run directory {self.path} is a file: use another --out")
         if meta.exists():
             info = read_json(meta)
+            if not isinstance(info, dict) or not isinstance(info.get("model", {}), dict):
+                raise HeadscopeError(f"corrupt run directory {self.path}: run.json is not a headscope run record")
             if info.get("format_version") != FORMAT_VERSION:
                 raise HeadscopeError(
                     f"run directory {self.path} has format version {info.get('format_version')}, this headscope "
@@ -398,6 +400,7 @@ class RunDir:
                 raise HeadscopeError(f"run directory {self.path} is not writable")
             self.info = {"format_version": FORMAT_VERSION, "model": identity, "created": time.time()}
             write_json(meta, self.info)
+            (self.path / ".run.lock").touch()  # see using_run
 
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel
@@ -408,7 +411,12 @@ class RunDir:
     def record(self, stage: str) -> dict | None:
         """The stage's record (see :func:`run_stage`), or None when it never finished here."""
         p = self.record_path(stage)
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        rec = read_json(p)
+        if not isinstance(rec, dict):
+            raise HeadscopeError(f"corrupt stage record {p}: delete it (the stage then runs again)")
+        return rec
 
     @property
     def model_identity(self) -> dict:

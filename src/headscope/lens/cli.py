@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import sys
 from pathlib import Path
@@ -44,7 +46,10 @@ def _read_lines(path: str, what: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise HeadscopeError(f"{what} file not found: {path}")
-    lines = [l.rstrip("\n") for l in p.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if "\0" in text:
+        raise HeadscopeError(f"{what} file {path} contains NUL bytes: not a text file")
+    lines = [l.rstrip("\n") for l in text.splitlines() if l.strip()]
     if not lines:
         raise HeadscopeError(f"{what} file {path} is empty")
     return lines
@@ -100,10 +105,14 @@ def steer_cmd(model, args) -> int:
             except ValueError:
                 pass
         l, h = _site(parts[0])
+        if not ":".join(parts[1:]) or not math.isfinite(alpha):
+            raise HeadscopeError(f"cannot parse --add '{a}': give a token (and a finite ALPHA): L.H:TOKEN[:ALPHA]")
         edits.append(Steer(l, h, "add", ":".join(parts[1:]), alpha, args.from_lens))
     for a in args.scale:
         try:
             site, alpha = a.split(":")
+            if not math.isfinite(float(alpha)):
+                raise ValueError(alpha)
             edits.append(Steer(*_site(site), "scale", None, float(alpha)))
         except ValueError:
             raise HeadscopeError(f"cannot parse --scale '{a}' (use L.H:ALPHA)") from None
