@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HeadscopeError
@@ -203,6 +204,31 @@ would otherwise reach stderr before an error, which must be one line. Set e.g.
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(key, value)
+    with _quiet_transformers():
+        return _main(argv)
+
+
+@contextmanager
+def _quiet_transformers():
+    """Where transformers was imported before ``main`` (a notebook, the tests), the environment variables
+    come too late: turn its bars and warnings off for the command and back on after it."""
+    tf = sys.modules.get("transformers")
+    if tf is None or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        yield
+        return
+    log = tf.utils.logging
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+
+
+def _main(argv: list[str] | None) -> int:
     from .allocator import tune_allocator
     tune_allocator()
     try:

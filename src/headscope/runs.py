@@ -545,13 +545,13 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
         return rec.get("summary", {}), False
     fn = resolve(stage.func)
     t0, c0 = time.time(), time.process_time()
-    new_outputs = [rel for rel in stage.writes(opts) if not (run / rel).exists()]
+    before = _output_folders(run, stage.writes(opts))
     with using_run(run.path):
         try:
             summary = fn(model, run, opts, progress=progress) or {}
         except BaseException as e:
             if primary and not isinstance(e, KeyboardInterrupt):
-                _remove_partial(run, new_outputs)
+                _remove_partial(before)
             if isinstance(e, OSError):
                 raise HeadscopeError(f"{stage.name}: {os_error_text(e)}; its partial output was removed") from None
             raise
@@ -575,14 +575,59 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     return summary, True
 
 
-def _remove_partial(run: RunDir, rels: list[str]) -> None:
-    """Remove the outputs a failed stage created (those that did not exist before it started)."""
+def _output_folders(run: RunDir, rels: Iterable[str]) -> dict[Path, set[str] | None]:
+    """What the folders a stage writes into hold before it runs: folder → its entries (None: the folder, or
+    an ancestor below the run directory, does not exist yet; then the topmost missing one is the key)."""
+    out: dict[Path, set[str] | None] = {}
     for rel in rels:
-        p = run / rel
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)
+        d = (run / rel).parent
+        if d == run.path:
+            if not (run / rel).exists():
+                out[run / rel] = None
+            continue
+        top = None
+        while d != run.path and not d.exists():
+            top, d = d, d.parent
+        if top is not None:
+            out[top] = None
+        elif d != run.path:
+            out.setdefault(d, set(os.listdir(d)))
+    return out
+
+
+KEEP_ON_FAILURE = ("cache", "checkpoint")
+"""Folders a failed stage leaves in place: resumable state by design (an SAE's or a lens' checkpoint, the
+explainer's paid-for response cache)."""
+
+
+def _remove_new(p: Path) -> None:
+    if p.name in KEEP_ON_FAILURE:
+        return
+    if p.is_dir() and not p.is_symlink():
+        for child in p.iterdir():
+            _remove_new(child)
+        try:
+            p.rmdir()
+        except OSError:
+            pass  # it holds a kept folder
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _remove_partial(before: dict[Path, set[str] | None]) -> None:
+    """Remove what a failed stage created in the folders it writes into (entries that were not there
+    before it started; folders it created, whole, but for ``KEEP_ON_FAILURE``): no half-written output
+    outlives a failure."""
+    for d, names in before.items():
+        try:
+            if names is None:
+                if d.exists() or d.is_symlink():
+                    _remove_new(d)
+                continue
+            for name in set(os.listdir(d)) - names:
+                _remove_new(d / name)
+        except OSError:
+            pass
 
 
 def os_error_text(e: OSError) -> str:
