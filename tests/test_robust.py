@@ -41,6 +41,8 @@ def sae_run(tmp_path_factory):
     run = RunDir(tmp / "run", model.identity())
     run_train(model, run, 1, progress=False, corpus=small_corpus(tmp), n_tokens=2048, batch_size=256,
               buffer_tokens=1024, expansion=1, architecture="topk", k=4, seq_len=64)
+    from headscope.sae.dashboards import run_dashboards
+    run_dashboards(model, run, "L1", n_tokens=512, batch_size=4, page_size=16, progress=False)
     return run
 
 
@@ -208,3 +210,20 @@ def test_cli_error_is_one_line_in_a_real_process(tmp_path, model_dir):
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert p.returncode == 2 and len(lines) == 1 and match in lines[0], p.stderr[-2000:]
         assert not (tmp_path / "run").exists()
+
+
+def test_neuronpedia_export_to_an_unwritable_place_is_one_line(sae_run, tmp_path, capsys):
+    """Issue 23: `export neuronpedia --to` a /proc path or below a file was a traceback."""
+    (tmp_path / "file").write_text("x")
+    for to in ("/proc/headscope-np", str(tmp_path / "file" / "np")):
+        capsys.readouterr()
+        rc = main(["export", "neuronpedia", "--out", str(sae_run.path), "--sae", "L1", "--to", to])
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert rc == 2 and len(err) == 1 and "cannot write" in err[0], err
+    for bad in ("../../x", "a/../.."):
+        rc = main(["export", "neuronpedia", "--out", str(sae_run.path), "--sae", "L1", "--to", str(tmp_path / "np"),
+                   "--model-id", bad])
+        assert rc == 2
+    assert _files(tmp_path) == {"file"}
+    assert main(["export", "neuronpedia", "--out", str(sae_run.path), "--sae", "L1", "--to", str(tmp_path / "np")]) == 0
+    assert not [p for p in (tmp_path / "np").rglob("*") if ".tmp" in p.name]

@@ -86,8 +86,6 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
             raise HeadscopeError(f"config: [study] {key} = {value!r}: expected a non-empty string")
     if study.get("dtype", "float32") not in DTYPES:
         raise HeadscopeError(f"config: [study] dtype must be one of {', '.join(DTYPES)}, got {study['dtype']!r}")
-    if not any(k != "study" for k in config):
-        raise HeadscopeError("config: no stage tables: nothing to run (add e.g. [heads.score])")
     if study.get("refresh_atlas", "end") not in REFRESH_ATLAS:
         raise HeadscopeError(f"config: [study] refresh_atlas must be one of {', '.join(map(repr, REFRESH_ATLAS))}, "
                              f"got {study['refresh_atlas']!r}")
@@ -95,6 +93,8 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
         if key != "study" and (key not in by_instrument or not isinstance(value, dict)):
             raise HeadscopeError(f"config: unknown table [{key}]; tables are [study] and "
                                  f"{', '.join(f'[{n}]' for n in by_instrument)} with their stages")
+    if not any(k != "study" for k in config):
+        raise HeadscopeError("config: no stage tables: nothing to run (add e.g. [heads.score])")
     out = Plan()
     for ins in instruments():
         table = config.get(ins.name)
