@@ -140,7 +140,7 @@ def _remove_if_only_run_json(out: Path) -> None:
 def _command_handler(cmd):
     def handler(args) -> int:
         from .options import check_values
-        from .runs import RunDir, resolve
+        from .runs import RunDir, resolve, using_run
         check_values(args.opts)
         out = Path(args.run_dir if cmd.run_positional else args.out)
         if cmd.new_run:
@@ -149,9 +149,13 @@ def _command_handler(cmd):
             raise HeadscopeError(f"no run directory at {out} (no run.json)")
         fn = resolve(cmd.func)
         if not cmd.needs_model:
-            return int(fn(RunDir(out), args.opts) or 0)
+            run = RunDir(out)
+            with using_run(run.path, create=False):
+                return int(fn(run, args.opts) or 0)
         model = load_from_args(args)
-        return int(fn(model, RunDir(out, model.identity()), args.opts) or 0)
+        run = RunDir(out, model.identity())
+        with using_run(run.path, create=False):
+            return int(fn(model, run, args.opts) or 0)
     return handler
 
 

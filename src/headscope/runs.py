@@ -222,10 +222,14 @@ def external_inputs(opts) -> dict[str, str]:
     option whose value is an existing path. The stage contract compares them like run artifacts, so
     rewriting a corpus in place reruns the stages that read it."""
     import dataclasses
+    from typing import Literal, get_origin
+    from .options import field_types
     out = {}
     if not dataclasses.is_dataclass(opts):
         return out
-    for f in dataclasses.fields(opts):
+    for f, tp in zip(dataclasses.fields(opts), field_types(type(opts)).values()):
+        if get_origin(tp) is Literal or f.name in ("name", "layers", "heads"):
+            continue  # a choice or a name, never a file (even where one of that name happens to exist)
         v = getattr(opts, f.name)
         if not isinstance(v, str) or not v or v == "default" or v.startswith("hf:") or "\0" in v:
             continue
@@ -323,12 +327,29 @@ def clean_leftovers(root: Path) -> list[Path]:
     return removed
 
 
+_HELD: dict[str, int] = {}
+"""Run directories this process holds (:func:`using_run`), with the nesting depth."""
+
+
 @contextmanager
-def using_run(root: Path):
-    """Hold a shared lock on the run directory ``root`` for the block; when no other process holds it,
-    first clean the leftovers of an interrupted one (:func:`clean_leftovers`)."""
+def using_run(root: Path, create: bool = True):
+    """Hold a shared ``flock`` on ``RUN/.run.lock`` for the block (a study, a stage, an atlas build, a
+    command that writes into the run); when no other process holds it, first remove the leftovers of an
+    interrupted one (:func:`clean_leftovers`). Re-entrant: a stage inside a study does not lock again. While
+    any headscope process works in a run, its temporary files are live and nobody removes them.
+    ``create=False`` (read-only commands): no lock file is created where there is none."""
     root = Path(root)
+    key = str(root.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     try:
+        if not create and not (root / ".run.lock").is_file():
+            raise FileNotFoundError
         f = open(root / ".run.lock", "a+b")
     except OSError:  # a read-only run: nothing to clean, nothing will be written
         yield
@@ -340,9 +361,11 @@ def using_run(root: Path):
         except BlockingIOError:
             pass
         fcntl.flock(f, fcntl.LOCK_SH)
+        _HELD[key] = 1
         try:
             yield
         finally:
+            del _HELD[key]
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

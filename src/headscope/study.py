@@ -195,7 +195,7 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
     ``model``: an already loaded model (else ``[study].model`` is loaded). ``only``: run just these
     stages. ``force``: rerun these stages even when up to date."""
     from .cli import check_out_path
-    from .runs import RunDir, read_json, run_stage, update_json
+    from .runs import RunDir, using_run
     study = dict(config.get("study", {}))
     out = check_out_path(out or study.get("out") or "runs/study")
     steps = plan(config, only)
@@ -214,7 +214,8 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
     created = not (Path(out) / "run.json").is_file()
     run = RunDir(out, model.identity())
     try:
-        return _run_steps(run, model, config, study, steps, force, progress, t_start)
+        with using_run(run.path):
+            return _run_steps(run, model, config, study, steps, force, progress, t_start)
     except HeadscopeError:
         if created:
             _remove_if_nothing_done(run.path)
