@@ -517,6 +517,10 @@ class Command(_Declared):
 
 def check_inputs(run_path: Path, stage: Stage, opts, writer_of: Callable[[str], str | None] | None = None) -> dict:
     """Hash of every artifact ``stage`` reads; a one-line error naming the command that makes a missing one."""
+    import dataclasses
+    from .options import check_values
+    if dataclasses.is_dataclass(opts):
+        check_values(opts)  # the Python API gets the CLI's and the study's checks too
     inputs = {}
     for rel in stage.writes(opts):
         inside(run_path, rel, f"{stage.name} output")
