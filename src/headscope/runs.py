@@ -11,7 +11,14 @@ Every write is atomic (a temporary file renamed into place), so an interrupted s
 half-written artifact that a later stage would take as complete. How a stage is declared and when its result is reused is
 the *stage contract* (:class:`Stage`, :func:`run_stage`; docs/design.md § Stage contract): a stage is a
 function of (model, run, options); its record ``RUN/stages/<name>.json`` holds the hash of its options and of
-every artifact it read and wrote, and it is fresh only while all of them match.
+every artifact it read and wrote — and of the content of every file or folder its options name (a corpus:
+:func:`external_inputs`) — and it is fresh only while all of them match.
+
+Faults (docs/reliability.md): run-relative paths never leave the run (:func:`inside`); new folders outside
+it are built beside their target under a unique temporary name (:func:`building_folder`); training
+checkpoints are one file (:func:`write_checkpoint`); a failed stage's partial output is removed, and a
+killed process' temporary files are removed at the next start while no other process holds the run
+(:func:`using_run`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -257,7 +265,7 @@ def building_folder(final: Path, what: str):
     while not probe.exists():
         created.append(probe)
         probe = probe.parent
-    tmp = None
+    tmp, done = None, False
     try:
         for d in reversed(created):
             d.mkdir()
@@ -267,17 +275,20 @@ def building_folder(final: Path, what: str):
         if final.exists():
             raise HeadscopeError(f"{what} {final} appeared while it was written: nothing written")
         os.rename(tmp, final)
-        tmp = None
+        done = True
     except OSError as e:
         raise HeadscopeError(f"{what} {final}: cannot write: {e.strerror}") from None
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for d in created:
+        if not done:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for d in created:  # innermost first
                 try:
                     d.rmdir()
+                except FileNotFoundError:
+                    continue  # never made
                 except OSError:
-                    break
+                    break  # something else is in it now
 
 
 CHECKPOINT_STATE_KEY = "headscope_state"
@@ -327,8 +338,8 @@ def clean_leftovers(root: Path) -> list[Path]:
     return removed
 
 
-_HELD: dict[str, int] = {}
-"""Run directories this process holds (:func:`using_run`), with the nesting depth."""
+_HELD: dict[tuple[str, int], int] = {}
+"""(run directory, thread) pairs that hold the run lock (:func:`using_run`), with the nesting depth."""
 
 
 @contextmanager
@@ -339,7 +350,7 @@ def using_run(root: Path, create: bool = True):
     any headscope process works in a run, its temporary files are live and nobody removes them.
     ``create=False`` (read-only commands): no lock file is created where there is none."""
     root = Path(root)
-    key = str(root.resolve())
+    key = (str(root.resolve()), threading.get_ident())  # threads building one atlas each hold their own lock
     if key in _HELD:
         _HELD[key] += 1
         try:
