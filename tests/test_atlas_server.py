@@ -314,3 +314,33 @@ def test_atlas_files_are_world_readable_and_concurrent_builds_do_not_collide(tmp
     for d in [atlas] + [p for p in atlas.rglob("*") if p.is_dir()]:
         assert stat.S_IMODE(d.stat().st_mode) & 0o555 & ~umask == 0o555 & ~umask, d
     assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".atlas")) == []
+
+
+def test_body_limits_hold_whatever_the_framing(server, monkeypatch, capfd):
+    """A chunked body is never read past the limit (it is refused outright, also behind a small
+    Content-Length), a body that trickles is cut at BODY_TIMEOUT with 408, a URL over MAX_URL is 414
+    with no traceback, and the server keeps answering."""
+    head = b"POST /api/prompt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    chunk = b"x" * 8192  # the first chunk of a 60 MB chunked body: the answer comes before any more is read
+    for framing in (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"Transfer-Encoding: chunked\r\n"):
+        t0 = time.time()
+        resp = raw(server, head + framing + b"\r\n" + b"%x\r\n%s" % (60_000_000, chunk))
+        assert resp.split(b"\r\n")[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 411 Length Required"), resp[:80]
+        assert b"prompt too long" not in resp and time.time() - t0 < 20
+    monkeypatch.setattr(server_mod, "BODY_TIMEOUT", 1.0)
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:
+        t0 = time.time()
+        s.sendall(head + b"Content-Length: 1000\r\n\r\n" + b'{"prompt"')  # 9 of 1000 bytes, then silence
+        resp = s.recv(65536)
+        assert resp.startswith(b"HTTP/1.1 408"), resp[:80]
+        assert time.time() - t0 < 10
+    for path in ("/" + "a" * 10_000, "/api/info?" + "q" * 5000, "/" + "%2e" * 3000):
+        st, hd, body = request(server, "GET", path)
+        assert st == 414 and "content-security-policy" in hd, (st, body[:80])
+    st, _, body = request(server, "GET", "/" + "a" * 300)  # long but allowed: a plain 404
+    assert st == 404
+    st, _, _ = request(server, "POST", "/api/prompt", json.dumps({"prompt": "hello"}))
+    assert st == 200
+    time.sleep(0.3)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-2000:]

@@ -14,7 +14,11 @@ marker must go.
 Placeholders: ``{model}`` the saved tiny model, ``{run}`` the finished run, ``{nonull}`` a copy of its
 lenses without the null lens, ``{new}`` a path that does not exist (and must not afterwards),
 ``{file}`` an existing plain file, ``{empty}`` an empty file, ``{ro}`` a read-only folder, ``{toml:X}``
-a study config from ``CONFIGS[X]``.
+a study config from ``CONFIGS[X]``, ``{sae}`` the run's SAE folder, ``{listrun}`` / ``{strmodel}`` run
+directories whose run.json is ``[]`` / names its model by a bare string, ``{badrec}`` a run whose stage record
+is ``[]``, ``{atlasfile}`` a run whose ``atlas`` is a file, ``{rorun}`` a read-only run, ``{xff}`` a corpus
+file whose name is not UTF-8, ``{xffname}`` such a string as an argument, ``{nulfile}`` a text file with NUL
+bytes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,28 @@ CONFIGS = {
     "typo_k": '[sae.train]\nlayer = 1\nk = "8"\n',
     "unknown_table": "[nonsense]\nx = 1\n",
     "bad_range": "[heads.score]\nn_seqs = 0\n",
+    # issue 23: every [study] key type-checked, every option range-checked, all in the plan
+    "out_int": "[study]\nout = 5\n[heads.score]\n",
+    "model_int": "[study]\nmodel = 5\n[heads.score]\n",
+    "out_nul": '[study]\nout = "a\\u0000b"\n[heads.score]\n',
+    "dtype_bad": '[study]\ndtype = "int8"\n[heads.score]\n',
+    "refresh_int": "[study]\nrefresh_atlas = 5\n[heads.score]\n",
+    "study_scalar": "study = 5\n[heads.score]\n",
+    "array_table": "[[heads.score]]\nn_seqs = 2\n",
+    "enabled_str": '[heads.score]\nenabled = "false"\n',
+    "instrument_enabled_str": '[heads]\nenabled = "no"\n[heads.score]\n',
+    "atlas_enabled_str": '[heads.score]\n[atlas]\nenabled = "no"\n',
+    "empty": "",
+    "only_study": '[study]\nname = "x"\n',
+    "layers_abc": '[heads.score]\nlayers = "abc"\n',
+    "layer_99": "[sae.train]\nlayer = 99\nn_tokens = 512\n",
+    "layers_99": '[heads.score]\nlayers = "99"\n',
+    "lr_nan": "[sae.train]\nlayer = 1\nlr = nan\n",
+    "lr_inf": "[lens.train]\nlr = inf\n",
+    "seed_neg": "[heads.score]\nseed = -1\n",
+    "seed_huge": "[heads.score]\nseed = 9223372036854775807\n",
+    "name_escape": '[sae]\nname = "../../escaped"\n[sae.train]\nlayer = 1\n',
+    "decay_frac": "[sae.train]\nlayer = 1\ndecay_frac = 5.0\n",
 }
 
 STUDY = tiny_study("heads.score", "lens.train", "lens.eval", "sae.train", "neurons.find", "neurons.mine")
@@ -158,6 +184,93 @@ ROWS = [
     bad(f"export hf --out {{run}} --sae nope --to {{new}}", r"nope"),
     bad(f"export neuronpedia --out {{run}} --sae L1 --to {{new}} --batch-size 0", r"batch.size"),
     bad(f"sae import {M} --out {{new}} --path {{new}} --name X", r"does not exist|not found|missing"),
+    # ==== issue 23 ====
+    # ---- names that become paths stay inside their folder
+    bad(f"sae train {M} --out {{new}} --layer 1 --name ../../escaped", r"--name '\.\./\.\./escaped' is not a plain"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --name ..", r"--name '\.\.' is not a plain"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --name a/b", r"--name 'a/b' is not a plain"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --name .hidden", r"--name '\.hidden' is not a plain"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --name x.tmp", r"--name 'x\.tmp' is not a plain"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --name ''", r"--name '' is not a plain"),
+    bad(f"sae import {M} --out {{new}} --path {{sae}} --name ../../x", r"--name .* not a plain"),
+    bad(f"sae import {M} --out {{run}} --path {{sae}} --name /tmp/x", r"--name .* not a plain"),
+    bad(f"sae eval {M} --out {{run}} --name ../L1", r"--name .* not a plain"),
+    bad(f"sae analysis {M} --out {{run}} --name ../../x", r"--name .* not a plain"),
+    bad(f"sae dashboards {M} --out {{run}} --name /tmp/x", r"--name .* not a plain"),
+    bad(f"sae ioi {M} --out {{run}} --name ../L1", r"--name .* not a plain"),
+    bad(f"sae dfa {M} --out {{run}} --name ../../x --feature 1 --prompt hello", r"--name .* not a plain"),
+    bad("export hf --out {run} --sae L1 --to /proc/headscope-export", r"--to /proc/headscope-export: cannot write"),
+    bad("export hf --out {run} --sae L1 --to {file}/repo", r"--to .*/repo: cannot write"),
+    bad("export hf --out {run} --sae L1 --to {run}", r"exists"),
+    as_user("export hf --out {run} --sae L1 --to {ro}/repo", r"--to .*cannot write"),
+    # ---- study: [study] keys typed, options range-checked, everything before a file is written
+    bad(f"study {{toml:out_int}} {M}", r"\[study\] out = 5: expected a non-empty string"),
+    bad(f"study {{toml:model_int}} --out {{new}}", r"\[study\] model = 5"),
+    bad(f"study {{toml:out_nul}} {M}", r"\[study\] out = .*expected a non-empty string"),
+    bad(f"study {{toml:dtype_bad}} {M} --out {{new}}", r"dtype"),
+    bad(f"study {{toml:refresh_int}} {M} --out {{new}}", r"refresh_atlas"),
+    bad(f"study {{toml:study_scalar}} {M} --out {{new}}", r"\[study\] must be a table"),
+    bad(f"study {{toml:array_table}} {M} --out {{new}}", r"\[heads\.score\] must be one table"),
+    bad(f"study {{toml:enabled_str}} {M} --out {{new}}", r"enabled = 'false': expected true or false"),
+    bad(f"study {{toml:instrument_enabled_str}} {M} --out {{new}}", r"\[heads\] enabled = 'no'"),
+    bad(f"study {{toml:atlas_enabled_str}} {M} --out {{new}}", r"\[atlas\] enabled = 'no'"),
+    bad(f"study {{toml:empty}} {M} --out {{new}}", r"no stage tables"),
+    bad(f"study {{toml:only_study}} {M} --out {{new}}", r"no stage tables"),
+    bad(f"study {{toml:layers_abc}} {M} --out {{new}}", r"\[heads\.score\] cannot parse layers 'abc'"),
+    bad(f"study {{toml:layer_99}} {M} --out {{new}}", r"\[sae\.train\] layer 99 is out of range"),
+    bad(f"study {{toml:layers_99}} {M} --out {{new}}", r"\[heads\.score\] layer 99 is out of range"),
+    bad(f"study {{toml:lr_nan}} {M} --out {{new}}", r"lr must be a positive number|finite"),
+    bad(f"study {{toml:lr_inf}} {M} --out {{new}}", r"learning rate|finite"),
+    bad(f"study {{toml:seed_neg}} {M} --out {{new}}", r"--seed must be 0 or more"),
+    bad(f"study {{toml:seed_huge}} {M} --out {{new}}", r"--seed .* out of range"),
+    bad(f"study {{toml:name_escape}} {M} --out {{new}}", r"--name '\.\./\.\./escaped' is not a plain"),
+    bad(f"study {{toml:decay_frac}} {M} --out {{new}}", r"decay-frac"),
+    bad(f"study {{toml:typo_int}} {M} --out {{file}}", r"n_seqs|is a file"),
+    # ---- numbers: finite, within 64 bits, seeds and indexes non-negative
+    bad(f"lens train {M} --out {{new}} --lr nan", r"learning rate"),
+    bad(f"lens train {M} --out {{new}} --lr inf", r"learning rate"),
+    bad(f"lens train {M} --out {{new}} --lr -1", r"learning rate"),
+    bad(f"lens train {M} --out {{new}} --weight-decay -1", r"weight.decay"),
+    bad(f"lens train {M} --out {{new}} --clip inf", r"clip"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --lr nan", r"--lr"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --lr inf", r"--lr"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --decay-frac 5", r"decay.frac"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --l1 inf", r"l1.coeff|finite"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --warmup-steps -1", r"warmup.steps"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --dead-tokens 0", r"dead.tokens"),
+    bad(f"heads score {M} --out {{new}} --seed 99999999999999999999999", r"--seed .* out of range"),
+    bad(f"heads score {M} --out {{new}} --seed -1", r"--seed must be 0 or more"),
+    bad(f"heads score {M} --out {{new}} --n-seqs 99999999999999999999999", r"n.seqs .*out of range"),
+    bad(f"sae eval {M} --out {{run}} --name L1 --min-effect nan --force", r"min.effect"),
+    bad(f"sae dfa {M} --out {{run}} --name L1 --feature 1 --prompt hello --recursive --top=-3", r"--top"),
+    bad(f"sae ioi {M} --out {{run}} --name L1 --max-features 0", r"max.features"),
+    bad(f"neurons attribute {M} --out {{run}} --low nan --force", r"--low|finite"),
+    bad(f"explain label {M} --out {{run}} --top-frac nan", r"top.frac"),
+    bad(f"lens steer {M} --out {{run}} hello --add 2.0:", r"cannot parse --add '2\.0:'"),
+    bad(f"lens steer {M} --out {{run}} hello --add 2.0:x:inf", r"cannot parse --add"),
+    bad(f"lens steer {M} --out {{run}} hello --scale 0.0:nan", r"cannot parse --scale"),
+    bad(f"lens steer-eval {M} --out {{run}} --n-tokens 1", r"--n-tokens must be in 2\.\.10000"),
+    bad(f"lens steer-eval {M} --out {{run}} --strengths 0", r"--strengths: give positive values"),
+    bad(f"lens steer-eval {M} --out {{run}} --heads 99.0", r"out of range"),
+    bad("atlas serve {run} --no-model --port 99999999999999999999", r"--port .*out of range"),
+    # ---- devices
+    bad(f"heads score {M} --out {{new}} --device meta", r"--device 'meta'"),
+    bad(f"heads score {M} --out {{new}} --device bogus", r"--device 'bogus'"),
+    # ---- file inputs: unreadable, not UTF-8, NUL bytes
+    bad(f"neurons mine {M} --out {{run}} --corpus /proc/self/mem --force", r"cannot read '/proc/self/mem'"),
+    bad(f"sae train {M} --out {{new}} --layer 1 --corpus /proc/self/mem", r"cannot read '/proc/self/mem'"),
+    bad(f"neurons mine {M} --out {{run}} --corpus {{xff}} --force", r"--corpus .* not valid UTF-8"),
+    bad(f"lens show {M} --out {{run}} {{xffname}}", r"--prompt .* not valid UTF-8"),
+    bad(f"lens scan {M} --out {{run}} --token-list {{file}} --prompts {{nulfile}}", r"NUL bytes"),
+    # ---- run directories and stage records that are not what they should be
+    bad(f"heads score {M} --out {{listrun}}", r"corrupt run directory"),
+    bad(f"lens eval {M} --out {{listrun}}", r"corrupt run directory|lens train"),
+    bad("atlas build {listrun} --no-model", r"corrupt run directory"),
+    bad("atlas serve {listrun} --no-model", r"corrupt run directory|no atlas"),
+    bad(f"heads score {M} --out {{strmodel}}", r"corrupt run directory"),
+    bad(f"heads score {M} --out {{badrec}}", r"corrupt stage record"),
+    bad("atlas build {atlasfile} --no-model", r"atlas is a file"),
+    as_user("atlas build {rorun} --no-model", r"cannot write the atlas|not writable"),
 ]
 
 
@@ -184,17 +297,29 @@ def world(tmp_path_factory):
     ro.mkdir()
     for name, text in CONFIGS.items():
         (root / f"{name}.toml").write_text(text)
+    runjson = (root / "run" / "run.json").read_text()
+    for name, text in {"listrun": "[]", "strmodel": '{"format_version": 1, "model": "other-model"}',
+                       "badrec": runjson, "atlasfile": runjson, "rorun": runjson}.items():
+        (root / name).mkdir()
+        (root / name / "run.json").write_text(text)
+    (root / "badrec" / "stages").mkdir()
+    (root / "badrec" / "stages" / "heads.score.json").write_text("[]")
+    (root / "atlasfile" / "atlas").write_text("not a folder")
+    (root / os.fsdecode(b"\xff.txt")).write_text("a corpus file whose name is not UTF-8\n" * 50)
+    (root / "nul.txt").write_bytes(b"a prompt\n\x00\x00 another\n")
     os.chmod(ro, 0o555)
+    os.chmod(root / "rorun", 0o555)
     pristine = tmp_path_factory.mktemp("pristine")
-    shutil.copytree(root, pristine / "root", symlinks=True, ignore=shutil.ignore_patterns("model", "ro"))
+    shutil.copytree(root, pristine / "root", symlinks=True, ignore=shutil.ignore_patterns("model", "ro", "rorun"))
     yield {"root": root, "model": model_dir, "pristine": pristine / "root"}
     os.chmod(ro, 0o755)
+    os.chmod(root / "rorun", 0o755)
 
 
 def restore(world, changed: list[str]) -> None:
     """Undo what a failing row wrote, so that the next rows see the fixture as it was."""
     root, pristine = world["root"], world["pristine"]
-    for top in sorted({c.split(os.sep)[0] for c in changed} - {"model", "ro", "."}):
+    for top in sorted({c.split(os.sep)[0] for c in changed} - {"model", "ro", "rorun", "."}):
         target = root / top
         if target.is_dir():
             shutil.rmtree(target)
@@ -210,7 +335,10 @@ def restore(world, changed: list[str]) -> None:
 def expand(cmd: str, world) -> list[str]:
     root = world["root"]
     paths = {"model": world["model"], "run": root / "run", "nonull": root / "nonull", "new": root / "new",
-             "file": root / "file.txt", "empty": root / "empty.txt", "ro": root / "ro"}
+             "file": root / "file.txt", "empty": root / "empty.txt", "ro": root / "ro",
+             "sae": root / "run" / "sae" / "L1", "listrun": root / "listrun", "strmodel": root / "strmodel",
+             "badrec": root / "badrec", "atlasfile": root / "atlasfile", "rorun": root / "rorun",
+             "xff": root / os.fsdecode(b"\xff.txt"), "xffname": os.fsdecode(b"caf\xe9"), "nulfile": root / "nul.txt"}
     cmd = re.sub(r"\{toml:(\w+)\}", lambda m: shlex.quote(str(root / f"{m.group(1)}.toml")), cmd)
     return [w.format(**{k: str(v) for k, v in paths.items()}) for w in shlex.split(cmd)]
 

@@ -214,7 +214,7 @@ def test_resume_equals_uninterrupted(tmp_path, models, kind, opt, objective):
     run_train(m, ra, sites, lens, cfg, progress=False)
     rb = RunDir(tmp_path / "b", m.identity())
     stopped = run_train(m, rb, sites, lens, cfg, progress=False, stop_at_step=3)
-    assert stopped == {"stopped_at": 3} and (tmp_path / "b/lens/checkpoint/state.json").exists()
+    assert stopped == {"stopped_at": 3} and (tmp_path / "b/lens/checkpoint/state.safetensors").exists()
     torch.manual_seed(123)  # a resumed process starts with another RNG state; the checkpoint restores it
     s = run_train(m, rb, sites, lens, cfg, progress=False)
     assert s["resumed"]
@@ -273,6 +273,7 @@ def test_bad_input(tmp_path, models):
     with pytest.raises(HeadscopeError, match="corrupt"):
         run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False)
     assert not (tmp_path / "r/lens/lenses.json").exists()
+    run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False, stop_at_step=2, fresh=True)
     with pytest.raises(HeadscopeError, match="other training options"):
         run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**{**SMALL, "lr": 0.5}), progress=False)
     with pytest.raises(HeadscopeError, match="unknown lens kind"):

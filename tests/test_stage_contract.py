@@ -143,3 +143,78 @@ def test_neurons_attribute_reruns_after_mine(tmp_path, model_dir):
     assert main(["neurons", "attribute", *base, "--k-sigma", "1"]) == 0
     rec = read_json(tmp_path / "run/stages/neurons.attribute.json")
     assert rec["finished"] > first and rec["why"] == "input changed: neurons/mine.json"
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    corpus: str = "default"
+
+
+def count_words(model, run, opts: CorpusOptions, progress=True):
+    from pathlib import Path
+    CALLS.append("count")
+    p = Path(opts.corpus)
+    files = [p] if p.is_file() else sorted(p.rglob("*.txt"))
+    write_json(run / "count.json", {"words": sum(len(f.read_text().split()) for f in files)})
+    return {}
+
+
+COUNT = Stage("t.count", CorpusOptions, f"{__name__}:count_words", writes=lambda o: ["count.json"])
+
+
+def test_rewritten_corpus_reruns_the_stage(run, tmp_path, monkeypatch):
+    """The contract hashes the *content* of files and folders an option names (a corpus rewritten in place,
+    same path, same size, same mtime even, is a new input); the hash is cached by (path, size, mtime, inode)."""
+    import os
+    import headscope.runs as runs
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"d{i}.txt").write_text(f"one two three {i}\n")
+    opts = CorpusOptions(str(corpus))
+    assert run_stage(None, run, COUNT, opts)[1] and not run_stage(None, run, COUNT, opts)[1]
+    for i in range(3):  # every file rewritten: same size, mtime put back
+        f = corpus / f"d{i}.txt"
+        st = f.stat()
+        f.write_text(f"four five six {i}\n")
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    runs._HASH_CACHE.clear()  # a new process: small files are hashed from their bytes again
+    summary, ran = run_stage(None, run, COUNT, opts)
+    assert ran and run.record("t.count")["why"] == "input changed: file:corpus"
+    assert read_json(run / "count.json")["words"] == 12
+    (corpus / "d0.txt").write_text("seven\n")  # a plain rewrite, same process
+    assert run_stage(None, run, COUNT, opts)[1] and read_json(run / "count.json")["words"] == 9
+    (corpus / "new.txt").write_text("a b\n")  # a file added to the folder
+    assert run_stage(None, run, COUNT, opts)[1]
+    # large files keep their hash on disk: a second process does not read them again
+    monkeypatch.setattr(runs, "PERSIST_HASHES_FROM", 1)
+    runs._HASH_CACHE.clear()
+    h = runs.file_hash(corpus / "new.txt")
+    runs._HASH_CACHE.clear()
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    assert runs.file_hash(corpus / "new.txt") == h
+
+
+def test_neurons_mine_reruns_when_its_corpus_is_rewritten(tmp_path, model_dir):
+    """Issue 23's stale case through the CLI: `neurons mine --corpus DIR`, every file of DIR rewritten,
+    the same command runs again (and the tokenized corpus is rebuilt, not read from the cache)."""
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    from pydoc_data import topics
+    keys = sorted(topics.topics)[:30]
+    for i, k in enumerate(keys):
+        (corpus / f"{i:02d}.txt").write_text(topics.topics[k])
+    base = ["--model", str(model_dir), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(["neurons", "find", *base, "--last-k", "1", "--per-layer", "2", "--no-require-space",
+                 "--min-chars", "1"]) == 0
+    mine = ["neurons", "mine", *base, "--seq-len", "48", "--top-k", "6", "--top-k-test", "4", "--max-tokens", "1000",
+            "--corpus", str(corpus)]
+    assert main(mine) == 0
+    first = read_json(tmp_path / "run/stages/neurons.mine.json")
+    assert main(mine) == 0
+    assert read_json(tmp_path / "run/stages/neurons.mine.json")["finished"] == first["finished"]
+    for i, k in enumerate(reversed(keys)):
+        (corpus / f"{i:02d}.txt").write_text(topics.topics[k])
+    assert main(mine) == 0
+    rec = read_json(tmp_path / "run/stages/neurons.mine.json")
+    assert rec["finished"] > first["finished"] and rec["why"] == "input changed: file:corpus"

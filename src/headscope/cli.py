@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HeadscopeError
@@ -28,8 +29,10 @@ def load_from_args(args):
 def _stage_handler(stage):
     def handler(args) -> int:
         from .registry import writer_of
+        from .options import check_values
         from .runs import RunDir, check_inputs, resolve, run_stage
         opts = args.opts
+        check_values(opts)
         out = check_out_path(args.out)
         if list(stage.reads(opts)):
             if not (out / "run.json").is_file():
@@ -73,14 +76,16 @@ def _remove_if_only_run_json(out: Path) -> None:
     """Undo a run directory this command created when its stage failed before writing anything (a bad
     option found once the model was loaded): nothing half-written is left behind."""
     import shutil
-    files = [p for p in out.rglob("*") if p.is_file()]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".run.lock"]
     if [p.name for p in files] in (["run.json"], []):
         shutil.rmtree(out, ignore_errors=True)
 
 
 def _command_handler(cmd):
     def handler(args) -> int:
-        from .runs import RunDir, resolve
+        from .options import check_values
+        from .runs import RunDir, resolve, using_run
+        check_values(args.opts)
         out = Path(args.run_dir if cmd.run_positional else args.out)
         if cmd.new_run:
             check_out_path(out)
@@ -88,9 +93,13 @@ def _command_handler(cmd):
             raise HeadscopeError(f"no run directory at {out} (no run.json)")
         fn = resolve(cmd.func)
         if not cmd.needs_model:
-            return int(fn(RunDir(out), args.opts) or 0)
+            run = RunDir(out)
+            with using_run(run.path, create=False):
+                return int(fn(run, args.opts) or 0)
         model = load_from_args(args)
-        return int(fn(model, RunDir(out, model.identity()), args.opts) or 0)
+        run = RunDir(out, model.identity())
+        with using_run(run.path, create=False):
+            return int(fn(model, run, args.opts) or 0)
     return handler
 
 
@@ -132,8 +141,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_LIBRARIES = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+"""Set (unless already set) before transformers is imported: its "Loading weights" bars and load reports
+would otherwise reach stderr before an error, which must be one line. Set e.g.
+``HF_HUB_DISABLE_PROGRESS_BARS=0`` to see download bars."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
+    with _quiet_transformers():
+        return _main(argv)
+
+
+@contextmanager
+def _quiet_transformers():
+    """Where transformers was imported before ``main`` (a notebook, the tests), the environment variables
+    come too late: turn its bars and warnings off for the command and back on after it."""
+    tf = sys.modules.get("transformers")
+    if tf is None or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        yield
+        return
+    log = tf.utils.logging
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+
+
+def _main(argv: list[str] | None) -> int:
     from .allocator import tune_allocator
     tune_allocator()
     try:
@@ -144,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return int(args.func(args) or 0)
     except HeadscopeError as e:
-        print(f"headscope: error: {e}", file=sys.stderr)
+        print(f"headscope: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (read-only, full disk, EIO, a name too long): one line
+        from .runs import os_error_text
+        print(f"headscope: error: {os_error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("headscope: interrupted; finished work is kept and a second run resumes", file=sys.stderr)

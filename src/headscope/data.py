@@ -34,7 +34,7 @@ import torch
 
 from .errors import HeadscopeError
 from .models.load import Model, cache_dir
-from .runs import atomic_write_bytes
+from .runs import atomic_write_bytes, file_hash
 
 CORPUS_VERSION = 1
 SPLITS = ("train", "heldout")
@@ -134,7 +134,8 @@ def _spec_key(spec: str) -> str:
     if not path.exists():
         raise HeadscopeError(f"corpus path does not exist: {spec}")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".jsonl"))
-    return str(path) + "|" + "|".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+    # content, not (size, mtime): a file rewritten within the same second keeps neither apart
+    return str(path) + "|" + "|".join(f"{f.relative_to(path) if f != path else f.name}:{file_hash(f)}" for f in files)
 
 
 class TokenCorpus:

@@ -39,6 +39,18 @@ def check(ok: bool, message: str) -> None:
         raise HeadscopeError(message)
 
 
+def check_name(value: str | None, option: str) -> None:
+    """A name that becomes a folder of the run directory (``sae/<name>/``) must be one plain folder name:
+    not empty, no ``/`` or ``\\``, no leading ``.`` (so never ``..``), no control characters."""
+    if value is None:
+        return
+    check(isinstance(value, str) and value != "" and not value.startswith(".") and "/" not in value
+          and "\\" not in value and value.isprintable() and len(value.encode()) <= 200
+          and not re.search(r"\.tmp($|[.-])|\.staging-|\.old-", value),
+          f"{option} {value!r} is not a plain folder name (no '/', no leading '.', no control characters, "
+          "no '.tmp')")
+
+
 def flag(name: str) -> str:
     """The command-line flag of an option field: ``batch_size`` → ``--batch-size``."""
     return "--" + name.replace("_", "-")
@@ -138,9 +150,44 @@ def from_table(cls: type, table: dict, where: str):
         raise HeadscopeError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(types_)}")
     kwargs = {k: _coerce(v, types_[k], f"{where} {k}") for k, v in table.items()}
     try:
-        return cls(**kwargs)
+        opts = cls(**kwargs)
+        check_values(opts)
     except HeadscopeError as e:
         raise HeadscopeError(f"{where}: {e}") from None
+    return opts
+
+
+INT_LIMIT = 2 ** 63
+SEED_LIMIT = 2 ** 32
+"""Every int option lies in (-INT_LIMIT, INT_LIMIT) (what torch takes); seeds in [0, SEED_LIMIT) (what numpy
+takes, with room for the per-rank and per-step offsets added to them)."""
+
+
+def check_values(opts, where: str = "") -> None:
+    """The checks every options dataclass gets whatever its ``__post_init__`` says: numbers finite and
+    within 64 bits, seeds non-negative, no NUL in strings (one-line :class:`HeadscopeError` naming the flag)."""
+    import math
+    pre = f"{where}: " if where else ""
+    for f in dataclasses.fields(opts):
+        v = getattr(opts, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            name = f"{pre}{flag(f.name)}"
+            if isinstance(x, bool) or x is None:
+                continue
+            if isinstance(x, int):
+                check(-INT_LIMIT < x < INT_LIMIT, f"{name} {x} is out of range (64-bit integers)")
+                if f.name == "seed" or f.name.endswith("_seed"):
+                    check(x >= 0, f"{name} must be 0 or more, got {x}")
+                    check(x < SEED_LIMIT, f"{name} {x} is out of range (seeds are below 2**32)")
+            elif isinstance(x, float):
+                check(math.isfinite(x), f"{name} must be a finite number, got {x}")
+            elif isinstance(x, str):
+                check("\0" not in x, f"{name} contains a NUL character")
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise HeadscopeError(f"{name} {x!r} is not valid UTF-8 (rename the file, or re-encode the "
+                                         "text)") from None
 
 
 def field_names(cls: type) -> set[str]:

@@ -11,7 +11,14 @@ Every write is atomic (a temporary file renamed into place), so an interrupted s
 half-written artifact that a later stage would take as complete. How a stage is declared and when its result is reused is
 the *stage contract* (:class:`Stage`, :func:`run_stage`; docs/design.md § Stage contract): a stage is a
 function of (model, run, options); its record ``RUN/stages/<name>.json`` holds the hash of its options and of
-every artifact it read and wrote, and it is fresh only while all of them match.
+every artifact it read and wrote — and of the content of every file or folder its options name (a corpus:
+:func:`external_inputs`) — and it is fresh only while all of them match.
+
+Faults (docs/reliability.md): run-relative paths never leave the run (:func:`inside`); new folders outside
+it are built beside their target under a unique temporary name (:func:`building_folder`); training
+checkpoints are one file (:func:`write_checkpoint`); a failed stage's partial output is removed, and a
+killed process' temporary files are removed at the next start while no other process holds the run
+(:func:`using_run`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -160,20 +169,215 @@ def locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_CACHE: dict[tuple, str] = {}
+PERSIST_HASHES_FROM = 1 << 20
+"""Files of at least this many bytes keep their content hash on disk (``$HEADSCOPE_CACHE/hashes/``) across
+processes, keyed by (path, size, mtime, inode), so a large corpus is read once, not at every stage check."""
+
+
+def _hash_cache_file(key: tuple) -> Path:
+    from .models.load import cache_dir
+    return cache_dir() / "hashes" / hashlib.sha1(repr(key).encode()).hexdigest()[:32]
 
 
 def file_hash(path: Path) -> str:
-    """sha1 of a file's bytes (cached per (path, size, mtime) within a process)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
+    """sha1 of a file's bytes, cached per (path, size, mtime, inode): within the process, and on disk for
+    files of ``PERSIST_HASHES_FROM`` bytes or more. A file that cannot be read (``/proc/self/mem``, a
+    folder without permission) is a one-line error."""
+    try:
+        st = os.stat(path)
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key in _HASH_CACHE:
+            return _HASH_CACHE[key]
+        persist = st.st_size >= PERSIST_HASHES_FROM and os.path.isfile(path)
+        if persist:
+            cached = _hash_cache_file(key)
+            if cached.is_file():
+                text = cached.read_text().strip()
+                if len(text) == 40:
+                    _HASH_CACHE[key] = text
+                    return text
+        if not os.path.isfile(path):
+            raise HeadscopeError(f"{path} is not a regular file")
         h = hashlib.sha1()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()
+    except OSError as e:
+        raise HeadscopeError(f"cannot read {os.fsdecode(path)!r}: {e.strerror}") from None
+    _HASH_CACHE[key] = h.hexdigest()
+    if persist:
+        try:
+            atomic_write_bytes(_hash_cache_file(key), h.hexdigest().encode())
+        except OSError:
+            pass  # a read-only cache only costs the next process a re-read
     return _HASH_CACHE[key]
+
+
+def inside(root: Path, rel: str, what: str = "path") -> Path:
+    """``root / rel`` when ``rel`` stays inside ``root`` (relative, no ``..`` part, no NUL); else a one-line
+    error. Every run-relative path a stage reads or writes goes through here, so a name taken from a config
+    (an SAE's ``--name``) can never write outside the run directory."""
+    rel = str(rel)
+    if os.path.isabs(rel) or ".." in Path(rel).parts or "\0" in rel or not rel.strip():
+        raise HeadscopeError(f"{what} {rel!r} would leave the run directory {root}")
+    return Path(root) / rel
+
+
+def external_inputs(opts) -> dict[str, str]:
+    """Content hashes of the files and folders an options dataclass names (a corpus file or folder, an
+    activation cache, an SAE to import, a reject list): ``{"file:<field>": sha1}`` for every string
+    option whose value is an existing path. The stage contract compares them like run artifacts, so
+    rewriting a corpus in place reruns the stages that read it."""
+    import dataclasses
+    from typing import Literal, get_origin
+    from .options import field_types
+    out = {}
+    if not dataclasses.is_dataclass(opts):
+        return out
+    for f, tp in zip(dataclasses.fields(opts), field_types(type(opts)).values()):
+        if get_origin(tp) is Literal or f.name in ("name", "layers", "heads"):
+            continue  # a choice or a name, never a file (even where one of that name happens to exist)
+        v = getattr(opts, f.name)
+        if not isinstance(v, str) or not v or v == "default" or v.startswith("hf:") or "\0" in v:
+            continue
+        p = Path(v).expanduser()
+        try:
+            exists = p.exists()
+        except (OSError, ValueError):
+            continue
+        if exists:
+            out[f"file:{f.name}"] = artifact_hash(p)
+    return out
+
+
+@contextmanager
+def building_folder(final: Path, what: str):
+    """Build a new folder ``final`` (which must not exist) as one unit: yields a uniquely named temporary
+    folder beside it (``.<name>.tmp-XXXX``, never an existing path) and renames it to ``final`` when the
+    block ends without an error. On any error the temporary folder, and parent folders created for it,
+    are removed, and a file-system error becomes a one-line :class:`HeadscopeError` naming ``what``."""
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        raise HeadscopeError(f"{what} {final} exists: choose a new folder")
+    created = []
+    probe = final.parent
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    tmp, done = None, False
+    try:
+        for d in reversed(created):
+            d.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        if final.exists():
+            raise HeadscopeError(f"{what} {final} appeared while it was written: nothing written")
+        os.rename(tmp, final)
+        done = True
+    except OSError as e:
+        raise HeadscopeError(f"{what} {final}: cannot write: {e.strerror}") from None
+    finally:
+        if not done:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for d in created:  # innermost first
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    continue  # never made
+                except OSError:
+                    break  # something else is in it now
+
+
+CHECKPOINT_STATE_KEY = "headscope_state"
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """A training checkpoint as ONE file (tensors + the JSON ``state`` in the safetensors metadata),
+    renamed into place: a kill at any moment leaves the previous checkpoint or the new one, never a mix."""
+    write_tensors(path, tensors, metadata={CHECKPOINT_STATE_KEY: json.dumps(state),
+                                           "step": str(state.get("step"))})
+
+
+def read_checkpoint(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict] | None:
+    """``(tensors, state)`` of a checkpoint written by :func:`write_checkpoint`; None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    meta = read_metadata(path)
+    if CHECKPOINT_STATE_KEY not in meta:
+        return None  # an old two-file checkpoint (not crash-safe): the caller starts over
+    try:
+        state = json.loads(meta[CHECKPOINT_STATE_KEY])
+    except json.JSONDecodeError as e:
+        raise HeadscopeError(f"corrupt checkpoint {path}: {e}") from None
+    return read_tensors(path, device=device), state
+
+
+TEMP_NAME = re.compile(r"\.tmp($|[.-])|\.staging-|\.old-|^\.atlas\.(tmp|old)")
+"""Names of the temporary files and folders headscope writes beside their targets (mkstemp's
+``<name>.<rand>.tmp[.png]``, :func:`staging_folder`, :func:`commit_folder`'s ``.old-``, the atlas')."""
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+    """Remove the temporary files/folders an interrupted process left in the run directory ``root``.
+    Runs only when no other headscope process holds the run (the run lock, see :func:`using_run`)."""
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            if TEMP_NAME.search(name) and not name.endswith(".lock"):
+                p = Path(dirpath) / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                    dirnames.remove(name)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+_HELD: dict[tuple[str, int], int] = {}
+"""(run directory, thread) pairs that hold the run lock (:func:`using_run`), with the nesting depth."""
+
+
+@contextmanager
+def using_run(root: Path, create: bool = True):
+    """Hold a shared ``flock`` on ``RUN/.run.lock`` for the block (a study, a stage, an atlas build, a
+    command that writes into the run); when no other process holds it, first remove the leftovers of an
+    interrupted one (:func:`clean_leftovers`). Re-entrant: a stage inside a study does not lock again. While
+    any headscope process works in a run, its temporary files are live and nobody removes them.
+    ``create=False`` (read-only commands): no lock file is created where there is none."""
+    root = Path(root)
+    key = (str(root.resolve()), threading.get_ident())  # threads building one atlas each hold their own lock
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        if not create and not (root / ".run.lock").is_file():
+            raise FileNotFoundError
+        f = open(root / ".run.lock", "a+b")
+    except OSError:  # a read-only run: nothing to clean, nothing will be written
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            clean_leftovers(root)
+        except BlockingIOError:
+            pass
+        fcntl.flock(f, fcntl.LOCK_SH)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def artifact_hash(path: Path) -> str | None:
@@ -195,12 +399,17 @@ def artifact_hash(path: Path) -> str | None:
 
 def check_out_path(out: str | Path) -> Path:
     """A usable run-directory path: not a file, and creatable/writable (checked before any work)."""
+    if "\0" in str(out) or not str(out).strip():
+        raise HeadscopeError(f"--out {str(out)!r} is not a usable path")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HeadscopeError(f"--out {out} is a file, not a run directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
+    try:
+        if out.exists() and not out.is_dir():
+            raise HeadscopeError(f"--out {out} is a file, not a run directory")
+        probe = out
+        while not probe.exists():
+            probe = probe.parent
+    except OSError as e:
+        raise HeadscopeError(f"--out {out}: {e.strerror}") from None
     if not os.access(probe, os.W_OK):
         raise HeadscopeError(f"--out {out}: {probe} is not writable")
     return out
@@ -218,6 +427,8 @@ class RunDir:
             raise HeadscopeError(f"run directory {self.path} is a file: use another --out")
         if meta.exists():
             info = read_json(meta)
+            if not isinstance(info, dict) or not isinstance(info.get("model", {}), dict):
+                raise HeadscopeError(f"corrupt run directory {self.path}: run.json is not a headscope run record")
             if info.get("format_version") != FORMAT_VERSION:
                 raise HeadscopeError(
                     f"run directory {self.path} has format version {info.get('format_version')}, this headscope "
@@ -241,6 +452,7 @@ class RunDir:
                 raise HeadscopeError(f"run directory {self.path} is not writable")
             self.info = {"format_version": FORMAT_VERSION, "model": identity, "created": time.time()}
             write_json(meta, self.info)
+            (self.path / ".run.lock").touch()  # see using_run
 
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel
@@ -251,7 +463,12 @@ class RunDir:
     def record(self, stage: str) -> dict | None:
         """The stage's record (see :func:`run_stage`), or None when it never finished here."""
         p = self.record_path(stage)
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        rec = read_json(p)
+        if not isinstance(rec, dict):
+            raise HeadscopeError(f"corrupt stage record {p}: delete it (the stage then runs again)")
+        return rec
 
     @property
     def model_identity(self) -> dict:
@@ -329,14 +546,21 @@ class Command(_Declared):
 
 def check_inputs(run_path: Path, stage: Stage, opts, writer_of: Callable[[str], str | None] | None = None) -> dict:
     """Hash of every artifact ``stage`` reads; a one-line error naming the command that makes a missing one."""
+    import dataclasses
+    from .options import check_values
+    if dataclasses.is_dataclass(opts):
+        check_values(opts)  # the Python API gets the CLI's and the study's checks too
     inputs = {}
+    for rel in stage.writes(opts):
+        inside(run_path, rel, f"{stage.name} output")
     for rel in stage.reads(opts):
-        h = artifact_hash(Path(run_path) / rel)
+        h = artifact_hash(inside(run_path, rel, f"{stage.name} input"))
         if h is None:
             maker = writer_of(rel) if writer_of else None
             hint = f": run `headscope {maker.replace('.', ' ', 1)}` first" if maker else ""
             raise HeadscopeError(f"{stage.name} needs {Path(run_path) / rel}, which is missing{hint}")
         inputs[rel] = h
+    inputs.update(external_inputs(opts))
     return inputs
 
 
@@ -377,7 +601,16 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
         return rec.get("summary", {}), False
     fn = resolve(stage.func)
     t0, c0 = time.time(), time.process_time()
-    summary = fn(model, run, opts, progress=progress) or {}
+    before = _output_folders(run, stage.writes(opts))
+    with using_run(run.path):
+        try:
+            summary = fn(model, run, opts, progress=progress) or {}
+        except BaseException as e:
+            if primary and not isinstance(e, KeyboardInterrupt):
+                _remove_partial(before)
+            if isinstance(e, OSError):
+                raise HeadscopeError(f"{stage.name}: {os_error_text(e)}; its partial output was removed") from None
+            raise
     from .results import Result
     result_json = summary.to_json() if isinstance(summary, Result) else None
     seconds, cpu = time.time() - t0, time.process_time() - c0
@@ -396,6 +629,68 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
         "summary": _json_small(result_json if result_json is not None else summary),
         **({"result": result_json} if result_json is not None else {})})
     return summary, True
+
+
+def _output_folders(run: RunDir, rels: Iterable[str]) -> dict[Path, set[str] | None]:
+    """What the folders a stage writes into hold before it runs: folder → its entries (None: the folder, or
+    an ancestor below the run directory, does not exist yet; then the topmost missing one is the key)."""
+    out: dict[Path, set[str] | None] = {}
+    for rel in rels:
+        d = (run / rel).parent
+        if d == run.path:
+            if not (run / rel).exists():
+                out[run / rel] = None
+            continue
+        top = None
+        while d != run.path and not d.exists():
+            top, d = d, d.parent
+        if top is not None:
+            out[top] = None
+        elif d != run.path:
+            out.setdefault(d, set(os.listdir(d)))
+    return out
+
+
+KEEP_ON_FAILURE = ("cache", "checkpoint")
+"""Folders a failed stage leaves in place: resumable state by design (an SAE's or a lens' checkpoint, the
+explainer's paid-for response cache)."""
+
+
+def _remove_new(p: Path) -> None:
+    if p.name in KEEP_ON_FAILURE:
+        return
+    if p.is_dir() and not p.is_symlink():
+        for child in p.iterdir():
+            _remove_new(child)
+        try:
+            p.rmdir()
+        except OSError:
+            pass  # it holds a kept folder
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _remove_partial(before: dict[Path, set[str] | None]) -> None:
+    """Remove what a failed stage created in the folders it writes into (entries that were not there
+    before it started; folders it created, whole, but for ``KEEP_ON_FAILURE``): no half-written output
+    outlives a failure."""
+    for d, names in before.items():
+        try:
+            if names is None:
+                if d.exists() or d.is_symlink():
+                    _remove_new(d)
+                continue
+            for name in set(os.listdir(d)) - names:
+                _remove_new(d / name)
+        except OSError:
+            pass
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for a file-system error: what failed, on which path (``ENOSPC``: the disk is full)."""
+    what = e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f" ({os.fsdecode(e.filename)!r})" if getattr(e, "filename", None) else ""
+    return f"{what}{where}"
 
 
 def _json_small(summary) -> dict:

@@ -36,6 +36,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 STUDY_KEYS = {"model", "device", "dtype", "corpus", "out", "name", "refresh_atlas"}
 REFRESH_ATLAS = ("end", "stage")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_config(path: str | Path) -> dict:
@@ -80,6 +81,11 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
     if extra:
         raise HeadscopeError(f"config: unknown [study] key(s) {', '.join(sorted(extra))}; "
                              f"valid: {', '.join(sorted(STUDY_KEYS))}")
+    for key, value in study.items():
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise HeadscopeError(f"config: [study] {key} = {value!r}: expected a non-empty string")
+    if study.get("dtype", "float32") not in DTYPES:
+        raise HeadscopeError(f"config: [study] dtype must be one of {', '.join(DTYPES)}, got {study['dtype']!r}")
     if study.get("refresh_atlas", "end") not in REFRESH_ATLAS:
         raise HeadscopeError(f"config: [study] refresh_atlas must be one of {', '.join(map(repr, REFRESH_ATLAS))}, "
                              f"got {study['refresh_atlas']!r}")
@@ -87,17 +93,24 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
         if key != "study" and (key not in by_instrument or not isinstance(value, dict)):
             raise HeadscopeError(f"config: unknown table [{key}]; tables are [study] and "
                                  f"{', '.join(f'[{n}]' for n in by_instrument)} with their stages")
+    if not any(k != "study" for k in config):
+        raise HeadscopeError("config: no stage tables: nothing to run (add e.g. [heads.score])")
     out = Plan()
     for ins in instruments():
         table = config.get(ins.name)
         if table is None:
             continue
         steps = {s.step: s for s in ins.stages}
+        for k, v in table.items():
+            if k in steps and not isinstance(v, dict):
+                raise HeadscopeError(f"config: [{ins.name}.{k}] must be one table, not {type(v).__name__} "
+                                     f"(write [{ins.name}.{k}], not [[{ins.name}.{k}]])")
         shared = {k: v for k, v in table.items() if not isinstance(v, dict)}
         for k, v in table.items():
             if isinstance(v, dict) and k not in steps:
                 raise HeadscopeError(f"config: [{ins.name}.{k}] is no stage; {ins.name} has "
                                      f"{', '.join(f'[{s.name}]' for s in ins.stages) or 'no stages'}")
+        _check_enabled(shared, f"[{ins.name}]")
         if ins.name == "atlas":
             if shared.pop("enabled", True) is not False:
                 out.atlas = from_table(BuildOptions, shared, "[atlas]")
@@ -108,7 +121,8 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
             if sub is None:
                 continue
             sub = dict(sub)
-            if sub.pop("enabled", True) is False:
+            _check_enabled(sub, f"[{st.name}]")
+            if sub.pop("enabled", True) is False or shared.get("enabled", True) is False:
                 continue
             names = field_names(st.options)
             inherited = {k: v for k, v in shared.items() if k in names}
@@ -116,6 +130,7 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
             if "corpus" in names and "corpus" in study:
                 inherited.setdefault("corpus", study["corpus"])
             opts = from_table(st.options, {**inherited, **sub}, f"[{st.name}]")
+            _check_layer_syntax(opts, f"[{st.name}]")
             if not only or st.name in only:
                 out.steps.append((st, opts))
         unused = set(shared) - used - {"enabled"}
@@ -128,6 +143,40 @@ def plan(config: dict, only: list[str] | None = None) -> Plan:
         if bad:
             raise HeadscopeError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(sorted(known))}")
     return out
+
+
+def _check_enabled(table: dict, where: str) -> None:
+    if "enabled" in table and not isinstance(table["enabled"], bool):
+        raise HeadscopeError(f"config: {where} enabled = {table['enabled']!r}: expected true or false (no quotes)")
+
+
+def _check_layer_syntax(opts, where: str) -> None:
+    """A ``layers`` option that cannot be parsed fails in the plan, before the model loads."""
+    from .sites import parse_layers
+    text = getattr(opts, "layers", None)
+    if isinstance(text, str):
+        try:
+            parse_layers(text, 100_000)  # syntax only: the range is checked once the model is loaded
+        except HeadscopeError as e:
+            if "out of range" not in str(e):
+                raise HeadscopeError(f"config: {where} {e}") from None
+
+
+def check_against_model(steps: "Plan", model) -> None:
+    """Layer options of every planned stage checked against the loaded model, before the run directory
+    is created (``layer = 99`` on a 30-layer model fails here, leaving nothing behind)."""
+    from .sites import parse_layers
+    n = model.n_layers
+    for stage, opts in steps.steps:
+        layer = getattr(opts, "layer", None)
+        if isinstance(layer, int) and not isinstance(layer, bool) and not 0 <= layer < n:
+            raise HeadscopeError(f"config: [{stage.name}] layer {layer} is out of range: the model has layers "
+                                 f"0..{n - 1}")
+        if isinstance(getattr(opts, "layers", None), str):
+            try:
+                parse_layers(opts.layers, n)
+            except HeadscopeError as e:
+                raise HeadscopeError(f"config: [{stage.name}] {e}") from None
 
 
 def _refresh_atlas(run, model, atlas_opts) -> None:
@@ -145,7 +194,7 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
 
     ``model``: an already loaded model (else ``[study].model`` is loaded). ``only``: run just these
     stages. ``force``: rerun these stages even when up to date."""
-    from .runs import RunDir, check_out_path, read_json, run_stage, update_json
+    from .runs import RunDir, check_out_path, using_run
     study = dict(config.get("study", {}))
     out = check_out_path(out or study.get("out") or "runs/study")
     steps = plan(config, only)
@@ -156,10 +205,33 @@ def run_study(config: dict, out: str | Path | None = None, model=None, only: lis
     t_start = time.time()
     if model is None:
         from .models.load import load_model
-        print(f"study: loading model '{study.get('model', 'default')}'", file=sys.stderr, flush=True)
         model = load_model(study.get("model", "default"), device=study.get("device", "cpu"),
                            dtype=study.get("dtype", "float32"))
+    check_against_model(steps, model)
+    print(f"study: model '{study.get('model', 'default')}' loaded ({time.time() - t_start:.1f} s)", file=sys.stderr,
+          flush=True)
+    created = not (Path(out) / "run.json").is_file()
     run = RunDir(out, model.identity())
+    try:
+        with using_run(run.path):
+            return _run_steps(run, model, config, study, steps, force, progress, t_start)
+    except HeadscopeError:
+        if created:
+            _remove_if_nothing_done(run.path)
+        raise
+
+
+def _remove_if_nothing_done(out: Path) -> None:
+    """Remove a run directory this study created when it failed before any stage finished (its files are
+    then only run.json, study.json and lock files): nothing half-written is left behind."""
+    import shutil
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    if files <= {"run.json", "study.json", "study.json.lock", ".run.lock"}:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _run_steps(run, model, config: dict, study: dict, steps: "Plan", force, progress: bool, t_start: float) -> dict:
+    from .runs import read_json, run_stage, update_json
     record_path = run / "study.json"
     update_json(record_path, lambda r: r.update({
         "model": {"spec": study.get("model", "default"), "name": model.name,

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HeadscopeError
-from ..runs import RunDir, read_json
+from ..runs import RunDir, os_error_text, read_json, using_run
 from .collect import clean, collect
 from .highlights import highlights, load_neuron_ablation
 
@@ -333,7 +333,12 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
     if not (run_dir / "run.json").is_file():
         raise HeadscopeError(f"not a headscope run directory (no run.json): {run_dir}")
     info = read_json(run_dir / "run.json")
+    if not isinstance(info, dict) or not isinstance(info.get("model", {}), dict):
+        raise HeadscopeError(f"corrupt run directory {run_dir}: run.json is not a headscope run record")
     ident = info.get("model", {})
+    final = run_dir / "atlas"
+    if final.exists() and not final.is_dir():
+        raise HeadscopeError(f"{final} is a file, not the atlas folder: move it away and build again")
     if model is not None:
         model.check_identity(ident, f"run directory {run_dir}")
     try:
@@ -348,7 +353,15 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
         ex_list, ex_layers = example_patterns(model, examples)
         ex_lens = example_readings(model, run_dir, examples)  # every head read in context (lens or not)
 
-    final = run_dir / "atlas"
+    with using_run(run_dir):  # a stage starting meanwhile does not take our temporary folder for a leftover
+        try:
+            return _build(run_dir, final, info, ident, L, H, sources, errors, ex_list, ex_layers, ex_lens, progress)
+        except OSError as e:
+            raise HeadscopeError(f"cannot write the atlas in {run_dir}: {os_error_text(e)}") from None
+
+
+def _build(run_dir, final, info, ident, L, H, sources, errors, ex_list, ex_layers, ex_lens, progress) -> dict:
+    from tqdm import tqdm
     tmp = Path(tempfile.mkdtemp(prefix=".atlas.tmp.", dir=run_dir))  # unique: concurrent builds do not collide
     os.chmod(tmp, 0o755)  # the served folder is world-readable like any web root (mkdtemp makes it 0700)
     pages = 0
@@ -412,15 +425,23 @@ def build_atlas(run_dir: Path, model=None, examples: list[str] | tuple[str, ...]
         }
         write("index", clean(index))
         lock = os.open(run_dir, os.O_RDONLY)  # one swap at a time (concurrent builds): flock the run folder
+        old = None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            old = Path(tempfile.mkdtemp(prefix=".atlas.old.", dir=run_dir))  # empty: the rename replaces it
             if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=".atlas.old.", dir=run_dir))  # empty: the rename replaces it
                 os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if old is not None:  # put the previous atlas back
+                    os.replace(old, final)
+                    old = None
+                raise
         finally:
             os.close(lock)
-        shutil.rmtree(old, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,13 +11,14 @@ concurrency cap come from a maintained server rather than from this file. What t
 * ``GET /api/info`` — whether the live box is on, the model, the limits.
 * ``POST /api/prompt`` — JSON ``{"prompt": str, "heads": ["L.H"]}`` → :meth:`LiveEngine.run`. Needs
   ``Content-Type: application/json`` (415 otherwise, so a cross-site form cannot start work), a
-  ``Content-Length`` (411) of at most ``MAX_BODY`` bytes (413); bad JSON (incl. nesting too deep to
+  ``Content-Length`` (411) of at most ``MAX_BODY`` bytes (413; the bytes are counted as they are read, and a
+  ``Transfer-Encoding`` (chunked) body is refused with 400), delivered within ``BODY_TIMEOUT`` s (408); bad JSON (incl. nesting too deep to
   parse), a lone surrogate or bad fields → 400; more than ``MAX_PENDING`` prompts waiting → 503; an
   unexpected failure → 500 with one log line. The model runs in ``WORKERS`` threads (the engine itself
   runs one forward pass at a time).
 * **Limits**: at most ``MAX_CONNECTIONS`` open connections (503 beyond), a connection must send its
   request headers within ``HEADER_TIMEOUT`` s, idle keep-alive connections close after
-  ``KEEP_ALIVE`` s, listen backlog ``BACKLOG``. Client disconnects are not errors (no tracebacks).
+  ``KEEP_ALIVE`` s, listen backlog ``BACKLOG``, a URL (path + query) of at most ``MAX_URL`` bytes (414). Client disconnects are not errors (no tracebacks).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from urllib.parse import unquote, urlsplit
 from ..errors import HeadscopeError
 from .live import BadRequest, LiveEngine
 
-MAX_BODY = 16 * 1024
+MAX_BODY = 16 * 1024   # bytes of a request body, counted as read (chunked bodies are refused outright)
+BODY_TIMEOUT = 10.0    # seconds a request has to deliver its whole body once its head arrived (408 after)
+MAX_URL = 2048         # bytes of path + query; longer: 414
 WORKERS = 2            # threads that run live prompts (the engine serialises forward passes anyway)
 MAX_PENDING = 256      # live prompts admitted at once (running + waiting); beyond: 503
 MAX_CONNECTIONS = 512  # open connections + running requests (uvicorn's limit_concurrency); beyond: 503
@@ -71,12 +74,18 @@ def safe_path(root: Path, raw: str) -> Path | None:
         return None
     rel = posixpath.join(*parts) if parts else "index.html"
     root = root.resolve()
-    target = (root / rel).resolve()
+    try:
+        target = (root / rel).resolve()
+    except (OSError, RuntimeError):
+        return None
     if not target.is_relative_to(root):
         return None
-    if target.is_dir():
-        target = target / "index.html"
-    return target if target.is_file() else None
+    try:
+        if target.is_dir():
+            target = target / "index.html"
+        return target if target.is_file() else None
+    except OSError:  # a name too long for the file system, a permission: nothing to serve
+        return None
 
 
 def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -137,14 +146,26 @@ def make_app(root: Path, engine: LiveEngine | None, hosts: list[str], workers: i
         length = request.headers.get("content-length")
         if length is None:
             return _error(411, "Content-Length required", close=True)
+        if "transfer-encoding" in request.headers:  # h11 would follow the chunks, not Content-Length
+            return _error(400, "Transfer-Encoding is not accepted: send a plain body with Content-Length",
+                          close=True)
         n = int(length)  # h11 has already refused a malformed Content-Length
         if n > MAX_BODY:
             return _error(413, f"request too large: {n} bytes (at most {MAX_BODY})", close=True)
+        chunks, got = [], 0
         try:
-            raw = await request.body()
+            with anyio.fail_after(BODY_TIMEOUT):
+                async for chunk in request.stream():  # counted whatever the framing: never more than MAX_BODY
+                    got += len(chunk)
+                    if got > MAX_BODY:
+                        return _error(413, f"request too large: more than {MAX_BODY} bytes", close=True)
+                    chunks.append(chunk)
         except ClientDisconnect:
             log.info("client went away before sending its request body")
             return Response(status_code=400)  # nobody reads it
+        except TimeoutError:
+            return _error(408, f"request body not received within {BODY_TIMEOUT:g} s", close=True)
+        raw = b"".join(chunks)
         if engine is None:
             return _error(503, "the live prompt box is off: serve with a model (--model)")
         try:
@@ -209,6 +230,17 @@ class _SecurityHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > MAX_URL:
+            from starlette.responses import JSONResponse
+            response = JSONResponse({"error": f"URL longer than {MAX_URL} bytes"}, status_code=414,
+                                    headers={"Connection": "close"})
+            message_send = send
+
+            async def send_414(message):
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": list(message.get("headers", [])) + SECURITY_HEADERS}
+                await message_send(message)
+            return await response(scope, receive, send_414)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import HeadscopeError
-from ..runs import RunDir, read_json
+from ..runs import RunDir, building_folder, read_json
 from .options import HFOptions
 
 FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
@@ -112,11 +112,10 @@ def export_hf(run: RunDir, out: Path, opts: HFOptions) -> dict:
     folder = root / name
     cfg = read_json(folder / "cfg.json")
     sae_id = cfg.get("metadata", {}).get("hook_name") or name
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / sae_id).mkdir(parents=True)
+    if "/" in sae_id or sae_id.startswith("."):
+        raise HeadscopeError(f"SAE {name}: its hook name {sae_id!r} cannot be a folder name")
+    with building_folder(out, "--to") as tmp:
+        (tmp / sae_id).mkdir()
         copied = []
         for f in FILES:
             if (folder / f).is_file():
@@ -137,8 +136,4 @@ def export_hf(run: RunDir, out: Path, opts: HFOptions) -> dict:
         ev = read_json(folder / "eval.json") if (folder / "eval.json").is_file() else None
         train = read_json(folder / "train.json") if (folder / "train.json").is_file() else None
         (tmp / "README.md").write_text(model_card(cfg, sae_id, opts, run.model_identity, ev, train, scores))
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"folder": str(out), "sae_id": sae_id, "files": copied}

@@ -24,11 +24,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import HeadscopeError
-from ..runs import RunDir, read_json
+from ..runs import RunDir, building_folder, inside, read_json
 from .options import NeuronpediaOptions
 
 FEATURE_DEFAULTS = {
@@ -103,12 +102,9 @@ def export_neuronpedia(run: RunDir, out: Path, opts: NeuronpediaOptions) -> dict
     model_id = opts.model_id or str(ident.get("model", "model")).lower().replace("/", "-")
     source = f"{layer}-{opts.source_set}"
     index = read_json(folder / "dashboards/index.json")
-    final = Path(out) / model_id / source
+    final = inside(Path(out), f"{model_id}/{source}", "--model-id / --source-set")
     if final.exists():
         raise HeadscopeError(f"{final} exists: remove it or export to another folder")
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     expl_files = sorted((run / "explain" / "features" / name).glob("explanations_*.json"))
     scores = {}
     for sf in sorted((run / "explain" / "features" / name).glob("scores_*_by_*.json")):
@@ -131,7 +127,7 @@ def export_neuronpedia(run: RunDir, out: Path, opts: NeuronpediaOptions) -> dict
                                  "explanationModelName": be.get("model") or backend,
                                  "notes": json.dumps({"full_explanation": x["explanation"], "scores": s})})
     n_feat = n_act = 0
-    try:
+    with building_folder(final, "--to") as tmp:
         batch = 0
         feats, acts = [], []
 
@@ -184,8 +180,4 @@ def export_neuronpedia(run: RunDir, out: Path, opts: NeuronpediaOptions) -> dict
                       "dataset": "headscope held-out split", "notes": f"headscope SAE {name}", "createdAt": None}
         (tmp / "model.jsonl").write_text(json.dumps(_stamp([model_rec])[0]) + "\n")
         (tmp / "source.jsonl").write_text(json.dumps(_stamp([source_rec])[0]) + "\n")
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"folder": str(final), "features": n_feat, "activations": n_act, "explanations": len(explanations)}

@@ -77,6 +77,8 @@ def read_prompt_file(path: str, what: str = "prompts") -> tuple[list[str], list[
         if not p.is_file():
             raise HeadscopeError(f"{what} file not found: {path}")
         text = p.read_text(encoding="utf-8", errors="replace")
+        if "\0" in text:
+            raise HeadscopeError(f"{what} file {path} contains NUL bytes: not a text file")
     prompts, sources, src = [], [], None
     for line in text.splitlines():
         s = line.strip()

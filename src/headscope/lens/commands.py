@@ -4,6 +4,7 @@ options in lens/options.py)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -102,10 +103,14 @@ def steer_cmd(model, run, opts) -> int:
             except ValueError:
                 pass
         l, h = _site(parts[0])
+        if not ":".join(parts[1:]) or not math.isfinite(alpha):
+            raise HeadscopeError(f"cannot parse --add '{a}': give a token (and a finite ALPHA): L.H:TOKEN[:ALPHA]")
         edits.append(Steer(l, h, "add", ":".join(parts[1:]), alpha, opts.from_lens))
     for a in opts.scale:
         try:
             site, alpha = a.split(":")
+            if not math.isfinite(float(alpha)):
+                raise ValueError(alpha)
             edits.append(Steer(*_site(site), "scale", None, float(alpha)))
         except ValueError:
             raise HeadscopeError(f"cannot parse --scale '{a}' (use L.H:ALPHA)") from None

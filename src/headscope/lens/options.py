@@ -124,8 +124,13 @@ class TrainConfig:
         for name in ("tokens", "init_tokens", "warmup", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise HeadscopeError(f"--{name.replace('_', '-')} must not be negative")
-        if self.batch_size < 1 or self.chunk_tokens < 1 or self.lr <= 0:
-            raise HeadscopeError("batch size, chunk tokens and learning rate must be positive")
+        if self.batch_size < 1 or self.chunk_tokens < 1 or not (self.lr > 0 and math.isfinite(self.lr)):
+            raise HeadscopeError("batch size, chunk tokens and learning rate must be positive (and finite)")
+        if not (0 <= self.weight_decay < math.inf and 0 <= self.clip < math.inf):
+            raise HeadscopeError("--weight-decay and --clip must be finite numbers, 0 or more")
+        if self.seq_len < 2 or self.shortlist_top_k < 1 or self.shortlist_negatives < 0:
+            raise HeadscopeError("--seq-len must be at least 2, --shortlist-top-k at least 1, "
+                                 "--shortlist-negatives 0 or more")
         return self
 
     def steps(self, world_size: int = 1) -> int:

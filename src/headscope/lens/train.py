@@ -6,8 +6,9 @@
 * ``null.safetensors`` — ``null_logits`` [V], the null lens c0 = log mean p over **every** training
   position the lenses saw (closed-form pass and refinement; position 0 left out);
 * ``train.json`` — options, per-step mean KL history, final per-site training loss;
-* ``checkpoint/`` — ``state.safetensors`` (parameters, optimizer state, generator state) and
-  ``state.json`` (step, options) every ``checkpoint_every`` steps; removed when training finishes.
+* ``checkpoint/state.safetensors`` — parameters, optimizer and generator state, null-lens sums, and (in its
+  metadata) step and options, every ``checkpoint_every`` steps as ONE file replaced atomically, so a kill at
+  any moment resumes; removed when training finishes.
 
 Sequences come from :class:`~headscope.lens.sampling.Windows` (the train split cut into windows in a
 seeded random order, so they spread over all documents); the closed-form pass reads the first ones,
@@ -33,7 +34,7 @@ from ..data import TokenCorpus
 from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
-from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from ..runs import RunDir, read_checkpoint, read_json, read_tensors, write_checkpoint, write_json, write_tensors
 from .closed_form import Moments, calibrate_scale
 from .collect import site_batch
 from .lenses import LensBank, LensConfig, save_bank, softcap
@@ -81,26 +82,31 @@ def control_sites(sites: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # -- checkpoints --------------------------------------------------------------------------------------
 def _save_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, step: int, key: dict, history: list,
-                     null_sums: dict) -> None:
+                     null_sums: dict, init_sums: dict) -> None:
+    """One file, replaced atomically (:func:`headscope.runs.write_checkpoint`): a kill at any moment
+    leaves the previous step's checkpoint or this one."""
     tensors = {f"param.{k}": v for k, v in bank.state_dict().items()}
     tensors.update({f"null.{k}": v for k, v in null_sums.items()})
+    tensors.update({f"init.{k}": v for k, v in init_sums.items()})
     sd = opt.state_dict()
     for i, st in sd["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.generator"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    write_tensors(folder / "state.safetensors", tensors)
-    write_json(folder / "state.json", {"step": step, "key": key, "param_groups": sd["param_groups"],
-                                       "history": history})
+    write_checkpoint(folder / "state.safetensors", tensors,
+                     {"step": step, "key": key, "param_groups": sd["param_groups"], "history": history})
+    for old in ("state.json", "null.safetensors"):  # the multi-file format of earlier versions
+        (folder / old).unlink(missing_ok=True)
 
 
-def _load_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, key: dict):
-    info = read_json(folder / "state.json")
+def _load_checkpoint(saved: tuple, folder, bank: LensBank, opt, gen: torch.Generator, key: dict):
+    """Restore a checkpoint read by :func:`headscope.runs.read_checkpoint`; returns (step, history,
+    refinement null sums, closed-form null sums)."""
+    t, info = saved
     if info.get("key") != key:
         raise HeadscopeError(f"checkpoint in {folder} was made with other training options; "
                              "rerun with the same options, or pass --fresh to start over")
-    t = read_tensors(folder / "state.safetensors")
     try:
         bank.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("param.")})
         state = {}
@@ -112,9 +118,10 @@ def _load_checkpoint(folder, bank: LensBank, opt, gen: torch.Generator, key: dic
         gen.set_state(t["rng.generator"])
         torch.set_rng_state(t["rng.torch"])
         null_sums = {"psum": t["null.psum"], "n": t["null.n"]}
+        init_sums = {"psum": t["init.psum"], "n": t["init.n"]}
     except (KeyError, RuntimeError, ValueError) as e:
         raise HeadscopeError(f"corrupt lens checkpoint in {folder}: {str(e).splitlines()[0]}; pass --fresh") from None
-    return int(info["step"]), list(info.get("history", [])), null_sums
+    return int(info["step"]), list(info.get("history", [])), null_sums, init_sums
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -170,16 +177,15 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
     opt = _make_optimizer(bank, cfg)
     step, history = 0, []
     resumed = False
-    if not fresh and (ck / "state.json").exists():
-        step, history, ref = _load_checkpoint(ck, bank, opt, gen, key)
-        init_sums = read_tensors(ck / "null.safetensors")
+    saved = None if fresh else read_checkpoint(ck / "state.safetensors")
+    if saved is not None:
+        step, history, ref, init_sums = _load_checkpoint(saved, ck, bank, opt, gen, key)
         resumed = True
     else:
         init_sums = _initialise(model, bank, windows, cfg, dist, progress)
         ref = {"psum": torch.zeros_like(init_sums["psum"]), "n": torch.zeros((), dtype=torch.float64)}
         if dist.primary:
-            write_tensors(ck / "null.safetensors", init_sums)
-            _save_checkpoint(ck, bank, opt, gen, 0, key, history, ref)
+            _save_checkpoint(ck, bank, opt, gen, 0, key, history, ref, init_sums)
         dist.barrier()
     bar = tqdm(total=total_steps, initial=step, desc=f"lens train ({len(sites)} heads)", unit="step",
                disable=not (progress and dist.primary), file=sys.stderr)
@@ -201,17 +207,20 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
             bank.clip_per_lens(cfg.clip)
         opt.step()
         dist.all_reduce(per, "mean")
+        if not torch.isfinite(per).all():
+            raise HeadscopeError(f"lens training diverged at step {step + 1} (non-finite loss): lower --lr; "
+                                 "the last finite checkpoint is kept")
         last = per
         step += 1
         history.append({"step": step, "loss_bits": float(per.mean()) / LN2})
         bar.set_postfix(loss=f"{float(per.mean()) / LN2:.3f} bits")
         bar.update(1)
         if dist.primary and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == stop_at_step):
-            _save_checkpoint(ck, bank, opt, gen, step, key, history, ref)
+            _save_checkpoint(ck, bank, opt, gen, step, key, history, ref, init_sums)
         if stop_at_step is not None and step >= stop_at_step and step < total_steps:
             bar.close()
             if dist.primary and not cfg.checkpoint_every:
-                _save_checkpoint(ck, bank, opt, gen, step, key, history, ref)
+                _save_checkpoint(ck, bank, opt, gen, step, key, history, ref, init_sums)
             dist.barrier()
             return {"stopped_at": step}
     bar.close()

@@ -317,6 +317,22 @@ def _looks_like_path(spec: str) -> bool:
             or spec.count("/") > 1)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu`` or ``auto``; anything else (``meta``, a typo) is a
+    one-line error before the model loads."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise HeadscopeError(f"--device {device!r}: {str(e).splitlines()[0]}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise HeadscopeError(f"--device {device!r}: headscope runs on cpu, cuda[:N], mps, xpu or auto")
+
+
 def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dtype | None = None,
                attn_implementation: str = "sdpa") -> Model:
     """Load a causal LM from one spec string (see module docstring) and wrap it in a :class:`Model`.
@@ -326,6 +342,7 @@ def load_model(spec: str = "default", device: str = "cpu", dtype: str | torch.dt
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch_dtype = _parse_dtype(dtype)
+    check_device(device)
     name, revision, local = spec, "", True
     if spec == "default":
         path, name = convert_gguf(default_gguf_path()), DEFAULT_NAME

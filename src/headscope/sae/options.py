@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from simple_parsing import field
 
 from ..errors import HeadscopeError
-from ..options import check
+from ..options import check, check_name
 
 TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
 """Architectures headscope trains (the choices of ``sae train --arch``)."""
@@ -89,6 +89,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.layer >= 0, f"--layer {self.layer} must be 0 or more")
+        check_name(self.name, "--name")
+        for n in ("l1_coeff", "l0_coeff", "bandwidth", "threshold_lr", "aux_coeff", "decay_frac", "l1_warmup_frac"):
+            check(math.isfinite(getattr(self, n)), f"--{n.replace('_', '-')} must be a finite number")
+        check(0 <= self.decay_frac <= 1 and 0 <= self.l1_warmup_frac <= 1,
+              "--decay-frac and --l1-warmup-frac must lie in [0, 1]")
+        check(self.warmup_steps >= 0 and self.k_aux >= 0 and self.aux_coeff >= 0 and self.resample_every >= 0
+              and self.resample_max >= 0 and self.l1_coeff >= 0 and 0 <= self.threshold_lr <= 1,
+              "--warmup-steps, --k-aux, --aux-coeff, --resample-every, --resample-max and --l1 must be 0 or more, "
+              "--threshold-lr in [0, 1]")
+        check(self.dead_tokens is None or self.dead_tokens >= 1, "--dead-tokens must be at least 1")
         for n in ("expansion", "k", "batch_size", "n_tokens", "seq_len", "buffer_tokens", "checkpoint_every",
                   "model_batch"):
             check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
@@ -140,6 +150,7 @@ class EvalOptions:
     """bootstrap seed"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.n_tokens >= 1 and self.batch_size >= 1, "--n-tokens (--tokens) and --batch-size must be at least 1")
         check(self.mean_tokens >= 1 and self.n_boot >= 1, "--mean-tokens and --n-boot must be at least 1")
         check(self.min_effect >= 0, f"--min-effect must be 0 or more, got {self.min_effect}")
@@ -172,6 +183,7 @@ class AnalysisOptions:
     """seed of the nulls"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.top_n >= 2 and self.top_tokens >= 1, "--top-n must be at least 2 and --top-tokens at least 1")
         check(self.n_null >= 20, f"--n-null must be at least 20, got {self.n_null}")
         check(0 < self.pair_alpha < 1 and 0 < self.q < 1, "--pair-alpha and --q must lie in (0, 1)")
@@ -193,6 +205,7 @@ class DashboardOptions:
     """corpus (default: the SAE's)"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.n_tokens >= 1 and self.n_examples >= 1, "--n-tokens (--tokens) and --n-examples must be at least 1")
 
 
@@ -210,6 +223,8 @@ class IoiOptions:
     """prompt seed"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
+        check(self.max_features is None or self.max_features >= 1, "--max-features must be at least 1")
         check(self.n_prompts >= 1, "--n-prompts (--prompts) must be at least 1")
 
 
@@ -293,7 +308,9 @@ class DfaOptions:
     """components shown by --recursive"""
 
     def __post_init__(self):
+        check_name(self.name, "--name")
         check(self.feature >= 0, f"--feature {self.feature}: feature indices start at 0")
+        check(self.top >= 1, f"--top must be at least 1, got {self.top}")
 
 
 @dataclass(frozen=True)
@@ -309,6 +326,10 @@ class ImportOptions:
     """name of the SAE in the run directory"""
     layer: Optional[int] = None
     """layer (needed for a params.npz whose path has no layer_<L> part)"""
+
+    def __post_init__(self):
+        check_name(self.name, "--name")
+        check(self.layer is None or self.layer >= 0, f"--layer {self.layer} must be 0 or more")
 
 
 def parse_grid(spec: str) -> dict[str, list[float]]:

@@ -6,7 +6,7 @@ coefficients carry across models; folded out of the weights when saving), Adam (
 reference code), linear warm-up then linear decay over the last ``decay_frac`` of steps, L1
 coefficient warm-up, decoder rows kept at unit norm with the parallel gradient removed.
 
-Checkpoints (``sae/<name>/checkpoint/state.safetensors`` + ``state.json``) hold the parameters, the
+Checkpoints (``sae/<name>/checkpoint/state.safetensors``, one file replaced atomically) hold the parameters, the
 Adam moments, the dead-feature counters, the step and the history; a second run with the same options
 continues from the step after the checkpoint and gives the same weights as an uninterrupted run.
 
@@ -29,7 +29,7 @@ from ..data import TokenCorpus
 from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
-from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
+from ..runs import RunDir, read_checkpoint, write_checkpoint, write_json
 from .options import TrainConfig
 from .io import save_sae
 from .model import AttnSAE, SAEConfig
@@ -57,6 +57,11 @@ def _make_source(model: Model, cfg: TrainConfig):
     return ModelSource(model, corpus, [cfg.layer], buffer_tokens=cfg.buffer_tokens, batch_size=cfg.model_batch)
 
 
+CHECKPOINT = "state.safetensors"
+"""The checkpoint file in ``sae/<name>/checkpoint/``: tensors and the JSON state in one file, replaced
+atomically (:func:`headscope.runs.write_checkpoint`), so a kill at any moment resumes."""
+
+
 def _save_checkpoint(path: Path, sae: AttnSAE, opt: torch.optim.Optimizer, state: dict, since_fired: torch.Tensor):
     tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
@@ -64,17 +69,17 @@ def _save_checkpoint(path: Path, sae: AttnSAE, opt: torch.optim.Optimizer, state
             tensors[f"opt.{i}.{key}"] = torch.as_tensor(v).reshape(-1) if key == "step" else v
     tensors["since_fired"] = since_fired
     tensors["fired_window"] = state.pop("_fired_window")
-    write_tensors(path / "state.safetensors", tensors, metadata={"step": str(state["step"])})
-    write_json(path / "state.json", state)
+    write_checkpoint(path / CHECKPOINT, tensors, state)
+    (path / "state.json").unlink(missing_ok=True)  # the two-file format of earlier versions
 
 
-def _load_checkpoint(path: Path, sae: AttnSAE, opt: torch.optim.Optimizer, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    state = read_json(path / "state.json")
-    t = read_tensors(path / "state.safetensors", device=str(device))
-    from ..runs import read_metadata
-    if read_metadata(path / "state.safetensors").get("step") != str(state.get("step")):
-        raise HeadscopeError(f"checkpoint in {path} is inconsistent (state.json and state.safetensors differ in step); "
-                             "delete the checkpoint folder to start over")
+def _read_checkpoint(path: Path, device) -> tuple[dict, dict] | None:
+    """``(tensors, state)`` of the checkpoint in ``path``; None when there is none (or only a checkpoint of
+    the earlier two-file format, which a kill could leave inconsistent: training starts over)."""
+    return read_checkpoint(path / CHECKPOINT, device=str(device))
+
+
+def _load_checkpoint(t: dict, state: dict, sae: AttnSAE, opt: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
     sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
     sd = opt.state_dict()
     new_state = {}
@@ -84,7 +89,7 @@ def _load_checkpoint(path: Path, sae: AttnSAE, opt: torch.optim.Optimizer, devic
             new_state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
     sd["state"] = new_state
     opt.load_state_dict(sd)
-    return state, t["since_fired"], t["fired_window"]
+    return t["since_fired"], t["fired_window"]
 
 
 @torch.no_grad()
@@ -174,12 +179,17 @@ def _start(t: _Trainer, ck: Path, out: Path, layer: int, device) -> None:
     """Resume from the checkpoint ``ck`` when it holds this training, else initialise: the input scale
     (E‖x‖ = sqrt(d_in) on the first block) and b_dec, broadcast to every rank."""
     cfg, dist = t.cfg, t.dist
-    if (ck / "state.json").is_file() and read_json(ck / "state.json").get("config") != cfg.result_keys():
+    saved = _read_checkpoint(ck, device)
+    if saved is None and ck.exists():
+        shutil.rmtree(ck, ignore_errors=True)  # an old-format or empty checkpoint folder
+    if saved is not None and saved[1].get("config") != cfg.result_keys():
         # a checkpoint resumes only the same training; the stage contract reruns us when the options changed
         print(f"headscope: note: {ck} was made with other options: starting over", file=sys.stderr)
         shutil.rmtree(ck, ignore_errors=True)
-    if (ck / "state.json").is_file():
-        state, since_fired, t.fired_window = _load_checkpoint(ck, t.sae, t.opt, device)
+        saved = None
+    if saved is not None:
+        tensors, state = saved
+        since_fired, t.fired_window = _load_checkpoint(tensors, state, t.sae, t.opt)
         if state.get("world_size", 1) != dist.world_size:
             raise HeadscopeError(f"{out} holds a checkpoint made with {state.get('world_size', 1)} processes, not "
                                  f"{dist.world_size}: resume with the same number of processes")
