@@ -9,7 +9,7 @@
 * ``checkpoint/`` — ``state.safetensors`` (parameters, optimizer state, generator state) and
   ``state.json`` (step, options) every ``checkpoint_every`` steps; removed when training finishes.
 
-Sequences come from :class:`~headscope.lens.sampling.Windows` (the train split cut into windows in a
+Sequences come from :class:`~headscope.sampling.Windows` (the train split cut into windows in a
 seeded random order, so they spread over all documents); the closed-form pass reads the first ones,
 step k of the refinement reads windows [I + k·B·W + rank·B, … + B) after them (W ranks, I = windows of
 the closed-form pass), so a resumed run continues exactly where it stopped. Position 0 (and any
@@ -39,7 +39,8 @@ from .closed_form import CALIB_TOKENS, Moments, calibrate_scale
 from .collect import site_batch
 from .lenses import LensBank, LensConfig, save_bank, softcap
 from .objectives import LN2, OBJECTIVES, loss, next_tokens, shortlist
-from .sampling import Windows, select_positions
+from ..sampling import Windows
+from .sampling import select_positions
 
 INITS = ("lstsq", "identity", "base")
 OPTIMIZERS = ("adam", "sgd")

@@ -79,8 +79,8 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
              trim_tolerance: float = 0.0,
              batch_size: int = 16, max_tokens: int | None = None, progress: bool = True) -> dict:
     """Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer, neuron, token_id, token,
-    "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per token), act, full_act,
-    seq, pos, start}``."""
+    "train": [prompt], "test": [prompt]}], "documents_scanned": {split: n}}``, prompt = ``{ids, tokens,
+    acts (per token), act, full_act, seq, pos, start, doc}`` (``doc``: the document of the activating token)."""
     d = set_dir(run, which)
     found = _need(d / "find.json", "find")
     opts = {"corpus": corpus, "seq_len": seq_len, "top_k": top_k, "top_k_test": top_k_test, "keep": keep,
@@ -97,11 +97,13 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
     out = [dict((k, n[k]) for k in ("layer", "neuron", "token_id", "token")) for n in neurons]
     layers = sorted(set(found.get("options", {}).get("layers") or []) | {n["layer"] for n in neurons})
     kk = max(top_k, top_k_test)
+    documents = {}
     for split, key, k in (("train", "train", top_k), ("heldout", "test", top_k_test)):
         # the running top-kk of every neuron of these layers, cached for the other set (same layers)
         ckey = hashlib.sha1(f"{tc.dir.name}|{split}|{seq_len}|{max_tokens}|{kk}|{layers}".encode()).hexdigest()[:12]
         state_path = mine_cache_dir(run) / f"top_{ckey}.safetensors"
         full = mining.layer_top_sequences(model, tc, layers, split, kk, batch_size, max_tokens, state_path, progress)
+        documents[split] = int(full["documents"]) if "documents" in full else None
         state = mining.select_neurons(full, layers, model.d_mlp, neurons, k)
         prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress,
                                      tolerance=trim_tolerance)
@@ -109,8 +111,8 @@ def run_mine(model: Model, run: RunDir, which: str = "top", corpus: str = "defau
             for p in ps:
                 p["tokens"] = model.token_str(p["ids"])
             o[key] = ps
-    write_json(path, {"options": opts, "source": src, "neurons": out})
-    res = _mine_summary({"neurons": out})
+    write_json(path, {"options": opts, "source": src, "documents_scanned": documents, "neurons": out})
+    res = _mine_summary({"neurons": out}) | {"documents_scanned": documents}
     return res
 
 
@@ -118,7 +120,8 @@ def _mine_summary(data: dict) -> dict:
     tr = [len(n["train"]) for n in data["neurons"]]
     te = [len(n["test"]) for n in data["neurons"]]
     lens = [len(p["ids"]) for n in data["neurons"] for p in n["train"] + n["test"]]
-    return {"neurons": len(tr), "train_prompts": sum(tr), "test_prompts": sum(te),
+    docs = {k: len({p["doc"] for n in data["neurons"] for p in n[k] if "doc" in p}) for k in ("train", "test")}
+    return {"neurons": len(tr), "train_prompts": sum(tr), "test_prompts": sum(te), "prompt_documents": docs,
             "mean_prompt_tokens": float(np.mean(lens)) if lens else None}
 
 
