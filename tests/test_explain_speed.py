@@ -69,7 +69,7 @@ def reference_fit(se: StatisticalExplainer, req: ExplainRequest) -> tuple[dict, 
                 best, lam = float(acc), float(l_)
     b, beta = _ref_path(X, y, [g for g in grid if g >= lam])[-1]
     nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: se.max_terms]
-    return {"window": se.window, "bias": round(b, 3),
+    return {"window": se.window, "token": req.token, "bias": round(b, 3),
             "terms": [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]}, fragile
 
 

@@ -160,7 +160,7 @@ def _pair_items(ex: dict, att_json: dict, mined: dict, att, n_heads: int) -> tup
             continue
         labels, split = pair_labels(att, n_heads, p)
         xs, ys = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
-        items.append(ScoringItem(_pair_key(e), e["explanation"], xs, ys))
+        items.append(ScoringItem(_pair_key(e), e["explanation"], xs, ys, mined["neurons"][p["neuron"]]["token"]))
         rows.append(e)
         group.append(p["neuron"])
     return items, rows, group
