@@ -62,7 +62,7 @@ def test_statistical_explanations_and_scores(sae_run):
     for kind in ("detection", "fuzzing"):
         summ = out["summary"][kind]
         assert summ["units"] + summ["skipped"] == n
-        assert summ["difference_doc_clustered"]["documents"] >= 2
+        assert summ["difference_clustered"]["documents"] >= 2
         for key in ("balanced_accuracy", "shuffled_balanced_accuracy", "difference"):
             assert set(summ[key]) >= {"mean", "ci", "n"}
         assert (run / f"explain/features/L1/scores_statistical_by_statistical_{kind}.png").is_file()

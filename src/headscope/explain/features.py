@@ -486,7 +486,7 @@ def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: 
         unit = {"id": f, "explanation": e["explanation"],
                 "items": {k: [(Context.from_json(x), bool(t)) for x, t in c[k]] for k in opts.scorers}}
         if all(f"{k}_meta" in c for k in opts.scorers):
-            unit["docs"] = {k: [m["doc"] for m in c[f"{k}_meta"]] for k in opts.scorers}
+            unit["clusters"] = {k: [m["doc"] for m in c[f"{k}_meta"]] for k in opts.scorers}
             unit["kinds"] = [m["kind"] for m in c.get("detection_meta", [])]
         units.append(unit)
     _check(len(units) >= 2, f"{len(units)} explained feature(s) in {ex_path}: scoring needs at least two")

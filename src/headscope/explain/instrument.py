@@ -79,8 +79,9 @@ class RunOptions(BackendOptions):
     """neuron set"""
     max_pairs: Optional[int] = None
     """explain at most this many pairs"""
-    max_examples: int = 10
-    """active and inactive examples shown, each"""
+    max_examples: Optional[int] = None
+    """active and inactive examples shown, each (default: every train prompt; the explainer learns more
+    from more)"""
 
 
 @dataclass(frozen=True)

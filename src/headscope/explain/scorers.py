@@ -18,10 +18,11 @@ Per unit and kind:
 Summary over units: the mean of each, a 95 % bootstrap CI (``scipy.stats.bootstrap``, percentile, 2000
 resamples, seeded), the paired difference real − shuffled with its CI, and the one-sided Wilcoxon
 signed-rank p-value of that difference (``scipy.stats.wilcoxon``). Units whose items are all one class
-are left out of that kind (``skipped``). When every unit gives its items' documents (``unit["docs"][kind]``,
-parallel to its items), ``difference_doc_clustered`` adds the same difference with a CI clustered by
-document (:func:`clustered_difference`): items that share a document are not independent, within a unit
-or across units.
+are left out of that kind (``skipped``). When every unit gives its items' clusters (``unit["clusters"][kind]``,
+parallel to its items: their documents, or the neuron of a pair), ``difference_clustered`` adds the same
+difference with a CI clustered by them (:func:`clustered_difference`): items that share a document (or a
+neuron's prompts) are not independent, within a unit or across units. ``groups``: units of one group
+(a neuron's pairs) never get each other's explanation as the shuffled one (:func:`group_derangement`).
 """
 
 from __future__ import annotations
@@ -131,15 +132,30 @@ def clustered_difference(real: list[list], shuf: list[list], truth: list[list[bo
             "method": "percentile bootstrap over documents (items weighted by their document's multiplicity)"}
 
 
+def group_derangement(groups: list, seed: int = 0) -> list[int]:
+    """For each unit, another unit of a *different* group (e.g. another neuron's pair): a seeded
+    derangement when one exists (tries 1000 permutations), else an independent random choice per unit
+    among the other groups' units. Needs two groups."""
+    if len(set(groups)) < 2:
+        raise ValueError("a shuffled-explanation baseline across groups needs at least two groups")
+    g = np.asarray([hash(x) for x in groups])
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        p = rng.permutation(len(groups))
+        if not (g[p] == g).any():
+            return [int(x) for x in p]
+    return [int(rng.choice(np.flatnonzero(g != g[i]))) for i in range(len(groups))]
+
+
 def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: int = 0, chunk: int = 64,
-                progress=None) -> dict:
+                progress=None, groups: list | None = None, cluster_name: str = "document") -> dict:
     """Judge every unit's items with its own and with a shuffled explanation (see the module docstring).
 
     ``judge(list[JudgeRequest]) -> list[P | None]``. Returns ``{"units": [{id, <kind>: {balanced_accuracy,
     auroc, shuffled_balanced_accuracy, shuffled_auroc, n_pos, n_neg, unparsed, shuffled_from}}],
     "summary": {<kind>: {balanced_accuracy, shuffled_balanced_accuracy, difference, auroc, shuffled_auroc,
     auroc_difference, graded, units, skipped}}}``."""
-    perm = derangement(len(units), seed)
+    perm = derangement(len(units), seed) if groups is None else group_derangement(groups, seed)
     reqs: list[JudgeRequest] = []
     spans = []
     for u, unit in enumerate(units):
@@ -177,12 +193,12 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
             "difference": paired(col("balanced_accuracy"), col("shuffled_balanced_accuracy"), seed),
             "graded": g, "units": len(ok), "skipped": len(rs) - len(ok),
             "unparsed": sum(r["unparsed"] for r in rs), "judgements": sum(r["n_pos"] + r["n_neg"] for r in rs)}
-        docs = [(unit["docs"][kind], r) for unit, r in zip(units, rows)
-                if kind in r and r[kind]["balanced_accuracy"] is not None and unit.get("docs", {}).get(kind)]
-        if docs and len(docs) == len(ok):
-            summary[kind]["difference_doc_clustered"] = clustered_difference(
-                [r[kind]["probs"] for _, r in docs], [r[kind]["shuffled_probs"] for _, r in docs],
-                [r[kind]["truth"] for _, r in docs], [d for d, _ in docs], seed=seed)
+        cl = [(unit["clusters"][kind], r) for unit, r in zip(units, rows)
+              if kind in r and r[kind]["balanced_accuracy"] is not None and unit.get("clusters", {}).get(kind)]
+        if cl and len(cl) == len(ok):
+            summary[kind]["difference_clustered"] = clustered_difference(
+                [r[kind]["probs"] for _, r in cl], [r[kind]["shuffled_probs"] for _, r in cl],
+                [r[kind]["truth"] for _, r in cl], [d for d, _ in cl], seed=seed) | {"by": cluster_name}
         if g:
             summary[kind] |= {"auroc": mean_ci(col("auroc"), seed),
                               "shuffled_auroc": mean_ci(col("shuffled_auroc"), seed),

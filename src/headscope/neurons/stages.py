@@ -19,7 +19,7 @@ from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, read_tensors, write_json, write_tensors
-from . import ablation, attribution, congruence, mining
+from . import ablation, attribution, baselines, congruence, mining
 from .stats import bh, bootstrap_diff_of_means, bootstrap_mean, describe, mann_whitney, wilcoxon_signed
 
 SETS = ("top", "random")
@@ -133,7 +133,11 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
     padding; ``active`` [N, P, L·H] uint8; ``split`` [N, P] int8: 0 train, 1 test, −1 padding) and
     ``<set>/attribution.json``: ``{"options", "source", "neurons": [{layer, neuron, token, n_train,
     n_test, "heads": {"L.H": {frac_train, frac_test, mean_A}} (heads active at least once),
-    "explain": ["L.H", …]}], "pairs": [{neuron, layer, head, name, frac_train}]}``."""
+    "explain": ["L.H", …]}], "pairs": [{neuron, layer, head, name, frac_train, frac_test, mean_A,
+    strength, baseline_pred}]}``. Pairs are chosen on all train prompts (active on ``low``–``high`` of
+    them); ``frac_test`` is the pair's held-out active rate; ``strength`` = frac_test × mean_A (mean
+    attribution over all prompts) picks each neuron's pair that matters for the ablation;
+    ``baseline_pred``: the ‖z‖-only and z-probe predictions on the held-out prompts (:mod:`.baselines`)."""
     d = set_dir(run, which)
     mined = _need(d / "mine.json", "mine")
     opts = {"gated": gated, "norm_scale": norm_scale, "k_sigma": k_sigma, "low": low, "high": high}
@@ -148,14 +152,18 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
     if not rows:
         raise HeadscopeError("no mined prompts to attribute: every neuron's prompts were dropped (try a larger "
                              "--max-prompt-tokens or another corpus)")
-    A_flat = attribution.attribute_prompts(model, rows, layer_of, neuron_of, gated, norm_scale, batch_size, progress)
+    zs: dict = {}
+    A_flat = attribution.attribute_prompts(model, rows, layer_of, neuron_of, gated, norm_scale, batch_size, progress,
+                                           z_out=zs)
     P = max(len(n["train"]) + len(n["test"]) for n in neurons)
     K = model.n_layers * model.n_heads
     A = torch.full((len(neurons), P, K), float("nan"))
     split = torch.full((len(neurons), P), -1, dtype=torch.int8)
+    row_of: dict[tuple[int, int], int] = {}
     for r, (i, s, j) in enumerate(where):
         A[i, j] = A_flat[r]
         split[i, j] = s
+        row_of[i, j] = r
     active = attribution.active_heads(A, k_sigma)
     write_tensors(d / "attribution.safetensors", {"A": A, "active": active.to(torch.uint8), "split": split})
     out, pairs = [], []
@@ -170,9 +178,14 @@ def run_attribute(model: Model, run: RunDir, which: str = "top", gated: str = "f
                                                       "frac_test": round(float(frac_te[k]), 4),
                                                       "mean_A": round(float(meanA[k]), 5)}
         names = [attribution.head_name(model, k) for k in torch.nonzero(explain).flatten().tolist()]
+        ok = (split[i] >= 0).nonzero().flatten().tolist()
         for k in torch.nonzero(explain).flatten().tolist():
+            z = zs["z"][[row_of[i, j] for j in ok], k].float().numpy()
+            base = baselines.pair_baselines(z, active[i, ok, k].numpy(), split[i, ok].numpy())
             pairs.append({"neuron": i, "layer": k // model.n_heads, "head": k % model.n_heads,
-                          "name": attribution.head_name(model, k), "frac_train": round(float(frac_tr[k]), 4)})
+                          "name": attribution.head_name(model, k), "frac_train": round(float(frac_tr[k]), 4),
+                          "frac_test": round(float(frac_te[k]), 4), "mean_A": round(float(meanA[k]), 5),
+                          "strength": round(float(frac_te[k] * meanA[k]), 6), "baseline_pred": base})
         out.append({"layer": n["layer"], "neuron": n["neuron"], "token": n["token"], "token_id": n["token_id"],
                     "n_train": int(tr.sum()), "n_test": int(te.sum()), "heads": heads, "explain": names})
     write_json(path, {"options": opts, "source": file_hash(d / "mine.json"), "neurons": out, "pairs": pairs})
@@ -206,6 +219,9 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
         raise HeadscopeError(f"no (neuron, head) pairs to ablate in the {which} set: no head is active on 25–75% "
                              "of any neuron's prompts; mine more prompts or neurons")
     prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
+    # a prompt's document, (split, doc) as one id: prompts of one document are not independent
+    docs = [[2 * p.get("doc", -1 - j) + (key == "test") for key in ("train", "test") for j, p in enumerate(n[key])]
+            for n in mined["neurons"]]
     tokens = [n["token_id"] for n in mined["neurons"]]
     drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress, mode)
     P = max(len(x) for x in drops)
@@ -220,10 +236,14 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
         a, ia = dr[lab].tolist(), dr[~lab].tolist()
         act_all += a; inact_all += ia
         mw = mann_whitney(a, ia, alternative="greater")
+        cb = baselines.cluster_bootstrap_diff(dr.tolist(), labels, docs[pair["neuron"]][: len(dr)])
         rows.append({**{k: pair[k] for k in ("neuron", "layer", "head", "name")},
+                     "strength": pair.get("strength"), "frac_test": pair.get("frac_test"),
                      "mean_drop_active": float(np.mean(a)) if a else None,
                      "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia),
-                     "effect": float(np.mean(a) - np.mean(ia)) if a and ia else None, "p": mw["p"], "auc": mw["auc"]})
+                     "effect": float(np.mean(a) - np.mean(ia)) if a and ia else None,
+                     "effect_low": cb["low"], "effect_high": cb["high"], "documents": cb["clusters"],
+                     "p": cb["p_greater"], "p_mann_whitney": mw["p"], "auc": mw["auc"]})
     n_sig = 0
     for r, q in zip(rows, bh([r["p"] for r in rows])):
         r["q"] = q
@@ -243,11 +263,13 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
 
 
 def _round_robin(pairs: list[dict]) -> list[dict]:
-    """Pairs reordered one per neuron at a time (each neuron's first pair, then each one's second, …), so
-    that ``max_pairs`` spreads the ablations over neurons — the unit of the test — instead of taking
-    every pair of the first neurons."""
+    """Pairs reordered one per neuron at a time (each neuron's strongest pair, then each one's second, …),
+    so that ``max_pairs`` spreads the ablations over neurons — the unit of the test — instead of taking
+    every pair of the first neurons. Strongest: the largest ``strength`` = held-out active rate × mean
+    attribution (the pair that matters for the neuron; head order used to pick heads active on a few
+    prompts, some on none held out)."""
     by: dict[int, list[dict]] = {}
-    for p in pairs:
+    for p in sorted(pairs, key=lambda p: -(p.get("strength") or 0.0)):
         by.setdefault(p["neuron"], []).append(p)
     out, r = [], 0
     while len(out) < len(pairs):
@@ -269,13 +291,16 @@ def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | N
                batch_size: int = 32, progress: bool = True) -> dict:
     """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
     (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
-    not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
-    pair) and BH q over the pairs. The unit of the run's test is the **neuron** (its pairs share prompts):
+    not, with a document-clustered percentile bootstrap CI and one-sided p (prompts of one document are
+    not independent; :func:`headscope.neurons.baselines.cluster_bootstrap_diff`; the Mann–Whitney p that
+    treats prompts as independent is kept as ``p_mann_whitney``) and BH q over the pairs. With
+    ``max_pairs``, each neuron's strongest pair comes first (:func:`_round_robin`). The unit of the run's test is the **neuron** (its pairs share prompts):
     the per-neuron mean effect, its bootstrap 95 % interval, and a Wilcoxon signed-rank test against 0.
     When both sets (top and random) have been ablated, :func:`compare_ablations` compares them.
 
-    Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name,
-    mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, p, auc, q, significant}],
+    Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name, strength,
+    frac_test, mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, effect_low, effect_high,
+    documents, p, p_mann_whitney, auc, q, significant}],
     "per_neuron": {i: effect}, "summary": {unit, pairs, neurons, effect: {mean, low, high, n}, wilcoxon,
     significant_bh, pooled_descriptive}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P]
     NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""
