@@ -49,6 +49,7 @@ from tqdm import tqdm
 from ..errors import HeadscopeError
 from ..runs import RunDir, read_json, write_json
 from .contexts import Context, ExplainContextsRequest, feature_backend
+from .dfa_rules import family as dfa_family
 from .scorers import KINDS, score_units
 
 
@@ -101,8 +102,9 @@ class FeatureExplainOptions(LLMOptions):
 
     sae: str = ""
     """SAE name under RUN/sae/ (required, e.g. L14)"""
-    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
-    """statistical (= keyword): offline token-rate rule; openai: any OpenAI-compatible endpoint; local: HF chat model"""
+    backend: Literal["statistical", "keyword", "dfa", "openai", "local"] = "statistical"
+    """statistical (= keyword): offline token-rate rule; dfa: offline attention-source rule (family + token
+    sets from the examples' DFA); openai: any OpenAI-compatible endpoint; local: HF chat model"""
     features: int = 64
     """features explained, drawn at random among the alive ones (0: all; fewer are a subset of more)"""
     n_explain: int = 10
@@ -129,8 +131,8 @@ class FeatureScoreOptions(LLMOptions):
 
     sae: str = ""
     """SAE name under RUN/sae/ (required, e.g. L14)"""
-    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
-    """the judge (statistical = keyword: the offline rule)"""
+    backend: Literal["statistical", "keyword", "dfa", "openai", "local"] = "statistical"
+    """the judge (statistical = keyword: the offline token rule; dfa: the offline attention-source rule)"""
     explanations: str = ""
     """whose explanations to score (default: the judge's own back-end)"""
     scorers: list[str] = field(default_factory=lambda: ["detection", "fuzzing"])
@@ -181,6 +183,9 @@ def make_feature_backend(opts, run: RunDir | None = None, model=None, dry_run: P
     if name == "statistical":
         from .token_stats import TokenStatExplainer
         return TokenStatExplainer()
+    if name == "dfa":
+        from .dfa_rules import DFAExplainer
+        return DFAExplainer()
     from .stages import make_backend
     dev = str(getattr(model, "device", "cpu"))
     return feature_backend(make_backend(name, run, model, **opts.client_kwargs(dev, dry_run)))
@@ -303,6 +308,41 @@ class _Docs:
         return "test" if g.all() else ("explain" if not g.any() else None)
 
 
+@torch.no_grad()
+def _example_dfa(model, sae, corpus, wanted: dict[int, list[tuple[int, int]]], progress: bool,
+                 batch_size: int = 8, top: int = 3) -> dict[tuple[int, int, int], dict]:
+    """Where each shown max-activating example reads from: for ``wanted`` = {held-out sequence: [(feature,
+    destination position)]}, the ``top`` source positions of largest DFA (summed over heads) of the
+    feature at that destination, as {(feature, sequence, position): {"sources": [{"dist", "token",
+    "induction", "dfa"}]}} (``dist`` = destination − source; ``induction``: the token before the source
+    equals the destination token, i.e. the source follows an earlier copy of the current token)."""
+    from ..capture import capture, eager_attention
+    from ..sae.attribution import dfa_from_capture
+    L = sae.cfg.layer
+    seqs = sorted(wanted, key=lambda s: max(p for _, p in wanted[s]))
+    out = {}
+    for b in tqdm(range(0, len(seqs), batch_size), desc="DFA of shown examples", disable=not progress,
+                  file=sys.stderr, unit=" batch"):
+        chunk = seqs[b:b + batch_size]
+        T = max(p for s in chunk for _, p in wanted[s]) + 1
+        ids = torch.stack([corpus.sequence("heldout", s)[:T] for s in chunk]).to(model.device)
+        with eager_attention(model):
+            cap = capture(model, ids, layers=[L], what=("pattern", "v"), stop_after=L)
+        for j, s in enumerate(chunk):
+            feats = sorted({f for f, _ in wanted[s]})
+            pat, proj = dfa_from_capture(model, sae, cap["pattern"][L][j:j + 1], cap["v"][L][j:j + 1], feats)
+            toks = model.token_str(ids[j].tolist())
+            for f, p in wanted[s]:
+                k = feats.index(f)
+                d = (pat[0, :, p, :] * proj[0, :, :, k].T).sum(0).cpu()          # [T] per source
+                d[0] = -float("inf")                                               # the BOS is no source
+                d[p + 1:] = -float("inf")
+                src = d.topk(min(top, p)).indices.tolist()
+                out[f, s, p] = {"sources": [{"dist": p - q, "token": toks[q], "dfa": round(float(d[q]), 4),
+                                             "induction": bool(q >= 2 and toks[q - 1] == toks[p])} for q in src]}
+    return out
+
+
 def _fuzzed(ctx: Context, rng: random.Random) -> Context | None:
     """The same context with as many random non-activating tokens marked as it has activating ones."""
     real = ctx.marked()
@@ -380,12 +420,18 @@ def run_feature_contexts(model, run: RunDir, opts: FeatureExplainOptions, progre
         g = docs.group(sp)
         if g is not None:
             groups[g].append((t, a, sp))
+    top_by_f = {f: [(e, sp) for e, sp in ((e, ex_span(e)) for e in recs[f]["examples"])
+                    if docs.group(sp) == "explain"][:opts.n_explain] for f in chosen}
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for f, top in top_by_f.items():
+        for e, _ in top:
+            wanted.setdefault(e["seq"], []).append((f, e["pos"]))
+    dfa = _example_dfa(model, sae, corpus, wanted, progress)
     out, skipped = {}, 0
     for f in chosen:
         r = recs[f]
         rf = random.Random(f"{opts.seed}:{f}:sets")
-        top = [(e, ex_span(e)) for e in r["examples"]]
-        top = [(e, sp) for e, sp in top if docs.group(sp) == "explain"][:opts.n_explain]
+        top = top_by_f[f]
         if not top or not pos_by_f[f]:
             skipped += 1       # nothing to show, or nothing to test, from disjoint documents
             continue
@@ -408,7 +454,11 @@ def run_feature_contexts(model, run: RunDir, opts: FeatureExplainOptions, progre
             fz = _fuzzed(c, rf)
             if fz is not None:
                 fuzz += [(Context(c.tokens, c.acts, c.marked()), True, sp, d), (fz, False, sp, d)]
-        out[str(f)] = {"explain": {"active": [c.to_json() for c in active], "random": [c.to_json() for c in shown]},
+        recs_dfa = [dfa[f, e["seq"], e["pos"]] for e, _ in top]
+        fam, ev = dfa_family(recs_dfa)
+        out[str(f)] = {"explain": {"active": [c.to_json() for c in active], "random": [c.to_json() for c in shown],
+                                   "dfa": recs_dfa},
+                       "family": fam, "family_evidence": ev,
                        "shown_spans": [list(sp) for _, sp in top] + [list(sp) for *_, sp in shown_w],
                        "detection": [(c.to_json(), t) for c, t, *_ in det],
                        "detection_meta": [{"span": list(sp), "doc": d, "kind": k} for _, _, sp, d, k in det],
@@ -439,7 +489,8 @@ def run_explain_features(model, run: RunDir, opts: FeatureExplainOptions, progre
     ctx = run_feature_contexts(model, run, opts, progress)
     feats = list(ctx["features"])
     reqs = [ExplainContextsRequest([Context.from_json(c) for c in ctx["features"][f]["explain"]["active"]],
-                                   [Context.from_json(c) for c in ctx["features"][f]["explain"]["random"]])
+                                   [Context.from_json(c) for c in ctx["features"][f]["explain"]["random"]],
+                                   ctx["features"][f]["explain"].get("dfa"))
             for f in feats]
     client = getattr(getattr(backend, "backend", None), "client", None)
     if client is not None and client.dry_run is not None:
@@ -452,8 +503,8 @@ def run_explain_features(model, run: RunDir, opts: FeatureExplainOptions, progre
         texts += backend.explain_contexts(reqs[s:s + chunk])
         bar.update(len(reqs[s:s + chunk]))
     bar.close()
-    out = {f: {"explanation": t, "n_active": len(r.active), "n_random": len(r.random)}
-           for f, t, r in zip(feats, texts, reqs)}
+    out = {f: {"explanation": t, "family": ctx["features"][f].get("family"), "n_active": len(r.active),
+               "n_random": len(r.random)} for f, t, r in zip(feats, texts, reqs)}
     write_json(features_dir(run, ctx["sae"]) / f"explanations_{backend.name}.json",
                {"sae": ctx["sae"], "layer": ctx["layer"], "backend": backend.config(), "options": asdict(opts),
                 "features": out})
