@@ -508,7 +508,11 @@ def run_explain_features(model, run: RunDir, opts: FeatureExplainOptions, progre
     write_json(features_dir(run, ctx["sae"]) / f"explanations_{backend.name}.json",
                {"sae": ctx["sae"], "layer": ctx["layer"], "backend": backend.config(), "options": asdict(opts),
                 "features": out})
-    return {"sae": ctx["sae"], "features": len(out), "backend": backend.name}
+    fams: dict[str, int] = {}
+    for v in out.values():
+        fams[v["family"]] = fams.get(v["family"], 0) + 1
+    return {"sae": ctx["sae"], "features": len(out), "backend": backend.name, "skipped": ctx.get("skipped", 0),
+            "families": fams}
 
 
 def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: bool = True, backend=None) -> dict:
