@@ -5,7 +5,8 @@
 Runs the demo's neurons.find (last 3 layers, 4 per layer) → neurons.mine (trim tolerance 0.5) →
 neurons.attribute → explain.run → explain.score → explain.baseline (2 random neurons per layer) →
 neurons.ablate (12 pairs), printing each stage's seconds and the look-up readings (E per neuron vs the
-shuffled, same-head, ‖z‖ and probe baselines); writes ``OUT/timing.json``.
+shuffled, same-head, ‖z‖ and probe baselines); writes ``OUT/timing.json``. CPU seconds (the process's, all
+threads) are recorded beside wall seconds: on a shared machine they are the comparable figure.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ def main() -> None:
     run = RunDir(args.out, model.identity())
     out: dict = {"options": vars(args), "seconds": {}}
 
+    out["cpu_seconds"] = {}
+
     def step(name, fn, *a, **k):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = fn(*a, **k)
         out["seconds"][name] = round(time.perf_counter() - t, 1)
-        print(f"{name}: {out['seconds'][name]} s  {json.dumps(res, default=str)[:1200]}", flush=True)
+        out["cpu_seconds"][name] = round(time.process_time() - c, 1)
+        print(f"{name}: {out['seconds'][name]} s wall, {out['cpu_seconds'][name]} s CPU  "
+              f"{json.dumps(res, default=str)[:1500]}", flush=True)
         return res
 
     step("neurons.find", ns.run_find, model, run, last_k=3, per_layer=4)
