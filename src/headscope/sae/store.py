@@ -150,7 +150,8 @@ def cache_activations(model: Model, corpus: TokenCorpus, layers: list[int], path
     n_total = src.n_blocks if max_tokens is None else min(src.n_blocks, max(1, math.ceil(max_tokens / src.rows_per_block)))
     base = {"layers": sorted(layers), "d_in": src.d_in, "tokens_per_shard": src.rows_per_block,
             "sequences_per_shard": src.seqs_per_block, "seq_len": corpus.seq_len, "corpus": corpus.spec,
-            "model": model.identity(), "dtype": str(dtype).replace("torch.", "")}
+            "model": model.identity(), "dtype": str(dtype).replace("torch.", ""),
+            "sampler": "headscope.sampling.Windows(seed=0)"}   # caches of the old first-N order are not reused
     done = 0
     if (path / "manifest.json").is_file():
         old = read_json(path / "manifest.json")
