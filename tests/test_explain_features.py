@@ -100,6 +100,7 @@ def test_test_contexts_share_no_document_or_token_with_shown_ones(sae_run):
     from its EOS tokens); matched negatives come from a positive's document and never fire."""
     import numpy as np
     from headscope.data import TokenCorpus
+    from headscope.sampling import Windows
     model, run = sae_run
     opts = FeatureExplainOptions(sae="L1", features=8, n_explain=4, n_test=5, windows=300)
     ctx = run_feature_contexts(model, run, opts, progress=False)
@@ -117,6 +118,10 @@ def test_test_contexts_share_no_document_or_token_with_shown_ones(sae_run):
         assert x["tokens"][-len(toks):] == toks          # the span holds the context's body tokens
         return {doc(o) for o in range(a, b + 1)}
     assert ctx["documents"]["test"] > 0 and ctx["documents"]["explain"] > 0
+    index = read_json(run / "sae/L1/dashboards/index.json")     # the dashboards' sample, over documents
+    plan = Windows(corpus, "heldout", seed=0)
+    assert index["n_sequences"] == 1024 // 64 and index["n_documents"] == plan.n_documents(16) >= 2
+    assert read_json(run / "sae/L1/train.json")["n_documents"] >= 2
     n_items = n_matched = 0
     for f, c in ctx["features"].items():
         shown = c["explain"]["active"] + c["explain"]["random"]
