@@ -218,10 +218,10 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
     if not pairs:
         raise HeadscopeError(f"no (neuron, head) pairs to ablate in the {which} set: no head is active on 25–75% "
                              "of any neuron's prompts; mine more prompts or neurons")
-    prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
-    # a prompt's document, (split, doc) as one id: prompts of one document are not independent
-    docs = [[2 * p.get("doc", -1 - j) + (key == "test") for key in ("train", "test") for j, p in enumerate(n[key])]
-            for n in mined["neurons"]]
+    # the causal test runs on the held-out prompts (the pairs were chosen on the train prompts); a prompt's
+    # document is its cluster: prompts of one document are not independent
+    prompts = [[p["ids"] for p in n["test"]] for n in mined["neurons"]]
+    docs = [[p.get("doc", -1 - j) for j, p in enumerate(n["test"])] for n in mined["neurons"]]
     tokens = [n["token_id"] for n in mined["neurons"]]
     drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress, mode)
     P = max(len(x) for x in drops)
@@ -229,7 +229,8 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
     ACT = torch.zeros((len(pairs), P), dtype=torch.uint8)
     rows, act_all, inact_all = [], [], []
     for r, (pair, dr) in enumerate(zip(pairs, drops)):
-        labels, _ = pair_labels(att, model.n_heads, pair)
+        labels, split = pair_labels(att, model.n_heads, pair)
+        labels = [lab for lab, sp in zip(labels, split) if sp == 1]
         lab = torch.tensor(labels, dtype=torch.bool)
         D[r, : len(dr)] = dr
         ACT[r, : len(dr)] = lab.to(torch.uint8)
@@ -289,7 +290,8 @@ def _neuron_effects(rows: list[dict]) -> dict[int, float]:
 
 def run_ablate(model: Model, run: RunDir, which: str = "top", max_pairs: int | None = None, mode: str = "z",
                batch_size: int = 32, progress: bool = True) -> dict:
-    """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
+    """The causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's held-out
+    prompts (the pairs were chosen on the train prompts)
     (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
     not, with a document-clustered percentile bootstrap CI and one-sided p (prompts of one document are
     not independent; :func:`headscope.neurons.baselines.cluster_bootstrap_diff`; the Mann–Whitney p that
