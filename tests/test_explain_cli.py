@@ -20,7 +20,10 @@ def test_feature_commands_record_and_reuse(gpt2_dir, tmp_path, capsys):
     run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
     base = ["--model", str(gpt2_dir), "--out", str(run.path), "--quiet"]
     assert main(["explain", "features", *base, "--sae", "L1", "--features", "5", "--windows", "100"]) == 0
-    assert "5 features of SAE L1 explained with the statistical backend" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    import re
+    m = re.search(r"(\d) features of SAE L1 explained with the statistical backend", out)
+    assert m and 2 <= int(m.group(1)) <= 5 and "families (DFA)" in out
     rec = json.loads((run.path / "stages/explain.features.json").read_text())
     assert set(rec["outputs"]) == {"explain/features/L1/contexts.json", "explain/features/L1/explanations_statistical.json"}
     assert main(["explain", "score-features", *base, "--sae", "L1"]) == 0
@@ -47,8 +50,9 @@ def test_features_dry_run_sends_nothing(gpt2_dir, tmp_path, capsys):
     run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
     jl = tmp_path / "reqs.jsonl"
     assert main(["explain", "features-dry-run", "--model", str(gpt2_dir), "--out", str(run.path), "--sae", "L1",
-                 "--features", "3", "--windows", "100", "--base-url", "http://127.0.0.1:9/v1", "--jsonl", str(jl)]) == 0
+                 "--features", "6", "--windows", "100", "--base-url", "http://127.0.0.1:9/v1", "--jsonl", str(jl)]) == 0
     lines = [json.loads(x) for x in jl.read_text().splitlines()]
-    assert len(lines) == 3 and "dry run: 3 feature explanation requests" in capsys.readouterr().out
+    # features with nothing to show or test in disjoint documents are skipped
+    assert len(lines) >= 2 and f"dry run: {len(lines)} feature explanation requests" in capsys.readouterr().out
     assert all("<<" in x["body"]["messages"][1]["content"] for x in lines)   # activating tokens marked
     assert not (run.path / "explain/features/L1/explanations_openai.json").exists()

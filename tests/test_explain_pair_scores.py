@@ -20,8 +20,8 @@ EMPTY_RULE = StatisticalExplainer().render({"window": 8, "bias": 0.0, "terms": [
 def explained(tmp_path_factory):
     m = tiny_model("llama_gqa")
     run = RunDir(tmp_path_factory.mktemp("run"), m.identity())
-    ns.run_find(m, run, FindOptions(per_layer=2, require_space=False, min_chars=1, last_k=2))
-    ns.run_mine(m, run, MineOptions(seq_len=48, top_k=6, top_k_test=6, max_tokens=1200), progress=False)
+    ns.run_find(m, run, FindOptions(per_layer=3, require_space=False, min_chars=1, last_k=2))
+    ns.run_mine(m, run, MineOptions(seq_len=48, top_k=8, top_k_test=8, max_tokens=2400), progress=False)
     ns.run_attribute(m, run, AttributeOptions(k_sigma=1.0), progress=False)
     ex.run_explain(m, run, "statistical", progress=False)
     ex.run_score(m, run, "statistical", max_per_class=20, min_per_class=2, control=False, progress=False)
@@ -37,8 +37,10 @@ def test_balanced_accuracy_is_explain_scores_E(explained):
     for new, o in zip(out["pairs"], old):
         assert new["detection"]["balanced_accuracy"] == pytest.approx(o["E"])
         assert new["detection"]["shuffled_from"] != new["id"]
+        assert new["detection"]["shuffled_from"].split(":")[0] != new["id"].split(":")[0]   # another neuron's
     assert "not applicable" in out["fuzzing"]
-    assert set(s["detection"]) >= {"balanced_accuracy", "shuffled_balanced_accuracy", "difference"}
+    assert set(s["detection"]) >= {"balanced_accuracy", "shuffled_balanced_accuracy", "difference", "difference_clustered"}
+    assert s["detection"]["difference_clustered"]["by"] == "neuron"
 
 
 def test_uninformative_explanations_score_at_chance(explained):

@@ -86,9 +86,42 @@ def test_statistical_explainer_recovers_a_planted_rule():
     [row] = score_explanations(se, [ScoringItem("k", expl, test, truth)], max_per_class=20, min_per_class=5)
     assert row["E"] == 1.0 and row["p"] < 1e-6
     assert se.classify_many([ClassifyRequest("free text, no rule", "x TOKEN")]) == [None]
-    assert words("A b, c TOKEN") == ["a", "b", ",", "c"]
+    assert words("A b, c TOKEN", " TOKEN") == ["a", "b", ",", "c"]
     assert features(["a", "b", "c"], 2) == {("last", "c"), ("last", "b c"), ("near", "b"), ("near", "c"),
-                                           ("near", "b c")}                  # window 2: "a" is out
+                                           ("near", "b c"),                  # window 2: "a" is out
+                                           ("any", "a"), ("any", "b"), ("any", "c")}
+    assert ("struct", "repeat") in features(["a", "b", "a"], 2) and ("struct", "token") in features(["x", "of"], 2, "of")
+
+
+def test_sub_word_token_is_cut_not_the_last_word():
+    """A random neuron's token is often a word piece ('ptom'): only the piece is cut off the example, so
+    the prompt's last word stays (it used to drop the whole last word "symptom" → the real "sym")."""
+    from headscope.explain.prompts import example_text
+    ex = example_text(["<s>", "the", " first", " sym"], "ptom")
+    assert ex == "the first symptom"
+    assert words(ex, "ptom") == ["the", "first", "sym"]
+    assert words(example_text(["<s>", "a", " b"], " of"), " of") == ["a", "b"]
+    assert words("no token here", "ptom") == ["no", "token", "here"]     # not at the end: nothing is cut
+
+
+def test_structural_rule_is_learned_and_applied_with_the_examples_own_token():
+    """A head active when the last word occurred earlier: the explainer finds the structural feature,
+    and the scorer applies it with each example's own token (also under another neuron's rule)."""
+    rng = np.random.default_rng(5)
+
+    def ex(on, tok):
+        ws = list(rng.choice(WORDS, 9, replace=False))
+        last = ws[2] if on else str(rng.choice([w for w in WORDS if w not in ws]))
+        return " ".join(ws + [last]) + tok
+    se = StatisticalExplainer()
+    act, ina = [ex(1, "ptom") for _ in range(25)], [ex(0, "ptom") for _ in range(25)]
+    [expl] = se.explain_many([ExplainRequest(act, ina, "ptom")])
+    rule = se.parse(expl)
+    assert ("struct", "repeat") in {(k, g) for k, g, w in rule["terms"] if w > 0}
+    assert "occurred earlier" in expl
+    test = [ex(1, " of") for _ in range(15)] + [ex(0, " of") for _ in range(15)]
+    [row] = score_explanations(se, [ScoringItem("k", expl, test, [True] * 15 + [False] * 15, " of")], 15, 5)
+    assert row["E"] > 0.9
 
 
 def test_negative_control_uninformative_labels_give_chance():

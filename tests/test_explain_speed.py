@@ -69,7 +69,7 @@ def reference_fit(se: StatisticalExplainer, req: ExplainRequest) -> tuple[dict, 
                 best, lam = float(acc), float(l_)
     b, beta = _ref_path(X, y, [g for g in grid if g >= lam])[-1]
     nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: se.max_terms]
-    return {"window": se.window, "bias": round(b, 3),
+    return {"window": se.window, "token": req.token, "bias": round(b, 3),
             "terms": [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]}, fragile
 
 
@@ -191,24 +191,21 @@ def test_fit_gives_the_reference_rule():
 # -- random held-out windows -----------------------------------------------------------------------
 def test_window_plan():
     n_seq, S, left, right = 280, 128, 12, 4
-    a, b = _window_plan(n_seq, S, 2000, left, right, seed=0)
-    assert len(a) == 1000 and len(b) == 1000
-    keys = a + b
-    assert len(set(keys)) == 2000                                           # no window twice
-    seqs_a, seqs_b = {s for s, _ in a}, {s for s, _ in b}
-    assert not seqs_a & seqs_b                                              # halves from disjoint sequences
-    assert len(seqs_a | seqs_b) == 2 * -(-1000 // WINDOWS_PER_SEQUENCE)     # 250 sequences
-    assert max(seqs_a | seqs_b) - min(seqs_a | seqs_b) > n_seq * 0.8        # across the whole split
+    keys = _window_plan(n_seq, S, 2000, left, right, seed=0)
+    assert len(keys) == 2000 and len(set(keys)) == 2000                      # no window twice
+    seqs = {s for s, _ in keys}
+    assert len(seqs) == -(-2000 // WINDOWS_PER_SEQUENCE)                     # 125 sequences
+    assert max(seqs) - min(seqs) > n_seq * 0.8                               # across the whole split
     assert all(left + 1 <= p <= S - right - 1 for _, p in keys)             # never centred at the BOS
     per = np.bincount([s for s, _ in keys])
     assert per.max() <= WINDOWS_PER_SEQUENCE
     pos = np.array([p for _, p in keys])
     assert pos.min() == left + 1 and pos.max() == S - right - 1             # the whole range is used
     assert abs(pos.mean() - (left + 1 + S - right - 1) / 2) < 3             # uniform: mean in the middle
-    assert _window_plan(n_seq, S, 2000, left, right, seed=0) == (a, b)      # deterministic by seed
-    assert _window_plan(n_seq, S, 2000, left, right, seed=1) != (a, b)
+    assert _window_plan(n_seq, S, 2000, left, right, seed=0) == keys        # deterministic by seed
+    assert _window_plan(n_seq, S, 2000, left, right, seed=1) != keys
     small = _window_plan(10, S, 300, left, right, seed=0)                   # few sequences: more windows each
-    assert len(small[0]) == 150 and len({s for s, _ in small[0] + small[1]}) == 10
+    assert len(small) == 300 and len({s for s, _ in small}) == 10
     with pytest.raises(HeadscopeError, match="too small for random windows"):
         _window_plan(1, S, 10, left, right, seed=0)
     with pytest.raises(HeadscopeError, match="too small for random windows"):
@@ -240,12 +237,10 @@ def test_random_windows_equal_full_sequence_encoding(tiny):
     left, right, n = 6, 3, 60
     n_seq = corpus.n_sequences("heldout")
     assert n_seq >= 2 * -(-(n // 2) // WINDOWS_PER_SEQUENCE)
-    ex, te = _random_windows(model, sae, corpus, n, left, right, seed=3, progress=False)
-    plan = _window_plan(n_seq, corpus.seq_len, n, left, right, seed=3)
-    assert len(ex) == n // 2 and len(te) == n - n // 2
-    assert len({s for s, _ in plan[0] + plan[1]}) == 2 * -(-(n // 2) // WINDOWS_PER_SEQUENCE)
+    plan, wins, _ = _random_windows(model, sae, corpus, n, left, right, seed=3, progress=False)
+    assert plan == _window_plan(n_seq, corpus.seq_len, n, left, right, seed=3) and len(wins) == n
     full = {}
-    for (s, p), (toks, acts) in zip(plan[0] + plan[1], ex + te):
+    for (s, p), (toks, acts) in zip(plan, wins):
         if s not in full:
             ids = corpus.sequence("heldout", s)[None]
             with torch.no_grad():
@@ -255,8 +250,8 @@ def test_random_windows_equal_full_sequence_encoding(tiny):
             full[s] = (model.token_str(ids[0].tolist()), a)
         assert p >= left + 1 and toks == full[s][0][p - left:p + right + 1] and len(toks) == left + 1 + right
         torch.testing.assert_close(acts, full[s][1][p - left:p + right + 1], rtol=1e-5, atol=1e-5)
-    assert any(float(a.max()) > 0 for _, a in ex + te)
+    assert any(float(a.max()) > 0 for _, a in wins)
     again = _random_windows(model, sae, corpus, n, left, right, seed=3, progress=False)
-    assert [t for t, _ in again[0] + again[1]] == [t for t, _ in ex + te]  # deterministic by seed
+    assert [t for t, _ in again[1]] == [t for t, _ in wins]  # deterministic by seed
     with pytest.raises(HeadscopeError, match="too small for random windows"):
         _random_windows(model, sae, corpus, n, 30, 20, seed=3, progress=False)

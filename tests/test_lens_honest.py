@@ -21,7 +21,8 @@ from headscope.lens.atlas_data import atlas_data
 from headscope.lens.evaluate import run_eval
 from headscope.lens.options import EvalOptions
 from headscope.lens.lenses import LensConfig, load_bank
-from headscope.lens.sampling import Windows, fixed_prefix, select_positions
+from headscope.lens.sampling import fixed_prefix, select_positions
+from headscope.sampling import Windows
 from headscope.lens.train import TrainConfig, load_null, run_train
 from headscope.lens.verdict import decide
 from headscope.runs import RunDir

@@ -8,6 +8,7 @@ from headscope.capture import capture
 from headscope.data import TokenCorpus
 from headscope.errors import HeadscopeError
 from headscope.neurons import ablation, mining
+from headscope.sampling import Windows
 from headscope.testing.tiny import tiny_model
 
 SEQ = 40
@@ -22,14 +23,16 @@ def setup():
 
 
 def _brute(m, corpus, neurons, split, n_seq, k):
+    """Top-k over the first n_seq sequences of the shared sampler's plan (indices into the split)."""
+    seqs = Windows(corpus, split, seed=0).seqs[:n_seq]
     best = []
-    for s in range(n_seq):
-        ids = corpus.sequence(split, s)[None]
+    for s in seqs:
+        ids = corpus.sequence(split, int(s))[None]
         cap = capture(m, ids, layers=[0, 1, 2], what={"mlp_post"})
         best.append([cap["mlp_post"][n["layer"]][0, 1:, n["neuron"]].max().item() for n in neurons])
     vals = torch.tensor(best)                                  # [n_seq, N]
     top = torch.topk(vals, k, dim=0)
-    return top.values, top.indices
+    return top.values, torch.from_numpy(seqs).long()[top.indices]
 
 
 def test_top_sequences_equals_brute_force(setup):

@@ -125,6 +125,14 @@ def test_ablation_unit_is_the_neuron(done_run):
     assert len(abl["pairs"]) == min(4, len(pairs))
     n_with_pairs = len({p["neuron"] for p in pairs})
     assert len({r["neuron"] for r in abl["pairs"]}) == min(4, n_with_pairs)   # max_pairs spreads over neurons
+    best: dict = {}
+    for p in pairs:                                   # strength = held-out active rate × mean attribution
+        assert p["strength"] == pytest.approx(p["frac_test"] * p["mean_A"], abs=1e-4)
+        best[p["neuron"]] = max(best.get(p["neuron"], -1e9), p["strength"])
+    first: dict = {}
+    for r in abl["pairs"]:
+        first.setdefault(r["neuron"], r)
+    assert all(r["strength"] == best[n] for n, r in first.items())            # each neuron's strongest pair
     effects = {}
     for r, dr, act in zip(abl["pairs"], t["drops"], t["active"]):
         ok = ~torch.isnan(dr)
@@ -132,7 +140,8 @@ def test_ablation_unit_is_the_neuron(done_run):
         assert (r["n_active"], r["n_inactive"]) == (len(a), len(ia))
         if len(a) and len(ia):
             assert r["effect"] == pytest.approx(float(a.mean() - ia.mean()), abs=1e-6)
-            assert r["p"] == pytest.approx(scipy.stats.mannwhitneyu(a, ia, alternative="greater").pvalue)
+            assert r["p_mann_whitney"] == pytest.approx(scipy.stats.mannwhitneyu(a, ia, alternative="greater").pvalue)
+            assert r["effect_low"] <= r["effect"] <= r["effect_high"] and 0 < r["p"] <= 1   # document-clustered
             effects.setdefault(r["neuron"], []).append(r["effect"])
     s = abl["summary"]
     assert s["unit"] == "neuron" and s["neurons"] == len(effects)
@@ -162,6 +171,29 @@ def test_comparison_is_per_neuron(done_run):
     if E["top"] and E["random"] and len(set(E["top"] + E["random"])) > 1:
         ref = scipy.stats.mannwhitneyu(E["top"], E["random"])
         assert comp["mann_whitney"]["p"] == pytest.approx(ref.pvalue)
+    assert "detectable" in comp["power"]
+
+
+def test_scores_carry_baselines_on_the_same_sample(done_run):
+    """E_norm / E_probe are the baselines' held-out predictions evaluated on the very balanced sample E
+    was scored on; a look-up needs E above chance and above E_norm."""
+    m, run = done_run
+    sc = json.loads((run / "explain/scores_statistical.json").read_text())
+    att = {(p["neuron"], p["name"]): p for p in json.loads((run / "neurons/attribution.json").read_text())["pairs"]}
+    n = 0
+    for r in sc["pairs"]:
+        if r["E"] is None:
+            continue
+        pred = att[r["neuron"], r["name"]]["baseline_pred"]["norm"]
+        if pred is not None:
+            sel = [pred[i] for i in r["examples"]]
+            tpr = sum(p and t for p, t in zip(sel, r["truth"])) / sum(r["truth"])
+            tnr = sum((not p) and (not t) for p, t in zip(sel, r["truth"])) / (len(r["truth"]) - sum(r["truth"]))
+            assert r["E_norm"] == pytest.approx((tpr + tnr) / 2)
+            n += 1
+        assert r["lookup"] == bool(r["significant"] and r["E_norm"] is not None and r["E"] > r["E_norm"])
+        assert "E_same_head" in r and "E_probe" in r
+    assert n > 0 and sc["summary"]["unit"] == "neuron"
 
 
 def test_stages_are_reused_through_the_contract(tmp_path, monkeypatch):

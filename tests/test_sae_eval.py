@@ -11,7 +11,8 @@ import torch
 
 from headscope.capture import capture
 from headscope.data import TokenCorpus
-from headscope.sae.evaluate import (_eos, bootstrap_ci, evaluate_sae, recovered_scores, spread_sequences,
+from headscope.sampling import sample_sequences
+from headscope.sae.evaluate import (bootstrap_ci, evaluate_sae, recovered_scores,
                                     _kl_rec, _ce_rec)
 from headscope.sae.model import AttnSAE, SAEConfig
 from headscope.testing.tiny import tiny_model
@@ -86,7 +87,7 @@ def test_recovered_scores_and_ce_against_independent(tmp_path, family):
     # mean-ablation with a zero mean is zero-ablation
     assert perfect["ce_mean_ablation"] == pytest.approx(perfect["ce_zero_ablation"], rel=1e-6)
     # independent: HF logits on the same sequences, clean and with a raw zeroing hook
-    idx, _ = spread_sequences(tc, "heldout", 10, _eos(model))
+    idx, _ = sample_sequences(tc, "heldout", 10)
     ids = torch.stack([tc.sequence("heldout", int(i)) for i in idx])
     n = ids.shape[0] * (ids.shape[1] - 2)
     ce_clean, _ = _hooked_losses(model, ids, 1, None)
@@ -145,7 +146,7 @@ def test_ci_covers_value_on_whole_heldout_split(tmp_path):
         kl_rec = 1 - kl(lp_c, lp_s) / kl(lp_c, lp_z)
         ce_rec = float((ce_z.sum() - ce_s.sum()) / (ce_z.sum() - ce_c.sum()))
         return kl_rec, ce_rec
-    idx, _ = spread_sequences(tc, "heldout", 12, _eos(model))
+    idx, _ = sample_sequences(tc, "heldout", 12)
     kl_same, ce_same = hooked(idx)
     assert res["kl_recovered_zero"] == pytest.approx(kl_same, abs=1e-4)
     assert res["ce_recovered_zero"] == pytest.approx(ce_same, rel=1e-3)
@@ -205,23 +206,6 @@ def test_meaningful_rule_and_headline():
     assert one["kl_recovered_zero"]["ci"] is None and not one["headline"]["meaningful"]
 
 
-def test_spread_sequences_cover_the_split_and_tag_documents(tmp_path):
-    model = tiny_model("gpt2")
-    tc = TokenCorpus(model, many_docs_corpus(tmp_path), seq_len=64, progress=False)
-    total = tc.n_sequences("heldout")
-    idx, doc = spread_sequences(tc, "heldout", 10, _eos(model))
-    assert len(idx) == 10 and idx[0] == 0 and idx[-1] == total - 1 and np.all(np.diff(idx) > 0)
-    # independent document count: the held-out documents, each tokenized and EOS-terminated
-    stream_len = tc.n_tokens("heldout")
-    n_docs = int((np.asarray(tc._stream("heldout")) == _eos(model)).sum())
-    assert n_docs > 50
-    # the document of the first token of sequence i, recounted from the token stream
-    for i, d in zip(idx, doc):
-        start = int(i) * 63
-        assert d == int((np.asarray(tc._stream("heldout"))[:start] == _eos(model)).sum())
-    assert len(np.unique(doc)) == 10 and doc[-1] <= n_docs and stream_len > 0
-
-
 def test_reconstruction_metrics_match_numpy(tmp_path):
     model = tiny_model("qwen2")
     tc = TokenCorpus(model, many_docs_corpus(tmp_path), seq_len=64, progress=False)
@@ -229,7 +213,7 @@ def test_reconstruction_metrics_match_numpy(tmp_path):
     sae = AttnSAE(SAEConfig(d_in=d, d_sae=24, n_heads=model.n_heads, d_head=model.d_head, layer=2,
                             architecture="topk", k=3), seed=2)
     res = evaluate_sae(model, sae, tc, n_tokens=256, batch_size=2, splice=False, progress=False)
-    idx, _ = spread_sequences(tc, "heldout", 4, _eos(model))
+    idx, _ = sample_sequences(tc, "heldout", 4)
     ids = torch.stack([tc.sequence("heldout", int(i)) for i in idx])
     z = capture(model, ids, layers=[2], what=("z",))["z"][2][:, 1:]
     x = z.reshape(-1, d).double().numpy()

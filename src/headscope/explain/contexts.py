@@ -83,6 +83,8 @@ class ExplainContextsRequest:
 
     active: list[Context]
     random: list[Context]
+    dfa: list[dict] | None = None
+    """per active context, where the unit reads from (attention-SAE features: :mod:`.dfa_rules`)"""
 
 
 @dataclass

@@ -94,8 +94,9 @@ class RunOptions(BackendOptions):
     """neuron set"""
     max_pairs: Optional[int] = None
     """explain at most this many pairs"""
-    max_examples: int = 10
-    """active and inactive examples shown, each"""
+    max_examples: Optional[int] = None
+    """active and inactive examples shown, each (default: every train prompt; the explainer learns more
+    from more)"""
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,9 @@ class FeatureExplainOptions(LLMOptions):
 
     sae: str = ""
     """SAE name under RUN/sae/ (required, e.g. L14)"""
-    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
-    """statistical (= keyword): offline token-rate rule; openai: any OpenAI-compatible endpoint; local: HF chat model"""
+    backend: Literal["statistical", "keyword", "dfa", "openai", "local"] = "statistical"
+    """statistical (= keyword): offline token-rate rule; dfa: offline attention-source rule (family + token
+    sets from the examples' DFA); openai: any OpenAI-compatible endpoint; local: HF chat model"""
     features: int = 64
     """features explained, drawn at random among the alive ones (0: all; fewer are a subset of more)"""
     n_explain: int = 10
@@ -193,8 +195,8 @@ class FeatureScoreOptions(LLMOptions):
 
     sae: str = ""
     """SAE name under RUN/sae/ (required, e.g. L14)"""
-    backend: Literal["statistical", "keyword", "openai", "local"] = "statistical"
-    """the judge (statistical = keyword: the offline rule)"""
+    backend: Literal["statistical", "keyword", "dfa", "openai", "local"] = "statistical"
+    """the judge (statistical = keyword: the offline token rule; dfa: the offline attention-source rule)"""
     explanations: str = ""
     """whose explanations to score (default: the judge's own back-end)"""
     scorers: list[str] = field(default_factory=lambda: ["detection", "fuzzing"])

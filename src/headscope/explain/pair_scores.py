@@ -3,7 +3,9 @@
 
 The same scorer as for SAE features (:mod:`headscope.explain.scorers`): each pair's held-out prompts
 (its neuron's *test* split, each ending with the neuron's token, as the pair explainer shows them) are
-judged with the pair's own explanation and with another pair's explanation (a seeded derangement);
+judged with the pair's own explanation and with another *neuron's* pair's explanation (a seeded
+derangement across neurons, never a pair of the same neuron, whose explanation describes the same
+prompts); the difference gets a CI clustered by neuron (pairs of one neuron share its prompts);
 truth = the head is active on the prompt (the attribution's mask). Reported per pair and as means with
 bootstrap CIs: balanced accuracy = the E = (TPR + TNR)/2 of ``explain score``, and AUROC when the
 judge gives graded probabilities (local model logits, endpoint log-probabilities, the statistical rule).
@@ -58,7 +60,8 @@ def pair_units(run: RunDir, which: str, explanations: list[dict], max_per_class:
             continue
         items = [held[i] for i in idx]
         units.append({"id": f"{nrn['layer']}.{nrn['neuron']}:{p['name']}", "explanation": e["explanation"],
-                      "items": {"detection": items}})
+                      "items": {"detection": items}, "neuron": p["neuron"],
+                      "clusters": {"detection": [p["neuron"]] * len(items)}})
     return units
 
 
@@ -76,15 +79,18 @@ def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool =
     if not ex_path.is_file():
         raise HeadscopeError(f"missing {ex_path}: run `headscope explain run --backend {ex_name}` first")
     units = pair_units(run, opts.which, read_json(ex_path)["pairs"], opts.max_per_class, opts.min_per_class)
-    if len(units) < 2:
-        raise HeadscopeError(f"{len(units)} explained pair(s) in {ex_path}: a shuffled baseline needs at least two")
+    if len({u["neuron"] for u in units}) < 2:
+        raise HeadscopeError(f"the explained pairs in {ex_path} belong to {len({u['neuron'] for u in units})} "
+                             "neuron(s): a shuffled baseline across neurons needs at least two")
 
     def judge(reqs: list[JudgeRequest]):
-        return backend.classify_many([ClassifyRequest(r.explanation, r.context.text(mark=False)) for r in reqs])
+        return backend.classify_many([ClassifyRequest(r.explanation, r.context.text(mark=False), r.context.tokens[-1])
+                                      for r in reqs])
     n = sum(2 * len(u["items"]["detection"]) for u in units)
     bar = tqdm(total=n, desc=f"scoring pairs ({backend.name})", unit=" judgement", disable=not progress,
                file=sys.stderr)
-    res = score_units(judge, units, ("detection",), seed=opts.seed, progress=bar.update)
+    res = score_units(judge, units, ("detection",), seed=opts.seed, progress=bar.update,
+                      groups=[u["neuron"] for u in units], cluster_name="neuron")
     bar.close()
     probs = getattr(backend, "probabilities", None) or ("logits" if backend.name == "local" else "rule")
     out = {"scorer": backend.config(), "explanations": ex_name, "options": asdict(opts), "probabilities": probs,

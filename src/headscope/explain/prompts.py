@@ -47,6 +47,8 @@ class ClassifyRequest:
 
     explanation: str
     example: str
+    token: str = ""
+    """the token appended to ``example`` (its neuron's), when known"""
 
 
 def example_text(tokens: list[str], token: str, drop_first: bool = True) -> str:

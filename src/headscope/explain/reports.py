@@ -14,6 +14,12 @@ def _scorer_line(kind: str, k: dict, what: str) -> str:
     line = (f"{kind}: balanced accuracy {fmt_ci(k['balanced_accuracy'])} vs shuffled explanations "
             f"{fmt_ci(k['shuffled_balanced_accuracy'])} (difference {fmt_ci(k['difference'])}, one-sided "
             f"Wilcoxon p = {k['difference'].get('p_wilcoxon')}; {k['units']} {what}, {k['skipped']} skipped)")
+    c = k.get("difference_clustered")
+    if c and c.get("ci"):
+        line += (f"; clustered by {c['by']} ({c['documents']}): {c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}],"
+                 f" p = {c['p_bootstrap']:.3g}")
+    if k.get("yes_rate"):
+        line += "; judge says yes on " + ", ".join(f"{v['rate']:.2f} of {n}" for n, v in k["yes_rate"].items())
     if k.get("auroc"):
         line += f"; AUROC {fmt_ci(k['auroc'])} vs {fmt_ci(k['shuffled_auroc'])}"
     return line
@@ -23,7 +29,10 @@ def report_features(s: dict, opts, run) -> None:
     if "dry_run" in s:
         print(f"dry run: {s['explain_requests']} explanation requests written to {s['dry_run']}")
     else:
-        print(f"{s['features']} features of SAE {s['sae']} explained with the {s['backend']} backend")
+        fam = ", ".join(f"{k} {v}" for k, v in sorted((s.get("families") or {}).items()))
+        print(f"{s['features']} features of SAE {s['sae']} explained with the {s['backend']} backend"
+              + (f" ({s['skipped']} drawn had no shown or no test context in disjoint documents)" if s.get("skipped") else "")
+              + (f"; families (DFA): {fam}" if fam else ""))
 
 
 def report_feature_scores(s: dict, opts, run) -> None:

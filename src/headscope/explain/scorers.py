@@ -18,7 +18,11 @@ Per unit and kind:
 Summary over units: the mean of each, a 95 % bootstrap CI (``scipy.stats.bootstrap``, percentile, 2000
 resamples, seeded), the paired difference real − shuffled with its CI, and the one-sided Wilcoxon
 signed-rank p-value of that difference (``scipy.stats.wilcoxon``). Units whose items are all one class
-are left out of that kind (``skipped``).
+are left out of that kind (``skipped``). When every unit gives its items' clusters (``unit["clusters"][kind]``,
+parallel to its items: their documents, or the neuron of a pair), ``difference_clustered`` adds the same
+difference with a CI clustered by them (:func:`clustered_difference`): items that share a document (or a
+neuron's prompts) are not independent, within a unit or across units. ``groups``: units of one group
+(a neuron's pairs) never get each other's explanation as the shuffled one (:func:`group_derangement`).
 """
 
 from __future__ import annotations
@@ -93,15 +97,64 @@ def paired(real: list[float | None], base: list[float | None], seed: int = 0) ->
     return out
 
 
+def clustered_difference(real: list[list], shuf: list[list], truth: list[list[bool]], docs: list[list[int]],
+                         seed: int = 0, n_boot: int = 2000, level: float = 0.95) -> dict:
+    """Mean over units of balanced accuracy(real) − balanced accuracy(shuffled), with a percentile
+    bootstrap CI **clustered by document**: each resample draws the documents with replacement and weighs
+    every judged item (of every unit) by its document's multiplicity, so items that share a document —
+    within a unit or across units — move together. Per unit and lists of the same length: ``real``,
+    ``shuf`` P(yes) or None, ``truth``, ``docs`` the item's document. ``p_bootstrap``: the share of
+    resamples with a difference ≤ 0 (one-sided)."""
+    uid = np.concatenate([np.full(len(t), u) for u, t in enumerate(truth)])
+    yes = lambda ps: np.array([p is not None and p >= 0.5 for q in ps for p in q], dtype=float)
+    yr, ys = yes(real), yes(shuf)
+    t = np.array([x for q in truth for x in q], dtype=float)
+    d_all = np.array([x for q in docs for x in q])
+    uniq, dix = np.unique(d_all, return_inverse=True)
+    U = np.zeros((len(t), len(truth)))
+    U[np.arange(len(t)), uid] = 1.0
+
+    def diff(w: np.ndarray) -> np.ndarray:                       # w [B, n_docs] → [B]
+        wi = w[:, dix]                                              # [B, items]
+        pos, neg = (wi * t) @ U, (wi * (1 - t)) @ U                  # [B, units]
+        ba = lambda y: 0.5 * ((wi * y * t) @ U / np.maximum(pos, 1e-12) + (wi * (1 - y) * (1 - t)) @ U / np.maximum(neg, 1e-12))
+        ok = (pos > 0) & (neg > 0)
+        dd = np.where(ok, ba(yr) - ba(ys), 0.0)
+        return dd.sum(1) / np.maximum(ok.sum(1), 1)
+    point = float(diff(np.ones((1, len(uniq))))[0])
+    rng = np.random.default_rng(seed)
+    boots = np.concatenate([diff(rng.multinomial(len(uniq), np.full(len(uniq), 1 / len(uniq)), size=200).astype(float))
+                            for _ in range(n_boot // 200)])
+    a = (1 - level) / 2
+    return {"mean": point, "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
+            "p_bootstrap": float((boots <= 0).mean()), "documents": int(len(uniq)), "units": len(truth),
+            "method": "percentile bootstrap over documents (items weighted by their document's multiplicity)"}
+
+
+def group_derangement(groups: list, seed: int = 0) -> list[int]:
+    """For each unit, another unit of a *different* group (e.g. another neuron's pair): a seeded
+    derangement when one exists (tries 1000 permutations), else an independent random choice per unit
+    among the other groups' units. Needs two groups."""
+    if len(set(groups)) < 2:
+        raise ValueError("a shuffled-explanation baseline across groups needs at least two groups")
+    g = np.asarray([hash(x) for x in groups])
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        p = rng.permutation(len(groups))
+        if not (g[p] == g).any():
+            return [int(x) for x in p]
+    return [int(rng.choice(np.flatnonzero(g != g[i]))) for i in range(len(groups))]
+
+
 def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: int = 0, chunk: int = 64,
-                progress=None) -> dict:
+                progress=None, groups: list | None = None, cluster_name: str = "document") -> dict:
     """Judge every unit's items with its own and with a shuffled explanation (see the module docstring).
 
     ``judge(list[JudgeRequest]) -> list[P | None]``. Returns ``{"units": [{id, <kind>: {balanced_accuracy,
     auroc, shuffled_balanced_accuracy, shuffled_auroc, n_pos, n_neg, unparsed, shuffled_from}}],
     "summary": {<kind>: {balanced_accuracy, shuffled_balanced_accuracy, difference, auroc, shuffled_auroc,
     auroc_difference, graded, units, skipped}}}``."""
-    perm = derangement(len(units), seed)
+    perm = derangement(len(units), seed) if groups is None else group_derangement(groups, seed)
     reqs: list[JudgeRequest] = []
     spans = []
     for u, unit in enumerate(units):
@@ -125,7 +178,8 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
             "shuffled_balanced_accuracy": _ba(shuf, truth), "shuffled_auroc": auroc(shuf, truth),
             "n_pos": sum(truth), "n_neg": len(truth) - sum(truth), "unparsed": sum(p is None for p in real),
             "shuffled_from": units[perm[u]]["id"], "graded": graded(real + shuf),
-            "probs": [None if p is None else round(float(p), 4) for p in real], "truth": truth}
+            "probs": [None if p is None else round(float(p), 4) for p in real],
+            "shuffled_probs": [None if p is None else round(float(p), 4) for p in shuf], "truth": truth}
     summary = {}
     for kind in kinds:
         rs = [r[kind] for r in rows if kind in r]
@@ -138,6 +192,12 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
             "difference": paired(col("balanced_accuracy"), col("shuffled_balanced_accuracy"), seed),
             "graded": g, "units": len(ok), "skipped": len(rs) - len(ok),
             "unparsed": sum(r["unparsed"] for r in rs), "judgements": sum(r["n_pos"] + r["n_neg"] for r in rs)}
+        cl = [(unit["clusters"][kind], r) for unit, r in zip(units, rows)
+              if kind in r and r[kind]["balanced_accuracy"] is not None and unit.get("clusters", {}).get(kind)]
+        if cl and len(cl) == len(ok):
+            summary[kind]["difference_clustered"] = clustered_difference(
+                [r[kind]["probs"] for _, r in cl], [r[kind]["shuffled_probs"] for _, r in cl],
+                [r[kind]["truth"] for _, r in cl], [d for d, _ in cl], seed=seed) | {"by": cluster_name}
         if g:
             summary[kind] |= {"auroc": mean_ci(col("auroc"), seed),
                               "shuffled_auroc": mean_ci(col("shuffled_auroc"), seed),

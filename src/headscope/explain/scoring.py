@@ -35,6 +35,8 @@ class ScoringItem:
     explanation: str
     examples: list[str]
     truth: list[bool]
+    token: str = ""
+    """the token appended to every example (the pair's neuron's), when known"""
 
 
 def balanced_indices(truth: list[bool], max_per_class: int, min_per_class: int, seed: str | int = 0
@@ -80,7 +82,7 @@ def score_explanations(scorer, items: list[ScoringItem], max_per_class: int = 20
     for it in items:
         idx, why = balanced_indices(it.truth, max_per_class, min_per_class, it.key)
         spans.append((len(reqs), idx, why))
-        reqs += [ClassifyRequest(it.explanation, it.examples[i]) for i in idx]
+        reqs += [ClassifyRequest(it.explanation, it.examples[i], it.token) for i in idx]
     probs: list = []
     for s in range(0, len(reqs), chunk):
         probs += scorer.classify_many(reqs[s:s + chunk])
@@ -121,5 +123,5 @@ def shuffled_items(items: list[ScoringItem], group: list[int], seed: int = 0) ->
     for i, it in enumerate(items):
         others = [j for j in range(len(items)) if group[j] != group[i]]
         expl = items[int(rng.choice(others))].explanation if others else ""
-        out.append(ScoringItem(it.key, expl, it.examples, it.truth))
+        out.append(ScoringItem(it.key, expl, it.examples, it.truth, it.token))
     return out

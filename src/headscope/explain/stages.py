@@ -1,7 +1,7 @@
 """Explain and score (steps 4–5), and the comparison with the random-neuron baseline.
 
 Each (neuron, head) pair chosen by ``neurons attribute`` is explained from its neuron's *train*
-prompts — the ones where the head was active and those where it was not (up to ``max_examples`` of
+prompts — the ones where the head was active and those where it was not (all of them, or up to ``max_examples`` of
 each) — and scored on the neuron's *held-out* prompts: the scorer sees only the explanation and one
 example and says whether the head is active on it; the truth is the attribution's active mask.
 E = (TPR + TNR) / 2 on a *balanced* sample of held-out prompts, with a Wilson interval, a binomial test
@@ -82,7 +82,7 @@ def _pair_key(p: dict) -> str:
 
 
 def run_explain(model, run: RunDir, backend="statistical", which: str = "top", max_pairs: int | None = None,
-                max_examples: int = 10, backend_options: dict | None = None, chunk: int = 16, force: bool = False,
+                max_examples: int | None = None, backend_options: dict | None = None, chunk: int = 16, force: bool = False,
                 progress: bool = True) -> dict:
     """Writes ``explain/[random/]explanations_<backend>.json``: ``{"backend": config, "source", "pairs": [{neuron,
     layer, head, name, neuron_layer, neuron_index, token, explanation, n_active, n_inactive}]}``,
@@ -149,21 +149,45 @@ def _dry_run_estimate(reqs, mined, att, n_heads, pairs, jsonl: Path, backend) ->
             "score_input_tokens": score_in, "score_output_tokens": n_score}
 
 
-def _pair_items(ex: dict, att_json: dict, mined: dict, att, n_heads: int) -> tuple[list[ScoringItem], list[dict], list[int]]:
+def _pair_items(ex: dict, att_json: dict, mined: dict, att, n_heads: int
+                ) -> tuple[list[ScoringItem], list[dict], list[int], list[dict]]:
     """The scoring items (explanation + the pair's held-out examples and truth), their explanation rows,
-    and each item's neuron (the independent unit)."""
+    each item's neuron (the independent unit) and its attribution pair (baselines, held-out rate)."""
     pairs_by_key = {_pair_key(p): p for p in att_json["pairs"]}
-    items, rows, group = [], [], []
+    items, rows, group, pairs = [], [], [], []
     for e in ex["pairs"]:
         p = pairs_by_key.get(_pair_key(e))
         if p is None:
             continue
         labels, split = pair_labels(att, n_heads, p)
         xs, ys = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
-        items.append(ScoringItem(_pair_key(e), e["explanation"], xs, ys))
+        items.append(ScoringItem(_pair_key(e), e["explanation"], xs, ys, mined["neurons"][p["neuron"]]["token"]))
         rows.append(e)
         group.append(p["neuron"])
-    return items, rows, group
+        pairs.append(p)
+    return items, rows, group, pairs
+
+
+def same_head_items(items: list[ScoringItem], group: list[int], heads: list[str], seed: int = 0
+                    ) -> list[ScoringItem | None]:
+    """The same-head / other-neuron control: each item scored with the explanation of the *same head*
+    for another neuron (chosen at random, seeded); None where no other neuron has a pair with that head.
+    It asks whether the explanation is about this look-up or about what the head does anyway."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, it in enumerate(items):
+        others = [j for j in range(len(items)) if heads[j] == heads[i] and group[j] != group[i]]
+        out.append(ScoringItem(it.key, items[int(rng.choice(others))].explanation, it.examples, it.truth, it.token)
+                   if others else None)
+    return out
+
+
+def _baseline_E(pred: list[bool] | None, row: dict) -> float | None:
+    """E of a baseline's held-out predictions on the balanced sample the explanation was scored on."""
+    if pred is None or row.get("E") is None:
+        return None
+    return balanced_accuracy([pred[i] for i in row["examples"]], row["truth"])["E"]
 
 
 def _by_unit(values: list, group: list[int]) -> list[float]:
@@ -187,10 +211,16 @@ def run_score(model, run: RunDir, backend="statistical", which: str = "top", exp
 
     Writes ``explain/[random/]scores_<backend>.json``: ``{"options", "scorer", "explanations", "source",
     "pairs": [{neuron, layer, head, name, neuron_layer, neuron_index, token, E, E_low, E_high, p, q,
-    significant, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth, E_control}], "summary": {pairs,
-    scored, skipped, n, mean, std, skew (over pairs), by_neuron: {mean, low, high, n} (bootstrap 95 % over
-    neurons, the independent unit), significant_bh, control: {by_neuron, vs_control (Wilcoxon over
-    neurons)}}}`` and ``scores_<backend>.png``. ``explanations``: which backend's explanations to score
+    significant, lookup, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth, examples, frac_test,
+    E_control, E_same_head, E_norm, E_probe}], "summary": {pairs, scored, skipped, n, mean, std, skew (over
+    pairs), by_neuron: {mean, low, high, n} (bootstrap 95 % over neurons, the independent unit),
+    significant_bh, lookups, control: {by_neuron, vs_control}, same_head / norm / probe: {by_neuron,
+    vs_explanation}}}`` (the Wilcoxon tests are over neurons: per neuron the mean of E − baseline over
+    its pairs) and ``scores_<backend>.png``. Controls and baselines, all on the same balanced held-out
+    sample as E: ``E_control`` another neuron's explanation (never the same neuron's); ``E_same_head`` the
+    same head's explanation for another neuron; ``E_norm`` ‖z‖ alone and ``E_probe`` a probe on z (the
+    ceiling), both fitted on the train prompts (:mod:`headscope.neurons.baselines`). A pair is a
+    ``lookup`` only when E is above chance after BH and above ``E_norm``. ``explanations``: which backend's explanations to score
     (default: the scorer's own)."""
     backend = make_backend(backend, run, model, **(backend_options or {}))
     d = explain_dir(run, which)
@@ -206,29 +236,46 @@ def run_score(model, run: RunDir, backend="statistical", which: str = "top", exp
     opts = {"max_per_class": max_per_class, "min_per_class": min_per_class, "control": control,
             "scorer": backend.config()}
     ex = read_json(ex_path)
-    items, erows, group = _pair_items(ex, att_json, mined, att, n_heads)
-    n_ex = sum(2 * min(sum(it.truth), len(it.truth) - sum(it.truth), max_per_class) for it in items) * (2 if control else 1)
+    items, erows, group, apairs = _pair_items(ex, att_json, mined, att, n_heads)
+    n_ex = sum(2 * min(sum(it.truth), len(it.truth) - sum(it.truth), max_per_class) for it in items) * (3 if control else 1)
     bar = tqdm(total=n_ex, desc=f"scoring ({backend.name})", unit=" example", disable=not progress, file=sys.stderr)
     scored = score_explanations(backend, items, max_per_class, min_per_class, progress=bar.update)
-    n_sig = add_fdr(scored)
     ctrl = score_explanations(backend, shuffled_items(items, group), max_per_class, min_per_class,
                               progress=bar.update) if control else None
+    same = None
+    if control:
+        sh = same_head_items(items, group, [p["name"] for p in apairs])
+        got = iter(score_explanations(backend, [x for x in sh if x is not None], max_per_class, min_per_class,
+                                      progress=bar.update))
+        same = [next(got) if x is not None else None for x in sh]
     bar.close()
     rows = []
     for j, (e, r) in enumerate(zip(erows, scored)):
         r = {k: v for k, v in r.items() if k != "key"}
         if ctrl is not None:
             r["E_control"] = ctrl[j]["E"]
+            r["E_same_head"] = same[j]["E"] if same[j] is not None else None
+        base = apairs[j].get("baseline_pred") or {}
+        r["E_norm"] = _baseline_E(base.get("norm"), r)
+        r["E_probe"] = _baseline_E(base.get("probe"), r)
+        r["frac_test"] = apairs[j].get("frac_test")
         rows.append({**{k: e[k] for k in ("neuron", "layer", "head", "name", "neuron_layer", "neuron_index", "token")}, **r})
+    n_sig = add_fdr(rows)
+    for r in rows:   # a look-up: above chance (BH) and above what ‖z‖ alone tells
+        r["lookup"] = bool(r["significant"] and r["E_norm"] is not None and r["E"] > r["E_norm"])
     Es = [r["E"] for r in rows if r["E"] is not None]
     summary = {"pairs": len(rows), "scored": len(Es), "skipped": len(rows) - len(Es), **describe(Es),
-               "by_neuron": bootstrap_mean(_by_unit([r["E"] for r in rows], group)), "significant_bh": n_sig}
-    if ctrl is not None:
-        both = [(r["E"], r["E_control"]) for r in rows if r["E"] is not None and r["E_control"] is not None]
-        gpair = [g for r, g in zip(rows, group) if r["E"] is not None and r["E_control"] is not None]
-        diffs = _by_unit([a - b for a, b in both], gpair)
-        summary["control"] = {"by_neuron": bootstrap_mean(_by_unit([r["E_control"] for r in rows], group)),
-                              "vs_control": wilcoxon_signed(diffs)}
+               "by_neuron": bootstrap_mean(_by_unit([r["E"] for r in rows], group)), "significant_bh": n_sig,
+               "lookups": sum(r["lookup"] for r in rows), "unit": "neuron"}
+    for key, name in (("E_control", "control"), ("E_same_head", "same_head"), ("E_norm", "norm"),
+                      ("E_probe", "probe")):
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        sel = [(r, g) for r, g in zip(rows, group) if r["E"] is not None and r.get(key) is not None]
+        diffs = _by_unit([r["E"] - r[key] for r, _ in sel], [g for _, g in sel])
+        summary[name] = {"by_neuron": bootstrap_mean(_by_unit([r[key] for r, _ in sel], [g for _, g in sel])),
+                         "vs_control" if name == "control" else "vs_explanation": wilcoxon_signed(diffs),
+                         "neurons": len(diffs)}
     from ..neurons.plots import histogram_png
     hist = {f"{which} neurons": Es}
     if ctrl is not None:
@@ -245,12 +292,29 @@ def _neuron_E(path) -> list[float]:
     return _by_unit([r["E"] for r in rows], [r["neuron"] for r in rows])
 
 
+def detectable_difference(a: list[float], b: list[float], alpha: float = 0.05, power: float = 0.8) -> dict:
+    """The smallest difference of per-neuron means the comparison detects with ``power`` (two-sided
+    ``alpha``, normal approximation with the pooled SD): (z_{1−α/2} + z_power) · s · √(1/n_a + 1/n_b).
+    A difference below it is not claimed either way; ``neurons_per_set_for_0.03``: the set size needed
+    to detect 0.03 at this SD."""
+    import numpy as np
+    from scipy.stats import norm
+    if len(a) < 2 or len(b) < 2:
+        return {"detectable": None, "sd": None, "n": [len(a), len(b)]}
+    sd = float(np.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2)))
+    k = float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+    return {"detectable": k * sd * float(np.sqrt(1 / len(a) + 1 / len(b))), "sd": sd, "n": [len(a), len(b)],
+            "alpha": alpha, "power": power, "neurons_per_set_for_0.03": int(np.ceil(2 * (k * sd / 0.03) ** 2))}
+
+
 def run_compare(model, run: RunDir, scores: str = "statistical") -> dict:
     """Compare congruent and random neurons' explanation scores, one value per **neuron** (the mean E of
     its scored pairs: pairs of one neuron share their prompts, so they are not independent units).
     Writes ``explain/comparison_<scores>.json``: ``{"unit": "neuron", "top": {describe + mean/low/high},
     "random": {…}, "difference_of_means": {diff, low, high} (bootstrap 95 %), "mann_whitney": {U, p, auc}
-    (two-sided, scipy's exact p for small samples), "ks": {D, p}}`` and ``explain/comparison_<scores>.png``."""
+    (two-sided, scipy's exact p for small samples), "ks": {D, p}, "power": {detectable, sd, …}
+    (:func:`detectable_difference`: a difference smaller than ``detectable`` is not claimed)}`` and
+    ``explain/comparison_<scores>.png``."""
     Es = {}
     for which in ("top", "random"):
         path = explain_dir(run, which) / f"scores_{scores}.json"
@@ -262,7 +326,8 @@ def run_compare(model, run: RunDir, scores: str = "statistical") -> dict:
            "top": {**describe(Es["top"]), **bootstrap_mean(Es["top"])},
            "random": {**describe(Es["random"]), **bootstrap_mean(Es["random"])},
            "difference_of_means": bootstrap_diff_of_means(Es["top"], Es["random"]),
-           "mann_whitney": mann_whitney(Es["top"], Es["random"]), "ks": ks_2samp(Es["top"], Es["random"])}
+           "mann_whitney": mann_whitney(Es["top"], Es["random"]), "ks": ks_2samp(Es["top"], Es["random"]),
+           "power": detectable_difference(Es["top"], Es["random"])}
     from ..neurons.plots import histogram_png
     histogram_png(run / f"explain/comparison_{scores}.png", {"congruent neurons": Es["top"], "random neurons": Es["random"]},
                   f"Per-neuron mean E, congruent vs random neurons ({scores})", "E = (TPR+TNR)/2")

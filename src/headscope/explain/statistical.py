@@ -1,11 +1,15 @@
 """The offline statistical explainer: an L1-regularised (sparse) logistic regression over the n-grams
 near the end of each example, written out as a readable rule that its own scorer applies.
 
-Features of an example (the text, lower-cased, split into words ``\\w+`` and punctuation marks; the
-neuron's token that every example ends with is removed first):
+Features of an example (the prompt text, lower-cased, split into words ``\\w+`` and punctuation marks;
+the neuron's token that every example ends with is cut off exactly, :func:`split_example` — a sub-word
+token such as 'ptom' is cut from the last word, the word itself is kept):
 
-* ``last`` w — the example ends with the word w; ``last`` "w1 w2" — with that bigram;
-* ``near`` w / "w1 w2" — the word or bigram occurs among the last ``window`` words.
+* ``last`` w — the prompt ends with the word w; ``last`` "w1 w2" — with that bigram;
+* ``near`` w / "w1 w2" — the word or bigram occurs among the last ``window`` words;
+* ``any`` w — the word occurs anywhere in the prompt;
+* ``struct``: ``repeat`` — the last word occurred earlier in the prompt; ``token`` — the predicted token
+  occurs in the prompt; ``len<k>`` — the prompt has at least k words (k in 8, 16, 32, 64).
 
 Only features present in at least two training examples are kept, and of features that are identical
 on the training examples only the simplest (fewest words, ``last`` before ``near``). The model is
@@ -37,29 +41,65 @@ from .prompts import ClassifyRequest, ExplainRequest
 
 _TOK = re.compile(r"\w+|[^\w\s]")
 PREFIX = "Active when b + Σ terms > 0: "
+LENGTHS = (8, 16, 32, 64)
+"""Prompt-length thresholds (words) of the structural ``len`` features."""
 
 
-def words(example: str) -> list[str]:
-    """Lower-cased words and punctuation marks of an example, without its last one (the neuron's token,
-    appended to every example of a pair, so it carries no information)."""
-    return _TOK.findall(example.lower())[:-1]
+def _norm(text: str) -> str:
+    """Whitespace as :func:`headscope.explain.prompts.example_text` writes it."""
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split(" ")).strip()
 
 
-def features(ws: list[str], window: int) -> set[tuple[str, str]]:
-    """The binary features present in a word list (see the module docstring)."""
+def split_example(example: str, token: str | None) -> tuple[str, str]:
+    """(prompt text, predicted token) of an example: the text ends with the neuron's token, appended by
+    :func:`~headscope.explain.prompts.example_text`; it is cut off exactly (a sub-word token such as
+    'ptom' is cut from the last word, not the whole word). ``token`` None or not at the end: the text
+    is the prompt and the token unknown ("")."""
+    t = _norm(token or "")
+    if t and example.endswith(t):
+        return example[: len(example) - len(t)], t
+    return example, ""
+
+
+def words(example: str, token: str | None = None) -> list[str]:
+    """Lower-cased words and punctuation marks of an example's prompt (the neuron's token cut off,
+    :func:`split_example`)."""
+    return _TOK.findall(split_example(example, token)[0].lower())
+
+
+def features(ws: list[str], window: int, token: str = "") -> set[tuple[str, str]]:
+    """The binary features present in a prompt's word list (see the module docstring); ``token``: the
+    predicted token (lower-cased, stripped), for the "token in prompt" feature."""
     f: set[tuple[str, str]] = set()
     if ws:
         f.add(("last", ws[-1]))
+        if ws[-1] in ws[:-1]:
+            f.add(("struct", "repeat"))
     if len(ws) >= 2:
         f.add(("last", " ".join(ws[-2:])))
     near = ws[-window:]
     f |= {("near", w) for w in near}
     f |= {("near", " ".join(near[i:i + 2])) for i in range(len(near) - 1)}
+    f |= {("any", w) for w in ws}
+    tok = token.strip().lower()
+    if tok and tok in " ".join(ws):
+        f.add(("struct", "token"))
+    f |= {("struct", f"len{k}") for k in LENGTHS if len(ws) >= k}
     return f
 
 
 def describe_term(kind: str, gram: str, window: int) -> str:
-    return f'[ends with "{gram}"]' if kind == "last" else f'["{gram}" in the last {window} words]'
+    if kind == "last":
+        return f'[ends with "{gram}"]'
+    if kind == "near":
+        return f'["{gram}" in the last {window} words]'
+    if kind == "any":
+        return f'["{gram}" anywhere in the prompt]'
+    if gram == "repeat":
+        return "[the last word occurred earlier in the prompt]"
+    if gram == "token":
+        return "[the predicted token occurs in the prompt]"
+    return f"[prompt of ≥ {gram[3:]} words]"
 
 
 def balanced_weights(y: np.ndarray) -> np.ndarray:
@@ -184,14 +224,14 @@ class StatisticalExplainer:
                 b, beta = path[int(np.count_nonzero(grid >= lam)) - 1]   # the last fit of the grid down to λ
                 nz = [j for j in np.argsort(-np.abs(beta)) if abs(beta[j]) > 1e-6][: self.max_terms]
                 terms = [[vocab[j][0], vocab[j][1], round(float(beta[j]), 3)] for j in nz]
-                rules[i] = {"window": self.window, "bias": round(b, 3), "terms": terms}
+                rules[i] = {"window": self.window, "token": reqs[i].token or "", "bias": round(b, 3), "terms": terms}
         return rules
 
     def _design(self, req: ExplainRequest) -> dict | tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
         """(vocabulary [F], X [n, F], y [n]) of a request, or its rule when there is nothing to fit."""
         texts = req.active + req.inactive
         y = np.array([1.0] * len(req.active) + [0.0] * len(req.inactive))
-        feats = [features(words(t), self.window) for t in texts]
+        feats = [features(words(t, req.token), self.window, _norm(req.token or "")) for t in texts]
         counts: dict[tuple[str, str], int] = {}
         for f in feats:
             for k in f:
@@ -199,13 +239,15 @@ class StatisticalExplainer:
         # features present in ≥ 2 examples; of features identical on these examples keep the simplest
         # (fewer words, then "last" before "near"), so the rule does not list one fact several times
         vocab, seen = [], set()
-        for k in sorted((k for k, c in counts.items() if c >= 2), key=lambda k: (len(k[1].split()), k[0], k[1])):
+        order = {"struct": 0, "last": 1, "near": 2, "any": 3}
+        for k in sorted((k for k, c in counts.items() if c >= 2), key=lambda k: (len(k[1].split()), order[k[0]], k[1])):
             col = tuple(k in f for f in feats)
             if col not in seen:
                 seen.add(col)
                 vocab.append(k)
         if not req.active or not req.inactive or not vocab:
-            return {"window": self.window, "bias": 0.0 if not texts else float(np.sign(y.mean() - 0.5)), "terms": []}
+            return {"window": self.window, "token": req.token or "",
+                    "bias": 0.0 if not texts else float(np.sign(y.mean() - 0.5)), "terms": []}
         return vocab, np.array([[k in f for k in vocab] for f in feats], dtype=np.float64), y
 
     def _folds(self, y: np.ndarray, k: int) -> np.ndarray:
@@ -298,22 +340,29 @@ class StatisticalExplainer:
             if line.startswith("RULE "):
                 try:
                     rule = json.loads(line[5:])
-                    return {"window": int(rule["window"]), "bias": float(rule["bias"]),
+                    return {"window": int(rule["window"]), "bias": float(rule["bias"]), "token": str(rule.get("token", "")),
                             "terms": [(str(k), str(g), float(w)) for k, g, w in rule["terms"]]}
                 except (ValueError, KeyError, TypeError):
                     return None
         return None
 
     @staticmethod
-    def rule_score(rule: dict, example: str) -> float:
-        """b + Σ_j β_j·x_j of one example."""
-        f = features(words(example), rule["window"])
+    def rule_score(rule: dict, example: str, token: str | None = None) -> float:
+        """b + Σ_j β_j·x_j of one example; ``token``: the example's own appended token (default: the
+        rule's, which is the example's when the rule was fitted on the same neuron)."""
+        tok = token if token else rule.get("token", "")
+        ws = words(example, tok)
+        _, t = split_example(example, tok)
+        f = features(ws, rule["window"], t)
         return rule["bias"] + sum(w for k, g, w in rule["terms"] if (k, g) in f)
 
     def classify_many(self, reqs: list[ClassifyRequest]) -> list[float | None]:
-        """σ(score) per example; None (unparsed) for an explanation without a RULE line."""
+        """σ(score) per example; None (unparsed) for an explanation without a RULE line. A request's
+        ``token`` (the example's neuron's token) is cut off the example, so another neuron's rule (the
+        controls) reads the same prompt words as the pair's own."""
         out = []
         for r in reqs:
             rule = self.parse(r.explanation)
-            out.append(None if rule is None else float(1 / (1 + np.exp(-self.rule_score(rule, r.example)))))
+            out.append(None if rule is None else
+                       float(1 / (1 + np.exp(-self.rule_score(rule, r.example, getattr(r, "token", ""))))))
         return out

@@ -2,7 +2,7 @@
 control lens.
 
 Per site (layer ℓ, head h), on held-out windows spread over all documents of the held-out split
-(sampling.Windows), position 0 left out (bits/token; p = the model's final distribution):
+(headscope.sampling.Windows), position 0 left out (bits/token; p = the model's final distribution):
 
 * ``kl_lens``      KL(p ‖ lens(r_h))
 * ``kl_unembed``   KL(p ‖ softmax(W_U·N(r_h) + b_U))   — the unembedding baseline (docs/design.md)
@@ -41,8 +41,9 @@ from ..stats import cluster_bootstrap_se, clustered_mean_se, one_sided_p
 from .collect import site_batch
 from .lenses import LensBank, load_bank, softcap
 from .objectives import LN2
+from ..sampling import Windows
 from .options import EvalOptions
-from .sampling import Windows, select_positions
+from .sampling import select_positions
 from .train import load_null
 from .verdict import Q, decide
 

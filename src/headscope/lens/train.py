@@ -10,7 +10,7 @@
   metadata) step and options, every ``checkpoint_every`` steps as ONE file replaced atomically, so a kill at
   any moment resumes; removed when training finishes.
 
-Sequences come from :class:`~headscope.lens.sampling.Windows` (the train split cut into windows in a
+Sequences come from :class:`~headscope.sampling.Windows` (the train split cut into windows in a
 seeded random order, so they spread over all documents); the closed-form pass reads the first ones,
 step k of the refinement reads windows [I + k·B·W + rank·B, … + B) after them (W ranks, I = windows of
 the closed-form pass), so a resumed run continues exactly where it stopped. Position 0 (and any
@@ -38,9 +38,10 @@ from ..runs import RunDir, read_checkpoint, read_json, read_tensors, write_check
 from .closed_form import Moments, calibrate_scale
 from .collect import site_batch
 from .lenses import LensBank, LensConfig, save_bank, softcap
+from ..sampling import Windows
 from .objectives import LN2, loss, next_tokens, shortlist
 from .options import TrainConfig
-from .sampling import Windows, select_positions
+from .sampling import select_positions
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -95,19 +95,22 @@ def input_directions(model: Model, layer: int, neurons: torch.Tensor, g: torch.T
 
 def attribute_prompts(model: Model, rows: list[list[int]], layer_of: list[int], neuron_of: list[int],
                       gated: str = "full", apply_norm_scale: bool = True, batch_size: int = 32,
-                      progress: bool = True) -> torch.Tensor:
+                      progress: bool = True, z_out: dict | None = None) -> torch.Tensor:
     """A for every prompt ``rows[i]`` (attribution to neuron ``neuron_of[i]`` of layer ``layer_of[i]``
     at the prompt's last token) and every head: [P, L·H] float32, head index k·H + h, NaN where the
-    head is not eligible."""
+    head is not eligible. ``z_out``: a dict that receives ``"z"`` [P, L·H, Dh] float16, every head's z at
+    each prompt's last position (zero where not eligible), for the baselines of :mod:`.baselines`."""
     L, H, d = model.n_layers, model.n_heads, model.d_model
     A = torch.full((len(rows), L * H), float("nan"))
+    Z = torch.zeros((len(rows), L * H, model.d_head), dtype=torch.float16) if z_out is not None else None
     a = model.arch
     gated_mlp = a.mlp_kind == "gated"
     bar = tqdm(total=len(rows), desc="attributing", unit=" prompt", disable=not progress, file=sys.stderr)
     for idx, ids in length_sorted_batches(rows, batch_size):
         last = torch.tensor([len(rows[i]) - 1 for i in idx])
         top = max(layer_of[i] for i in idx)
-        what = {"result", "attn_out", "resid_pre", "mlp_pre"} | ({"mlp_up"} if gated_mlp else set())
+        what = {"result", "attn_out", "resid_pre", "mlp_pre"} | ({"mlp_up"} if gated_mlp else set()) | \
+            ({"z"} if Z is not None else set())
         cap = capture(model, ids.to(model.device), layers=range(top + 1), what=what, stop_after=top,
                       reduce={k: (lambda l, t: t[torch.arange(t.shape[0], device=t.device), last.to(t.device)].float())
                               for k in what})
@@ -130,8 +133,13 @@ def attribute_prompts(model: Model, rows: list[list[int]], layer_of: list[int], 
                     x = x + _attn_contribution(model, l, cap["attn_out"][l][jt])
                 vals = vals / norm_scale(model, model.block_module(l, a.ln_mlp), x)[:, None]
             A[torch.tensor(rows_l), : len(ks) * H] = vals.cpu()
+            if Z is not None:
+                Z[torch.tensor(rows_l), : len(ks) * H] = torch.stack([cap["z"][k][jt] for k in ks], 1) \
+                    .reshape(len(js), len(ks) * H, -1).to("cpu", torch.float16)
         bar.update(len(idx))
     bar.close()
+    if Z is not None:
+        z_out["z"] = Z
     return A
 
 

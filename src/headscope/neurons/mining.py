@@ -1,6 +1,9 @@
 """Step 2 (``mine``): max-activating prompts per neuron, one forward pass over the corpus for all neurons.
 
-For each packed corpus sequence (which starts with BOS) and each selected neuron we keep the maximum
+The sequences read are the first ``max_tokens // seq_len`` of the shared sampler's seeded plan
+(:mod:`headscope.sampling`: a uniform sample of the split's sequences, spread over its documents; the
+state records how many ``documents`` it drew from). For each packed corpus sequence (which starts with
+BOS) and each selected neuron we keep the maximum
 activation over positions ≥ 1 (one maximum per sequence, as the reference keeps one per document),
 and a running top-k over sequences per neuron — vectorised over neurons, [k, N] state. Activations are
 the neuron activations (the input of W_out, ``mlp_post``).
@@ -32,6 +35,7 @@ from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import read_tensors, write_tensors
+from ..sampling import Windows
 
 
 def _layer_index(neurons: list[dict]) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -146,6 +150,10 @@ def select_neurons(state: dict[str, torch.Tensor], layers: list[int], d_mlp: int
     return {k: state[k][:top_k, cols] for k in ("act", "seq", "pos")}
 
 
+SAMPLER_VERSION = 1
+"""Saved states from another sequence order (0: the first sequences of the split) are not resumed."""
+
+
 def _running_top(model: Model, corpus: TokenCorpus, split: str, top_k: int, N: int, acts_fn, batch_size: int,
                  max_tokens: int | None, state_path, progress: bool) -> dict[str, torch.Tensor]:
     """The running top-k of :func:`top_sequences`; ``acts_fn(ids [B, S]) -> [B, S, N]``."""
@@ -153,31 +161,33 @@ def _running_top(model: Model, corpus: TokenCorpus, split: str, top_k: int, N: i
     if max_tokens is not None:
         n_seq = min(n_seq, max(1, max_tokens // corpus.seq_len))
     state = {"act": torch.full((top_k, N), -float("inf")), "seq": torch.full((top_k, N), -1, dtype=torch.long),
-             "pos": torch.zeros((top_k, N), dtype=torch.long), "next": torch.tensor(0)}
+             "pos": torch.zeros((top_k, N), dtype=torch.long), "next": torch.tensor(0),
+             "sampler": torch.tensor(SAMPLER_VERSION)}
     if state_path is not None and state_path.is_file():
         saved = read_tensors(state_path)
-        if saved["act"].shape == state["act"].shape:
+        if saved["act"].shape == state["act"].shape and int(saved.get("sampler", torch.tensor(-1))) == SAMPLER_VERSION:
             state = saved
     start = int(state["next"])
     bar = tqdm(total=n_seq, initial=min(start, n_seq), desc=f"mining {split}", unit=" seq", disable=not progress,
                file=sys.stderr)
     seq_i = start
-    batches = corpus.batches(split, batch_size=batch_size, start=start,
-                             max_tokens=(n_seq - start) * corpus.seq_len) if start < n_seq else []
-    for k, batch in enumerate(batches):
+    plan = Windows(corpus, split, seed=0)
+    batches = plan.batches(batch_size, n_seq - start, start) if start < n_seq else []
+    for k, (batch, _) in enumerate(batches):
         acts = acts_fn(batch.to(model.device))                           # [B, S, N]
         acts[:, 0] = -float("inf")                                       # position 0 is BOS
         mx, pos = acts.max(dim=1)                                        # [B, N]
-        seqs = torch.arange(seq_i, seq_i + batch.shape[0])[:, None].expand_as(mx)
+        seqs = torch.from_numpy(plan.seqs[seq_i:seq_i + batch.shape[0]]).long()[:, None].expand_as(mx)
         allv = torch.cat([state["act"], mx]); alls = torch.cat([state["seq"], seqs]); allp = torch.cat([state["pos"], pos])
         top = torch.topk(allv, top_k, dim=0)
         state = {"act": top.values, "seq": alls.gather(0, top.indices), "pos": allp.gather(0, top.indices),
-                 "next": torch.tensor(seq_i + batch.shape[0])}
+                 "next": torch.tensor(seq_i + batch.shape[0]), "sampler": torch.tensor(SAMPLER_VERSION)}
         seq_i += batch.shape[0]
         bar.update(batch.shape[0])
         if state_path is not None and k % 20 == 19:
             write_tensors(state_path, state)
     bar.close()
+    state["documents"] = torch.tensor(plan.n_documents(n_seq))
     if state_path is not None:
         write_tensors(state_path, state)
     return state
@@ -187,7 +197,8 @@ def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[di
                  keep: float = 0.8, max_prompt_tokens: int = 100, batch_size: int = 64,
                  progress: bool = True, tolerance: float = 0.0) -> list[list[dict]]:
     """Trimmed prompts per neuron (list over neurons of lists of prompt dicts with ``ids``, ``act``,
-    ``full_act``, ``seq``, ``pos``, ``start``), ``ids`` = [BOS] + seq[start : pos + 1].
+    ``full_act``, ``seq``, ``pos``, ``start``, ``doc``), ``ids`` = [BOS] + seq[start : pos + 1], ``doc`` the
+    document of the activating token.
 
     ``tolerance`` τ ≥ 0: the bisection stops once the last length that lost too much (lo) and the
     shortest that kept enough (hi) satisfy hi − lo ≤ max(1, τ·hi), so the kept suffix is at most ~τ of its
@@ -254,12 +265,14 @@ def trim_prompts(model: Model, corpus: TokenCorpus, split: str, neurons: list[di
                                   [neuron_of[i] for i in rest], batch_size)):
         kept_acts[i] = a
     out: list[list[dict]] = [[] for _ in neurons]
+    W = corpus.seq_len - 1      # position p ≥ 1 of sequence s is stream offset s·W + p − 1
+    docs = corpus.document_of(split, [it[4] * W + it[2] - 1 for it in items]).tolist() if items else []
     for i, it in enumerate(items):
         if i in dropped or len(rows[i]) > max_prompt_tokens:
             continue
         out[it[0]].append({"ids": rows[i], "acts": [round(float(a), 5) for a in kept_acts[i]],
                            "act": float(kept_acts[i][-1]), "full_act": full[i], "seq": it[4], "pos": it[2],
-                           "start": lo[i]})
+                           "start": lo[i], "doc": int(docs[i])})
     return out
 
 

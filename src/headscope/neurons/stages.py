@@ -20,7 +20,7 @@ from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, file_hash, read_json, read_tensors, write_json, write_tensors
 from ..sites import parse_layers
-from . import ablation, attribution, congruence, mining
+from . import ablation, attribution, baselines, congruence, mining
 from .options import AblateOptions, AttributeOptions, FindOptions, MineOptions
 from .stats import bh, bootstrap_diff_of_means, bootstrap_mean, describe, mann_whitney, wilcoxon_signed
 
@@ -87,8 +87,9 @@ def mine_cache_dir(run: RunDir) -> Path:
 
 def run_mine(model: Model, run: RunDir, opts: MineOptions, progress: bool = True) -> dict:
     """The ``neurons.mine`` stage. Writes ``<set>/mine.json``: ``{"options", "source", "neurons": [{layer,
-    neuron, token_id, token, "train": [prompt], "test": [prompt]}]}``, prompt = ``{ids, tokens, acts (per
-    token), act, full_act, seq, pos, start}``."""
+    neuron, token_id, token, "train": [prompt], "test": [prompt]}], "documents_scanned": {split: n}}``,
+    prompt = ``{ids, tokens, acts (per token), act, full_act, seq, pos, start, doc}`` (``doc``: the document
+    of the activating token)."""
     which, corpus, seq_len, top_k, top_k_test = opts.which, opts.corpus, opts.seq_len, opts.top_k, opts.top_k_test
     keep, max_prompt_tokens, trim_tolerance = opts.keep, opts.max_prompt_tokens, opts.trim_tolerance
     batch_size, max_tokens = opts.batch_size, opts.max_tokens
@@ -108,11 +109,13 @@ def run_mine(model: Model, run: RunDir, opts: MineOptions, progress: bool = True
     out = [dict((k, n[k]) for k in ("layer", "neuron", "token_id", "token")) for n in neurons]
     layers = sorted(set(found.get("options", {}).get("layers") or []) | {n["layer"] for n in neurons})
     kk = max(top_k, top_k_test)
+    documents = {}
     for split, key, k in (("train", "train", top_k), ("heldout", "test", top_k_test)):
         # the running top-kk of every neuron of these layers, cached for the other set (same layers)
         ckey = hashlib.sha1(f"{tc.dir.name}|{split}|{seq_len}|{max_tokens}|{kk}|{layers}".encode()).hexdigest()[:12]
         state_path = mine_cache_dir(run) / f"top_{ckey}.safetensors"
         full = mining.layer_top_sequences(model, tc, layers, split, kk, batch_size, max_tokens, state_path, progress)
+        documents[split] = int(full["documents"]) if "documents" in full else None
         state = mining.select_neurons(full, layers, model.d_mlp, neurons, k)
         prompts = mining.trim_prompts(model, tc, split, neurons, state, keep, max_prompt_tokens, progress=progress,
                                      tolerance=trim_tolerance)
@@ -120,8 +123,8 @@ def run_mine(model: Model, run: RunDir, opts: MineOptions, progress: bool = True
             for p in ps:
                 p["tokens"] = model.token_str(p["ids"])
             o[key] = ps
-    write_json(path, {"options": recorded, "source": src, "neurons": out})
-    res = _mine_summary({"neurons": out})
+    write_json(path, {"options": recorded, "source": src, "documents_scanned": documents, "neurons": out})
+    res = _mine_summary({"neurons": out}) | {"documents_scanned": documents}
     return res
 
 
@@ -129,7 +132,8 @@ def _mine_summary(data: dict) -> dict:
     tr = [len(n["train"]) for n in data["neurons"]]
     te = [len(n["test"]) for n in data["neurons"]]
     lens = [len(p["ids"]) for n in data["neurons"] for p in n["train"] + n["test"]]
-    return {"neurons": len(tr), "train_prompts": sum(tr), "test_prompts": sum(te),
+    docs = {k: len({p["doc"] for n in data["neurons"] for p in n[k] if "doc" in p}) for k in ("train", "test")}
+    return {"neurons": len(tr), "train_prompts": sum(tr), "test_prompts": sum(te), "prompt_documents": docs,
             "mean_prompt_tokens": float(np.mean(lens)) if lens else None}
 
 
@@ -139,7 +143,11 @@ def run_attribute(model: Model, run: RunDir, opts: AttributeOptions, progress: b
     padding; ``active`` [N, P, L·H] uint8; ``split`` [N, P] int8: 0 train, 1 test, −1 padding) and
     ``<set>/attribution.json``: ``{"options", "source", "neurons": [{layer, neuron, token, n_train,
     n_test, "heads": {"L.H": {frac_train, frac_test, mean_A}} (heads active at least once),
-    "explain": ["L.H", …]}], "pairs": [{neuron, layer, head, name, frac_train}]}``."""
+    "explain": ["L.H", …]}], "pairs": [{neuron, layer, head, name, frac_train, frac_test, mean_A,
+    strength, baseline_pred}]}``. Pairs are chosen on all train prompts (active on ``low``–``high`` of
+    them); ``frac_test`` is the pair's held-out active rate; ``strength`` = frac_test × mean_A (mean
+    attribution over all prompts) picks each neuron's pair that matters for the ablation;
+    ``baseline_pred``: the ‖z‖-only and z-probe predictions on the held-out prompts (:mod:`.baselines`)."""
     which, gated, norm_scale, k_sigma = opts.which, opts.gated, opts.norm_scale, opts.k_sigma
     low, high, batch_size = opts.low, opts.high, opts.batch_size
     d = set_dir(run, which)
@@ -156,14 +164,18 @@ def run_attribute(model: Model, run: RunDir, opts: AttributeOptions, progress: b
     if not rows:
         raise HeadscopeError("no mined prompts to attribute: every neuron's prompts were dropped (try a larger "
                              "--max-prompt-tokens or another corpus)")
-    A_flat = attribution.attribute_prompts(model, rows, layer_of, neuron_of, gated, norm_scale, batch_size, progress)
+    zs: dict = {}
+    A_flat = attribution.attribute_prompts(model, rows, layer_of, neuron_of, gated, norm_scale, batch_size, progress,
+                                           z_out=zs)
     P = max(len(n["train"]) + len(n["test"]) for n in neurons)
     K = model.n_layers * model.n_heads
     A = torch.full((len(neurons), P, K), float("nan"))
     split = torch.full((len(neurons), P), -1, dtype=torch.int8)
+    row_of: dict[tuple[int, int], int] = {}
     for r, (i, s, j) in enumerate(where):
         A[i, j] = A_flat[r]
         split[i, j] = s
+        row_of[i, j] = r
     active = attribution.active_heads(A, k_sigma)
     write_tensors(d / "attribution.safetensors", {"A": A, "active": active.to(torch.uint8), "split": split})
     out, pairs = [], []
@@ -178,9 +190,14 @@ def run_attribute(model: Model, run: RunDir, opts: AttributeOptions, progress: b
                                                       "frac_test": round(float(frac_te[k]), 4),
                                                       "mean_A": round(float(meanA[k]), 5)}
         names = [attribution.head_name(model, k) for k in torch.nonzero(explain).flatten().tolist()]
+        ok = (split[i] >= 0).nonzero().flatten().tolist()
         for k in torch.nonzero(explain).flatten().tolist():
+            z = zs["z"][[row_of[i, j] for j in ok], k].float().numpy()
+            base = baselines.pair_baselines(z, active[i, ok, k].numpy(), split[i, ok].numpy())
             pairs.append({"neuron": i, "layer": k // model.n_heads, "head": k % model.n_heads,
-                          "name": attribution.head_name(model, k), "frac_train": round(float(frac_tr[k]), 4)})
+                          "name": attribution.head_name(model, k), "frac_train": round(float(frac_tr[k]), 4),
+                          "frac_test": round(float(frac_te[k]), 4), "mean_A": round(float(meanA[k]), 5),
+                          "strength": round(float(frac_te[k] * meanA[k]), 6), "baseline_pred": base})
         out.append({"layer": n["layer"], "neuron": n["neuron"], "token": n["token"], "token_id": n["token_id"],
                     "n_train": int(tr.sum()), "n_test": int(te.sum()), "heads": heads, "explain": names})
     write_json(path, {"options": recorded, "source": source_hash(d / "mine.json"), "neurons": out, "pairs": pairs})
@@ -213,7 +230,10 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
     if not pairs:
         raise HeadscopeError(f"no (neuron, head) pairs to ablate in the {which} set: no head is active on 25–75% "
                              "of any neuron's prompts; mine more prompts or neurons")
-    prompts = [[p["ids"] for p in n["train"] + n["test"]] for n in mined["neurons"]]
+    # the causal test runs on the held-out prompts (the pairs were chosen on the train prompts); a prompt's
+    # document is its cluster: prompts of one document are not independent
+    prompts = [[p["ids"] for p in n["test"]] for n in mined["neurons"]]
+    docs = [[p.get("doc", -1 - j) for j, p in enumerate(n["test"])] for n in mined["neurons"]]
     tokens = [n["token_id"] for n in mined["neurons"]]
     drops = ablation.ablation_drops(model, pairs, prompts, tokens, batch_size, progress, mode)
     P = max(len(x) for x in drops)
@@ -221,17 +241,22 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
     ACT = torch.zeros((len(pairs), P), dtype=torch.uint8)
     rows, act_all, inact_all = [], [], []
     for r, (pair, dr) in enumerate(zip(pairs, drops)):
-        labels, _ = pair_labels(att, model.n_heads, pair)
+        labels, split = pair_labels(att, model.n_heads, pair)
+        labels = [lab for lab, sp in zip(labels, split) if sp == 1]
         lab = torch.tensor(labels, dtype=torch.bool)
         D[r, : len(dr)] = dr
         ACT[r, : len(dr)] = lab.to(torch.uint8)
         a, ia = dr[lab].tolist(), dr[~lab].tolist()
         act_all += a; inact_all += ia
         mw = mann_whitney(a, ia, alternative="greater")
+        cb = baselines.cluster_bootstrap_diff(dr.tolist(), labels, docs[pair["neuron"]][: len(dr)])
         rows.append({**{k: pair[k] for k in ("neuron", "layer", "head", "name")},
+                     "strength": pair.get("strength"), "frac_test": pair.get("frac_test"),
                      "mean_drop_active": float(np.mean(a)) if a else None,
                      "mean_drop_inactive": float(np.mean(ia)) if ia else None, "n_active": len(a), "n_inactive": len(ia),
-                     "effect": float(np.mean(a) - np.mean(ia)) if a and ia else None, "p": mw["p"], "auc": mw["auc"]})
+                     "effect": float(np.mean(a) - np.mean(ia)) if a and ia else None,
+                     "effect_low": cb["low"], "effect_high": cb["high"], "documents": cb["clusters"],
+                     "p": cb["p_greater"], "p_mann_whitney": mw["p"], "auc": mw["auc"]})
     n_sig = 0
     for r, q in zip(rows, bh([r["p"] for r in rows])):
         r["q"] = q
@@ -251,11 +276,13 @@ def _ablate_set(model: Model, run: RunDir, which: str, max_pairs: int | None, mo
 
 
 def _round_robin(pairs: list[dict]) -> list[dict]:
-    """Pairs reordered one per neuron at a time (each neuron's first pair, then each one's second, …), so
-    that ``max_pairs`` spreads the ablations over neurons — the unit of the test — instead of taking
-    every pair of the first neurons."""
+    """Pairs reordered one per neuron at a time (each neuron's strongest pair, then each one's second, …),
+    so that ``max_pairs`` spreads the ablations over neurons — the unit of the test — instead of taking
+    every pair of the first neurons. Strongest: the largest ``strength`` = held-out active rate × mean
+    attribution (the pair that matters for the neuron; head order used to pick heads active on a few
+    prompts, some on none held out)."""
     by: dict[int, list[dict]] = {}
-    for p in pairs:
+    for p in sorted(pairs, key=lambda p: -(p.get("strength") or 0.0)):
         by.setdefault(p["neuron"], []).append(p)
     out, r = [], 0
     while len(out) < len(pairs):
@@ -274,15 +301,19 @@ def _neuron_effects(rows: list[dict]) -> dict[int, float]:
 
 
 def run_ablate(model: Model, run: RunDir, opts: AblateOptions, progress: bool = True) -> dict:
-    """The ``neurons.ablate`` stage: the causal check. For each pair: drop = P_clean(t) − P_ablated(t) on each of its neuron's prompts
+    """The ``neurons.ablate`` stage: the causal check. For each pair: drop = P_clean(t) − P_ablated(t) on
+    each of its neuron's held-out prompts (the pairs were chosen on the train prompts)
     (:mod:`headscope.neurons.ablation`); its effect = mean drop where the head was active − where it was
-    not, with a one-sided Mann–Whitney p (active drops larger; prompts are independent documents within a
-    pair) and BH q over the pairs. The unit of the run's test is the **neuron** (its pairs share prompts):
+    not, with a document-clustered percentile bootstrap CI and one-sided p (prompts of one document are
+    not independent; :func:`headscope.neurons.baselines.cluster_bootstrap_diff`; the Mann–Whitney p that
+    treats prompts as independent is kept as ``p_mann_whitney``) and BH q over the pairs. With
+    ``max_pairs``, each neuron's strongest pair comes first (:func:`_round_robin`). The unit of the run's test is the **neuron** (its pairs share prompts):
     the per-neuron mean effect, its bootstrap 95 % interval, and a Wilcoxon signed-rank test against 0.
     When both sets (top and random) have been ablated, :func:`compare_ablations` compares them.
 
-    Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name,
-    mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, p, auc, q, significant}],
+    Writes ``<set>/ablation.json``: ``{"options", "source", "pairs": [{neuron, layer, head, name, strength,
+    frac_test, mean_drop_active, mean_drop_inactive, n_active, n_inactive, effect, effect_low, effect_high,
+    documents, p, p_mann_whitney, auc, q, significant}],
     "per_neuron": {i: effect}, "summary": {unit, pairs, neurons, effect: {mean, low, high, n}, wilcoxon,
     significant_bh, pooled_descriptive}}``, ``<set>/ablation.safetensors`` (``drops`` [n_pairs, P]
     NaN-padded, ``active`` [n_pairs, P] uint8) and ``<set>/ablation.png``."""

@@ -1,9 +1,11 @@
 """Feature dashboards as data, stored in the run directory for the atlas: ``run_dashboards(model, run, name)``.
 
-For every feature that fires on the held-out tokens scanned (``n_tokens``), one record:
+For every feature that fires on the held-out tokens scanned (``n_tokens // seq_len`` held-out sequences
+drawn by the shared sampler, :mod:`headscope.sampling`, so spread over the split's documents), one record:
 
 * ``density``: firing frequency; ``max_act``; ``head_attribution``: [H] weight attribution;
-* ``examples``: the ``n_examples`` max-activating tokens, each with ``context`` (token strings from
+* ``examples``: the ``n_examples`` max-activating tokens, each with ``seq``, ``pos``, ``doc`` (its held-out
+  document), ``context`` (token strings from
   ``ctx_left`` before to ``ctx_right`` after), the index of the activating token in it, and the feature's
   activation on every context token;
 * ``quantiles``: a uniform random sample (``n_samples``) of the tokens where it fires, grouped in four
@@ -13,7 +15,8 @@ For every feature that fires on the held-out tokens scanned (``n_tokens``), one 
   DFA summed per head (see :mod:`.attribution`).
 
 Files: ``sae/<name>/dashboards/index.json`` ({layer, n_features, alive, page_size, pages, n_tokens})
-and ``sae/<name>/dashboards/page_{i:03d}.json`` ({"features": {f: record}}), ``page_size`` features per page.
+and ``sae/<name>/dashboards/page_{i:03d}.json`` ({"features": {f: record}}), ``page_size`` features per page;
+the index also records ``n_sequences`` and ``n_documents`` scanned.
 
 **One forward pass.** The scan over the held-out sequences (eager attention, so that the SAE layer's
 pattern is formed) keeps, per sequence that still holds an example, a sample or a top example, its
@@ -37,6 +40,7 @@ from ..capture import capture, eager_attention
 from ..data import TokenCorpus
 from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, read_json, write_json
+from ..sampling import Windows
 from .attribution import dfa_from_capture, output_tokens, weight_attribution
 from .io import load_sae
 from .model import AttnSAE
@@ -82,6 +86,8 @@ class _Scan:
     counts: torch.Tensor
     n_rows: int
     kept: dict[int, _Kept] | None = field(default=None)
+    n_sequences: int = 0
+    n_documents: int = 0
 
 
 def _encode_seqs(sae: AttnSAE, z: torch.Tensor) -> torch.Tensor:
@@ -116,12 +122,14 @@ def _scan(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int, batch_
     counts = torch.zeros(F, dtype=torch.long, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     kept: dict[int, _Kept] | None = {} if cache_bytes > 0 else None
-    n_rows, seq0 = 0, 0
-    total = math.ceil(min(n_tokens, corpus.n_sequences("heldout") * S) / (S * batch_size))
-    batches = tqdm(corpus.batches("heldout", batch_size, max_tokens=n_tokens), total=total, file=sys.stderr,
+    n_rows = 0
+    plan = Windows(corpus, "heldout", seed)
+    n_seq = min(len(plan), max(1, n_tokens // S))
+    batches = tqdm(plan.batches(batch_size, n_seq), total=math.ceil(n_seq / batch_size), file=sys.stderr,
                    desc="feature dashboards", disable=not progress, unit=" batch")
-    for ids in batches:
+    for k, (ids, _) in enumerate(batches):
         B = ids.shape[0]
+        seq_ids = [int(x) for x in plan.seqs[k * batch_size:k * batch_size + B]]
         # eager attention even when only z is read: z is then the same as in the second pass
         with eager_attention(model):
             cap = capture(model, ids.to(dev), layers=[L], what=("z", "pattern", "v") if kept is not None else ("z",),
@@ -129,7 +137,7 @@ def _scan(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int, batch_
         acts_seq = _encode_seqs(sae, cap["z"][L])                            # [B, S, F]
         acts = acts_seq[:, 1:].reshape(-1, F)                                 # [B·(S−1), F]
         pos = torch.arange(1, S, device=dev).repeat(B)
-        seq = torch.arange(seq0, seq0 + B, device=dev).repeat_interleave(S - 1)
+        seq = torch.tensor(seq_ids, device=dev).repeat_interleave(S - 1)
         gidx = seq * S + pos
         counts += (acts > 0).sum(0)
         v, i = torch.cat([top_v, acts.T], 1).topk(n_examples, dim=1)
@@ -145,7 +153,7 @@ def _scan(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int, batch_
             for j in range(B):
                 a = acts_seq[j].flatten()
                 nz = a.nonzero().flatten()
-                kept[seq0 + j] = _Kept(nz.cpu(), a[nz].cpu(), cap["pattern"][L][j:j + 1].to("cpu", copy=True),
+                kept[seq_ids[j]] = _Kept(nz.cpu(), a[nz].cpu(), cap["pattern"][L][j:j + 1].to("cpu", copy=True),
                                        cap["v"][L][j:j + 1].to("cpu", copy=True))
             in_use, tops = _seqs_in_use(S, top_v, top_i, smp_k, smp_i)
             for s in list(kept):
@@ -155,8 +163,8 @@ def _scan(model: Model, sae: AttnSAE, corpus: TokenCorpus, n_tokens: int, batch_
                     kept[s].pattern = kept[s].v = None
             if sum(x.nbytes() for x in kept.values()) > cache_bytes:
                 kept = None                                                   # over the bound: second pass
-        seq0 += B
-    return _Scan(top_v.cpu(), top_i.cpu(), smp_k.cpu(), smp_v.cpu(), smp_i.cpu(), counts.cpu(), n_rows, kept)
+    return _Scan(top_v.cpu(), top_i.cpu(), smp_k.cpu(), smp_v.cpu(), smp_i.cpu(), counts.cpu(), n_rows, kept,
+                 n_seq, plan.n_documents(n_seq))
 
 
 def _second_pass(model: Model, sae: AttnSAE, corpus: TokenCorpus, order: list[int], batch_size: int):
@@ -265,8 +273,13 @@ def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 1638
     def example(f: int, gi: int, act: float) -> dict:
         s, p = divmod(gi, S)
         lo, hi = max(0, p - ctx_left), min(S, p + ctx_right + 1)
-        return {"seq": s, "pos": p, "act": round(act, 4), "context": seq_tokens[s][lo:hi],
+        return {"seq": s, "pos": p, "doc": doc_of[gi], "act": round(act, 4), "context": seq_tokens[s][lo:hi],
                 "index": p - lo, "acts": ctx_acts[(f, gi)]}
+    every = sorted({gi for f in alive for gi in [gi for v, gi in zip(top_v[f], top_i[f]) if v > 0] +
+                    [gi for k, gi in zip(smp_k[f], smp_i[f]) if k >= 0]})
+    # the document of each activating token: position p ≥ 1 of sequence s is stream offset s·(S − 1) + p − 1
+    doc_of = dict(zip(every, tc.document_of("heldout", [(gi // S) * (S - 1) + gi % S - 1 for gi in every]).tolist())) \
+        if every else {}
     records = {}
     for f in alive:
         mx = top_v[f][0]
@@ -287,7 +300,8 @@ def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 1638
     for pi, page in enumerate(pages):
         _write_page(folder / f"dashboards/page_{pi:03d}.json", {"features": {str(f): records[f] for f in page}})
     index = {"name": name, "layer": sae.cfg.layer, "n_features": sae.cfg.d_sae, "alive": len(alive),
-             "n_tokens": scan.n_rows, "page_size": page_size, "pages": len(pages),
+             "n_tokens": scan.n_rows, "n_sequences": scan.n_sequences, "n_documents": scan.n_documents,
+             "page_size": page_size, "pages": len(pages),
              "feature_page": {str(f): pi for pi, page in enumerate(pages) for f in page}}
     write_json(folder / "dashboards/index.json", index)
     return index

@@ -1,8 +1,9 @@
 """Evaluating an attention-output SAE on held-out tokens: ``run_eval(model, run, EvalOptions(name=…)) -> dict``
 (the ``sae.eval`` stage).
 
-Data: ``n_tokens // seq_len`` held-out sequences spread evenly over the whole held-out split (so over
-its documents, not the first few), each tagged with the document its first token belongs to.
+Data: ``n_tokens // seq_len`` held-out sequences drawn by the shared sampler (:mod:`headscope.sampling`:
+a seeded uniform sample of the split's sequences, so over its documents, not the first few), each
+tagged with the document its first token belongs to.
 Positions ≥ 1 only: z at the BOS position 0 is a constant (kept exact in every variant, see
 :mod:`headscope.sae.store`), and the prediction made at position 0 (context: BOS alone) is the same
 in every sequence, so it is left out of CE and KL too.
@@ -55,6 +56,7 @@ from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_json, write_json, write_tensors
+from ..sampling import sample_sequences
 from .io import load_sae
 from .train import sae_dir
 
@@ -69,28 +71,6 @@ HEADLINE_ORDER = ("kl_recovered_mean", "kl_recovered_zero")
 PER_SEQ_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero", "kl_mean")
 
 
-# -- data: sequences spread over documents -------------------------------------------------------
-def spread_sequences(corpus: TokenCorpus, split: str, n_seqs: int, eos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``n_seqs`` packed sequences of ``split`` evenly spaced over the whole split, and the document
-    each one starts in: (indices [n], doc_ids [n]). Documents are the corpus' EOS-terminated
-    documents (``eos_id``; default the corpus' BOS, as TokenCorpus uses when there is no EOS)."""
-    total = corpus.n_sequences(split)
-    if total == 0:
-        raise HeadscopeError(f"corpus '{corpus.spec}' has no {split} sequence of {corpus.seq_len} tokens")
-    n = max(1, min(int(n_seqs), total))
-    idx = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
-    stream = np.asarray(corpus._stream(split))
-    eos = corpus.bos if eos_id is None else eos_id
-    ends = np.flatnonzero(stream == eos)                      # positions of document terminators
-    starts = idx * (corpus.seq_len - 1)                       # first body token of each sequence
-    return idx, np.searchsorted(ends, starts, side="left")    # docs finished before the start
-
-
-def _eos(model: Model) -> int:
-    tok = model.tokenizer
-    return tok.eos_token_id if tok.eos_token_id is not None else model.bos_id
-
-
 def _batches(corpus: TokenCorpus, split: str, idx: np.ndarray, batch_size: int):
     for b in range(0, len(idx), batch_size):
         yield torch.stack([corpus.sequence(split, int(i)) for i in idx[b:b + batch_size]])
@@ -98,9 +78,9 @@ def _batches(corpus: TokenCorpus, split: str, idx: np.ndarray, batch_size: int):
 
 @torch.no_grad()
 def mean_z(model: Model, corpus: TokenCorpus, layer: int, n_tokens: int = 16384, batch_size: int = 8) -> torch.Tensor:
-    """Mean z of ``layer`` over positions ≥ 1 of ``n_tokens // seq_len`` train sequences spread over
-    the train split, [H, Dh]."""
-    idx, _ = spread_sequences(corpus, "train", max(1, n_tokens // corpus.seq_len), _eos(model))
+    """Mean z of ``layer`` over positions ≥ 1 of ``n_tokens // seq_len`` train sequences sampled across
+    the train split (:func:`headscope.sampling.sample_sequences`), [H, Dh]."""
+    idx, _ = sample_sequences(corpus, "train", max(1, n_tokens // corpus.seq_len))
     total, n = None, 0
     for ids in _batches(corpus, "train", idx, batch_size):
         z = capture(model, ids, layers=[layer], what=("z",), stop_after=layer)["z"][layer][:, 1:].double()
@@ -213,7 +193,7 @@ def evaluate_sae(model: Model, sae, corpus: TokenCorpus, n_tokens: int = 8192, b
     if splice and mean is None:
         mean = mean_z(model, corpus, L, n_tokens=mean_tokens)
     F = sae.cfg.d_sae
-    idx, docs = spread_sequences(corpus, "heldout", max(1, n_tokens // corpus.seq_len), _eos(model))
+    idx, docs = sample_sequences(corpus, "heldout", max(1, n_tokens // corpus.seq_len))
     acc = {k: 0.0 for k in ("sq_err", "sq_norm", "cos", "ratio", "l0")}
     per_seq = {k: [] for k in PER_SEQ_KEYS}
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=dev)

@@ -1,7 +1,7 @@
 """Activation store: z of one or more layers, streamed from the model or cached on disk in shards.
 
 The store hands out activations in **blocks**: block i is a fixed set of token rows ([N_i, d_in]),
-either the z of a fixed range of corpus sequences (model streaming) or shard i of a disk cache.
+either the z of a fixed set of corpus sequences (model streaming, drawn by the shared sampler) or shard i of a disk cache.
 :class:`ShuffledBatches` shuffles inside a block with a generator seeded by (seed, block), so the
 batch at any training step is a pure function of (seed, step): exact resume only needs the step, and
 memory is bounded by the block size (``buffer_tokens``), not by the corpus size.
@@ -36,6 +36,7 @@ from ..data import TokenCorpus
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import read_json, read_tensors, write_json, write_tensors
+from ..sampling import Windows
 
 
 def z_rows(model: Model, ids: torch.Tensor, layers: list[int], drop_bos: bool = True) -> dict[int, torch.Tensor]:
@@ -51,30 +52,36 @@ def z_rows(model: Model, ids: torch.Tensor, layers: list[int], drop_bos: bool = 
 
 
 class ModelSource:
-    """Blocks of z streamed from the model: block i = sequences [i·n, (i+1)·n) of the train split
-    (n = ``buffer_tokens // seq_len``), wrapping around the split when training runs more than one epoch."""
+    """Blocks of z streamed from the model: block i = plan entries [i·n, (i+1)·n) of the shared sampler
+    over the train split (:class:`headscope.sampling.Windows`, seeded: the split's sequences in a random
+    order, so every block spreads over the documents; n = ``buffer_tokens // seq_len``), wrapping around
+    the split when training runs more than one epoch."""
 
     def __init__(self, model: Model, corpus: TokenCorpus, layers: list[int], buffer_tokens: int = 32768,
-                 batch_size: int = 16, split: str = "train"):
+                 batch_size: int = 16, split: str = "train", seed: int = 0):
         self.model, self.corpus, self.layers, self.split = model, corpus, list(layers), split
         self.d_in = model.n_heads * model.d_head
         self.seqs_per_block = max(1, buffer_tokens // corpus.seq_len)
         total = corpus.n_sequences(split)
         if total == 0:
             raise HeadscopeError(f"corpus '{corpus.spec}' has no {split} sequences of {corpus.seq_len} tokens")
+        self.plan = Windows(corpus, split, seed)
         self.seqs_per_block = min(self.seqs_per_block, total)
         self.n_blocks = total // self.seqs_per_block
         self.batch_size = batch_size
         self.rows_per_block = self.seqs_per_block * (corpus.seq_len - 1)
+
+    def n_documents(self, n_blocks: int) -> int:
+        """Distinct documents the first ``n_blocks`` blocks (wrapping) draw from."""
+        n = min(n_blocks, self.n_blocks) * self.seqs_per_block
+        return self.plan.n_documents(n)
 
     def block(self, i: int) -> dict[int, torch.Tensor]:
         """z rows of block ``i`` (mod the number of blocks) per layer, [rows_per_block, d_in]."""
         j = i % self.n_blocks
         start = j * self.seqs_per_block
         parts: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        for b in range(start, start + self.seqs_per_block, self.batch_size):
-            ids = torch.stack([self.corpus.sequence(self.split, s)
-                               for s in range(b, min(b + self.batch_size, start + self.seqs_per_block))])
+        for ids, _ in self.plan.batches(self.batch_size, self.seqs_per_block, start):
             for l, z in z_rows(self.model, ids, self.layers).items():
                 parts[l].append(z)
         return {l: torch.cat(p) for l, p in parts.items()}
@@ -143,7 +150,8 @@ def cache_activations(model: Model, corpus: TokenCorpus, layers: list[int], path
     n_total = src.n_blocks if max_tokens is None else min(src.n_blocks, max(1, math.ceil(max_tokens / src.rows_per_block)))
     base = {"layers": sorted(layers), "d_in": src.d_in, "tokens_per_shard": src.rows_per_block,
             "sequences_per_shard": src.seqs_per_block, "seq_len": corpus.seq_len, "corpus": corpus.spec,
-            "model": model.identity(), "dtype": str(dtype).replace("torch.", "")}
+            "model": model.identity(), "dtype": str(dtype).replace("torch.", ""),
+            "sampler": "headscope.sampling.Windows(seed=0)"}   # caches of the old first-N order are not reused
     done = 0
     if (path / "manifest.json").is_file():
         old = read_json(path / "manifest.json")

@@ -265,7 +265,17 @@ def _summary(t: _Trainer, name: str, layer: int, final: AttnSAE, seconds: float)
             "world_size": dist.world_size, "input_scale": t.scale, "elapsed_s": t.elapsed,
             "tokens_per_s": ((t.n_steps - t.step0) * cfg.batch_size * dist.world_size / max(1e-9, seconds))
             if t.n_steps > t.step0 else None,   # None: everything came from the checkpoint
+            "n_documents": _documents_read(t),
             "final": next((h for h in reversed(t.history) if "l0" in h), {}), "history": t.history}
+
+
+def _documents_read(t: _Trainer) -> int | None:
+    """Distinct corpus documents the training blocks came from (None for a cache or in-memory source)."""
+    src = t.batches.source
+    if not hasattr(src, "n_documents"):
+        return None
+    blocks = -(-t.n_steps // t.batches.bpb) * t.dist.world_size
+    return src.n_documents(blocks)
 
 
 def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None, progress: bool = True,

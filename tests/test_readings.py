@@ -1,0 +1,56 @@
+"""Numbers that cannot drift: every figure README/docs cite as a link to docs/readings.md#row must be
+the value in that row; bench/readings.py writes the rows from a run's stage records."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CITE = re.compile(r"\[([^\]]+)\]\((?:docs/)?readings\.md#([\w-]+)\)")
+
+
+def _readings():
+    spec = importlib.util.spec_from_file_location("readings", ROOT / "bench" / "readings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def citations(text: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in CITE.finditer(text)]
+
+
+def test_cited_figures_are_the_readings():
+    r = _readings()
+    docs = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+    cited = [(p, v, a) for p in docs if p.name != "readings.md" for v, a in citations(p.read_text())]
+    path = ROOT / "docs" / "readings.md"
+    table = r.parse(path.read_text()) if path.is_file() else {}
+    bad = [f"{p.name}: [{v}] → #{a} is {table.get(a, 'missing')}" for p, v, a in cited if table.get(a) != v]
+    assert not bad, "figures that are not in docs/readings.md:\n" + "\n".join(bad)
+
+
+def test_readings_from_stage_records_and_the_check_catches_drift(tmp_path):
+    """bench/readings.py flattens the stage records; a citation of another value, or of a missing row,
+    is caught by the same comparison the docs test makes."""
+    r = _readings()
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    (run / "stages/explain.score.json").write_text(json.dumps({
+        "stage": "explain.score", "options": {"max_per_class": 20}, "seconds": 69.41,
+        "summary": {"by_neuron": {"mean": 0.59312, "low": 0.55, "n": 12}, "note": "text"}}))
+    out = tmp_path / "readings.md"
+    assert r.main([str(run), "--out", str(out)]) == 0
+    table = r.parse(out.read_text())
+    assert table == {"explain-score-by-neuron-low": "0.550", "explain-score-by-neuron-mean": "0.593",
+                     "explain-score-by-neuron-n": "12", "explain-score-seconds": "69.41"}
+    assert '"max_per_class": 20' in out.read_text()                 # the run's config travels with it
+    doc = "E per neuron [0.593](readings.md#explain-score-by-neuron-mean), [0.60](readings.md#explain-score-by-neuron-mean)"
+    got = [(v, table.get(a)) for v, a in citations(doc)]
+    assert got == [("0.593", "0.593"), ("0.60", "0.593")]          # the second one has drifted
+    assert r.fmt(110.4) == "110" and r.fmt(1.5) == "1.50" and r.fmt(True) == "1"
+    with pytest.raises(SystemExit):
+        r.main([str(tmp_path / "empty"), "--out", str(out)])
