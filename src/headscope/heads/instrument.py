@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from ..options import check
 from ..registry import Instrument
 from ..runs import Stage
+from .options import RolesOptions
+from .role_result import RolesResult
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,22 @@ def report(summary: dict, opts: ScoreOptions, run) -> None:
         print(f"  top prefix-induction heads (prefix {doc['prefix_induction']['prefix_lengths'][-1]}): {tops}")
 
 
+def report_roles(result, opts, run) -> None:
+    """Print the role census: per role, heads shown / ablated / confirmed, and what its control gives."""
+    cen = result.census if hasattr(result, "census") else result.get("census", {})
+    n = result.n_heads if hasattr(result, "n_heads") else result.get("n_heads")
+    print(f"head roles of {n} heads in {run / 'heads' / 'roles.json'} (shown: score > control, BH q ≤ {opts.q}; "
+          "confirmed: and its causal test passed)")
+    for role, c in cen.items():
+        ctrl = "" if c["control_over_threshold"] is None else f"; control ({c['control_name']}) over the " \
+                                                               f"threshold: {c['control_over_threshold']} heads"
+        conf = f"{c['confirmed']} confirmed of {c['ablated']} ablated" if c["causal"] else "no causal test"
+        print(f"  {role.replace('_', '-'):17s} shown {c['shown']:3d}, {conf}{ctrl}")
+    agr = result.agreement if hasattr(result, "agreement") else result.get("agreement", {})
+    if agr.get("spearman") is not None:
+        print(f"  attribution-patching screen vs real ablation: Spearman {agr['spearman']:.2f} over {agr['n']} heads")
+
+
 INSTRUMENT = Instrument(
     name="heads",
     help="head scores on synthetic sequences",
@@ -59,6 +77,11 @@ INSTRUMENT = Instrument(
               writes=lambda o: ["heads/scores.json", "heads/scores.safetensors"],
               doc="induction, previous-token, duplicate-token and prefix-induction scores of every head",
               report="headscope.heads.instrument:report"),
+        Stage("heads.roles", RolesOptions, "headscope.heads.roles:run_roles",
+              writes=lambda o: ["heads/roles.json", "heads/roles.safetensors"],
+              doc="role battery of every head (induction, previous/duplicate-token, prefix induction, sink, local, "
+                  "copying, copy suppression, successor) with controls, CIs, BH and causal checks",
+              report="headscope.heads.instrument:report_roles", result=RolesResult),
     ),
     atlas_data="headscope.heads.atlas_data:atlas_data",
 )
