@@ -63,8 +63,9 @@ class RolesOptions:
         check(self.text_seqs >= 2 and self.task_seqs >= 2, "--text-seqs and --task-seqs must be at least 2 "
               "(confidence intervals need two sequences)")
         check(self.rep_seqs >= 2, "--rep-seqs must be at least 2")
-        check(min(self.prefix_examples, self.confirm_top, self.null_draws, self.max_ablations) >= 0,
-              "--prefix-examples, --confirm-top, --max-ablations and --null-draws must be 0 or more")
+        check(min(self.prefix_examples, self.confirm_top, self.max_ablations) >= 0,
+              "--prefix-examples, --confirm-top and --max-ablations must be 0 or more")
+        check(self.null_draws == 0 or self.null_draws >= 2, "--null-draws must be 0 (no null) or at least 2")
         check(0 < self.q < 1, "--q must be in (0, 1)")
         check(0 < self.attn_threshold <= 1, "--attn-threshold must be in (0, 1]")
         check(0 < self.successor_threshold <= 1, "--successor-threshold must be in (0, 1]")

@@ -145,8 +145,17 @@ def unit_test(x: np.ndarray, c: np.ndarray, clusters) -> dict[str, np.ndarray]:
     mc, _, _ = clustered_mean_se(np.moveaxis(c, 0, -1), clusters=clusters)
     md, sd, _ = clustered_mean_se(np.moveaxis(x - c, 0, -1), clusters=clusters)
     t = _tcrit(G)
-    return {"score": mx, "control": mc, "lo": mx - t * sx, "hi": mx + t * sx,
-            "p": one_sided_p(md, sd, G - 1), "gap": md, "z": np.where(sd > 0, md / np.where(sd > 0, sd, 1), np.nan)}
+    return {"score": mx, "control": mc, "lo": mx - t * sx, "hi": mx + t * sx, "p": _p(md, sd, G), "gap": md, "z": np.where(sd > 0, md / np.where(sd > 0, sd, 1), np.nan)}
+
+
+def _p(estimate, se, G: int) -> np.ndarray:
+    """One-sided p of estimate > 0 (t with G − 1 df); a zero SE over ≥ 2 clusters (every unit agrees) gives
+    p = 0 for a positive estimate and 1 otherwise; fewer than 2 clusters give NaN (never a discovery)."""
+    est, se = np.asarray(estimate, dtype=np.float64), np.asarray(se, dtype=np.float64)
+    p = np.asarray(one_sided_p(est, se, G - 1), dtype=np.float64)
+    if G >= 2:
+        p = np.where(se == 0, np.where(est > 0, 0.0, 1.0), p)
+    return p
 
 
 def _grid(a) -> list:
@@ -235,15 +244,15 @@ def measure(model: Model, opts: RolesOptions, win: Windows, progress: bool = Tru
     # OV copying score (weights), beside copying / copy suppression
     ov, null = copying_scores(model, opts.null_draws, opts.seed)
     ov_np, null_np = ov.numpy(), null.numpy()
-    if opts.null_draws:
-        ge = (null_np[:, None, :] >= ov_np[..., None]).sum(-1)
-        le = (null_np[:, None, :] <= ov_np[..., None]).sum(-1)
-        p_copy, p_supp = (1 + ge) / (1 + opts.null_draws), (1 + le) / (1 + opts.null_draws)
+    if opts.null_draws >= 2:  # normal approximation of the null (empirical p-values bottom out at 1/(draws + 1))
+        mu, sd = null_np.mean(-1)[:, None], null_np.std(-1, ddof=1)[:, None]
+        zs = (ov_np - mu) / np.maximum(sd, 1e-12)
+        p_copy, p_supp = _st.norm.sf(zs), _st.norm.cdf(zs)
     else:
         p_copy = p_supp = np.full((L, H), np.nan)
     tensors["ov_copying"], tensors["ov_null"] = ov, null
     weights = {"name": "OV-circuit copying score Σ Re λ / Σ |λ| (norm weights folded, W_U centred, W_E)",
-               "score": _grid(ov_np), "null_name": f"{opts.null_draws} random Gaussian OV circuits per layer",
+               "score": _grid(ov_np), "null_name": f"{opts.null_draws} random Gaussian OV circuits per layer (p from a normal fit to them)",
                "null_mean": [None if not math.isfinite(v) else round(float(v), 6) for v in
                              (null_np.mean(-1) if opts.null_draws else np.full(L, np.nan))]}
     tests["copying"]["weights"] = weights | {"p": _grid(p_copy), "q_value": _grid(q_values(p_copy))}
@@ -352,9 +361,9 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
             tc = _tcrit(G)
             eff[l, h], lo_[l, h], hi_[l, h] = m, m - tc * se, m + tc * se
             if ct["expected_sign"] == 0:
-                p[l, h] = one_sided_p(opts.sink_kl_bound - m, se, G - 1)
+                p[l, h] = _p(opts.sink_kl_bound - m, se, G)
             else:
-                p[l, h] = one_sided_p(ct["expected_sign"] * m, se, G - 1)
+                p[l, h] = _p(ct["expected_sign"] * m, se, G)
                 if (task_name, metric) != ("text", "loss"):
                     pairs[(task_name, metric, l, h)] = (float(screens[(task_name, metric)][l, h]), float(m))
         qv = q_values(p)
