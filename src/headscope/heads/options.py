@@ -29,6 +29,8 @@ class RolesOptions:
     """copied-prefix examples (prefix induction, arXiv 2406.17759); 0 skips the role"""
     prefix_len: int = 4
     """length of the copied prefix"""
+    prefix_seq_len: int = 64
+    """tokens per copied-prefix example"""
     task_seqs: int = 8
     """sequences per causal task (disjoint from the scoring data)"""
     confirm_top: int = 4
@@ -59,6 +61,8 @@ class RolesOptions:
     def __post_init__(self):
         for name in ("seq_len", "text_seqs", "rep_seqs", "half_len", "task_seqs", "batch_size", "prefix_len"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        check(self.prefix_seq_len >= 2 * self.prefix_len + 12, "--prefix-seq-len must be at least "
+              "2 · --prefix-len + 12 (the prefix, its copy and a gap)")
         check(self.seq_len >= 16, "--seq-len must be at least 16 (offsets up to 8 and beyond are measured)")
         check(self.text_seqs >= 2 and self.task_seqs >= 2, "--text-seqs and --task-seqs must be at least 2 "
               "(confidence intervals need two sequences)")

@@ -221,7 +221,8 @@ def measure(model: Model, opts: RolesOptions, win: Windows, progress: bool = Tru
             "control_name": "uniform causal attention", "threshold": opts.attn_threshold}
 
     if opts.prefix_examples:
-        toks, dest, src = prefix_induction_examples(model, opts.prefix_len, opts.prefix_examples, S, opts.seed)
+        toks, dest, src = prefix_induction_examples(model, opts.prefix_len, opts.prefix_examples,
+                                                      opts.prefix_seq_len, opts.seed)
         pre = prefix_induction_per_example(model, toks, dest, src, opts.batch_size)
         tensors["prefix_induction"] = pre
         ctrl = (1.0 / (dest.double() + 1)).numpy()[:, None, None]
@@ -262,7 +263,7 @@ def measure(model: Model, opts: RolesOptions, win: Windows, progress: bool = Tru
     data = {"documents": int(len(np.unique(docs))), "sequences": int(opts.text_seqs),
             "tokens": int(opts.text_seqs * S), "split": "heldout", "corpus": opts.corpus,
             "repeated_sequences": opts.rep_seqs, "half_len": hl, "prefix_examples": opts.prefix_examples,
-            "prefix_len": opts.prefix_len, "offset_bins": ["1", "2", "3", "4-8", ">8"],
+            "prefix_len": opts.prefix_len, "prefix_seq_len": opts.prefix_seq_len, "offset_bins": ["1", "2", "3", "4-8", ">8"],
             "offset_profile": [[[round(float(v), 5) for v in profile[l, h]] for h in range(H)] for l in range(L)]}
     return tests, tensors, data
 
@@ -476,7 +477,7 @@ def run_roles(model: Model, run: RunDir, opts: RolesOptions, progress: bool = Tr
     corpus = TokenCorpus(model, opts.corpus, seq_len=opts.seq_len, progress=progress)
     win = Windows(corpus, "heldout", seed=opts.seed)
     win.need(opts.text_seqs + opts.task_seqs, "the role battery (--text-seqs + --task-seqs)")
-    model.check_length(max(opts.seq_len, 2 * opts.half_len + 1))
+    model.check_length(max(opts.seq_len, 2 * opts.half_len + 1, opts.prefix_seq_len))
     tests, tensors, data = measure(model, opts, win, progress)
     decide(tests, opts.q)
     causal, agreement = causal_checks(model, opts, win, tests, progress)
