@@ -358,3 +358,20 @@ def test_attended_sources_skip_position_zero():
     p[0, 0, 2, 1], p[0, 0, 2, 2] = 0.04, 0.06
     p[0, 0, 3, 2] = 0.1
     assert attended_sources(p)[0, 0].tolist() == [0, 1, 2, 2]
+
+
+@pytest.mark.slow
+def test_default_model_18_6_is_a_confirmed_induction_head(tmp_path):
+    """The strongest induction head of the embedded SmolLM2-135M comes out "induction", confirmed by ablation."""
+    from headscope.models import load_model
+    m = load_model("default")
+    opts = RolesOptions(seq_len=64, text_seqs=4, rep_seqs=8, half_len=20, prefix_examples=0, task_seqs=4,
+                        max_ablations=3, confirm_top=0, null_draws=8)
+    run = RunDir(tmp_path / "run", m.identity())
+    run_stage(m, run, stage("heads.roles"), opts, progress=False)
+    doc = json.loads((tmp_path / "run" / "heads" / "roles.json").read_text())
+    ind = doc["roles"]["induction"]
+    assert ind["passed"][18][6] and ind["score"][18][6] > 0.7 and ind["control"][18][6] < 0.1
+    assert ind["causal"]["effect"][18][6] > 0 and ind["causal"]["ci"][18][6][0] > 0
+    assert "induction" in doc["heads"]["18.6"]["confirmed"]
+    assert math.isfinite(ind["causal"]["screen"][18][6]) and ind["causal"]["screen"][18][6] > 0

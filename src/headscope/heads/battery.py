@@ -70,13 +70,12 @@ def random_other_sources(ids: torch.Tensor, src: torch.Tensor, generator: torch.
     return out
 
 
-def direct_logit(model: Model, z: torch.Tensor, W_O: torch.Tensor, targets: torch.Tensor,
-                 sigma: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Direct logit contribution of each head to a target token per (b, h, t): z [B, S, H, Dh], W_O [H, Dh, d],
-    targets [B, H, S] token ids, sigma [B, S], B = :func:`readout` [d, V] → [B, H, S]."""
-    r = torch.einsum("bshk,hkd->bhsd", z.float(), W_O.float())  # [B, H, S, d]
-    u = B.T[targets]  # [B, H, S, d]
-    return (r * u).sum(-1) / sigma[:, None, :]
+def direct_logit(model: Model, z: torch.Tensor, W_O: torch.Tensor, targets: list[torch.Tensor],
+                 sigma: torch.Tensor, B: torch.Tensor) -> list[torch.Tensor]:
+    """Direct logit contribution of each head to target tokens per (b, h, t): z [B, S, H, Dh], W_O [H, Dh, d],
+    each of ``targets`` [B, H, S] token ids, sigma [B, S], B = :func:`readout` [d, V] → one [B, H, S] per target."""
+    r = torch.einsum("bshk,hkd->bhsd", z.float(), W_O.float()) / sigma[:, None, :, None]  # [B, H, S, d]
+    return [(r * B.T[t]).sum(-1) for t in targets]
 
 
 @torch.no_grad()
@@ -118,8 +117,9 @@ def text_stats(model: Model, batches, n: int, seed: int = 0, progress: bool = Tr
             att_tok = torch.gather(ids[:, None, :].expand(-1, H, -1), 2, src)
             rnd_tok = torch.gather(ids[:, None, :].expand(-1, H, -1), 2, random_other_sources(ids, src, g))
             z = got["z"][l]
-            out["copy_att"][rows, l] = direct_logit(model, z, W_O[l], att_tok, sigma, Bread)[..., 2:].mean(-1)
-            out["copy_rand"][rows, l] = direct_logit(model, z, W_O[l], rnd_tok, sigma, Bread)[..., 2:].mean(-1)
+            a, r = direct_logit(model, z, W_O[l], [att_tok, rnd_tok], sigma, Bread)
+            out["copy_att"][rows, l] = a[..., 2:].mean(-1)
+            out["copy_rand"][rows, l] = r[..., 2:].mean(-1)
         i += Bsz
         bar.update(Bsz)
     bar.close()

@@ -33,6 +33,9 @@ class RolesOptions:
     """tokens per copied-prefix example"""
     task_seqs: int = 8
     """sequences per causal task (disjoint from the scoring data)"""
+    task_len: int = 64
+    """tokens per natural-text sequence of the causal tasks (the first task_len of a held-out window; at most
+    --seq-len)"""
     confirm_top: int = 4
     """per role, the heads with the largest attribution-patching estimate that are also ablated for real"""
     max_ablations: int = 12
@@ -63,6 +66,7 @@ class RolesOptions:
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         check(self.prefix_seq_len >= 2 * self.prefix_len + 12, "--prefix-seq-len must be at least "
               "2 · --prefix-len + 12 (the prefix, its copy and a gap)")
+        check(self.task_len >= 16, "--task-len must be at least 16")
         check(self.seq_len >= 16, "--seq-len must be at least 16 (offsets up to 8 and beyond are measured)")
         check(self.text_seqs >= 2 and self.task_seqs >= 2, "--text-seqs and --task-seqs must be at least 2 "
               "(confidence intervals need two sequences)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import numpy as np
 import torch
@@ -301,7 +302,7 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
     rep = C.Task("repeat", repeated_random_tokens(model, opts.task_seqs, opts.half_len, opts.seed + 1),
                  np.arange(opts.task_seqs), half_len=opts.half_len, readers=readers)
     lo, hi = opts.text_seqs, opts.text_seqs + opts.task_seqs
-    text = C.Task("text", win.ids(lo, hi), np.asarray(win.docs[lo:hi]))
+    text = C.Task("text", win.ids(lo, hi)[:, :min(opts.task_len, opts.seq_len)], np.asarray(win.docs[lo:hi]))
     prompts = C.successor_prompts(model, max_prompts=6 * opts.task_seqs, seed=opts.seed)
     succ = C.Task("successor", prompts[0], prompts[1]) if prompts is not None else None
     tasks = {"repeat": rep, "text": text, **({"successor": succ} if succ is not None else {})}
@@ -383,8 +384,10 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
             "screen_metric": "next-token loss (KL has zero gradient at the clean run)" if role == "sink" else
             ("direct path only: (z_ablated − z)·W_O·P·γ_f·W_Uc[attended]/σ" if task_name == "text" else ct["metric"]),
             "passed": _bool_grid(np.nan_to_num(passed, nan=0).astype(bool)),
-            "_passed": np.asarray(passed, dtype=bool), "_z": np.where(np.isfinite(eff), np.abs(eff) /
-                                                                      np.maximum(hi_ - lo_, 1e-12), np.nan),
+            "_passed": np.asarray(passed, dtype=bool),
+            # order of "confirmed": |effect| / CI width; a sink's claim ("no effect") is the weakest, last
+            "_z": np.zeros((L, H)) if role == "sink" else
+            np.where(np.isfinite(eff), np.abs(eff) / np.maximum(hi_ - lo_, 1e-12), np.nan),
         }
         if role == "sink":
             out[role]["bound"] = opts.sink_kl_bound
@@ -444,7 +447,7 @@ def build_document(model: Model, opts: RolesOptions, tests: dict, causal: dict, 
     for l in range(L):
         for h in range(H):
             shown = [r for r in roles if tests[r]["passed"][l, h]]
-            shown.sort(key=lambda r: -np.nan_to_num(tests[r]["z"][l, h], nan=0))
+            shown.sort(key=lambda r: -strength(tests[r], l, h))
             conf = [r for r in shown if tests[r]["_confirmed"][l, h]]
             conf.sort(key=lambda r: -np.nan_to_num(causal[r]["_z"][l, h], nan=0))
             heads[f"{l}.{h}"] = {"shown": shown, "confirmed": conf,
@@ -454,6 +457,13 @@ def build_document(model: Model, opts: RolesOptions, tests: dict, causal: dict, 
             "screen": {"method": "attribution patching (AtP)", "agreement": agreement,
                        "note": "per head, one forward + backward per task metric: (z_ablated − z)·∂metric/∂z"},
             "heads": heads}
+
+
+def strength(test: dict, l: int, h: int) -> float:
+    """How far a shown role's score is past its own threshold (score / threshold; copying roles: gap / threshold),
+    the order of ``shown``."""
+    v = test["gap"][l, h] if test.get("gap_threshold") else test["score"][l, h]
+    return float(np.nan_to_num(v / max(test["threshold"], 1e-12), nan=0.0))
 
 
 def census(doc: dict) -> dict:
@@ -478,9 +488,12 @@ def run_roles(model: Model, run: RunDir, opts: RolesOptions, progress: bool = Tr
     win = Windows(corpus, "heldout", seed=opts.seed)
     win.need(opts.text_seqs + opts.task_seqs, "the role battery (--text-seqs + --task-seqs)")
     model.check_length(max(opts.seq_len, 2 * opts.half_len + 1, opts.prefix_seq_len))
+    t0 = time.perf_counter()
     tests, tensors, data = measure(model, opts, win, progress)
     decide(tests, opts.q)
+    t1 = time.perf_counter()
     causal, agreement = causal_checks(model, opts, win, tests, progress)
+    _log(progress, f"head roles: battery {t1 - t0:.1f} s, causal checks {time.perf_counter() - t1:.1f} s")
     doc = build_document(model, opts, tests, causal, agreement, data)
     out = run / "heads"
     write_tensors(out / "roles.safetensors", {k: v.float().contiguous() for k, v in tensors.items()})
