@@ -306,6 +306,7 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
     prompts = C.successor_prompts(model, max_prompts=6 * opts.task_seqs, seed=opts.seed)
     succ = C.Task("successor", prompts[0], prompts[1]) if prompts is not None else None
     tasks = {"repeat": rep, "text": text, **({"successor": succ} if succ is not None else {})}
+    t0 = time.perf_counter()
     for t in tasks.values():
         C.run_clean(model, t)
         _log(progress, f"head roles: clean pass of the {t.name} task ({tuple(t.ids.shape)})")
@@ -322,7 +323,8 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
     }
     if succ is not None:
         screens[("successor", "logprob")] = C.atp(model, succ, lambda o: C.successor_logprob(o.logprobs, succ.ids), ab)
-    _log(progress, "head roles: attribution-patching screens done")
+    _log(progress, f"head roles: clean passes and attribution-patching screens {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
 
     # which heads each task ablates
     plan: dict[str, set] = {k: set() for k in tasks}
@@ -348,6 +350,7 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
             if progress and done % 10 == 0:
                 _log(progress, f"head roles: {done}/{n_abl} ablations")
 
+    _log(progress, f"head roles: {n_abl} real ablations {time.perf_counter() - t0:.1f} s")
     out, pairs = {}, {}
     for role, ct in CAUSAL_TEXT.items():
         if role not in chosen:
