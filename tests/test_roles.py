@@ -19,8 +19,8 @@ from headscope.registry import stage
 from headscope.runs import RunDir, run_stage
 from headscope.testing import tiny_model
 
-SMALL = dict(seq_len=32, text_seqs=8, rep_seqs=8, half_len=8, prefix_examples=8, prefix_len=2, prefix_seq_len=32, task_seqs=6,
-             null_draws=16, batch_size=8, confirm_top=2)
+SMALL = dict(seq_len=32, text_seqs=8, rep_seqs=8, half_len=8, prefix_examples=8, prefix_len=2, prefix_seq_len=32,
+             task_seqs=6, null_draws=16, batch_size=8, confirm_top=2)
 
 
 def _eager_attn(m, ids):

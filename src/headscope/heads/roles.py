@@ -146,7 +146,8 @@ def unit_test(x: np.ndarray, c: np.ndarray, clusters) -> dict[str, np.ndarray]:
     mc, _, _ = clustered_mean_se(np.moveaxis(c, 0, -1), clusters=clusters)
     md, sd, _ = clustered_mean_se(np.moveaxis(x - c, 0, -1), clusters=clusters)
     t = _tcrit(G)
-    return {"score": mx, "control": mc, "lo": mx - t * sx, "hi": mx + t * sx, "p": _p(md, sd, G), "gap": md, "z": np.where(sd > 0, md / np.where(sd > 0, sd, 1), np.nan)}
+    z = np.where(sd > 0, md / np.where(sd > 0, sd, 1), np.nan)
+    return {"score": mx, "control": mc, "lo": mx - t * sx, "hi": mx + t * sx, "p": _p(md, sd, G), "gap": md, "z": z}
 
 
 def _p(estimate, se, G: int) -> np.ndarray:
@@ -254,7 +255,8 @@ def measure(model: Model, opts: RolesOptions, win: Windows, progress: bool = Tru
         p_copy = p_supp = np.full((L, H), np.nan)
     tensors["ov_copying"], tensors["ov_null"] = ov, null
     weights = {"name": "OV-circuit copying score Σ Re λ / Σ |λ| (norm weights folded, W_U centred, W_E)",
-               "score": _grid(ov_np), "null_name": f"{opts.null_draws} random Gaussian OV circuits per layer (p from a normal fit to them)",
+               "score": _grid(ov_np),
+               "null_name": f"{opts.null_draws} random Gaussian OV circuits per layer (p from a normal fit to them)",
                "null_mean": [None if not math.isfinite(v) else round(float(v), 6) for v in
                              (null_np.mean(-1) if opts.null_draws else np.full(L, np.nan))]}
     tests["copying"]["weights"] = weights | {"p": _grid(p_copy), "q_value": _grid(q_values(p_copy))}
@@ -264,7 +266,8 @@ def measure(model: Model, opts: RolesOptions, win: Windows, progress: bool = Tru
     data = {"documents": int(len(np.unique(docs))), "sequences": int(opts.text_seqs),
             "tokens": int(opts.text_seqs * S), "split": "heldout", "corpus": opts.corpus,
             "repeated_sequences": opts.rep_seqs, "half_len": hl, "prefix_examples": opts.prefix_examples,
-            "prefix_len": opts.prefix_len, "prefix_seq_len": opts.prefix_seq_len, "offset_bins": ["1", "2", "3", "4-8", ">8"],
+            "prefix_len": opts.prefix_len, "prefix_seq_len": opts.prefix_seq_len,
+            "offset_bins": ["1", "2", "3", "4-8", ">8"],
             "offset_profile": [[[round(float(v), 5) for v in profile[l, h]] for h in range(H)] for l in range(L)]}
     return tests, tensors, data
 
@@ -294,7 +297,8 @@ def _top(values: np.ndarray, mask: np.ndarray | None, k: int) -> list[tuple[int,
     return out
 
 
-def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, progress: bool = True) -> tuple[dict, dict]:
+def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
+                  progress: bool = True) -> tuple[dict, dict]:
     """Screens, real ablations and their statistics per role with a causal test; and the agreement summary."""
     L, H = model.n_layers, model.n_heads
     ind = tests["induction"]
@@ -385,7 +389,8 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict, p
             "expected_sign": ct["expected_sign"], "effect_phrase": ct["effect_phrase"],
             "screen": _grid(screens[screen_key].numpy()),
             "screen_metric": "next-token loss (KL has zero gradient at the clean run)" if role == "sink" else
-            ("direct path only: (z_ablated − z)·W_O·P·γ_f·W_Uc[attended]/σ" if task_name == "text" else ct["metric"]),
+            ("direct path only: (z_ablated − z)·W_O·P·γ_f·W_Uc[attended]/σ" if task_name == "text"
+             else ct["metric"]),
             "passed": _bool_grid(np.nan_to_num(passed, nan=0).astype(bool)),
             "_passed": np.asarray(passed, dtype=bool),
             # order of "confirmed": |effect| / CI width; a sink's claim ("no effect") is the weakest, last
