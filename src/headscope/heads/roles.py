@@ -276,7 +276,10 @@ def decide(tests: dict, q: float) -> None:
     """Add q-values and the ``passed`` decision to every role's test, in place."""
     for role, t in tests.items():
         t["q_value"] = q_values(t["p"])
-        own = t["gap"] >= t["threshold"] if t.get("gap_threshold") else t["score"] >= t["threshold"]
+        # copying roles: the gap over the control must reach the threshold and the score itself have the role's
+        # sign (a copy-suppression head lowers the attended token's logit, not merely raises it less than others)
+        own = (t["gap"] >= t["threshold"]) & (t["score"] > 0) if t.get("gap_threshold") else \
+            t["score"] >= t["threshold"]
         with np.errstate(invalid="ignore"):
             t["passed"] = (t["q_value"] <= q) & np.nan_to_num(own, nan=0).astype(bool)
 
