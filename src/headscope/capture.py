@@ -59,6 +59,10 @@ class HeadIntervention:
       * ``add``: r_h ← r_h + value, value a residual-space vector [d], for each listed head (added to the
         projection output, before any post-attention norm).
     ``positions``: None for every position, else an int, list of ints or slice of positions.
+    ``mix`` (z-space kinds only): None replaces z by the edit; else z ← z + mix·(edit(z) − z), ``mix`` a float
+    or a tensor broadcastable to the edited [B, S, U, Dh] slice. A per-row 0/1 ``mix`` ablates different heads
+    in different rows of one batch; a zero ``mix`` that requires grad gives, by backpropagation,
+    ∂metric/∂mix = (edit(z) − z)·∂metric/∂z — attribution patching of every edited head at once.
     """
 
     layer: int
@@ -66,6 +70,7 @@ class HeadIntervention:
     kind: str = "zero"
     value: float | torch.Tensor | None = None
     positions: int | Sequence[int] | slice | None = None
+    mix: float | torch.Tensor | None = None
 
 
 @dataclass
@@ -109,8 +114,9 @@ def _pos_index(positions):
     return positions
 
 
-def _apply_edit(x: torch.Tensor, idx: list[int] | None, kind: str, value, positions) -> torch.Tensor:
-    """Edit x [B, S, U, ...] along unit axis 2 for units ``idx`` at ``positions``; returns a new tensor."""
+def _apply_edit(x: torch.Tensor, idx: list[int] | None, kind: str, value, positions, mix=None) -> torch.Tensor:
+    """Edit x [B, S, U, ...] along unit axis 2 for units ``idx`` at ``positions``; returns a new tensor
+    (``mix``: see :class:`HeadIntervention`)."""
     if kind not in KINDS:
         raise HeadscopeError(f"unknown intervention kind '{kind}' (choose from {', '.join(KINDS)})")
     x = x.clone()
@@ -134,6 +140,8 @@ def _apply_edit(x: torch.Tensor, idx: list[int] | None, kind: str, value, positi
     else:  # add
         v = torch.as_tensor(value, device=x.device, dtype=x.dtype)
         new = view + v
+    if mix is not None:
+        new = view + (mix.to(x.device, x.dtype) if torch.is_tensor(mix) else float(mix)) * (new - view)
     x[:, pos] = _assign_units(x[:, pos], units, new)
     return x
 
@@ -288,7 +296,7 @@ class _Hooks:
             z = args[0]
             zh = z.reshape(*z.shape[:-1], H, Dh)
             for iv in edits:
-                zh = _apply_edit(zh, iv.heads, iv.kind, iv.value, iv.positions)
+                zh = _apply_edit(zh, iv.heads, iv.kind, iv.value, iv.positions, iv.mix)
             if "z" in want:
                 self.store("z", layer, zh)
             if "result" in want:

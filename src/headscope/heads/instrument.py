@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..registry import Instrument
 from ..runs import Stage
-from .options import ScoreOptions
-from .results import HeadScoresResult
+from .options import RolesOptions, ScoreOptions
+from .results import HeadScoresResult, RolesResult
 
 
 def stage_score(model, run, opts: ScoreOptions, progress: bool = True) -> HeadScoresResult:
@@ -33,6 +33,22 @@ def report(summary, opts: ScoreOptions, run) -> None:
         print(f"  top prefix-induction heads (prefix {doc['prefix_induction']['prefix_lengths'][-1]}): {tops}")
 
 
+def report_roles(result, opts, run) -> None:
+    """Print the role census: per role, heads shown / ablated / confirmed, and what its control gives."""
+    cen = result.census if hasattr(result, "census") else result.get("census", {})
+    n = result.n_heads if hasattr(result, "n_heads") else result.get("n_heads")
+    print(f"head roles of {n} heads in {run / 'heads' / 'roles.json'} (shown: score > control, BH q ≤ {opts.q}; "
+          "confirmed: and its causal test passed)")
+    for role, c in cen.items():
+        ctrl = "" if c["control_over_threshold"] is None else f"; control ({c['control_name']}) over the " \
+                                                               f"threshold: {c['control_over_threshold']} heads"
+        conf = f"{c['confirmed']} confirmed of {c['ablated']} ablated" if c["causal"] else "no causal test"
+        print(f"  {role.replace('_', '-'):17s} shown {c['shown']:3d}, {conf}{ctrl}")
+    agr = result.agreement if hasattr(result, "agreement") else result.get("agreement", {})
+    if agr.get("spearman") is not None:
+        print(f"  attribution-patching screen vs real ablation: Spearman {agr['spearman']:.2f} over {agr['n']} heads")
+
+
 def load(model, run) -> dict:
     """The head scores as tensors: ``induction``, ``prev_token``, ``duplicate_token`` ``[n_layers, n_heads]``
     (NaN for layers not scored) and, when computed, ``prefix_induction`` ``[n_prefix_lengths, n_layers,
@@ -45,6 +61,24 @@ def load(model, run) -> dict:
     return read_tensors(path)
 
 
+def load_roles(model, run) -> dict:
+    """RUN/heads/roles.json (checked against its contract, docs/roles.md): per role its score, control, CI,
+    q-value and causal effect per head, and per head the roles shown and confirmed."""
+    from ..errors import HeadscopeError
+    from .verdict import load_roles as read_roles
+    doc = read_roles(run.path)
+    if doc is None:
+        raise HeadscopeError(f"no head roles in {run.path}: run `run.heads.roles()` first")
+    return doc
+
+
+def load_verdicts(model, run) -> dict:
+    """Every head's verdict (``"L.H"`` → :class:`headscope.heads.verdict.Verdict`), built from roles.json and the
+    lens, SAE and look-up findings that passed their own tests."""
+    from .verdict import run_verdicts
+    return run_verdicts(run.path)
+
+
 INSTRUMENT = Instrument(
     name="heads",
     help="head scores on synthetic sequences",
@@ -53,7 +87,13 @@ INSTRUMENT = Instrument(
               writes=lambda o: ["heads/scores.json", "heads/scores.safetensors"],
               doc="induction, previous-token, duplicate-token and prefix-induction scores of every head",
               report="headscope.heads.instrument:report"),
+        Stage("heads.roles", RolesOptions, "headscope.heads.roles:run_roles",
+              writes=lambda o: ["heads/roles.json", "heads/roles.safetensors"],
+              doc="role battery of every head (induction, previous/duplicate-token, prefix induction, sink, local, "
+                  "copying, copy suppression, successor) with controls, CIs, BH and causal checks",
+              report="headscope.heads.instrument:report_roles", result=RolesResult),
     ),
     atlas_data="headscope.heads.atlas_data:atlas_data",
-    loaders=(("load", "headscope.heads.instrument:load"),),
+    loaders=(("load", "headscope.heads.instrument:load"), ("load_roles", "headscope.heads.instrument:load_roles"),
+             ("load_verdicts", "headscope.heads.instrument:load_verdicts")),
 )

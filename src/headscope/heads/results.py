@@ -1,8 +1,9 @@
-"""The typed result of the head-score stage (what ``run.heads.score()`` returns and the stage record keeps)."""
+"""The typed results of the heads instrument's stages (what ``run.heads.score()`` / ``run.heads.roles()`` return and
+the stage record keeps)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..results import Result
 
@@ -20,3 +21,17 @@ class HeadScoresResult(Result):
     """score name (induction, prev_token, duplicate_token) → [[layer, head, score], …], highest first"""
     prefix_lengths: list[int] | None = None
     """the prefix-induction lengths, when prefix induction was scored"""
+
+
+@dataclass(frozen=True)
+class RolesResult(Result):
+    """What ``heads.roles`` found: per role, how many heads it shows and confirms, and how many heads pass
+    the role's threshold on its control (what "no role" gives); the screen's agreement with real ablations."""
+
+    census: dict = field(default_factory=dict)
+    """role → {"shown", "confirmed", "ablated", "control_over_threshold", "control_name"}"""
+    n_heads: int = 0
+    heads_with_confirmed_role: int = 0
+    agreement: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    path: str = ""

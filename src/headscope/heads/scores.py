@@ -51,40 +51,42 @@ def repeated_random_tokens(model: Model, n: int, half_len: int, seed: int = 0) -
     return torch.cat([bos, r, r], dim=1)
 
 
-def repeat_scores(model: Model, n_seqs: int = 32, half_len: int = 50, batch_size: int = 8, seed: int = 0,
-                  layers: list[int] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Induction, previous-token and duplicate-token scores, each [L, H] (rows of unasked layers are NaN)."""
-    model.check_length(2 * half_len + 1)
+def repeat_scores_per_seq(model: Model, seqs: torch.Tensor, half_len: int, batch_size: int = 8,
+                          layers: list[int] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Induction, previous-token and duplicate-token scores of each sequence of ``seqs`` [n, 2·half_len + 1]
+    (``[BOS, r, r]``), each [n, L, H] (rows of unasked layers are NaN)."""
+    model.check_length(seqs.shape[1])
     layers = list(range(model.n_layers)) if layers is None else layers
-    L, H = model.n_layers, model.n_heads
-    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in SCORES}
-    seqs = repeated_random_tokens(model, n_seqs, half_len, seed)
+    n, L, H = seqs.shape[0], model.n_layers, model.n_heads
+    out = {k: torch.full((n, L, H), float("nan")) for k in SCORES}
     t2 = torch.arange(half_len + 1, 2 * half_len + 1)
     t_all = torch.arange(1, 2 * half_len + 1)
 
-    def reduce(layer, p):  # p [B, H, S, S] -> [3, H] summed over batch
+    def reduce(layer, p):  # p [B, H, S, S] -> [3, B, H]
         p = p.float()
         return torch.stack([
-            p[:, :, t2, t2 - half_len + 1].mean(-1).sum(0),
-            p[:, :, t_all, t_all - 1].mean(-1).sum(0),
-            p[:, :, t2, t2 - half_len].mean(-1).sum(0),
+            p[:, :, t2, t2 - half_len + 1].mean(-1),
+            p[:, :, t_all, t_all - 1].mean(-1),
+            p[:, :, t2, t2 - half_len].mean(-1),
         ]).cpu()
 
-    for b in tqdm(range(0, n_seqs, batch_size), desc="head scores (repeated tokens)", disable=not progress,
+    for b in tqdm(range(0, n, batch_size), desc="head scores (repeated tokens)", disable=not progress,
                   file=sys.stderr):
         got = capture(model, seqs[b:b + batch_size], layers=layers, what=("pattern",), reduce={"pattern": reduce},
                       stop_after=max(layers))
         for layer, s in got["pattern"].items():
             for k, name in enumerate(SCORES):
-                sums[name][layer] += s[k].double()
-    out = {}
-    for name in SCORES:
-        t = (sums[name] / n_seqs).float()
-        mask = torch.ones(L, dtype=torch.bool)
-        mask[layers] = False
-        t[mask] = float("nan")
-        out[name] = t
+                out[name][b:b + batch_size, layer] = s[k]
     return out
+
+
+def repeat_scores(model: Model, n_seqs: int = 32, half_len: int = 50, batch_size: int = 8, seed: int = 0,
+                  layers: list[int] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Induction, previous-token and duplicate-token scores, each [L, H] (rows of unasked layers are NaN)."""
+    model.check_length(2 * half_len + 1)
+    seqs = repeated_random_tokens(model, n_seqs, half_len, seed)
+    per = repeat_scores_per_seq(model, seqs, half_len, batch_size, layers, progress)
+    return {name: per[name].double().mean(0).float() for name in SCORES}
 
 
 def prefix_induction_examples(model: Model, prefix_len: int, n: int, seq_len: int = 128, seed: int = 0):
@@ -107,6 +109,26 @@ def prefix_induction_examples(model: Model, prefix_len: int, n: int, seq_len: in
     return toks, j + prefix_len - 1, i + prefix_len
 
 
+def prefix_induction_per_example(model: Model, toks: torch.Tensor, dest: torch.Tensor, src: torch.Tensor,
+                                 batch_size: int = 16, layers: list[int] | None = None) -> torch.Tensor:
+    """Attention from ``dest`` to ``src`` of each example (tokens [n, S], dest/src [n]), [n, L, H]
+    (rows of unasked layers are NaN)."""
+    layers = list(range(model.n_layers)) if layers is None else layers
+    out = torch.full((toks.shape[0], model.n_layers, model.n_heads), float("nan"))
+    for b in range(0, toks.shape[0], batch_size):
+        d, s = dest[b:b + batch_size], src[b:b + batch_size]
+        rows = torch.arange(len(d))
+
+        def reduce(layer, pat, d=d, s=s, rows=rows):  # [B, H, S, S] -> [B, H]
+            return pat[rows, :, d, s].float().cpu()
+
+        got = capture(model, toks[b:b + batch_size], layers=layers, what=("pattern",), reduce={"pattern": reduce},
+                      stop_after=max(layers))
+        for layer, v in got["pattern"].items():
+            out[b:b + batch_size, layer] = v
+    return out
+
+
 def prefix_induction_scores(model: Model, prefix_lengths=range(1, 10), n_examples: int = 100, seq_len: int = 128,
                             batch_size: int = 16, seed: int = 0, layers: list[int] | None = None,
                             progress: bool = True) -> torch.Tensor:
@@ -119,20 +141,9 @@ def prefix_induction_scores(model: Model, prefix_lengths=range(1, 10), n_example
                file=sys.stderr)
     for pi, p in enumerate(prefix_lengths):
         toks, dest, src = prefix_induction_examples(model, p, n_examples, seq_len, seed)
-        sums = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
-        for b in range(0, n_examples, batch_size):
-            d, s = dest[b:b + batch_size], src[b:b + batch_size]
-            rows = torch.arange(len(d))
-
-            def reduce(layer, pat, d=d, s=s, rows=rows):  # [B, H, S, S] -> [H]
-                return pat[rows, :, d, s].float().sum(0).cpu()
-
-            got = capture(model, toks[b:b + batch_size], layers=layers, what=("pattern",), reduce={"pattern": reduce},
-                          stop_after=max(layers))
-            for layer, v in got["pattern"].items():
-                sums[layer] += v.double()
-            bar.update(len(d))
-        out[pi, layers] = (sums[layers] / n_examples).float()
+        per = prefix_induction_per_example(model, toks, dest, src, batch_size, layers)
+        out[pi, layers] = per[:, layers].double().mean(0).float()
+        bar.update(n_examples)
     bar.close()
     return out
 
