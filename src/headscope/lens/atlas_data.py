@@ -15,20 +15,27 @@ Applications (issue 24), where measured:
 - ``per_head[...]["steering"]`` (``lens/steer_eval.json``): per tested direction ("unembed", "lens") the
   row at the strength with the largest effect over the random direction (or the passing one): Δ log₂ p of
   the target (bits), the random direction's, the difference with its 95 % CI over tokens, BH-adjusted
-  ``passes``, KL cost and the residual-stream reference's Δ log₂ p at the same KL; ``steers``: any passes;
-  the same row's numbers flat as ``<direction>_dlogp`` / ``_random_dlogp`` / ``_diff`` / ``_passes``.
+  ``passes``, its BH-adjusted ``q_value`` (over every row tested), KL cost and the residual-stream
+  reference's Δ log₂ p at the same KL; ``steers``: any passes; the same row's numbers flat as
+  ``<direction>_dlogp`` / ``_random_dlogp`` / ``_diff`` / ``_passes``.
 - ``per_head[...]["localisation"]`` (``lens/scan.json``): the token list's hit rate against the
-  frequency-matched control list's, difference ± SE over prompts, p, ``localised`` (BH over heads).
+  frequency-matched control list's, difference ± SE over prompts, p, its BH-adjusted ``q_value`` (over
+  the scanned heads), ``localised`` (BH over heads).
 - ``per_head[...]["applications"]``: {"steering": True/False, "localisation": True/False} for the
   applications measured on this head (absent when not measured): what the lens page says it passed.
 - ``steer_eval``: the run's steering summary (tokens, prompts, strengths, clean perplexity, per head and
-  direction the success-vs-cost curve points); ``scan.classifier``: held-out AUROC of the prompt-set
-  classifier with its CI, its baselines and the verdict.
+  direction the success-vs-cost curve points) and ``passed``: the heads that steer beyond the random
+  direction; ``scan.classifier``: held-out AUROC of the prompt-set classifier with its CI, its baselines
+  and the verdict; ``scan.localisation``: the run's localisation summary and ``localised``: the heads
+  that beat the control list.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 from ..runs import read_json
 from .verdict import from_eval
@@ -76,11 +83,25 @@ def atlas_data(run_dir: Path) -> dict:
     return out
 
 
+def bh_adjusted(ps: list) -> list[float | None]:
+    """Benjamini–Hochberg adjusted p-values (q-values) of ``ps``; None where p is None or not finite."""
+    from scipy.stats import false_discovery_control
+    ok = [i for i, p in enumerate(ps) if p is not None and math.isfinite(p)]
+    out: list[float | None] = [None] * len(ps)
+    if ok:
+        adj = false_discovery_control(np.asarray([ps[i] for i in ok], dtype=np.float64), method="bh")
+        for i, a in zip(ok, adj):
+            out[i] = float(a)
+    return out
+
+
 def add_applications(folder: Path, out: dict) -> None:
     """Per-head steering and localisation results (see the module docstring), in place."""
     per_head = out["per_head"]
     if (folder / "steer_eval.json").exists():
         se = read_json(folder / "steer_eval.json")
+        for r, qv in zip(se["tests"], bh_adjusted([r.get("p_value") for r in se["tests"]])):
+            r["q_value"] = qv
         for name in se["heads"]:
             rows = [r for r in se["tests"] if r["head"] == name]
             by_dir = {}
@@ -98,13 +119,17 @@ def add_applications(folder: Path, out: dict) -> None:
             h.setdefault("applications", {})["steering"] = h["steering"]["steers"]
         out["steer_eval"] = {k: se.get(k) for k in ("heads", "tokens", "n_prompts", "n_cost_prompts", "new_tokens",
                                                    "strengths", "resid_strengths", "clean", "curves", "q")}
+        out["steer_eval"]["passed"] = [n for n in se["heads"] if any(r["passes"] for r in se["tests"] if r["head"] == n)]
     if (folder / "scan.json").exists():
         sc = read_json(folder / "scan.json")
         loc = sc.get("localisation")
         if loc:
-            for name, v in loc["per_head"].items():
+            names = list(loc["per_head"])
+            for name, qv in zip(names, bh_adjusted([loc["per_head"][n].get("p_value") for n in names])):
+                v = {**loc["per_head"][name], "q_value": qv}
                 if name in per_head:
                     per_head[name]["localisation"] = v
                     per_head[name].setdefault("applications", {})["localisation"] = bool(v["localised"])
             out.setdefault("scan", {})["localisation"] = {k: loc.get(k) for k in ("n_localised", "q", "n_prompts",
                                                                                  "control_tokens", "frequency")}
+            out["scan"]["localisation"]["localised"] = [n for n in names if loc["per_head"][n]["localised"]]

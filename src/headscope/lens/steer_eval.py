@@ -98,7 +98,7 @@ def window_prompts(model: Model, corpus: str, prompt_len: int, n_success: int, n
     """Held-out windows ([BOS] + ``prompt_len`` tokens), one per document, in a seeded random order: the
     first ``n_success`` are the success prompts, the next ``n_cost`` (other documents) the cost prompts."""
     from ..data import TokenCorpus
-    from .sampling import Windows
+    from ..sampling import Windows
     data = TokenCorpus(model, corpus, seq_len=prompt_len + 1, progress=False)
     win = Windows(data, "heldout", seed=seed)
     chosen, docs = [], set()

@@ -151,7 +151,7 @@ function gridPage(main) {
   const grid = h("div", { id: "grid-wrap" });
   const side = h("div", { id: "side" });
   main.appendChild(h("div", { class: "gridpage" },
-    h("div", {}, startCard(), section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard(), summariesCard()),
+    h("div", {}, startCard(), section("Layer × head grid", controls, hitsBox, grid, h("div", { id: "legend" })), sourcesCard(), lensAppsCard(), summariesCard()),
     side));
   drawGrid();
 }
@@ -287,7 +287,8 @@ function summariesCard() {
   const label = { heads: "Head scores", lens: "Lenses", sae: "Attention SAEs", neurons: "Next-token neurons", explain: "Explanation scores" };
   const parts = [];
   for (const [src, obj] of Object.entries(g)) {
-    const keep = Object.entries(obj).filter(([k]) => !/^heatmap|^config$|^options$|^transfer/.test(k));
+    const keep = Object.entries(obj).filter(([k]) => !/^heatmap|^config$|^options$|^transfer/.test(k) && !(src === "lens" && k === "steer_eval"))
+      .map(([k, v]) => (src === "lens" && k === "scan" && v && typeof v === "object") ? [k, Object.fromEntries(Object.entries(v).filter(([kk]) => !["classifier", "localisation"].includes(kk)))] : [k, v]); // shown by lensAppsCard
     if (!keep.length) continue;
     parts.push(h("div", { class: "kvblock" }, h("h3", {}, label[src] || src),
       keep.map(([k, v]) => (v !== null && typeof v === "object") ? renderKV(k, dropHeavy(v)) : h("div", { class: "kvline" }, h("span", { class: "k" }, k.replace(/_/g, " ") + ": "), renderAny(v, 1, k)))));
@@ -952,9 +953,109 @@ RENDER.lens = function (d) {
     card.appendChild(h("h3", {}, "Its lens's largest KL(lens ‖ null) terms (held-out average)" + (d.informative ? "" : " — this lens is not informative: read nothing into them")));
     card.appendChild(h("div", { class: "toks lens-tokens" }, d.top_tokens.map((t) => Array.isArray(t) ? tok(t[0], { title: fmt(t[1]) }) : tok(typeof t === "object" && t ? (t.token ?? JSON.stringify(t)) : t))));
   }
-  for (const [k, v] of Object.entries(d)) if (!["kl_lens", "kl_unembed", "kl_unembed_nonorm", "kl_null", "gain", "gain_se", "informative", "improvement", "top1", "top1_unembed", "top_tokens", "entropy"].includes(k)) card.appendChild(renderKV(k, v));
+  const apps = lensApps(d); // only where measured
+  if (apps) card.appendChild(apps);
+  for (const [k, v] of Object.entries(d)) if (!["kl_lens", "kl_unembed", "kl_unembed_nonorm", "kl_null", "gain", "gain_se", "informative", "improvement", "top1", "top1_unembed", "top_tokens", "entropy", "steering", "localisation", "applications"].includes(k)) card.appendChild(renderKV(k, v));
   return card;
 };
+
+/* The Attention Lens paper's applications (issue 24), each next to its control and only where measured:
+   a test that failed reads "does not beat the control", never a claim. */
+const NO_CLAIM = "does not beat the control";
+const STEER_DIRS = { unembed: "unembedding row W_U[t]", lens: "lens-derived direction" };
+function lensGlobals() { return ((A.index && A.index.globals) || {}).lens || {}; }
+function verdictCell(ok, yes) { return h("td", { class: "state " + (ok ? "ok" : "fails") }, ok ? "yes — " + yes : "no — " + NO_CLAIM); }
+function signed(v) { return isNum(v) ? (v >= 0 ? "+" : "") + fmt(v) : "—"; }
+
+function lensApps(d) {
+  const st = d.steering, loc = d.localisation, apps = d.applications || {};
+  if (!st && !loc) return null;
+  const box = h("div", { class: "lens-apps", id: "lens-apps" }, h("h3", {}, "Applications (Attention Lens paper), measured"));
+  const said = [];
+  if (apps.steering !== undefined) said.push(["steering", apps.steering, "steers beyond a random direction of the same norm"]);
+  if (apps.localisation !== undefined) said.push(["bias localisation", apps.localisation, "the token list beats its frequency-matched control list"]);
+  box.appendChild(h("p", { class: "apps-passed", id: "apps-passed" }, "This head passed: ",
+    said.map(([k, ok, yes], i) => [i ? " · " : "", h("b", {}, k), ": ", h("span", { class: ok ? "ok" : "fails" }, ok ? "yes (" + yes + ")" : "no — " + NO_CLAIM)])));
+  if (st) {
+    const se = lensGlobals().steer_eval || {};
+    const cols = ["steering direction", "strength (× head output norm)", "Δ log₂ p(target), bits", "control: random direction, same norm", "difference [95 % CI]", "q (BH)", "passes (BH)", "KL cost, bits", "residual stream at the same KL"];
+    const t = h("table", { class: "data steer", id: "steer-table" }, h("tr", {}, cols.map((c) => h("th", {}, c))));
+    for (const [dir, r] of Object.entries(st.directions || {})) {
+      const resid = dir === "unembed" ? h("span", { class: "muted" }, "the same edit (W_U[t] after the layer's attention)")
+        : isNum(r.resid_dlogp_at_same_kl) ? `${signed(r.resid_dlogp_at_same_kl)} (this head's edit ${signed(r.vs_resid)} beside it)` : h("span", { class: "muted" }, "beyond its measured range");
+      t.appendChild(h("tr", { class: "steer-row " + (r.passes ? "passes" : "fails"), "data-direction": dir },
+        h("td", {}, STEER_DIRS[dir] || dir),
+        h("td", { class: "num" }, fmt(r.strength)),
+        h("td", { class: "num" }, signed(r.dlogp)),
+        h("td", { class: "num steer-control" }, signed(r.dlogp_random)),
+        h("td", { class: "num" }, `${signed(r.diff)} ${ciText(r.diff_ci)}`),
+        h("td", { class: "num" }, fmt(r.q_value)),
+        verdictCell(!!r.passes, "beats the control"),
+        h("td", { class: "num" }, fmt(r.kl)),
+        h("td", { class: "num" }, resid)));
+    }
+    box.appendChild(h("div", { class: "tablewrap" }, t));
+    box.appendChild(h("p", { class: "muted small" }, "Steering (lens steer-eval): the change in the target token's log₂-probability at the next position when the direction is added to this head's output, averaged over "
+      + (Array.isArray(se.tokens) ? `${se.tokens.length} target tokens` : "the target tokens") + (isNum(se.n_prompts) ? ` × ${se.n_prompts} prompts` : "")
+      + "; each direction at the strength with the largest difference over the random direction (the passing strength where one passes). CI over tokens; passes: two-sided t test, Benjamini–Hochberg "
+      + `(q = ${fmt(isNum(se.q) ? se.q : 0.05)}) over every head, direction and strength tested, with a positive difference. KL cost: KL(clean ‖ steered) of the next-token distribution on unrelated prompts.`));
+  }
+  if (loc) {
+    const g = (lensGlobals().scan || {}).localisation || {};
+    const cols = ["bias localisation", "token list in the lens top-k (rate)", "control: frequency-matched list (rate)", "difference ± SE", "q (BH)", "localised"];
+    const t = h("table", { class: "data loc", id: "loc-table" }, h("tr", {}, cols.map((c) => h("th", {}, c))),
+      h("tr", { class: "loc-row " + (loc.localised ? "passes" : "fails") },
+        h("td", {}, "lens scan --token-list"),
+        h("td", { class: "num" }, fmt(loc.rate)), h("td", { class: "num loc-control" }, fmt(loc.control_rate)),
+        h("td", { class: "num" }, `${signed(loc.diff)} ± ${fmt(loc.se)}`), h("td", { class: "num" }, fmt(loc.q_value)),
+        verdictCell(!!loc.localised, "beats the control")));
+    box.appendChild(h("div", { class: "tablewrap" }, t));
+    box.appendChild(h("p", { class: "muted small" }, "Bias localisation (lens scan --token-list): the fraction of prompt positions where a listed token is among this head's lens top-k, against the same rate for a control list of the same corpus frequency"
+      + (isNum(g.n_prompts) ? `, over ${g.n_prompts} prompts` : "") + `; SE over prompts, one-sided test, Benjamini–Hochberg (q = ${fmt(isNum(g.q) ? g.q : 0.05)}) over the scanned heads.`));
+  }
+  return box;
+}
+
+/* The run's lens applications: the classifier against its baselines, the heads that passed steering and localisation. */
+function lensAppsCard() {
+  const g = lensGlobals(), se = g.steer_eval, sc = g.scan || {}, cl = sc.classifier, loc = sc.localisation;
+  if (!se && !cl && !loc) return null;
+  const card = h("section", { class: "card", id: "lens-apps-summary" }, h("h2", {}, "Lens applications (Attention Lens paper), measured against their controls"));
+  const heads = (xs) => (xs || []).length ? xs.map((k, i) => [i ? ", " : "", /^\d+\.\d+$/.test(k) ? headLink(k) : String(k)]) : h("span", { class: "muted" }, "none");
+  if (cl && cl.auroc) {
+    const names = { lens: "lens classifier", bag_of_words: "baseline: bag of words (no model)", unembed: "baseline: unembedding W_U·N(r_h), no lens", random_heads: "baseline: lens on random head outputs" };
+    const t = h("table", { class: "data classifier", id: "classifier-table" },
+      h("tr", {}, ["prompt-set classifier", "held-out AUROC [95 % CI]", "lens − baseline [95 % CI]", "lens beats it"].map((c) => h("th", {}, c))));
+    for (const [k, a] of Object.entries(cl.auroc)) {
+      const v = (cl.vs_lens || {})[k];
+      t.appendChild(h("tr", { class: "clf-row", "data-reader": k }, h("td", {}, k === "lens" ? h("b", {}, names[k]) : (names[k] || k)),
+        h("td", { class: "num" }, `${fmt(a.auroc)} ${ciText(a.ci)}`),
+        h("td", { class: "num" }, v ? `${signed(v.diff)} ${ciText(v.ci)}` : "—"),
+        v ? verdictCell(!!v.lens_better, "beats it") : h("td", {}, "")));
+    }
+    card.appendChild(h("h3", {}, "Detecting a prompt set from lens outputs (lens scan --contrast)"));
+    const lost = Object.entries(cl.vs_lens || {}).filter(([, v]) => !v.lens_better).map(([k]) => names[k] || k);
+    card.appendChild(h("p", { class: "clf-verdict", id: "classifier-verdict" }, h("b", {}, cl.beats_baselines ? "The lens classifier beats every baseline." : "The lens classifier " + NO_CLAIM + "."),
+      lost.length ? h("span", { class: "muted" }, " It does not beat: " + lost.join("; ") + ".") : null));
+    card.appendChild(h("div", { class: "tablewrap" }, t));
+    card.appendChild(h("p", { class: "muted small" }, `${fmt(cl.n)} prompts, cross-validated by ${cl.grouped_by || "prompt"} (${fmt(cl.n_groups)} groups, ${fmt(cl.folds)} folds); CIs: bootstrap over ${cl.grouped_by === "source" ? "sources" : "prompts"}. The lens classifier is interesting only where it beats every baseline (difference CI above 0).`));
+  }
+  if (se) {
+    card.appendChild(h("h3", {}, "Steering through a head (lens steer-eval)"));
+    card.appendChild(h("p", { id: "steer-passed" }, "Heads that steer beyond a random direction of the same norm (BH): ", heads(se.passed),
+      h("span", { class: "muted" }, ` — of ${(se.heads || []).length} tested: `), heads(se.heads),
+      (se.passed || []).length < (se.heads || []).length ? h("span", { class: "muted" }, ". Every other tested head " + NO_CLAIM + ".") : "."));
+    card.appendChild(h("p", { class: "muted small" }, `${Array.isArray(se.tokens) ? se.tokens.length : "—"} target tokens × ${fmt(se.n_prompts)} prompts; strengths ${(se.strengths || []).map((x) => fmt(x)).join(", ")} × the head's output norm` + (se.clean && isNum(se.clean.ppl) ? `; clean continuation perplexity ${fmt(se.clean.ppl)}` : "") + ". Each head's page shows its rows against the control."));
+  }
+  if (loc) {
+    card.appendChild(h("h3", {}, "Bias localisation (lens scan --token-list)"));
+    card.appendChild(h("p", { id: "loc-passed" }, "Heads localised (the token list beats a frequency-matched control list, BH): ", heads(loc.localised),
+      isNum(loc.n_localised) && !(loc.localised || []).length ? h("span", { class: "muted" }, ` — every scanned head ${NO_CLAIM}.`) : null));
+    if (Array.isArray(loc.control_tokens) && loc.control_tokens.length)
+      card.appendChild(h("div", { class: "muted small" }, "control tokens: ", h("span", { class: "toks" }, loc.control_tokens.slice(0, 40).map((x) => tok(x)))));
+  }
+  return card;
+}
 
 /* ---------- verdict, roles table, reading in context ---------- */
 function polyText(r) { // the polysemanticity finding; "one group" is never claimed without the test's power
