@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from sae_helpers import small_corpus
 
-OPTS = dict(n_tokens=8192, batch_size=256, buffer_tokens=2048, expansion=2, warmup_steps=3, architecture="topk", k=4)
+OPTS = dict(n_tokens=32768, batch_size=256, buffer_tokens=2048, expansion=2, warmup_steps=3, architecture="topk", k=4)
 
 
 def _free_port() -> int:
@@ -41,7 +41,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "run"), corpus, out), nprocs=2, join=True)
     assert out[0]["sha"] == out[1]["sha"]              # gradients averaged: both ranks hold the same SAE
-    assert out[0]["world"] == 2 and out[0]["steps"] == 8192 // (256 * 2)
+    assert out[0]["world"] == 2 and out[0]["steps"] == OPTS["n_tokens"] // (256 * 2)
     assert out[0]["mse"][-1] < out[0]["mse"][0]
     assert (tmp_path / "run/sae/L1/cfg.json").is_file()
     # a single process on the same options trains on half the batches per step: a different SAE

@@ -143,10 +143,12 @@ def test_llm_summary_from_the_facts_and_dropped_when_stale(run_dir, tmp_path):
     prompt = next(m[0]["content"] for m in w.prompts if f"head {hk} " in m[0]["content"])
     assert all(f["text"] in prompt for f in labels[hk]["facts"])   # the LLM sees the facts, and only those
     assert atlas_data(run_copy)["per_head"][hk]["label"]["summary"] == "Writes summaries."
-    # new results change the facts: the old summary is no longer shown
-    ef = run_copy / "explain/features/L1/explanations_statistical.json"
-    data = read_json(ef)
-    for e in data["features"].values():
-        e["explanation"] = "Fires on something else."
-    ef.write_text(json.dumps(data))
+    # new results change the facts: the old summary is no longer shown (a feature explanation that was not
+    # scored is no fact, so the change is made to a fact the label states: the SAE's weight attribution)
+    hj = run_copy / "sae/L1/heads.json"
+    data = read_json(hj)
+    for rec in data["heads"].values():
+        for tf in rec.get("top_features", []):
+            tf["attribution"] = 0.987
+    hj.write_text(json.dumps(data))
     assert atlas_data(run_copy)["per_head"][hk]["label"]["summary"] is None

@@ -134,11 +134,11 @@ const GRID = { measure: null, hits: null };
 function gridPage(main) {
   const ix = A.index;
   const ms = ix.measures;
+  if (ix.role_grid && GRID.measure === null) GRID.measure = ROLE_MEASURE;   // the verdicts first, when the run has them
   if (GRID.measure === null && ms.length) {
     const pref = ["heads.induction", "heads.prev_token"];
     GRID.measure = (ms.find((m) => pref.includes(m.id)) || ms[0]).id;
   }
-  if (ix.role_grid && GRID.measure === null) GRID.measure = ROLE_MEASURE;
   const opts = (ix.role_grid ? [{ id: ROLE_MEASURE, label: "confirmed role (heads/roles.json)" }] : []).concat(ms);
   const select = h("select", { id: "measure", onchange: (e) => { GRID.measure = e.target.value; drawGrid(); } },
     opts.map((m) => h("option", { value: m.id, selected: m.id === GRID.measure ? "selected" : null }, m.label)));
