@@ -13,6 +13,7 @@ import pytest
 
 from headscope.cli import main
 from headscope.testing.tiny import save_tiny_model
+from test_atlas_browser import browser, new_page, no_injection  # noqa: F401  (the shared chromium fixture)
 
 EVIL = 'x <script>window.__xss=1</script> "><img src=x onerror="window.__xss=2"> y'
 NO_CLAIM = "does not beat the control"
@@ -98,42 +99,7 @@ def test_atlas_data_has_each_application_next_to_its_control(run_dir):
     assert {"lens.steering.unembed_diff", "lens.applications.steering", "lens.localisation.q_value"} <= ids
 
 
-# -- in a real browser (the pattern of tests/e2e/test_atlas_browser.py) -----------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    import shutil
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    exe = next((p for p in (os.environ.get("HEADSCOPE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                            shutil.which("chromium-browser")) if p and os.path.exists(p)), None)
-    if exe is None:
-        pytest.skip("no chromium found (apt-get install chromium, or set HEADSCOPE_CHROMIUM)")
-    pw = sync_playwright().start()
-    try:
-        b = pw.chromium.launch(executable_path=exe, args=["--headless", "--no-sandbox", "--disable-gpu",
-                                                          "--disable-background-networking", "--no-first-run"])
-    except Exception as e:  # noqa: BLE001
-        pw.stop()
-        pytest.skip(f"chromium at {exe} cannot start: {str(e).splitlines()[0]}")
-    yield b
-    b.close()
-    pw.stop()
-
-
-def new_page(browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("dialog", lambda d: (errors.append("dialog " + d.message), d.dismiss()))
-    return page, errors
-
-
-def no_injection(page):
-    assert page.evaluate("window.__xss") is None
-    assert page.locator("img").count() == 0
-    assert page.locator("script").evaluate_all("els => els.filter(e => !e.src).length") == 0
+# -- in a real browser (the shared chromium fixture and helpers of test_atlas_browser.py) ----------------------
 
 
 def num(text: str) -> float:
