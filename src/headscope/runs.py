@@ -570,6 +570,8 @@ def freshness(run: RunDir, stage: Stage, opts, inputs: dict) -> str | None:
     rec = run.record(stage.name)
     if rec is None:
         return "not run yet"
+    if stage.result is not None and "result" not in rec:
+        return "its record has no typed result (written by an older headscope)"
     if rec.get("options_hash") != options_hash(opts):
         return "options changed"
     if rec.get("inputs") != inputs:
@@ -604,15 +606,15 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     before = _output_folders(run, stage.writes(opts))
     with using_run(run.path):
         try:
-            summary = fn(model, run, opts, progress=progress) or {}
+            summary = fn(model, run, opts, progress=progress)
+            summary = {} if summary is None else summary
+            kept = record_json(stage.name, summary)
         except BaseException as e:
             if primary and not isinstance(e, KeyboardInterrupt):
                 _remove_partial(before)
             if isinstance(e, OSError):
                 raise HeadscopeError(f"{stage.name}: {os_error_text(e)}; its partial output was removed") from None
             raise
-    from .results import Result
-    result_json = summary.to_json() if isinstance(summary, Result) else None
     seconds, cpu = time.time() - t0, time.process_time() - c0
     if not primary:  # torchrun: only rank 0 writes artifacts and the record
         return summary, True
@@ -625,9 +627,7 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     write_json(run.record_path(stage.name), {
         "stage": stage.name, "options": options_dict(opts), "options_hash": options_hash(opts),
         "inputs": inputs, "outputs": outputs, "why": why, "finished": time.time(),
-        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-        "summary": _json_small(result_json if result_json is not None else summary),
-        **({"result": result_json} if result_json is not None else {})})
+        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), **kept})
     return summary, True
 
 
@@ -693,19 +693,32 @@ def os_error_text(e: OSError) -> str:
     return f"{what}{where}"
 
 
-def _json_small(summary) -> dict:
-    """A JSON-safe, compact copy of a stage's summary (long values left out)."""
-    if not isinstance(summary, dict):
-        return {}
-    out = {}
-    for k, v in summary.items():
+SUMMARY_MAX_CHARS = 2000
+"""A value of a stage's summary whose JSON text is longer than this stays out of the record's compact
+``summary`` (a typed result keeps it in ``result``)."""
+
+
+def record_json(stage_name: str, summary) -> dict:
+    """What the stage record keeps of a stage function's return value: ``{"summary": compact JSON}`` for a
+    dict, plus ``"result"`` (the whole :meth:`~headscope.results.Result.to_json`) for a typed result. The
+    check is strict: a value that is not JSON (a tensor, a numpy integer, NaN, a Path, a non-string key) is
+    a :class:`HeadscopeError` naming the stage and the field, never dropped; so is a return value that is
+    neither a :class:`~headscope.results.Result` nor a dict."""
+    from .results import Result, check_json
+    if isinstance(summary, Result):
         try:
-            text = json.dumps(v, allow_nan=False)
-        except (TypeError, ValueError):
-            continue
-        if len(text) < 2000:
-            out[k] = v
-    return out
+            full = summary.to_json()
+        except HeadscopeError as e:
+            raise HeadscopeError(f"stage {stage_name}: {e}") from None
+        return {"summary": _compact(full), "result": full}
+    if not isinstance(summary, dict):
+        raise HeadscopeError(f"stage {stage_name} returned a {type(summary).__name__}, not a Result or a dict")
+    return {"summary": _compact(check_json(summary, f"stage {stage_name}: summary"))}
+
+
+def _compact(summary: dict) -> dict:
+    """The summary without its long values (:data:`SUMMARY_MAX_CHARS`); ``summary`` is already JSON."""
+    return {k: v for k, v in summary.items() if len(json.dumps(v)) < SUMMARY_MAX_CHARS}
 
 
 def update_json(path: Path, change: Callable[[dict], None]) -> dict:
