@@ -53,9 +53,11 @@ def test_results_hold_what_the_artifacts_hold(done, which):
     mined = _read(run, which, "mine.json")["neurons"]
     m = r["mine"]
     assert isinstance(m, MineResult) and m.neurons == len(mined)
-    assert m.train_prompts == sum(len(n["train"]) for n in mined) and m.test_prompts == sum(len(n["test"]) for n in mined)
+    assert m.train_prompts == sum(len(n["train"]) for n in mined)
+    assert m.test_prompts == sum(len(n["test"]) for n in mined)
     assert m.prompt_documents == {k: len({p["doc"] for n in mined for p in n[k]}) for k in ("train", "test")}
-    assert m.mean_prompt_tokens == pytest.approx(np.mean([len(p["ids"]) for n in mined for p in n["train"] + n["test"]]))
+    lengths = [len(p["ids"]) for n in mined for p in n["train"] + n["test"]]
+    assert m.mean_prompt_tokens == pytest.approx(np.mean(lengths))
     assert m.documents_scanned == _read(run, which, "mine.json")["documents_scanned"]
 
     att = _read(run, which, "attribution.json")

@@ -515,9 +515,10 @@ class _Declared:
 @dataclass(frozen=True)
 class Stage(_Declared):
     """One step of the pipeline. ``func`` (``"module:function"``) is ``fn(model, run, opts, progress) ->
-    dict``: it does its work unconditionally (whether to run at all is :func:`run_stage`'s decision) and
-    writes the artifacts ``writes(opts)`` (paths relative to the run directory; files or folders). It may
-    read only ``reads(opts)`` from the run directory (plus the model and corpora named by its options)."""
+    Result | dict`` (its summary, JSON values only: :func:`record_json`): it does its work unconditionally
+    (whether to run at all is :func:`run_stage`'s decision) and writes the artifacts ``writes(opts)`` (paths
+    relative to the run directory; files or folders). It may read only ``reads(opts)`` from the run directory
+    (plus the model and corpora named by its options)."""
 
     reads: Callable[[Any], Iterable[str]] = _no_paths
     writes: Callable[[Any], Iterable[str]] = _no_paths
@@ -592,7 +593,9 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     stage read (before it ran) and wrote. Any difference — other options, an upstream artifact rewritten,
     an output deleted or edited — makes the stage run again; since its outputs then change, every stage
     downstream of it is stale too, whether it is next run from the CLI or from a study. Under torchrun every
-    rank runs the stage and only the ``primary`` one writes the record."""
+    rank runs the stage and only the ``primary`` one writes the record. A summary value that is not JSON is
+    a :class:`HeadscopeError` (:func:`record_json`), and the stage's new output is removed like on any
+    failure."""
     from .options import options_dict, options_hash
     inputs = check_inputs(run.path, stage, opts, writer_of)
     why = "forced" if force else freshness(run, stage, opts, inputs)
