@@ -13,13 +13,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from typing import Any
 
 from .errors import HeadscopeError
 
 
-def _check_json(value: Any, where: str) -> Any:
+def check_json(value: Any, where: str) -> Any:
+    """``value`` as plain JSON (tuples as lists, nested :class:`Result` s as their :meth:`~Result.to_json`);
+    anything else — a tensor, a numpy integer, a NaN or infinity, a Path, a non-string key — is a
+    :class:`HeadscopeError` naming ``where`` and the path inside it (``where.key[2]``)."""
     if isinstance(value, Result):
         return value.to_json()
     if value is None or isinstance(value, (bool, str, int)):
@@ -29,15 +33,23 @@ def _check_json(value: Any, where: str) -> Any:
             raise HeadscopeError(f"{where}: {value} is not finite (store None instead)")
         return value
     if isinstance(value, (list, tuple)):
-        return [_check_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [check_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise HeadscopeError(f"{where}: key {k!r} is not a string")
-            out[k] = _check_json(v, f"{where}.{k}")
+            out[k] = check_json(v, f"{where}.{k}")
         return out
     raise HeadscopeError(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def _result_type(tp) -> type | None:
+    """The :class:`Result` subclass a field annotation names (``X`` or ``X | None``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, Result) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +59,19 @@ class Result:
     def to_json(self) -> dict:
         """The result as a JSON object; a non-JSON field raises :class:`HeadscopeError`."""
         name = type(self).__name__
-        return {f.name: _check_json(getattr(self, f.name), f"{name}.{f.name}") for f in dataclasses.fields(self)}
+        return {f.name: check_json(getattr(self, f.name), f"{name}.{f.name}") for f in dataclasses.fields(self)}
 
     @classmethod
     def from_json(cls, data: dict):
-        """Rebuild from :meth:`to_json` output (nested :class:`Result` fields rebuilt by their type)."""
+        """Rebuild from :meth:`to_json` output (nested :class:`Result` fields, ``X`` or ``X | None``,
+        rebuilt by their type)."""
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in data:
                 continue
-            value, tp = data[f.name], hints.get(f.name)
-            if isinstance(tp, type) and issubclass(tp, Result) and isinstance(value, dict):
+            value, tp = data[f.name], _result_type(hints.get(f.name))
+            if tp is not None and isinstance(value, dict):
                 value = tp.from_json(value)
             kwargs[f.name] = value
         return cls(**kwargs)

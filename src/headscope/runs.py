@@ -515,9 +515,10 @@ class _Declared:
 @dataclass(frozen=True)
 class Stage(_Declared):
     """One step of the pipeline. ``func`` (``"module:function"``) is ``fn(model, run, opts, progress) ->
-    dict``: it does its work unconditionally (whether to run at all is :func:`run_stage`'s decision) and
-    writes the artifacts ``writes(opts)`` (paths relative to the run directory; files or folders). It may
-    read only ``reads(opts)`` from the run directory (plus the model and corpora named by its options)."""
+    Result | dict`` (its summary, JSON values only: :func:`record_json`): it does its work unconditionally
+    (whether to run at all is :func:`run_stage`'s decision) and writes the artifacts ``writes(opts)`` (paths
+    relative to the run directory; files or folders). It may read only ``reads(opts)`` from the run directory
+    (plus the model and corpora named by its options)."""
 
     reads: Callable[[Any], Iterable[str]] = _no_paths
     writes: Callable[[Any], Iterable[str]] = _no_paths
@@ -570,6 +571,8 @@ def freshness(run: RunDir, stage: Stage, opts, inputs: dict) -> str | None:
     rec = run.record(stage.name)
     if rec is None:
         return "not run yet"
+    if stage.result is not None and "result" not in rec:
+        return "its record has no typed result (written by an older headscope)"
     if rec.get("options_hash") != options_hash(opts):
         return "options changed"
     if rec.get("inputs") != inputs:
@@ -590,7 +593,9 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     stage read (before it ran) and wrote. Any difference — other options, an upstream artifact rewritten,
     an output deleted or edited — makes the stage run again; since its outputs then change, every stage
     downstream of it is stale too, whether it is next run from the CLI or from a study. Under torchrun every
-    rank runs the stage and only the ``primary`` one writes the record."""
+    rank runs the stage and only the ``primary`` one writes the record. A summary value that is not JSON is
+    a :class:`HeadscopeError` (:func:`record_json`), and the stage's new output is removed like on any
+    failure."""
     from .options import options_dict, options_hash
     inputs = check_inputs(run.path, stage, opts, writer_of)
     why = "forced" if force else freshness(run, stage, opts, inputs)
@@ -604,15 +609,15 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     before = _output_folders(run, stage.writes(opts))
     with using_run(run.path):
         try:
-            summary = fn(model, run, opts, progress=progress) or {}
+            summary = fn(model, run, opts, progress=progress)
+            summary = {} if summary is None else summary
+            kept = record_json(stage.name, summary)
         except BaseException as e:
             if primary and not isinstance(e, KeyboardInterrupt):
                 _remove_partial(before)
             if isinstance(e, OSError):
                 raise HeadscopeError(f"{stage.name}: {os_error_text(e)}; its partial output was removed") from None
             raise
-    from .results import Result
-    result_json = summary.to_json() if isinstance(summary, Result) else None
     seconds, cpu = time.time() - t0, time.process_time() - c0
     if not primary:  # torchrun: only rank 0 writes artifacts and the record
         return summary, True
@@ -625,9 +630,7 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
     write_json(run.record_path(stage.name), {
         "stage": stage.name, "options": options_dict(opts), "options_hash": options_hash(opts),
         "inputs": inputs, "outputs": outputs, "why": why, "finished": time.time(),
-        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-        "summary": _json_small(result_json if result_json is not None else summary),
-        **({"result": result_json} if result_json is not None else {})})
+        "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), **kept})
     return summary, True
 
 
@@ -693,19 +696,32 @@ def os_error_text(e: OSError) -> str:
     return f"{what}{where}"
 
 
-def _json_small(summary) -> dict:
-    """A JSON-safe, compact copy of a stage's summary (long values left out)."""
-    if not isinstance(summary, dict):
-        return {}
-    out = {}
-    for k, v in summary.items():
+SUMMARY_MAX_CHARS = 2000
+"""A value of a stage's summary whose JSON text is longer than this stays out of the record's compact
+``summary`` (a typed result keeps it in ``result``)."""
+
+
+def record_json(stage_name: str, summary) -> dict:
+    """What the stage record keeps of a stage function's return value: ``{"summary": compact JSON}`` for a
+    dict, plus ``"result"`` (the whole :meth:`~headscope.results.Result.to_json`) for a typed result. The
+    check is strict: a value that is not JSON (a tensor, a numpy integer, NaN, a Path, a non-string key) is
+    a :class:`HeadscopeError` naming the stage and the field, never dropped; so is a return value that is
+    neither a :class:`~headscope.results.Result` nor a dict."""
+    from .results import Result, check_json
+    if isinstance(summary, Result):
         try:
-            text = json.dumps(v, allow_nan=False)
-        except (TypeError, ValueError):
-            continue
-        if len(text) < 2000:
-            out[k] = v
-    return out
+            full = summary.to_json()
+        except HeadscopeError as e:
+            raise HeadscopeError(f"stage {stage_name}: {e}") from None
+        return {"summary": _compact(full), "result": full}
+    if not isinstance(summary, dict):
+        raise HeadscopeError(f"stage {stage_name} returned a {type(summary).__name__}, not a Result or a dict")
+    return {"summary": _compact(check_json(summary, f"stage {stage_name}: summary"))}
+
+
+def _compact(summary: dict) -> dict:
+    """The summary without its long values (:data:`SUMMARY_MAX_CHARS`); ``summary`` is already JSON."""
+    return {k: v for k, v in summary.items() if len(json.dumps(v)) < SUMMARY_MAX_CHARS}
 
 
 def update_json(path: Path, change: Callable[[dict], None]) -> dict:
