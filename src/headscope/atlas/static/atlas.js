@@ -1062,11 +1062,10 @@ function lensAppsCard() {
 function polyText(r) { // the polysemanticity verdict with the test's power beside it; never a monosemanticity claim
   if (r.polysemantic === undefined) return "";
   if (r.polysemantic) return `polysemantic (${r.n_groups} groups among its top features, BH q = ${fmt(r.q_poly)})`;
-  const verdict = (r.verdict || "not shown polysemantic") + " — not shown polysemantic";
   const by = r.power && r.power.by_group_size ? Object.entries(r.power.by_group_size)
     .filter(([, x]) => isNum(x.detected) && isNum(x.planted)).sort((a, b) => +a[0] - +b[0]) : [];
-  if (!by.length) return `${verdict}; this test's power was not measured (sae analysis --n-planted), so nothing more is claimed`;
-  return `${verdict}; on this head the test detects two planted groups of ${by.map(([g]) => g).join(" / ")} features` +
+  if (!by.length) return "not shown polysemantic; this test's power was not measured (sae analysis --n-planted), so nothing more is claimed";
+  return `${r.verdict || "not polysemantic"} — not shown polysemantic; on this head the test detects two planted groups of ${by.map(([g]) => g).join(" / ")} features` +
     ` (pairwise cosine ${fmt(r.power.cos, 2)}) in ${by.map(([, x]) => `${x.detected}/${x.planted}`).join(" / ")} plantings`;
 }
 
