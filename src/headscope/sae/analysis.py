@@ -174,7 +174,7 @@ def component_sizes(related: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def _stat_p(obs: int, null: np.ndarray) -> float:
     """(1 + #{null ≥ obs}) / (1 + N); 1 when obs < 2 (no group at all is no evidence)."""
-    return 1.0 if obs < 2 else float((1 + (null >= obs).sum()) / (1 + len(null)))
+    return float(_p_many(np.array([obs]), [np.asarray(null)])[0])
 
 
 def _bh(p: np.ndarray) -> np.ndarray:
@@ -216,7 +216,8 @@ def plant_groups(blocks: torch.Tensor, g: int, cos: float, n_draws: int, gen: to
 
 
 def _p_many(k: np.ndarray, nulls: list[np.ndarray]) -> np.ndarray:
-    """:func:`_stat_p` of each observed ``k`` [D] against each null [N], the max over the nulls."""
+    """Max over ``nulls`` ([N] each) of (1 + #{null ≥ k}) / (1 + N) for each observed ``k`` [D]; 1 where
+    k < 2 (no group at all is no evidence)."""
     p = np.zeros(len(k))
     for null in nulls:
         s = np.sort(null)
@@ -324,8 +325,8 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
         heads[h].update({"q_poly": float(q_poly[h]), "q_struct": float(q_struct[h]), "polysemantic": poly,
                          "verdict": "polysemantic" if poly else "one group" if struct else "no structure beyond the null"})
     power = _power(planted, p_real, H, sizes, n_planted, q) if sizes else None
-    for h in range(H):
-        if power is not None:
+    if power is not None:
+        for h in range(H):
             heads[h]["power"] = power["heads"][h] | {"cos": planted_cos, "how": power_how(n, planted_cos)}
     summary = {
         "polysemantic_frac": float(np.mean([heads[h]["polysemantic"] for h in range(H)])),
