@@ -139,6 +139,8 @@ ROWS = [
     bad(f"sae cache {M} --layers 99 --dir {{new}}", r"layer 99 is out of range"),
     bad(f"sae cache {M} --layers 0 --dir {{file}} --tokens 100", r"--dir|not a directory|is a file"),
     bad(f"sae analysis {M} --out {{run}} --name nope", r"nope"),
+    bad(f"sae analysis {M} --out {{run}} --name L1 --n-planted -1", r"--n-planted must lie in \[0, 10000\]"),
+    bad(f"sae analysis {M} --out {{run}} --name L1 --planted-cos 1.5", r"--planted-cos must lie in \[0, 1\]"),
     bad(f"sae dashboards {M} --out {{run}} --name L1 --n-tokens 0", r"n.tokens"),
     bad(f"sae ioi {M} --out {{run}} --name L1 --n-prompts 0", r"n.prompts"),
     # ---- neurons

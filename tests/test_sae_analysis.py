@@ -1,7 +1,10 @@
 """The polysemanticity test against its nulls, on constructed decoders of a tiny model's layer 1:
 a genuinely two-role head is called polysemantic, a head whose features point in unrelated directions
 (one role, e.g. copying different tokens) and a one-cluster head are not, and an untrained SAE (the
-negative control) has no polysemantic head; the stage writes heads.json with the null rates."""
+negative control) has no polysemantic head; the permuted null does not borrow other heads' structure
+(same-source pairs, which its calibration leaves out); the test's power from planted groups (geometry of
+a planting against numpy, detections growing with group size, none for random "groups", BH as the real
+test's); the stage writes heads.json with the null rates and the power, and returns its typed result."""
 
 import numpy as np
 import pytest
@@ -100,9 +103,10 @@ def test_run_analysis_writes_heads_json(tmp_path):
     run = RunDir(tmp_path / "run", model.identity())
     sae = constructed_sae(model)
     save_sae(sae, run.path / "sae" / "C")
-    res = run_analysis(model, run, AnalysisOptions(name="C", n_null=100), progress=False)
+    res = run_analysis(model, run, AnalysisOptions(name="C", n_null=100, n_planted=0), progress=False)
     disk = read_json(run.path / "sae" / "C" / "heads.json")
-    assert disk["polysemantic_frac"] == res["polysemantic_frac"] == 0.25
+    assert disk["polysemantic_frac"] == res.polysemantic_frac == 0.25
+    assert res.power is None and disk["power"] is None and "power" not in disk["heads"]["0"]
     assert set(disk["null_polysemantic_frac"]) == {"untrained", "permuted"}
     assert disk["heads"]["0"]["verdict"] == "polysemantic" and disk["heads"]["0"]["n_groups"] == 2
     assert len(disk["heads"]["0"]["top_features"]) == 10 and disk["heads"]["0"]["top_features"][0]["top_tokens"]
@@ -141,3 +145,157 @@ def test_batched_components_and_null_rate_equal_the_loops():
         for s in k_null:
             assert _null_rate(s, k_null, 0.05) == _null_rate_loop(s, k_null, 0.05)
             assert _null_rate(s, k_null, 0.5) == _null_rate_loop(s, k_null, 0.5)
+
+
+def structured_neighbours_sae(model, seed=0):
+    """Head 0: two groups of 3 (features 0-2 around e0, 3-5 around e1) and 4 unrelated features. Every
+    other feature lives on heads 1-3, its block for head j in one tight cluster around e_{j+1} (e0…e4
+    orthonormal): heads with strong structure of their own, which a head-permuted null hands to head 0
+    as pairs of blocks from one source head."""
+    g = torch.Generator().manual_seed(seed)
+    H, Dh = model.n_heads, model.d_head
+    basis = torch.linalg.qr(torch.randn(Dh, Dh, generator=g))[0]
+    dec = 0.05 * torch.randn(F, H, Dh, generator=g)
+
+    def tight(centre):
+        b = centre + 0.03 * torch.randn(Dh, generator=g)
+        return b / b.norm()
+    for f in range(10):
+        dec[f, 0] = 2 * (tight(basis[f // 3]) if f < 6 else tight(torch.randn(Dh, generator=g)))
+    for f in range(10, F):
+        for j in range(1, H):
+            dec[f, j] = (1 + 0.1 * torch.rand(1, generator=g)) * tight(basis[1 + j])
+    sae = AttnSAE(_cfg(model), seed=seed)
+    with torch.no_grad():
+        W = dec.reshape(F, -1)
+        sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+    return sae
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_permuted_null_does_not_borrow_other_heads_structure(seed):
+    """Pairs of blocks from one source head are left out of the permuted null's groups, as out of its
+    calibration: head 0's two groups of 3 are found although heads 1-3 are each one tight cluster. (The
+    old null counted those pairs: its mean k2 for head 0 was 2.3-2.5 and head 0 was not called.)"""
+    model = tiny_model("gpt2")
+    res = polysemanticity(model, structured_neighbours_sae(model, seed), n_null=200, seed=seed)
+    h0 = res["heads"][0]
+    assert sorted(map(sorted, h0["groups"])) == [[0, 1, 2], [3, 4, 5]]
+    assert h0["null_mean_k2"]["permuted"] <= 0.5, h0["null_mean_k2"]
+    assert h0["polysemantic"] and h0["q_poly"] <= 0.05, h0
+    assert [res["heads"][h]["verdict"] for h in (1, 2, 3)] == ["one group"] * 3
+    assert max(res["summary"]["null_polysemantic_frac"].values()) <= 0.05
+
+
+def test_plant_groups_geometry_against_numpy():
+    """A planting keeps the other features' blocks and every norm, puts 2g distinct features in two
+    groups whose blocks have pairwise cosine ≈ cos inside a group and ≈ 0 across."""
+    from headscope.sae.analysis import plant_groups
+    Dh, n, D = 64, 10, 400
+    blocks = torch.randn(n, Dh) * torch.linspace(0.5, 2, n)[:, None]
+    for g, cos in [(2, 0.5), (3, 0.3), (5, 0.8)]:
+        out, pos = plant_groups(blocks, g, cos, D, torch.Generator().manual_seed(g))
+        assert out.shape == (D, n, Dh) and pos.shape == (D, 2, g)
+        o, p, b = out.numpy(), pos.numpy(), blocks.numpy()
+        assert all(len(set(r.ravel())) == 2 * g for r in p)
+        np.testing.assert_allclose(np.linalg.norm(o, axis=-1), np.broadcast_to(np.linalg.norm(b, axis=-1), (D, n)),
+                                   rtol=1e-5)
+        within, across = [], []
+        for d in range(D):
+            planted = set(p[d].ravel())
+            for i in range(n):
+                if i not in planted:
+                    np.testing.assert_array_equal(o[d, i], b[i])
+            u = o[d] / np.linalg.norm(o[d], axis=-1, keepdims=True)
+            within += [u[p[d, k, i]] @ u[p[d, k, j]] for k in range(2) for i in range(g) for j in range(i + 1, g)]
+            across += [u[i] @ u[j] for i in p[d, 0] for j in p[d, 1]]
+        assert abs(np.mean(within) - cos) < 0.02 and abs(np.mean(across)) < 0.02, (g, cos)
+
+
+def _planted_sae(model, sae, head: int, g: int, cos: float, seed: int):
+    """``sae`` with the head-``head`` blocks of its top features replaced by one planting (two groups of
+    g): the decoder the power estimate simulates, built explicitly. Returns (sae, the two groups)."""
+    from headscope.sae.analysis import _top_features, plant_groups
+    from headscope.sae.attribution import weight_attribution
+    F_, H, Dh = sae.cfg.d_sae, sae.cfg.n_heads, sae.cfg.d_head
+    dec = sae.W_dec.detach().clone().reshape(F_, H, Dh)
+    top = _top_features(weight_attribution(sae), torch.ones(F_, dtype=torch.bool), 10)[head]
+    out, pos = plant_groups(dec[top, head], g, cos, 1, torch.Generator().manual_seed(seed))
+    dec[top, head] = out[0]
+    planted = AttnSAE(sae.cfg, seed=0)
+    with torch.no_grad():
+        planted.W_dec.copy_(dec.reshape(F_, -1))
+    return planted, [sorted(top[pos[0, k]].tolist()) for k in range(2)]
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_two_planted_groups_of_five_are_detected(seed):
+    """An untrained decoder (no polysemantic head: test above) with two groups of 5 planted into one
+    head's top features: the real test calls that head polysemantic and finds exactly the planted groups."""
+    model = tiny_model("llama_gqa")
+    sae, groups = _planted_sae(model, AttnSAE(_cfg(model), seed=20_000 + seed), head=seed % 4, g=5, cos=0.95,
+                               seed=seed)
+    res = polysemanticity(model, sae, n_null=200, seed=seed)
+    h = res["heads"][seed % 4]
+    assert h["polysemantic"], h
+    assert sorted(map(sorted, h["groups"])) == sorted(groups)
+    assert sum(v["polysemantic"] for v in res["heads"].values()) == 1
+
+
+def test_power_grows_with_group_size_and_random_groups_are_never_detected():
+    """Power on an untrained decoder: tight planted groups (cos 0.95) of 5 are detected in ≥ 90 % of
+    plantings, at least as often as groups of 2; "groups" of random directions (cos 0) never are (the
+    negative control). Per-head counts add up to the summary."""
+    model = tiny_model("llama_gqa")
+    sae = AttnSAE(_cfg(model), seed=10_003)
+    tight = polysemanticity(model, sae, n_null=200, seed=1, n_planted=32, planted_cos=0.95)["summary"]["power"]
+    by = tight["by_group_size"]
+    assert set(by) == {"2", "3", "5"} and all(v["planted"] == 32 * 4 for v in by.values())
+    assert by["5"]["rate"] >= 0.9 and by["5"]["rate"] >= by["2"]["rate"] and by["3"]["rate"] >= by["2"]["rate"]
+    assert tight["detected"] == sum(v["detected"] for v in by.values()) and tight["planted"] == 3 * 32 * 4
+    res = polysemanticity(model, sae, n_null=200, seed=1, n_planted=32, planted_cos=0.0)
+    assert res["summary"]["power"]["detected"] == 0
+    assert all(v["power"]["planted"] == 96 and v["power"]["detected"] == 0 for v in res["heads"].values())
+
+
+def test_power_counts_bh_over_heads_like_the_real_test():
+    """A planting is detected when BH over the heads — its p in place of its head's, the real p of the
+    others — calls its head, and its groups were found apart: the batched count equals a loop."""
+    from headscope.sae.analysis import _bh, _power
+    rng = np.random.default_rng(0)
+    H, D = 6, 40
+    p_real = rng.uniform(0, 1, H) ** 2
+    planted = {(h, g): (rng.uniform(0, 0.05, D) ** 1.5, rng.random(D) < 0.8) for h in range(H) for g in (2, 3)}
+    got = _power(planted, p_real, H, [2, 3], D, 0.05)
+    for (h, g), (p, found) in planted.items():
+        want = 0
+        for d in range(D):
+            ps = p_real.copy()
+            ps[h] = p[d]
+            want += bool(_bh(ps)[h] <= 0.05 and found[d])
+        assert got["heads"][h]["by_group_size"][str(g)] == {"planted": D, "detected": want}
+    assert 0 < got["summary"]["detected"] < got["summary"]["planted"] == H * 2 * D
+
+
+def test_stage_result_typed_with_power(tmp_path):
+    """``sae.analysis`` returns :class:`SAEAnalysisResult` (JSON round trip), heads.json has the power per
+    head and overall; out-of-range power options are one-line errors."""
+    from headscope.errors import HeadscopeError
+    from headscope.sae.analysis import run_analysis
+    from headscope.sae.options import AnalysisOptions
+    from headscope.sae.results import SAEAnalysisResult
+    model = tiny_model("gpt2")
+    run = RunDir(tmp_path / "run", model.identity())
+    save_sae(constructed_sae(model), run.path / "sae" / "C")
+    res = run_analysis(model, run, AnalysisOptions(name="C", n_null=50, n_planted=4, planted_cos=0.9), progress=False)
+    assert isinstance(res, SAEAnalysisResult) and SAEAnalysisResult.from_json(res.to_json()) == res
+    disk = read_json(run.path / "sae" / "C" / "heads.json")
+    assert disk["power"] == res.power and res.power["planted"] == 4 * 3 * model.n_heads
+    assert disk["criterion"]["n_planted"] == 4 and disk["criterion"]["planted_cos"] == 0.9
+    for v in disk["heads"].values():
+        pw = v["power"]
+        assert pw["planted"] == 12 and pw["detected"] == sum(x["detected"] for x in pw["by_group_size"].values())
+        assert pw["cos"] == 0.9 and "planted" in pw["how"]
+    for bad in ({"n_planted": -1}, {"planted_cos": 1.5}):
+        with pytest.raises(HeadscopeError):
+            AnalysisOptions(name="C", **bad)

@@ -1,7 +1,7 @@
 """The real default model (SmolLM2-135M): a small TopK SAE on layer 2's z, trained from a disk cache,
 recovers > 0.8 of the KL (vs zero-ablation, lower 95 % CI bound) at L0 < 50 on held-out sequences
-spread over ≥ 10 documents; the polysemanticity test's nulls stay at ≤ 10 % and an untrained SAE of the
-same shape has no polysemantic head; the IOI example runs."""
+spread over ≥ 10 documents; the polysemanticity test's nulls stay at ≤ 10 %, it detects planted groups of 5 (cos 0.5) in ≥ 70 %
+of plantings, and an untrained SAE of the same shape has no polysemantic head; the IOI example runs."""
 
 import pytest
 import torch
@@ -51,7 +51,9 @@ def test_polysemanticity_nulls_on_real_model(trained):
     from headscope.sae.model import AttnSAE
     model, run, _ = trained
     res = run_analysis(model, run, AnalysisOptions(name=f"L{LAYER}", n_null=100), progress=False)
-    assert all(v <= 0.1 for v in res["null_polysemantic_frac"].values()), res["null_polysemantic_frac"]
+    assert all(v <= 0.1 for v in res.null_polysemantic_frac.values()), res.null_polysemantic_frac
+    by = res.power["by_group_size"]            # the test's power: tight planted groups of 5 are seen
+    assert by["5"]["rate"] >= 0.7 and by["5"]["rate"] > by["2"]["rate"], by
     from headscope.sae.io import load_sae
     sae = load_sae(run.path / "sae" / f"L{LAYER}", model)
     control = polysemanticity(model, AttnSAE(sae.cfg, seed=777), n_null=100, seed=3)

@@ -1,5 +1,5 @@
-"""Per-head view of an SAE and a polysemanticity test calibrated against a null:
-``run_analysis(model, run, AnalysisOptions(name=…)) -> dict`` (the ``sae.analysis`` stage).
+"""Per-head view of an SAE, a polysemanticity test calibrated against a null, and that test's power:
+``run_analysis(model, run, AnalysisOptions(name=…)) -> SAEAnalysisResult`` (the ``sae.analysis`` stage).
 
 Writes ``sae/<name>/attribution.safetensors`` (key ``weight_attribution`` [F, H]) and
 ``sae/<name>/heads.json``. Features that never fired during ``sae eval`` (``feature_counts.safetensors``)
@@ -24,8 +24,15 @@ relation with ≥ 2 features; k1 ≥ k2 are the sizes of the two largest (0 if a
   block belongs to is shuffled, the blocks themselves are the real ones), so a head's "top features"
   are real blocks from unrelated heads.
 
-The pair relation is calibrated on the untrained pairs and on the permuted pairs whose two blocks come
-from different heads (two blocks of one source head keep that head's real structure).
+Only pairs of blocks from different source heads carry the null's meaning: two blocks of one source
+head h′ keep h′'s own structure — what the test looks for — so they neither calibrate the pair relation
+nor count in the permuted null's groups: in each permuted draw a same-source pair is *not related*
+(the untrained null has no such pairs). Counting them (as the test once did) let a head h′ with real
+groups inflate every other head's null k1/k2 and hide real groups. The alternative, permutations that
+never put two blocks of one source head into one head's top set, does not exist whenever ``top_n`` > H
+(SmolLM2: 10 > 9 heads). The price: a permuted draw's graph has about 1/H fewer candidate pairs than the
+real head's, lowering its k slightly; the test takes the larger p of the two nulls, and the untrained
+null has every pair, so the test is never looser than against the untrained null alone.
 
 **Test.** A head is *polysemantic* when it has at least two groups, more than the null has:
 p = max over the two nulls of (1 + #{null draws with k2 ≥ k2_obs}) / (1 + n_null) (1 when k2_obs < 2),
@@ -37,6 +44,19 @@ either way. ``null_polysemantic_frac`` is the rate at which the same test, appli
 against the other draws, calls a head polysemantic (the negative control; ≈ 0 by construction), and
 ``uncalibrated`` gives the old fixed rule (cos ≥ 0.3 or Jaccard ≥ 0.2, ≥ 2 connected components) on
 the real SAE and on the nulls, to show what it could not tell apart.
+
+**Power** (``n_planted`` plantings per head and group size g ∈ {2, 3, 5} with 2g ≤ top_n; 0: not
+measured). A planting replaces the head-h decoder blocks of 2g of head h's top features, chosen at
+random, by two groups of g: in each group, block_i = ‖block_i‖ · (√ρ · u + √(1 − ρ) · e_i), u a random
+unit direction of the group, e_i random unit directions orthogonal to u, ρ = ``planted_cos`` — so two
+blocks of one group have cosine ≈ ρ, the two groups' directions are independent, and the norms (hence
+the top set) are kept. Their output tokens are recomputed through the head (shared tokens follow from
+the shared direction; none are planted separately). The planted head is tested as the real one: the
+same calibrated relation and the same null draws, its p-value replacing the head's own among the real
+heads' p-values for Benjamini–Hochberg. *Detected* = called polysemantic with each planted group inside
+one group of the test and the two in different groups. ``power`` per head: ``{planted, detected,
+by_group_size: {g: {planted, detected}}, cos, how}``; the summary gives the same over the heads with, per
+g, the number of heads whose own detection rate is ≥ 0.8.
 """
 
 from __future__ import annotations
@@ -47,6 +67,7 @@ import torch
 from ..models.load import Model
 from ..runs import RunDir, read_tensors, write_json, write_tensors
 from .options import AnalysisOptions
+from .results import SAEAnalysisResult
 from .attribution import weight_attribution
 from .io import load_sae
 from .train import sae_dir
@@ -86,10 +107,11 @@ def pair_similarity(blocks: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.T
     return cos.double(), inter / (2 * k - inter)
 
 
-def _upper(x: torch.Tensor) -> np.ndarray:
+def _upper(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[..., n(n-1)/2]: the strict upper triangle of ``x`` [..., n, n]."""
     n = x.shape[-1]
     i, j = np.triu_indices(n, 1)
-    return x[..., i, j].numpy()
+    return np.asarray(x)[..., i, j]
 
 
 def _exceedance(null: np.ndarray, obs: np.ndarray) -> np.ndarray:
@@ -119,13 +141,10 @@ def group_sizes(related: np.ndarray) -> tuple[list[list[int]], int, int]:
     return groups, sizes[0], sizes[1]
 
 
-def component_sizes(related: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`group_sizes` of a stack of relations [..., n, n] at once (read from the upper triangle, as
-    there): (k1, k2, number of connected components counting singletons), each [...]."""
+def component_labels(related: np.ndarray) -> np.ndarray:
+    """Connected components of a stack of relations [..., n, n] (read from the upper triangle): [..., n]
+    the smallest member of each feature's component (a singleton is its own label)."""
     n = related.shape[-1]
-    if n == 0:
-        zero = np.zeros(related.shape[:-2], dtype=int)
-        return zero, zero, zero
     up = np.triu(related, 1)
     reach = up | np.swapaxes(up, -1, -2) | np.eye(n, dtype=bool)
     while True:                                                                 # transitive closure by squaring
@@ -134,8 +153,20 @@ def component_sizes(related: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         if (nxt == reach).all():
             break
         reach = nxt
-    rep = reach.argmax(-1) == np.arange(n)                                      # smallest member of its component
-    sizes = np.concatenate([np.where(rep, reach.sum(-1), 0), np.zeros((*related.shape[:-2], 2), dtype=int)], -1)
+    return reach.argmax(-1)
+
+
+def component_sizes(related: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`group_sizes` of a stack of relations [..., n, n] at once (read from the upper triangle, as
+    there): (k1, k2, number of connected components counting singletons), each [...]."""
+    n = related.shape[-1]
+    if n == 0:
+        zero = np.zeros(related.shape[:-2], dtype=int)
+        return zero, zero, zero
+    labels = component_labels(related)
+    rep = labels == np.arange(n)                                                # smallest member of its component
+    count = (labels[..., :, None] == np.arange(n)).sum(-2)                      # [..., n]: members labelled i
+    sizes = np.concatenate([np.where(rep, count, 0), np.zeros((*related.shape[:-2], 2), dtype=int)], -1)
     top = -np.sort(-sizes, axis=-1)[..., :2]
     top = np.where(top >= 2, top, 0)
     return top[..., 0], top[..., 1], rep.sum(-1)
@@ -143,7 +174,7 @@ def component_sizes(related: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def _stat_p(obs: int, null: np.ndarray) -> float:
     """(1 + #{null ≥ obs}) / (1 + N); 1 when obs < 2 (no group at all is no evidence)."""
-    return 1.0 if obs < 2 else float((1 + (null >= obs).sum()) / (1 + len(null)))
+    return float(_p_many(np.array([obs]), [np.asarray(null)])[0])
 
 
 def _bh(p: np.ndarray) -> np.ndarray:
@@ -152,13 +183,55 @@ def _bh(p: np.ndarray) -> np.ndarray:
 
 
 # -- the test ----------------------------------------------------------------------------------------
+PLANTED_GROUP_SIZES = (2, 3, 5)
+"""Sizes g of the two groups planted to measure the test's power (those with 2g ≤ top_n)."""
+
+
+def power_how(top_n: int, cos: float) -> str:
+    """One sentence: what a planting is and what counts as detected (module docstring, *Power*)."""
+    return (f"two groups of g features planted among a head's top {top_n} (decoder blocks replaced, norms kept, "
+            f"pairwise cosine ~{cos:g} within a group, random directions), tested against the same nulls with BH "
+            f"over heads; detected = called polysemantic with the two planted groups in two different groups")
+
+
+def plant_groups(blocks: torch.Tensor, g: int, cos: float, n_draws: int, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_draws`` plantings of two groups of ``g`` in one head's top-feature blocks ``blocks`` [n, Dh]:
+    returns (planted blocks [D, n, Dh], planted positions [D, 2, g] into the n features). Block i of a
+    group becomes ‖block_i‖ · (√cos · u + √(1 − cos) · e_i) with u the group's random unit direction and
+    e_i random unit directions orthogonal to u."""
+    n, Dh = blocks.shape
+    pos = torch.rand(n_draws, n, generator=gen).argsort(-1)[:, :2 * g].reshape(n_draws, 2, g)
+    u = torch.randn(n_draws, 2, 1, Dh, generator=gen)
+    u = u / u.norm(dim=-1, keepdim=True)
+    e = torch.randn(n_draws, 2, g, Dh, generator=gen)
+    e = e - (e * u).sum(-1, keepdim=True) * u
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    new = cos ** 0.5 * u + (1 - cos) ** 0.5 * e                                  # [D, 2, g, Dh], unit rows
+    flat = pos.reshape(n_draws, 2 * g)
+    out = blocks.expand(n_draws, n, Dh).clone()
+    norms = blocks.norm(dim=-1)[flat]                                           # [D, 2g]
+    out.scatter_(1, flat[..., None].expand(-1, -1, Dh), new.reshape(n_draws, 2 * g, Dh) * norms[..., None])
+    return out, pos
+
+
+def _p_many(k: np.ndarray, nulls: list[np.ndarray]) -> np.ndarray:
+    """Max over ``nulls`` ([N] each) of (1 + #{null ≥ k}) / (1 + N) for each observed ``k`` [D]; 1 where
+    k < 2 (no group at all is no evidence)."""
+    p = np.zeros(len(k))
+    for null in nulls:
+        s = np.sort(null)
+        p = np.maximum(p, (1 + len(s) - np.searchsorted(s, k, side="left")) / (1 + len(s)))
+    return np.where(k < 2, 1.0, p)
+
+
 @torch.no_grad()
 def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n: int = 10, top_tokens: int = 10,
                     pair_alpha: float = 0.01, q: float = 0.05, n_null: int = 256, seed: int = 0,
-                    progress: bool = False) -> dict:
-    """Per-head polysemanticity test against the two nulls (module docstring). ``sae``: any SAE with
-    ``cfg`` (layer, n_heads, d_head, d_sae) and ``W_dec`` [F, H·Dh]; ``alive``: bool [F].
-    Returns ``{"heads": {h: {...}}, "summary": {...}}``."""
+                    n_planted: int = 0, planted_cos: float = 0.5, progress: bool = False) -> dict:
+    """Per-head polysemanticity test against the two nulls, and its power from ``n_planted`` plantings per
+    head and group size (module docstring). ``sae``: any SAE with ``cfg`` (layer, n_heads, d_head, d_sae)
+    and ``W_dec`` [F, H·Dh]; ``alive``: bool [F]. Returns ``{"heads": {h: {...}}, "summary": {...}}``."""
     L, H, Dh, F = sae.cfg.layer, sae.cfg.n_heads, sae.cfg.d_head, sae.cfg.d_sae
     alive = torch.ones(F, dtype=torch.bool) if alive is None else alive.cpu().bool()
     dec = sae.W_dec.detach().float().cpu().reshape(F, H, Dh)
@@ -169,7 +242,7 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
     # null blocks per head: [D, H, n, Dh] for each source
     null_blocks = {"untrained": torch.empty(n_null, H, n, Dh), "permuted": torch.empty(n_null, H, n, Dh)}
     # the head each null block comes from: pairs from one source head keep the real structure of that
-    # head, so only pairs of different sources calibrate the pair relation (untrained: all differ)
+    # head, so only pairs of different sources calibrate the pair relation and count in the null's groups
     source = {"untrained": torch.arange(n_null * H * n).reshape(n_null, H, n),
               "permuted": torch.empty(n_null, H, n, dtype=torch.long)}
     perm_key = torch.empty(n_null, H, n, dtype=torch.long)                      # permuted block = dec[key // H, key % H]
@@ -185,6 +258,9 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
         null_blocks["permuted"][d] = dec[pt, src]
         source["permuted"][d] = src
         perm_key[d] = pt * H + src
+    sizes = [s for s in PLANTED_GROUP_SIZES if 2 * s <= n] if n_planted > 0 else []
+    plant_gen = torch.Generator().manual_seed(seed + 7_919)                      # plantings: not the nulls' stream
+    planted = {}                                                                # (h, g) -> (p [D], groups found [D])
     heads, k_null = {}, {s: np.zeros((n_null, H, 2), dtype=int) for s in null_blocks}
     old_null = {s: np.zeros((n_null, H), dtype=bool) for s in null_blocks}
     old_real = np.zeros(H, dtype=bool)
@@ -200,9 +276,9 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
             else:
                 tok = _top_tokens(nb[:, h], tmap, top_tokens)
             sims[s] = pair_similarity(nb[:, h], tok)
-        cross = {s: _upper(source[s][:, h, :, None] != source[s][:, h, None, :]) for s in null_blocks}
-        cos_null = np.concatenate([_upper(sims[s][0])[cross[s]] for s in null_blocks])
-        jac_null = np.concatenate([_upper(sims[s][1])[cross[s]] for s in null_blocks])
+        cross = {s: (source[s][:, h, :, None] != source[s][:, h, None, :]).numpy() for s in null_blocks}
+        cos_null = np.concatenate([_upper(sims[s][0])[_upper(cross[s])] for s in null_blocks])
+        jac_null = np.concatenate([_upper(sims[s][1])[_upper(cross[s])] for s in null_blocks])
 
         def relation(cos, jac):
             p = np.minimum(_exceedance(cos_null, cos.numpy().ravel()), _exceedance(jac_null, jac.numpy().ravel()))
@@ -210,12 +286,23 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
 
         rel = {k: relation(*v) for k, v in sims.items()}
         for s in null_blocks:
-            k1, k2, _ = component_sizes(rel[s])
+            k1, k2, _ = component_sizes(rel[s] & cross[s])                     # same-source pairs: not related
             k_null[s][:, h, 0], k_null[s][:, h, 1] = k1, k2
             old = (sims[s][0] >= OLD_COS).numpy() | (sims[s][1] >= OLD_JACCARD).numpy()
             old_null[s][:, h] = component_sizes(old)[2] >= 2
         old = (sims["real"][0][0] >= OLD_COS).numpy() | (sims["real"][1][0] >= OLD_JACCARD).numpy()
         old_real[h] = component_sizes(old)[2] >= 2
+        for size in sizes:
+            blocks, pos = plant_groups(real_blocks[0], size, planted_cos, n_planted, plant_gen)
+            flat = pos.reshape(n_planted, -1)
+            tok = real_tok.expand(n_planted, -1, -1).clone()
+            new_tok = _top_tokens(blocks.gather(1, flat[..., None].expand(-1, -1, Dh)), tmap, top_tokens)
+            tok.scatter_(1, flat[..., None].expand(-1, -1, tok.shape[-1]), new_tok)
+            rel_p = relation(*pair_similarity(blocks, tok))                    # [D, n, n]
+            lab = np.take_along_axis(component_labels(rel_p), flat.numpy(), -1).reshape(n_planted, 2, size)
+            found = (lab == lab[..., :1]).all(-1).all(-1) & (lab[:, 0, 0] != lab[:, 1, 0])
+            k2 = component_sizes(rel_p)[1]
+            planted[h, size] = (_p_many(k2, [k_null[s][:, h, 1] for s in null_blocks]), found)
         groups, k1, k2 = group_sizes(rel["real"][0])
         feats = top[h].tolist()
         heads[h] = {
@@ -230,20 +317,58 @@ def polysemanticity(model: Model, sae, alive: torch.Tensor | None = None, top_n:
             "null_mean_k2": {s: round(float(k_null[s][:, h, 1].mean()), 3) for s in null_blocks},
             "n_features_majority": int(((w[:, h] > 0.5) & alive).sum()),
         }
-    q_poly = _bh([heads[h]["p_poly"] for h in range(H)])
+    p_real = np.array([heads[h]["p_poly"] for h in range(H)])
+    q_poly = _bh(p_real)
     q_struct = _bh([heads[h]["p_struct"] for h in range(H)])
     for h in range(H):
         poly, struct = bool(q_poly[h] <= q), bool(q_struct[h] <= q)
         heads[h].update({"q_poly": float(q_poly[h]), "q_struct": float(q_struct[h]), "polysemantic": poly,
                          "verdict": "polysemantic" if poly else "one group" if struct else "no structure beyond the null"})
+    power = _power(planted, p_real, H, sizes, n_planted, q) if sizes else None
+    if power is not None:
+        for h in range(H):
+            heads[h]["power"] = power["heads"][h] | {"cos": planted_cos, "how": power_how(n, planted_cos)}
     summary = {
         "polysemantic_frac": float(np.mean([heads[h]["polysemantic"] for h in range(H)])),
         "structured_frac": float(np.mean([heads[h]["verdict"] != "no structure beyond the null" for h in range(H)])),
         "null_polysemantic_frac": {s: _null_rate(s, k_null, q) for s in null_blocks},
         "uncalibrated": {"rule": f"cos >= {OLD_COS} or token Jaccard >= {OLD_JACCARD}, >= 2 groups (singletons count)",
                          "real": float(old_real.mean())} | {s: float(old_null[s].mean()) for s in null_blocks},
+        "power": None if power is None else power["summary"] | {"cos": planted_cos, "per_head": n_planted,
+                                                                 "how": power_how(n, planted_cos)},
     }
     return {"heads": heads, "summary": summary}
+
+
+def _power(planted: dict, p_real: np.ndarray, H: int, sizes: list[int], n_planted: int, q: float) -> dict:
+    """Detections of the plantings: each planted head's p replaces its own among ``p_real`` [H] for BH.
+    ``planted[(h, g)]`` = (p [D], planted groups found apart [D]). Returns {"heads": {h: {planted, detected,
+    by_group_size}}, "summary": {planted, detected, by_group_size: {g: {planted, detected, rate,
+    heads_power_80}}}}."""
+    heads = {h: {"planted": 0, "detected": 0, "by_group_size": {}} for h in range(H)}
+    total = {str(size): {"planted": 0, "detected": 0, "heads_power_80": 0} for size in sizes}
+    for (h, size), (p, found) in planted.items():
+        ps = np.repeat(p_real[None], len(p), 0)
+        ps[:, h] = p
+        det = int(((_bh_rows(ps)[:, h] <= q) & found).sum())
+        heads[h]["by_group_size"][str(size)] = {"planted": n_planted, "detected": det}
+        heads[h]["planted"] += n_planted
+        heads[h]["detected"] += det
+        t = total[str(size)]
+        t["planted"] += n_planted
+        t["detected"] += det
+        t["heads_power_80"] += int(det >= 0.8 * n_planted)
+    for t in total.values():
+        t["rate"] = t["detected"] / t["planted"]
+    return {"heads": heads, "summary": {"planted": sum(t["planted"] for t in total.values()),
+                                        "detected": sum(t["detected"] for t in total.values()),
+                                        "heads": H, "by_group_size": total}}
+
+
+def _bh_rows(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg q-values of each row of ``p`` [D, H]."""
+    from scipy.stats import false_discovery_control
+    return false_discovery_control(p, axis=-1, method="bh")
 
 
 def _null_rate(source: str, k_null: dict, q: float) -> float:
@@ -265,14 +390,16 @@ def _null_rate(source: str, k_null: dict, q: float) -> float:
 
 
 # -- the stage -----------------------------------------------------------------------------------------
-def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions, progress: bool = True) -> dict:
-    """Weight attribution [F, H] and the per-head polysemanticity test of SAE ``opts.name``; writes
-    ``attribution.safetensors`` and ``heads.json`` (last) ({name, layer, criterion, alive_known, heads:
+def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions, progress: bool = True) -> SAEAnalysisResult:
+    """Weight attribution [F, H], the per-head polysemanticity test of SAE ``opts.name`` and its power;
+    writes ``attribution.safetensors`` and ``heads.json`` (last) ({name, layer, criterion, alive_known, heads:
     {"h": {top_features, groups, n_groups, k1, k2, p_poly, q_poly, p_struct, q_struct, polysemantic,
-    verdict, pair_threshold, null_mean_k2, n_features_majority}}, polysemantic_frac, structured_frac,
-    null_polysemantic_frac {untrained, permuted}, uncalibrated {rule, real, untrained, permuted}}).
-    Uses ``feature_counts.safetensors`` of ``sae eval`` when present (dead features left out).
-    Returns a small summary."""
+    verdict, pair_threshold, null_mean_k2, n_features_majority, power {planted, detected, by_group_size
+    {g: {planted, detected}}, cos, how}}}, polysemantic_frac, structured_frac, null_polysemantic_frac
+    {untrained, permuted}, uncalibrated {rule, real, untrained, permuted}, power {planted, detected, heads,
+    by_group_size {g: {planted, detected, rate, heads_power_80}}, cos, per_head, how}}); ``power`` is
+    absent per head and None overall when ``n_planted`` is 0. Uses ``feature_counts.safetensors`` of
+    ``sae eval`` when present (dead features left out)."""
     folder = sae_dir(run, opts.name)
     sae = load_sae(folder, model)
     alive = None
@@ -280,13 +407,16 @@ def run_analysis(model: Model, run: RunDir, opts: AnalysisOptions, progress: boo
         alive = read_tensors(folder / "feature_counts.safetensors")["counts"] > 0
     w = weight_attribution(sae)
     res = polysemanticity(model, sae, alive, top_n=opts.top_n, top_tokens=opts.top_tokens, pair_alpha=opts.pair_alpha,
-                          q=opts.q, n_null=opts.n_null, seed=opts.seed, progress=progress)
+                          q=opts.q, n_null=opts.n_null, seed=opts.seed, n_planted=opts.n_planted,
+                          planted_cos=opts.planted_cos, progress=progress)
     out = {"name": opts.name, "layer": sae.cfg.layer,
            "criterion": {"top_n": opts.top_n, "top_tokens": opts.top_tokens, "pair_alpha": opts.pair_alpha, "q": opts.q,
                          "n_null": opts.n_null, "nulls": ["untrained", "permuted"],
-                         "multiple_comparisons": "Benjamini-Hochberg over heads"},
+                         "null_pairs": "different source heads only (calibration and the nulls' groups)",
+                         "multiple_comparisons": "Benjamini-Hochberg over heads",
+                         "n_planted": opts.n_planted, "planted_cos": opts.planted_cos},
            "alive_known": alive is not None,
            "heads": {str(h): v for h, v in res["heads"].items()}} | res["summary"]
     write_tensors(folder / "attribution.safetensors", {"weight_attribution": w})
     write_json(folder / "heads.json", out)
-    return {"name": opts.name, "heads": len(out["heads"])} | res["summary"]
+    return SAEAnalysisResult(name=opts.name, layer=sae.cfg.layer, heads=len(out["heads"]), **res["summary"])

@@ -5,12 +5,14 @@ Returns ``{"per_head": {"L.H": {...}}, "saes": [...], "feature_pages": {...}}``:
 * ``per_head["L.H"]``: for each SAE on layer L: ``sae`` name, ``reconstruction`` (one sentence: how
   much of the model's behaviour the SAE keeps, with its CI — read the features with that in mind),
   ``top_features`` (feature, attribution, top tokens), ``n_groups``, ``polysemantic``, ``verdict``
-  (polysemantic / one group / no structure beyond the null), ``q_poly`` (from ``heads.json``), and the
+  (polysemantic / one group / no structure beyond the null), ``q_poly``, ``power`` (the test's planted
+  groups detected on this head: ``{planted, detected, by_group_size, cos, how}``, when measured) (from
+  ``heads.json``), and the
   IOI effects of the features that attribute mostly to this head (from ``ioi.json``) when present.
 * ``saes``: per SAE: name, layer, architecture, d_sae, k, ``reconstruction`` (sentence) and ``eval``
   (L0, FVE, NMSE, the headline score with its CI and whether it is meaningful, every recovered score
   with CI and ablation effect, dead/dense fractions, tokens, documents), polysemantic fraction next
-  to the null's, whether dashboards exist.
+  to the null's, the test's power over the heads (``power``), whether dashboards exist.
 * ``feature_pages``: per SAE name, the dashboard index (pages are the files
   ``sae/<name>/dashboards/page_XXX.json``, each ``{"features": {f: record}}``) plus ``reconstruction``.
 """
@@ -56,10 +58,11 @@ def atlas_data(run_dir: Path) -> dict:
             heads = read_json(folder / "heads.json")
             entry["polysemantic_frac"] = heads.get("polysemantic_frac")
             entry["null_polysemantic_frac"] = heads.get("null_polysemantic_frac")
+            entry["power"] = heads.get("power")
             for h, info in heads["heads"].items():
                 rec = {"sae": name, "top_features": info["top_features"], "n_groups": info["n_groups"],
                        "polysemantic": info["polysemantic"]}
-                rec.update({k: info[k] for k in ("verdict", "q_poly", "power") if k in info})  # power: {detected, planted}
+                rec.update({k: info[k] for k in ("verdict", "q_poly", "power") if k in info})
                 if recon:
                     rec["reconstruction"] = recon
                 if ioi:

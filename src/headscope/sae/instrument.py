@@ -10,7 +10,8 @@ from ..registry import Instrument
 from ..runs import Command, Stage
 from .options import (AnalysisOptions, CacheOptions, DashboardOptions, DfaOptions, EvalOptions, ImportOptions,
                       IoiOptions, SweepOptions, TrainConfig, eval_outputs)
-from .results import SAEDashboardsResult, SAEEvalResult, SAEImportResult, SAEIoiResult, SAETrainResult
+from .results import (SAEAnalysisResult, SAEDashboardsResult, SAEEvalResult, SAEImportResult, SAEIoiResult,
+                      SAETrainResult)
 
 
 TrainOptions = TrainConfig
@@ -91,7 +92,7 @@ INSTRUMENT = Instrument(
               reads=lambda o: _sae_files(o.name), writes=lambda o: eval_outputs(o.name),
               doc="SAE metrics: L0, explained variance, KL/CE recovered with bootstrap CIs, density",
               report="headscope.sae.instrument:report_json"),
-        Stage("sae.analysis", AnalysisOptions, "headscope.sae.analysis:run_analysis",
+        Stage("sae.analysis", AnalysisOptions, "headscope.sae.analysis:run_analysis", result=SAEAnalysisResult,
               reads=lambda o: _sae_files(o.name),
               writes=lambda o: [f"sae/{o.name}/attribution.safetensors", f"sae/{o.name}/heads.json"],
               doc="head attribution of the features; polysemanticity of each head against two nulls",

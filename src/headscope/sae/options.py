@@ -165,7 +165,8 @@ def eval_outputs(name: str) -> list[str]:
 @dataclass(frozen=True)
 class AnalysisOptions:
     """Weight attribution of every feature to heads; per-head top features; polysemanticity tested
-    against an untrained-SAE null and a head-permuted null (BH over heads)."""
+    against an untrained-SAE null and a head-permuted null (BH over heads), with the test's power
+    (planted groups detected)."""
 
     name: str
     """the SAE's name in the run directory"""
@@ -180,13 +181,19 @@ class AnalysisOptions:
     n_null: int = 256
     """draws of each null"""
     seed: int = 0
-    """seed of the nulls"""
+    """seed of the nulls and of the planted groups"""
+    n_planted: int = 32
+    """the test's power: plantings of two groups of 2, 3 and 5 features per head and group size (0: not measured)"""
+    planted_cos: float = 0.5
+    """pairwise cosine of the decoder blocks within a planted group"""
 
     def __post_init__(self):
         check_name(self.name, "--name")
         check(self.top_n >= 2 and self.top_tokens >= 1, "--top-n must be at least 2 and --top-tokens at least 1")
         check(self.n_null >= 20, f"--n-null must be at least 20, got {self.n_null}")
         check(0 < self.pair_alpha < 1 and 0 < self.q < 1, "--pair-alpha and --q must lie in (0, 1)")
+        check(0 <= self.n_planted <= 10_000, f"--n-planted must lie in [0, 10000], got {self.n_planted}")
+        check(0 <= self.planted_cos <= 1, f"--planted-cos must lie in [0, 1], got {self.planted_cos}")
 
 
 @dataclass(frozen=True)

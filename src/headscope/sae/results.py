@@ -73,3 +73,24 @@ class SAEIoiResult(Result):
     frac_prompts_io_preferred: float
     n_live_features: int
     examples: list[str]
+
+
+@dataclass(frozen=True)
+class SAEAnalysisResult(Result):
+    """``sae.analysis``: the polysemanticity test over the heads and its power (per head in
+    RUN/sae/<name>/heads.json)."""
+
+    name: str
+    layer: int
+    heads: int
+    polysemantic_frac: float
+    """heads called polysemantic (BH over heads)"""
+    structured_frac: float
+    """heads with any structure beyond the null (polysemantic or one group)"""
+    null_polysemantic_frac: dict
+    """{untrained, permuted}: the same test's rate on the nulls' own draws (the negative control)"""
+    uncalibrated: dict
+    """the old fixed rule on the real SAE and on both nulls"""
+    power: dict | None = None
+    """{planted, detected, heads, by_group_size {g: {planted, detected, rate, heads_power_80}}, cos, per_head,
+    how}; None when not measured (n_planted = 0)"""

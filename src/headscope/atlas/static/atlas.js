@@ -779,8 +779,9 @@ RENDER.sae = function (d, src, key) {
   const card = section("Attention-SAE features of this head");
   const recs = d && d.sae ? d.sae : d;
   for (const r of Array.isArray(recs) ? recs : [recs]) {
-    card.appendChild(h("p", {}, h("b", {}, `SAE ${r.sae}`), " · ",
+    card.appendChild(h("p", { class: "sae-verdict" }, h("b", {}, `SAE ${r.sae}`), " · ",
       polyText(r)));
+    if (r.power && r.power.how) card.appendChild(h("p", { class: "muted small" }, "power: " + r.power.how));
     const t = h("table", { class: "data feats" }, h("tr", {}, h("th", {}, "feature"), h("th", {}, "weight attribution to this head"), h("th", {}, "top output tokens")));
     for (const f of r.top_features || []) {
       t.appendChild(h("tr", {}, h("td", {}, featureLink(r.sae, f.feature)),
@@ -789,7 +790,7 @@ RENDER.sae = function (d, src, key) {
     }
     card.appendChild(h("div", { class: "tablewrap" }, t));
     if (r.ioi_features && r.ioi_features.length) card.appendChild(renderKV("IOI: features mostly of this head (Δ logit diff when ablated at S2)", r.ioi_features));
-    for (const [k, v] of Object.entries(r)) if (!["sae", "top_features", "n_groups", "polysemantic", "ioi_features", "groups"].includes(k)) card.appendChild(renderKV(k, v));
+    for (const [k, v] of Object.entries(r)) if (!["sae", "top_features", "n_groups", "polysemantic", "ioi_features", "groups", "power", "verdict"].includes(k)) card.appendChild(renderKV(k, v));
   }
   return card;
 };
@@ -1058,12 +1059,14 @@ function lensAppsCard() {
 }
 
 /* ---------- verdict, roles table, reading in context ---------- */
-function polyText(r) { // the polysemanticity finding; "one group" is never claimed without the test's power
+function polyText(r) { // the polysemanticity verdict with the test's power beside it; never a monosemanticity claim
   if (r.polysemantic === undefined) return "";
   if (r.polysemantic) return `polysemantic (${r.n_groups} groups among its top features, BH q = ${fmt(r.q_poly)})`;
-  if (r.power && isNum(r.power.detected) && isNum(r.power.planted))
-    return `not shown polysemantic (the test detected ${r.power.detected} of ${r.power.planted} planted groups)`;
-  return "";
+  const by = r.power && r.power.by_group_size ? Object.entries(r.power.by_group_size)
+    .filter(([, x]) => isNum(x.detected) && isNum(x.planted)).sort((a, b) => +a[0] - +b[0]) : [];
+  if (!by.length) return "not shown polysemantic; this test's power was not measured (sae analysis --n-planted), so nothing more is claimed";
+  return `${r.verdict || "not polysemantic"} — not shown polysemantic; on this head the test detects two planted groups of ${by.map(([g]) => g).join(" / ")} features` +
+    ` (pairwise cosine ${fmt(r.power.cos, 2)}) in ${by.map(([, x]) => `${x.detected}/${x.planted}`).join(" / ")} plantings`;
 }
 
 function scrollToId(id) { const el = document.getElementById(id); if (el) el.scrollIntoView({ behavior: "instant", block: "start" }); }
