@@ -21,10 +21,6 @@ EMPTY = inspect.Parameter.empty
 KNOWN_TWINS = {
     # Keyword twins not moved yet (issue 22, step 3): each is a function other modules' tests call with
     # keywords. Remove an entry when its function takes the options dataclass; the test fails on new ones.
-    "headscope.sae.dashboards:run_dashboards": {"n_tokens", "batch_size", "n_examples", "corpus"},
-    "headscope.sae.train:run_train": {"name"},
-    "headscope.sae.sweep:run_sweep": {"grid", "eval_tokens"},
-    "headscope.lens.evaluate:run_checkpoint_transfer": {"tokens", "batch_size"},
     "headscope.explain.stages:run_explain": {"backend", "which", "max_pairs", "max_examples"},
     "headscope.explain.stages:run_score": {"backend", "which", "explanations", "max_per_class", "min_per_class",
                                            "control"},

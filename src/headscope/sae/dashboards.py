@@ -1,4 +1,4 @@
-"""Feature dashboards as data, stored in the run directory for the atlas: ``run_dashboards(model, run, name)``.
+"""Feature dashboards as data, stored in the run directory for the atlas: ``run_dashboards(model, run, opts)``.
 
 For every feature that fires on the held-out tokens scanned (``n_tokens // seq_len`` held-out sequences
 drawn by the shared sampler, :mod:`headscope.sampling`, so spread over the split's documents), one record:
@@ -44,6 +44,7 @@ from ..sampling import Windows
 from .attribution import dfa_from_capture, output_tokens, weight_attribution
 from .io import load_sae
 from .model import AttnSAE
+from .options import DashboardOptions
 from .train import sae_dir
 
 CACHE_BYTES = 256 * 2 ** 20
@@ -224,12 +225,16 @@ def _write_page(path, obj) -> None:
 
 
 @torch.no_grad()
-def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 16384, batch_size: int = 8,
-                   n_examples: int = 10, n_samples: int = 20, ctx_left: int = 12, ctx_right: int = 4,
-                   page_size: int = 128, corpus: str | None = None, progress: bool = True,
+def run_dashboards(model: Model, run: RunDir, opts: DashboardOptions, progress: bool = True, *,
+                   n_samples: int = 20, ctx_left: int = 12, ctx_right: int = 4, page_size: int = 128,
                    cache_bytes: int = CACHE_BYTES) -> dict:
-    """Build the dashboards of SAE ``name`` (see module docstring); returns the index dict.
-    ``cache_bytes``: memory bound of what the scan keeps (0: always a second forward pass)."""
+    """Build the dashboards of SAE ``opts.name`` (see module docstring); returns the index dict.
+    Keywords the CLI and the study leave at their defaults (tests set them): ``n_samples`` random activating
+    examples per feature for the quantiles, ``ctx_left``/``ctx_right`` context tokens per example,
+    ``page_size`` features per page; ``cache_bytes``: memory bound of what the scan keeps (0: always a
+    second forward pass)."""
+    name, n_tokens, batch_size, n_examples, corpus = opts.name, opts.n_tokens, opts.batch_size, opts.n_examples, \
+        opts.corpus
     folder = sae_dir(run, name)
     sae = load_sae(folder, model).to(model.device)
     tj = folder / "train.json"

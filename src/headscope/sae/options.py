@@ -1,6 +1,6 @@
-"""The SAE options, declared once: the training run's configuration (:class:`TrainConfig`: ``headscope sae
-train`` flags, the study's ``[sae.train]`` keys and the trainer's configuration) and every other ``headscope
-sae`` step's options. A leaf module: it imports nothing of headscope but :mod:`headscope.options` and
+"""The SAE options, declared once: ``headscope sae train``'s options (:class:`TrainOptions`: its flags, the
+study's ``[sae.train]`` keys and the trainer's configuration, one class) and every other ``headscope sae``
+step's options. A leaf module: it imports nothing of headscope but :mod:`headscope.options` and
 :mod:`headscope.errors` (no torch import, so the CLI starts fast)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainOptions:
     """Trains an SAE on z (the concatenated head outputs before W_O) of one layer; resumes; torchrun for
     several processes. Writes RUN/sae/<name>/ in SAELens' format plus train.json."""
 
