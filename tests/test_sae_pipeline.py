@@ -93,13 +93,16 @@ def test_sweep_trains_from_one_cache_and_plots(tmp_path, capsys):
     corpus = small_corpus(tmp_path)
     assert main(["sae", "sweep", "--model", str(mdir), "--out", str(tmp_path / "run"), "--layer", "1",
                  "--values", "2", "6", "--eval-tokens", "256", "--corpus", corpus, "--tokens", "4096",
-                 "--batch-size", "256", "--expansion", "2", "--seq-len", "64"]) == 0
+                 "--batch-size", "256", "--expansion", "2", "--seq-len", "64", "--buffer-tokens", "2048",
+                 "--warmup-steps", "5"]) == 0
     points = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in points] == ["L1_k2", "L1_k6"]
     assert points[0]["l0"] <= 2 < points[1]["l0"] <= 6
     assert (tmp_path / "run/sae/sweep_L1/sweep.png").stat().st_size > 1000
     assert (tmp_path / "run/sae/sweep_L1/cache/manifest.json").is_file()
-    assert read_json(tmp_path / "run/sae/L1_k6/train.json")["config"]["k"] == 6
+    cfg = read_json(tmp_path / "run/sae/L1_k6/train.json")["config"]
+    assert (cfg["k"], cfg["warmup_steps"], cfg["lr"]) == (6, 5, 1e-3)
+    assert read_json(tmp_path / "run/sae/sweep_L1/cache/manifest.json")["tokens_per_shard"] <= 2048
     model = tiny_model("neox_sequential")
     run = RunDir(tmp_path / "run", model.identity())
     cache = str(tmp_path / "run/sae/sweep_L1/cache")

@@ -51,6 +51,14 @@ def test_command_functions_take_run_opts(cmd):
     assert names == (["model", "run", "opts"] if cmd.needs_model else ["run", "opts"]), cmd.func
 
 
+@pytest.mark.parametrize("item", [i for ins in registry.instruments() for i in ins.stages + ins.commands],
+                         ids=lambda i: i.name)
+def test_options_are_frozen(item):
+    """Options are values (hashed into the stage record, shared by the CLI, the study and the API): none can
+    be changed after its checks ran."""
+    assert item.options.__dataclass_params__.frozen, item.options
+
+
 def twins() -> dict[str, set[str]]:
     """``module:function`` → its keyword parameters whose name and default repeat an option field: of its own
     options dataclass when it takes one (``opts: XOptions``), else of any of its instrument's (public

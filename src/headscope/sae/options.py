@@ -283,9 +283,17 @@ class SweepOptions:
     """corpus spec"""
     cache: Optional[str] = None
     """activation cache to train from"""
+    warmup_steps: int = 100
+    """linear lr warm-up steps of every SAE"""
+    buffer_tokens: int = 65536
+    """tokens per shard of the cache the sweep writes (the shuffling block)"""
 
     def __post_init__(self):
         check((len(self.values) >= 1) != bool(self.grid), "give either --values (with --arch) or --grid")
+        check(self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
+        for n in ("n_tokens", "batch_size", "expansion", "seq_len", "buffer_tokens", "eval_tokens"):
+            check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
+        check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
         if self.grid:
             parse_grid(self.grid)
 

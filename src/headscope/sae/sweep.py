@@ -32,7 +32,8 @@ KNOB = {name: a.sweep_knob for name, a in REGISTRY.items() if a.sweep_knob}
 def run_sweep(model: Model, run: RunDir, opts: SweepOptions, progress: bool = True) -> dict:
     """Train and evaluate one SAE per (architecture, value) of ``opts.grid`` (or ``opts.values`` of
     ``opts.architecture``); every SAE has the same training options (``lr``, ``n_tokens``, ``batch_size``,
-    ``expansion``, ``seq_len``, ``corpus``; the rest at :class:`TrainOptions`' defaults) but its sparsity knob."""
+    ``expansion``, ``seq_len``, ``corpus``, ``warmup_steps``, ``buffer_tokens``; the rest at
+    :class:`TrainOptions`' defaults) but its sparsity knob."""
     grid = parse_grid(opts.grid) if opts.grid else {opts.architecture: list(opts.values)}
     layer = opts.layer
     jobs = []
@@ -52,11 +53,12 @@ def run_sweep(model: Model, run: RunDir, opts: SweepOptions, progress: bool = Tr
     model.check_layer(layer)
     folder = run / f"sae/sweep_L{layer}"
     train = dict(layer=layer, lr=opts.lr, n_tokens=opts.n_tokens, batch_size=opts.batch_size,
-                 expansion=opts.expansion, seq_len=opts.seq_len, corpus=opts.corpus, cache=opts.cache)
+                 expansion=opts.expansion, seq_len=opts.seq_len, corpus=opts.corpus, cache=opts.cache,
+                 warmup_steps=opts.warmup_steps, buffer_tokens=opts.buffer_tokens)
     if not opts.cache:
         corpus = TokenCorpus(model, opts.corpus, seq_len=opts.seq_len)
         cache_activations(model, corpus, [layer], folder / "cache", max_tokens=opts.n_tokens,
-                          shard_tokens=TrainOptions(layer=layer).buffer_tokens, progress=progress)
+                          shard_tokens=opts.buffer_tokens, progress=progress)
         train["cache"] = str(folder / "cache")
     points = []
     for arch, field, val, name in jobs:
