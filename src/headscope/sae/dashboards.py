@@ -233,15 +233,16 @@ def run_dashboards(model: Model, run: RunDir, opts: DashboardOptions, progress: 
     examples per feature for the quantiles, ``ctx_left``/``ctx_right`` context tokens per example,
     ``page_size`` features per page; ``cache_bytes``: memory bound of what the scan keeps (0: always a
     second forward pass)."""
-    name, n_tokens, batch_size, n_examples, corpus = opts.name, opts.n_tokens, opts.batch_size, opts.n_examples, \
-        opts.corpus
+    name = opts.name
     folder = sae_dir(run, name)
     sae = load_sae(folder, model).to(model.device)
     tj = folder / "train.json"
     cfg = read_json(tj)["config"] if tj.is_file() else {}
-    tc = TokenCorpus(model, corpus or cfg.get("corpus", "default"), seq_len=cfg.get("seq_len", sae.cfg.context_size))
+    tc = TokenCorpus(model, opts.corpus or cfg.get("corpus", "default"),
+                     seq_len=cfg.get("seq_len", sae.cfg.context_size))
     S, F = tc.seq_len, sae.cfg.d_sae
-    scan = _scan(model, sae, tc, n_tokens, batch_size, n_examples, n_samples, progress, cache_bytes=cache_bytes)
+    scan = _scan(model, sae, tc, opts.n_tokens, opts.batch_size, opts.n_examples, n_samples, progress,
+                 cache_bytes=cache_bytes)
     alive = (scan.counts > 0).nonzero().flatten().tolist()
     w = weight_attribution(sae).cpu().tolist()
     logits = output_tokens(model, sae, alive)
@@ -261,7 +262,7 @@ def run_dashboards(model: Model, run: RunDir, opts: DashboardOptions, progress: 
         by_seq.setdefault(top_i[f][0] // S, []).append(f)
     order = sorted(set(wanted) | set(by_seq))
     seqs = _from_kept(scan.kept, tc, order, S, F) if scan.kept is not None else \
-        _second_pass(model, sae, tc, order, batch_size)
+        _second_pass(model, sae, tc, order, opts.batch_size)
     seq_tokens: dict[int, list[str]] = {}
     ctx_acts: dict[tuple[int, int], list[float]] = {}                          # (feature, global index) → acts
     dfa_rec: dict[int, dict] = {}
