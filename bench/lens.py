@@ -45,7 +45,8 @@ def main() -> None:
     from headscope.lens.collect import site_batch
     from headscope.lens.lenses import LensBank, LensConfig
     from headscope.lens.objectives import forward_kl, next_tokens
-    from headscope.lens.train import TrainConfig, train_step
+    from headscope.lens.options import LensTrainConfig
+    from headscope.lens.train import train_step
     from headscope.models.load import load_model
 
     m = load_model(args.model, device=args.device)
@@ -78,8 +79,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     def step_time(lens_bank, **opts) -> float:
-        """Seconds per batched trainer step of ``lens_bank`` with TrainConfig options ``opts``."""
-        c = TrainConfig(chunk_tokens=256, **opts)
+        """Seconds per batched trainer step of ``lens_bank`` with LensTrainConfig options ``opts``."""
+        c = LensTrainConfig(chunk_tokens=256, **opts)
 
         def step():
             lens_bank.zero_grad(set_to_none=True)

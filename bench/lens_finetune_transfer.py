@@ -79,7 +79,8 @@ def main() -> None:
     from headscope.lens.evaluate import run_checkpoint_transfer, run_eval
     from headscope.lens.options import EvalOptions
     from headscope.lens.lenses import LensConfig
-    from headscope.lens.train import TrainConfig, run_train
+    from headscope.lens.options import LensTrainConfig
+    from headscope.lens.train import run_train
     from headscope.models.load import cache_dir, load_model
     from headscope.runs import RunDir, read_json
 
@@ -87,7 +88,7 @@ def main() -> None:
     info = read_json(Path(args.lenses) / "lens" / "lenses.json")
     source_eval = read_json(Path(args.lenses) / "lens" / "eval.json")
     sites = [tuple(s) for s in info["sites"]]
-    tcfg = TrainConfig(**info["train"])
+    tcfg = LensTrainConfig(**info["train"])
 
     base = load_model(args.model, dtype="float32")
     out_model = Path(args.out_model or cache_dir() / f"finetuned-{Path(args.model).name}-{args.steps}steps-lr{args.lr:g}")
@@ -108,7 +109,7 @@ def main() -> None:
     kl = drift(base, tuned, corpus, args.tokens)
     print(f"checkpoint {out_model}: ‖ΔW_U‖/‖W_U‖ = {dW:.4f}; KL(p_base ‖ p_tuned) = {kl:.3f} bits/token on held-out")
 
-    transferred = run_checkpoint_transfer(tuned, run, tokens=args.tokens, progress=False)["per_head"]
+    transferred = run_checkpoint_transfer(tuned, run, EvalOptions(tokens=args.tokens), progress=False)["per_head"]
     with tempfile.TemporaryDirectory() as d:
         native_run = RunDir(Path(d) / "native", tuned.identity())
         run_train(tuned, native_run, sites, LensConfig(**info["lens"]), tcfg, progress=False)

@@ -46,7 +46,8 @@ def main() -> None:
     from headscope.lens.options import EvalOptions
     from headscope.lens.lenses import LensConfig
     from headscope.sites import parse_sites
-    from headscope.lens.train import TrainConfig, run_train
+    from headscope.lens.options import LensTrainConfig
+    from headscope.lens.train import run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir
 
@@ -70,7 +71,7 @@ def main() -> None:
     for i, (name, sites, lens_kw, train_kw) in enumerate(variants):
         run = RunDir(Path(args.out) / f"v{i:02d}", model.identity())
         t0 = time.time()
-        run_train(model, run, sites, LensConfig(**lens_kw), TrainConfig(**cfg, **train_kw), fresh=True, progress=False)
+        run_train(model, run, sites, LensConfig(**lens_kw), LensTrainConfig(**cfg, **train_kw), fresh=True, progress=False)
         t_train = time.time() - t0
         ev = run_eval(model, run, EvalOptions(tokens=args.eval_tokens), progress=False)
         ph = ev["per_head"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-# name -> (LensConfig kwargs, TrainConfig kwargs)
+# name -> (LensConfig kwargs, LensTrainConfig kwargs)
 VARIANTS = {
     "closed form (affine)": ({}, dict(tokens=0)),
     "closed form + fKL 4096 (default)": ({}, dict(tokens=4096)),
@@ -50,7 +50,8 @@ def main() -> None:
     from headscope.lens.options import EvalOptions
     from headscope.lens.lenses import LensConfig
     from headscope.sites import parse_sites
-    from headscope.lens.train import TrainConfig, run_train
+    from headscope.lens.options import LensTrainConfig
+    from headscope.lens.train import run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir
 
@@ -64,7 +65,7 @@ def main() -> None:
     for i, name in enumerate(names):
         lens_kw, train_kw = VARIANTS[name]
         run = RunDir(Path(args.out) / f"v{i:02d}", model.identity())
-        cfg = TrainConfig(**train_kw, corpus=args.corpus)
+        cfg = LensTrainConfig(**train_kw, corpus=args.corpus)
         t0 = time.time()
         run_train(model, run, sites, LensConfig(**lens_kw), cfg, fresh=True, progress=False)
         t_train = time.time() - t0

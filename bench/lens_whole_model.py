@@ -38,14 +38,15 @@ def main() -> None:
     from headscope.lens.options import EvalOptions
     from headscope.lens.lenses import LensConfig
     from headscope.sites import parse_sites
-    from headscope.lens.train import TrainConfig, run_train
+    from headscope.lens.options import LensTrainConfig
+    from headscope.lens.train import run_train
     from headscope.models.load import load_model
     from headscope.runs import RunDir
 
     model = load_model(args.model, device=args.device)
     sites = parse_sites("all", model, layers=parse_layers(args.layers, model.n_layers))
     run = RunDir(Path(args.out), model.identity())
-    cfg = TrainConfig(tokens=args.tokens, init_tokens=args.init_tokens, corpus=args.corpus, batch_size=args.batch_size)
+    cfg = LensTrainConfig(tokens=args.tokens, init_tokens=args.init_tokens, corpus=args.corpus, batch_size=args.batch_size)
     t0 = time.time()
     s = run_train(model, run, sites, LensConfig(), cfg, progress=True)
     t_train = time.time() - t0

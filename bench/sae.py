@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -59,6 +60,7 @@ def child(args) -> dict:
     times = []
     if args.child == "headscope":
         from headscope.runs import RunDir
+        from headscope.sae.options import TrainOptions
         from headscope.sae.store import MemorySource
         from headscope.sae.train import run_train
 
@@ -75,9 +77,10 @@ def child(args) -> dict:
         src = MemorySource(rows, args.layer, rows_per_block=args.block)
         run = RunDir(tempfile.mkdtemp(), {"model": "bench"})
         t0 = time.time()
-        res = run_train(_Model(), run, args.layer, source=src, progress=False, architecture=args.arch, k=args.k,
-                        expansion=args.expansion, batch_size=args.batch_size, n_tokens=n_tok, lr=args.lr,
-                        warmup_steps=10, checkpoint_every=10**9, dead_tokens=1000 * args.batch_size, buffer_tokens=args.block)
+        opts = TrainOptions(layer=args.layer, architecture=args.arch, k=args.k, expansion=args.expansion,
+                            batch_size=args.batch_size, n_tokens=n_tok, lr=args.lr, warmup_steps=10,
+                            checkpoint_every=10**9, dead_tokens=1000 * args.batch_size, buffer_tokens=args.block)
+        res = run_train(_Model(), run, opts, progress=False, source=src)
         total = time.time() - t0
         from headscope.sae.io import load_sae
         sae = load_sae(run.path / f"sae/L{args.layer}")
@@ -91,10 +94,8 @@ def child(args) -> dict:
             l0_train = o.l0()
         # run_train has no per-step timer: time the warm-up separately with a short run and subtract
         t1 = time.time()
-        run_train(_Model(), RunDir(tempfile.mkdtemp(), {"model": "bench"}), args.layer, source=src, progress=False,
-                  architecture=args.arch, k=args.k, expansion=args.expansion, batch_size=args.batch_size,
-                  n_tokens=args.warmup * args.batch_size, lr=args.lr, warmup_steps=10, checkpoint_every=10**9, dead_tokens=1000 * args.batch_size,
-                  buffer_tokens=args.block)
+        run_train(_Model(), RunDir(tempfile.mkdtemp(), {"model": "bench"}),
+                  dataclasses.replace(opts, n_tokens=args.warmup * args.batch_size), progress=False, source=src)
         warm = time.time() - t1
         timed = max(1e-9, total - warm)
         tps = (args.steps - args.warmup) * args.batch_size / timed

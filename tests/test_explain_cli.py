@@ -7,6 +7,7 @@ from headscope.cli import main
 from headscope.models import load_model
 from headscope.runs import RunDir
 from headscope.sae.dashboards import run_dashboards
+from headscope.sae.options import DashboardOptions, TrainOptions
 from headscope.sae.train import run_train
 
 from sae_helpers import small_corpus
@@ -15,9 +16,10 @@ from sae_helpers import small_corpus
 def test_feature_commands_record_and_reuse(gpt2_dir, tmp_path, capsys):
     model = load_model(str(gpt2_dir))
     run = RunDir(tmp_path / "run", model.identity())
-    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256,
-              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
-    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256,
+                                       buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64),
+              progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=1024, batch_size=4), page_size=16, progress=False)
     base = ["--model", str(gpt2_dir), "--out", str(run.path), "--quiet"]
     assert main(["explain", "features", *base, "--sae", "L1", "--features", "5", "--windows", "100"]) == 0
     out = capsys.readouterr().out
@@ -45,9 +47,10 @@ def test_feature_commands_record_and_reuse(gpt2_dir, tmp_path, capsys):
 def test_features_dry_run_sends_nothing(gpt2_dir, tmp_path, capsys):
     model = load_model(str(gpt2_dir))
     run = RunDir(tmp_path / "run", model.identity())
-    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256,
-              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
-    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256,
+                                       buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64),
+              progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=1024, batch_size=4), page_size=16, progress=False)
     jl = tmp_path / "reqs.jsonl"
     assert main(["explain", "features-dry-run", "--model", str(gpt2_dir), "--out", str(run.path), "--sae", "L1",
                  "--features", "6", "--windows", "100", "--base-url", "http://127.0.0.1:9/v1", "--jsonl", str(jl)]) == 0

@@ -94,15 +94,17 @@ def test_contexts_carry_dfa_records_that_match_sae_attribution(tmp_path):
     from headscope.sae.attribution import dfa
     from headscope.sae.dashboards import run_dashboards
     from headscope.sae.io import load_sae
+    from headscope.sae.options import DashboardOptions, TrainOptions
     from headscope.sae.train import run_train
     from headscope.testing.tiny import tiny_model
     from sae_helpers import small_corpus
     model = tiny_model("gpt2")
     run = RunDir(tmp_path / "run", model.identity())
     corpus_path = small_corpus(tmp_path)
-    run_train(model, run, 1, progress=False, corpus=corpus_path, n_tokens=8192, batch_size=256,
-              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
-    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    run_train(model, run, TrainOptions(layer=1, corpus=corpus_path, n_tokens=8192, batch_size=256,
+                                       buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64),
+              progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=1024, batch_size=4), page_size=16, progress=False)
     opts = FeatureExplainOptions(sae="L1", backend="dfa", features=6, n_explain=4, n_test=5, windows=200)
     res = run_explain_features(model, run, opts, progress=False)
     ctx = read_json(run / "explain/features/L1/contexts.json")

@@ -10,6 +10,7 @@ from headscope.explain.features import (FeatureExplainOptions, FeatureScoreOptio
                                         run_feature_contexts, run_score_features)
 from headscope.runs import RunDir, read_json
 from headscope.sae.dashboards import run_dashboards
+from headscope.sae.options import DashboardOptions, TrainOptions
 from headscope.sae.train import run_train
 from headscope.testing.tiny import tiny_model
 
@@ -21,9 +22,10 @@ def sae_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("feat")
     model = tiny_model("gpt2")
     run = RunDir(tmp / "run", model.identity())
-    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
-              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
-    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
+                                       buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64),
+              progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=1024, batch_size=4), page_size=16, progress=False)
     return model, run
 
 

@@ -17,7 +17,7 @@ from headscope.export.neuronpedia import NeuronpediaOptions, export_neuronpedia
 from headscope.runs import RunDir, read_json
 from headscope.sae.dashboards import run_dashboards
 from headscope.sae.evaluate import run_eval
-from headscope.sae.options import EvalOptions
+from headscope.sae.options import DashboardOptions, EvalOptions, TrainOptions
 from headscope.sae.io import load_sae
 from headscope.sae.train import run_train
 from headscope.testing.tiny import tiny_model
@@ -48,10 +48,11 @@ def sae_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     model = tiny_model("gpt2")
     run = RunDir(tmp / "run", model.identity())
-    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
-              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
+    run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
+                                       buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64),
+              progress=False)
     run_eval(model, run, EvalOptions(name="L1", n_tokens=512, batch_size=4), progress=False)
-    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=1024, batch_size=4), page_size=16, progress=False)
     run_explain_features(model, run, FeatureExplainOptions(sae="L1", features=6, n_explain=4, n_test=4, windows=200),
                          progress=False)
     run_score_features(model, run, FeatureScoreOptions(sae="L1"), progress=False)

@@ -100,16 +100,17 @@ SAE_KILLS = [("step", 3), ("write", 1), ("step", 9), ("rename", 1), ("after", 2)
 
 def test_sae_training_survives_kills_anywhere(tmp_path, monkeypatch):
     from headscope.sae import train as sae_train
+    from headscope.sae.options import TrainOptions
     from headscope.sae.train import run_train
     model = tiny_model("llama_gqa")
-    opts = dict(SAE_OPTS, corpus=small_corpus(tmp_path))
-    full = run_train(model, RunDir(tmp_path / "a", model.identity()), 1, progress=False, **opts)
+    opts = TrainOptions(layer=1, corpus=small_corpus(tmp_path), **SAE_OPTS)
+    full = run_train(model, RunDir(tmp_path / "a", model.identity()), opts, progress=False)
     b = RunDir(tmp_path / "b", model.identity())
     kills = 0
     for mode, n in SAE_KILLS:
         with kill_at(monkeypatch, mode, n, (sae_train, "_step")):
             try:
-                run_train(model, b, 1, progress=False, **opts)
+                run_train(model, b, opts, progress=False)
             except Killed:
                 kills += 1
         _leftovers_to_tmp(tmp_path / "b")
@@ -117,7 +118,7 @@ def test_sae_training_survives_kills_anywhere(tmp_path, monkeypatch):
             pass
         assert not list((tmp_path / "b").rglob("*.tmp")), "a temporary leftover survived the next start"
     assert kills == len(SAE_KILLS)
-    done = run_train(model, b, 1, progress=False, **opts)
+    done = run_train(model, b, opts, progress=False)
     assert done["n_steps"] == full["n_steps"] == 48
     wa = read_tensors(tmp_path / "a/sae/L1/sae_weights.safetensors")
     wb = read_tensors(tmp_path / "b/sae/L1/sae_weights.safetensors")
@@ -133,10 +134,10 @@ LENS_KILLS = [("rename", 1), ("step", 2), ("write", 2), ("after", 2), ("step", 3
 def test_lens_training_survives_kills_anywhere(tmp_path, monkeypatch):
     from headscope.lens import train as lens_train
     from headscope.lens.lenses import LensConfig, load_bank
-    from headscope.lens.train import TrainConfig, run_train
+    from headscope.lens.train import LensTrainConfig, run_train
     m = tiny_model("llama_gqa")
     sites = [(0, 0), (2, 3)]
-    cfg = TrainConfig(**LENS_SMALL)
+    cfg = LensTrainConfig(**LENS_SMALL)
     ra = RunDir(tmp_path / "a", m.identity())
     run_train(m, ra, sites, LensConfig(), cfg, progress=False)
     rb = RunDir(tmp_path / "b", m.identity())
@@ -163,12 +164,13 @@ def test_lens_training_survives_kills_anywhere(tmp_path, monkeypatch):
 SIGKILL_SCRIPT = r"""
 import sys
 from headscope.runs import RunDir
+from headscope.sae.options import TrainOptions
 from headscope.sae.train import run_train
 from headscope.testing.tiny import tiny_model
 m = tiny_model("llama_gqa")
-run_train(m, RunDir(sys.argv[1], m.identity()), 1, progress=False, corpus=sys.argv[2],
-          **dict(n_tokens=24576, batch_size=256, buffer_tokens=2048, expansion=2, warmup_steps=5,
-                 checkpoint_every=1, architecture="topk", k=4))
+run_train(m, RunDir(sys.argv[1], m.identity()),
+          TrainOptions(layer=1, corpus=sys.argv[2], n_tokens=24576, batch_size=256, buffer_tokens=2048, expansion=2,
+                       warmup_steps=5, checkpoint_every=1, architecture="topk", k=4), progress=False)
 """
 
 

@@ -14,8 +14,8 @@ from headscope.lens.collect import site_batch
 from headscope.lens.evaluate import evaluate_bank, run_eval
 from headscope.lens.lenses import LensBank, LensConfig, load_bank, save_bank
 from headscope.lens.objectives import forward_kl
-from headscope.lens.options import EvalOptions
-from headscope.lens.train import TrainConfig, load_null, run_train
+from headscope.lens.options import EvalOptions, LensTrainConfig, TrainOptions
+from headscope.lens.train import load_null, run_train
 from headscope.runs import RunDir
 from headscope.sites import parse_sites
 from headscope.testing.tiny import FAMILIES, tiny_model
@@ -163,7 +163,8 @@ def test_train_loss_decreases_and_eval(tmp_path, models):
     m = models["gpt2"]
     run = RunDir(tmp_path / "run", m.identity())
     sites = [(1, 0), (2, 1)]
-    s = run_train(m, run, sites, LensConfig(norm=True), TrainConfig(init="identity", lr=3e-2, **SMALL), progress=False)
+    s = run_train(m, run, sites, LensConfig(norm=True), LensTrainConfig(init="identity", lr=3e-2, **SMALL),
+                  progress=False)
     h = [x["loss_bits"] for x in s["history"]]
     assert len(h) == 16 and np.mean(h[-4:]) < 0.7 * np.mean(h[:2])
     assert (tmp_path / "run/lens/lenses.safetensors").exists() and not (tmp_path / "run/lens/checkpoint").exists()
@@ -176,9 +177,11 @@ def test_train_loss_decreases_and_eval(tmp_path, models):
     assert out["transfer"]["kl"][1][1] == pytest.approx(ph["kl_lens"], rel=0.2)
     # the lenses applied to another checkpoint of the same architecture
     from headscope.lens.evaluate import run_checkpoint_transfer
-    t = run_checkpoint_transfer(tiny_model("gpt2", seed=1), run, tokens=128, batch_size=2, progress=False)
+    t = run_checkpoint_transfer(tiny_model("gpt2", seed=1), run, EvalOptions(tokens=128, batch_size=2), progress=False)
     assert set(t["per_head"]) == {"1.0", "2.1"} and (tmp_path / "run/lens/transfer_checkpoint.json").exists()
     assert t["source_model"]["unembed_sha1"] != t["target_model"]["unembed_sha1"]
+    with pytest.raises(HeadscopeError, match="transfer-tokens"):
+        run_checkpoint_transfer(tiny_model("gpt2", seed=1), run, EvalOptions(transfer_tokens=64), progress=False)
     # independent recomputation of the metrics on one batch with numpy
     bank, _ = load_bank(m, run / "lens")
     null = load_null(run / "lens")
@@ -208,7 +211,7 @@ def test_resume_equals_uninterrupted(tmp_path, models, kind, opt, objective):
     m = models["llama_gqa"]
     sites = [(0, 0), (2, 3)]
     lens = LensConfig(kind=kind, rank=4)
-    cfg = TrainConfig(optimizer=opt, objective=objective, lr=1e-2, shortlist_negatives=64,
+    cfg = LensTrainConfig(optimizer=opt, objective=objective, lr=1e-2, shortlist_negatives=64,
                       **{**SMALL, "tokens": 384, "init_tokens": 128})
     ra = RunDir(tmp_path / "a", m.identity())
     run_train(m, ra, sites, lens, cfg, progress=False)
@@ -228,18 +231,18 @@ def test_shared_lens_trains(tmp_path, models):
     m = models["neox_parallel"]
     run = RunDir(tmp_path / "r", m.identity())
     s = run_train(m, run, [(1, 0), (1, 2), (2, 1)], LensConfig(shared=True),
-                  TrainConfig(**{**SMALL, "tokens": 256}), progress=False)
+                  LensTrainConfig(**{**SMALL, "tokens": 256}), progress=False)
     bank, info = load_bank(m, run / "lens")
     assert bank.n_real_lenses == 2 and bank.n_lenses == 3 and info["lens"]["shared"] == "layer" and s["steps"] == 4
     assert info["controls"] == [[1, 2]] and bank.lens_index.tolist() == [0, 0, 1, 2]
     # one lens for every head of every layer (the cross-layer question), plus the control lens
     run2 = RunDir(tmp_path / "r2", m.identity())
-    run_train(m, run2, [(1, 0), (1, 2), (2, 1)], LensConfig(shared="all"), TrainConfig(**{**SMALL, "tokens": 256}),
-              progress=False)
+    run_train(m, run2, [(1, 0), (1, 2), (2, 1)], LensConfig(shared="all"),
+              LensTrainConfig(**{**SMALL, "tokens": 256}), progress=False)
     bank2, _ = load_bank(m, run2 / "lens")
     assert bank2.n_lenses == 2 and bank2.lens_index.tolist() == [0, 0, 0, 1]
     with pytest.raises(HeadscopeError, match="unknown sharing"):
-        LensConfig(shared="heads").check()
+        LensConfig(shared="heads")
 
 
 def test_bad_input(tmp_path, models):
@@ -268,18 +271,28 @@ def test_bad_input(tmp_path, models):
         load_bank(m, tmp_path / "l")
     # a corrupt checkpoint: one-line error, nothing written
     run = RunDir(tmp_path / "r", m.identity())
-    run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False, stop_at_step=2)
+    run_train(m, run, [(1, 1)], LensConfig(), LensTrainConfig(**SMALL), progress=False, stop_at_step=2)
     (tmp_path / "r/lens/checkpoint/state.safetensors").write_bytes(b"garbage")
     with pytest.raises(HeadscopeError, match="corrupt"):
-        run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False)
+        run_train(m, run, [(1, 1)], LensConfig(), LensTrainConfig(**SMALL), progress=False)
     assert not (tmp_path / "r/lens/lenses.json").exists()
-    run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**SMALL), progress=False, stop_at_step=2, fresh=True)
+    run_train(m, run, [(1, 1)], LensConfig(), LensTrainConfig(**SMALL), progress=False, stop_at_step=2, fresh=True)
     with pytest.raises(HeadscopeError, match="other training options"):
-        run_train(m, run, [(1, 1)], LensConfig(), TrainConfig(**{**SMALL, "lr": 0.5}), progress=False)
+        run_train(m, run, [(1, 1)], LensConfig(), LensTrainConfig(**{**SMALL, "lr": 0.5}), progress=False)
     with pytest.raises(HeadscopeError, match="unknown lens kind"):
-        LensConfig(kind="nope").check()
+        LensConfig(kind="nope")
     with pytest.raises(HeadscopeError, match="objective"):
-        TrainConfig(objective="mse").check()
+        LensTrainConfig(objective="mse")
+    with pytest.raises(HeadscopeError, match="seq-len must be at least 2"):
+        TrainOptions(seq_len=1)        # the stage's options run both parents' checks
+    with pytest.raises(HeadscopeError, match="lens rank"):
+        TrainOptions(kind="lowrank", rank=0)
+    # the trainer's configurations are values: frozen, hashable, equal when their fields are
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LensTrainConfig().lr = 1.0
+    assert LensConfig(shared=True) == LensConfig(shared="layer") and hash(LensTrainConfig()) == hash(LensTrainConfig())
+    assert TrainOptions(shared="all", lr=0.5).configs() == (LensConfig(shared="all"), LensTrainConfig(lr=0.5))
 
 
 def test_forward_kl_matches_numpy():

@@ -12,7 +12,8 @@ import textwrap
 import torch
 
 from headscope.lens.lenses import LensConfig, load_bank
-from headscope.lens.train import TrainConfig, run_train
+from headscope.lens.options import LensTrainConfig
+from headscope.lens.train import run_train
 from headscope.runs import RunDir
 from headscope.testing.tiny import tiny_model
 
@@ -25,7 +26,8 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     from headscope.distributed import Distributed
     from headscope.lens.lenses import LensConfig
-    from headscope.lens.train import TrainConfig, run_train
+    from headscope.lens.options import LensTrainConfig
+    from headscope.lens.train import run_train
     from headscope.runs import RunDir
     from headscope.testing.tiny import tiny_model
     torch.set_num_threads(1)
@@ -35,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     run = RunDir(out, m.identity()) if dist.primary else None
     dist.barrier()
     run = run or RunDir(out, m.identity())
-    run_train(m, run, {sites}, LensConfig(), TrainConfig(batch_size=2, **{cfg}), progress=False, dist=dist)
+    run_train(m, run, {sites}, LensConfig(), LensTrainConfig(batch_size=2, **{cfg}), progress=False, dist=dist)
     dist.destroy()
 """)
 
@@ -56,7 +58,7 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = tiny_model("gpt2")
     single = RunDir(tmp_path / "single", m.identity())
-    s = run_train(m, single, SITES, LensConfig(), TrainConfig(batch_size=4, **CFG), progress=False)
+    s = run_train(m, single, SITES, LensConfig(), LensTrainConfig(batch_size=4, **CFG), progress=False)
     a, info = load_bank(m, tmp_path / "ddp" / "lens")
     b, _ = load_bank(m, tmp_path / "single" / "lens")
     assert info["train"]["batch_size"] == 2 and s["steps"] == 4

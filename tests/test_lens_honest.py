@@ -23,7 +23,8 @@ from headscope.lens.options import EvalOptions
 from headscope.lens.lenses import LensConfig, load_bank
 from headscope.lens.sampling import fixed_prefix, select_positions
 from headscope.sampling import Windows
-from headscope.lens.train import TrainConfig, load_null, run_train
+from headscope.lens.options import LensTrainConfig
+from headscope.lens.train import load_null, run_train
 from headscope.lens.verdict import decide
 from headscope.runs import RunDir
 from headscope.stats import benjamini_hochberg, cluster_bootstrap_se, clustered_mean_se, one_sided_p
@@ -85,7 +86,7 @@ def oracle_head(model):
 
 def _train_eval(tmp_path, m, name, sites, tokens=2048):
     run = RunDir(tmp_path / name, m.identity())
-    run_train(m, run, sites, LensConfig(), TrainConfig(**CFG), progress=False)
+    run_train(m, run, sites, LensConfig(), LensTrainConfig(**CFG), progress=False)
     return run, run_eval(m, run, EvalOptions(tokens=tokens, batch_size=8), progress=False)
 
 
@@ -180,7 +181,7 @@ def test_null_is_refitted_on_every_token_seen(tmp_path, model):
     """null.safetensors = log mean p over all positions of the closed-form pass and the refinement
     (position 0 left out), recomputed independently from the window plan."""
     run = RunDir(tmp_path / "n", model.identity())
-    cfg = TrainConfig(**{**CFG, "tokens": 256, "init_tokens": 256, "batch_size": 2})
+    cfg = LensTrainConfig(**{**CFG, "tokens": 256, "init_tokens": 256, "batch_size": 2})
     s = run_train(model, run, [SITE], LensConfig(), cfg, progress=False)
     corpus = TokenCorpus(model, "default", seq_len=cfg.seq_len, progress=False)
     win = Windows(corpus, "train", seed=cfg.seed)

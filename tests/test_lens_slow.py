@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from headscope.lens.evaluate import run_eval
-from headscope.lens.options import EvalOptions
 from headscope.lens.lenses import LensConfig
-from headscope.lens.train import TrainConfig, run_train
+from headscope.lens.options import EvalOptions, LensTrainConfig
+from headscope.lens.train import run_train
 from headscope.runs import RunDir
 
 
@@ -21,7 +21,7 @@ def test_default_model_layer18_lenses_against_the_control_lens(tmp_path):
     m = load_model("default")
     run = RunDir(tmp_path / "run", m.identity())
     sites = [(18, h) for h in range(m.n_heads)]
-    run_train(m, run, sites, LensConfig(), TrainConfig(init_tokens=8192, tokens=0), progress=False)
+    run_train(m, run, sites, LensConfig(), LensTrainConfig(init_tokens=8192, tokens=0), progress=False)
     out = run_eval(m, run, EvalOptions(tokens=2048), progress=False)
     c = out["control"]["control0"]
     assert c["gain"] <= (c["gain_se"] or 0.0), c

@@ -35,14 +35,16 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sae_run(tmp_path_factory):
+    from headscope.sae.options import DashboardOptions, TrainOptions
     from headscope.sae.train import run_train
     tmp = tmp_path_factory.mktemp("sae")
     model = tiny_model("gpt2")
     run = RunDir(tmp / "run", model.identity())
-    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp), n_tokens=2048, batch_size=256,
-              buffer_tokens=1024, expansion=1, architecture="topk", k=4, seq_len=64)
+    run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp), n_tokens=2048, batch_size=256,
+                                       buffer_tokens=1024, expansion=1, architecture="topk", k=4, seq_len=64),
+              progress=False)
     from headscope.sae.dashboards import run_dashboards
-    run_dashboards(model, run, "L1", n_tokens=512, batch_size=4, page_size=16, progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=512, batch_size=4), page_size=16, progress=False)
     return run
 
 

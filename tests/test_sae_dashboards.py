@@ -12,6 +12,7 @@ from headscope.data import TokenCorpus
 from headscope.runs import RunDir, read_json
 from headscope.sae.io import save_sae
 from headscope.sae.model import AttnSAE, SAEConfig
+from headscope.sae.options import DashboardOptions
 from headscope.testing.tiny import tiny_model
 
 from sae_helpers import small_corpus
@@ -43,8 +44,8 @@ def _build(model, run, corpus, monkeypatch, **kw):
         seen.extend(order)
         yield from real(model, sae, corpus, order, batch_size)
     monkeypatch.setattr(dash, "_second_pass", spy)
-    idx = dash.run_dashboards(model, run, "S", n_tokens=24 * SEQ, batch_size=4, page_size=8, corpus=corpus,
-                              progress=False, **kw)
+    idx = dash.run_dashboards(model, run, DashboardOptions(name="S", n_tokens=24 * SEQ, batch_size=4,
+                                                           corpus=corpus), page_size=8, progress=False, **kw)
     return idx, _pages(run, idx), len(seen)
 
 

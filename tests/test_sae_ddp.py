@@ -22,12 +22,13 @@ def _worker(rank, world, port, root, corpus, out):
     torch.set_num_threads(1)
     from headscope.distributed import Distributed
     from headscope.runs import RunDir
+    from headscope.sae.options import TrainOptions
     from headscope.sae.train import run_train
     from headscope.testing.tiny import tiny_model
     model = tiny_model("llama_gqa")
     dist = Distributed(rank=rank, local_rank=rank, world_size=world)
     run = RunDir(root, model.identity())
-    res = run_train(model, run, 1, progress=False, dist=dist, corpus=corpus, **OPTS)
+    res = run_train(model, run, TrainOptions(layer=1, corpus=corpus, **OPTS), progress=False, dist=dist)
     out[rank] = {"sha": res["weights_sha1"], "steps": res["n_steps"], "world": res["world_size"],
                  "mse": [h["mse"] for h in res["history"] if "mse" in h]}
     dist.destroy()
@@ -46,7 +47,9 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert (tmp_path / "run/sae/L1/cfg.json").is_file()
     # a single process on the same options trains on half the batches per step: a different SAE
     from headscope.runs import RunDir
+    from headscope.sae.options import TrainOptions
     from headscope.sae.train import run_train
     model = tiny_model("llama_gqa")
-    single = run_train(model, RunDir(tmp_path / "single", model.identity()), 1, progress=False, corpus=corpus, **OPTS)
+    single = run_train(model, RunDir(tmp_path / "single", model.identity()), TrainOptions(layer=1, corpus=corpus, **OPTS),
+                       progress=False)
     assert single["n_steps"] == 2 * out[0]["steps"] and single["weights_sha1"] != out[0]["sha"]

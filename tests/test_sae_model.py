@@ -194,10 +194,10 @@ def test_architecture_registry_is_the_one_list():
 
     from headscope.sae.architectures import REGISTRY, get
     from headscope.sae.model import ARCHITECTURES, THRESHOLDED
-    from headscope.sae.options import TRAINABLE, TrainConfig
+    from headscope.sae.options import TRAINABLE, TrainOptions
     assert ARCHITECTURES == tuple(REGISTRY)
     assert set(TRAINABLE) == {n for n, a in REGISTRY.items() if a.trainable}
-    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["architecture"])) == set(TRAINABLE)
+    assert set(typing.get_args(typing.get_type_hints(TrainOptions)["architecture"])) == set(TRAINABLE)
     assert set(THRESHOLDED) == {n for n, a in REGISTRY.items() if "threshold" in a.param_names}
     for name, arch in REGISTRY.items():
         assert arch.name == name and type(arch).__module__.startswith("headscope.sae.architectures.")

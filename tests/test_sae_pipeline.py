@@ -11,7 +11,7 @@ from headscope.sae.analysis import run_analysis
 from headscope.sae.atlas_data import atlas_data
 from headscope.sae.dashboards import run_dashboards
 from headscope.sae.evaluate import run_eval
-from headscope.sae.options import AnalysisOptions, EvalOptions
+from headscope.sae.options import AnalysisOptions, DashboardOptions, EvalOptions, TrainOptions
 from headscope.sae.train import run_train
 from headscope.testing.tiny import tiny_model
 
@@ -25,7 +25,7 @@ def test_stage_functions_and_atlas_data(tmp_path, arch):
     run = RunDir(tmp_path / "run", model.identity())
     opts = dict(corpus=small_corpus(tmp_path), n_tokens=8192, batch_size=256, buffer_tokens=2048, expansion=2,
                 architecture=arch, k=4, seq_len=64, l0_coeff=0.05)
-    run_train(model, run, 1, progress=False, **opts)
+    run_train(model, run, TrainOptions(layer=1, **opts), progress=False)
     ev = run_eval(model, run, EvalOptions(name="L1", n_tokens=512, batch_size=4), progress=False)
     for key in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean", "kl_recovered_zero", "dead_frac", "dense_frac"):
         assert key in ev
@@ -37,7 +37,8 @@ def test_stage_functions_and_atlas_data(tmp_path, arch):
     an = read_json(tmp_path / "run/sae/L1/heads.json")
     assert set(an["heads"]) == {"0", "1", "2", "3"}
     assert all(h["n_groups"] == len(h["groups"]) and h["verdict"] for h in an["heads"].values())
-    idx = run_dashboards(model, run, "L1", n_tokens=512, batch_size=4, page_size=16, progress=False)
+    idx = run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=512, batch_size=4), page_size=16,
+                                                      progress=False)
     assert idx["alive"] == int((read_tensors(tmp_path / "run/sae/L1/feature_counts.safetensors")["counts"] > 0).sum()) \
         or idx["alive"] > 0
     page = read_json(tmp_path / "run/sae/L1/dashboards/page_000.json")["features"]
@@ -81,24 +82,36 @@ def test_cli_train_eval_dfa_and_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_sweep_trains_from_one_cache_and_plots(tmp_path):
+def test_sweep_trains_from_one_cache_and_plots(tmp_path, capsys):
+    """`headscope sae sweep` end to end (the command takes its options dataclass), then a grid of
+    architectures through :func:`run_sweep` from the cache the first sweep wrote."""
+    from headscope.errors import HeadscopeError
+    from headscope.sae.options import SweepOptions
     from headscope.sae.sweep import run_sweep
-    model = tiny_model("neox_sequential")
-    run = RunDir(tmp_path / "run", model.identity())
-    res = run_sweep(model, run, 1, values=[2, 6], eval_tokens=256, progress=False, corpus=small_corpus(tmp_path),
-                    n_tokens=4096, batch_size=256, buffer_tokens=2048, expansion=2, seq_len=64)
-    assert [p["name"] for p in res["points"]] == ["L1_k2", "L1_k6"]
-    assert res["points"][0]["l0"] <= 2 < res["points"][1]["l0"] <= 6
+    from headscope.testing.tiny import save_tiny_model
+    mdir = save_tiny_model("neox_sequential", tmp_path / "tinymodel")
+    corpus = small_corpus(tmp_path)
+    assert main(["sae", "sweep", "--model", str(mdir), "--out", str(tmp_path / "run"), "--layer", "1",
+                 "--values", "2", "6", "--eval-tokens", "256", "--corpus", corpus, "--tokens", "4096",
+                 "--batch-size", "256", "--expansion", "2", "--seq-len", "64", "--buffer-tokens", "2048",
+                 "--warmup-steps", "5"]) == 0
+    points = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in points] == ["L1_k2", "L1_k6"]
+    assert points[0]["l0"] <= 2 < points[1]["l0"] <= 6
     assert (tmp_path / "run/sae/sweep_L1/sweep.png").stat().st_size > 1000
     assert (tmp_path / "run/sae/sweep_L1/cache/manifest.json").is_file()
-    from headscope.errors import HeadscopeError
-    with pytest.raises(HeadscopeError, match="positive integers"):
-        run_sweep(model, run, 1, values=[2.5], progress=False, cache=str(tmp_path / "run/sae/sweep_L1/cache"))
-    # several architectures from the same cache: one point per (architecture, value), one curve each
+    cfg = read_json(tmp_path / "run/sae/L1_k6/train.json")["config"]
+    assert (cfg["k"], cfg["warmup_steps"], cfg["lr"]) == (6, 5, 1e-3)
+    assert read_json(tmp_path / "run/sae/sweep_L1/cache/manifest.json")["tokens_per_shard"] <= 2048
+    model = tiny_model("neox_sequential")
+    run = RunDir(tmp_path / "run", model.identity())
     cache = str(tmp_path / "run/sae/sweep_L1/cache")
-    res = run_sweep(model, run, 1, grid={"topk": [2], "batchtopk": [2], "jumprelu": [0.5],
-                                         "matryoshka_batchtopk": [3]}, eval_tokens=256, progress=False,
-                    cache=cache, corpus=small_corpus(tmp_path), n_tokens=4096, batch_size=256, expansion=2, seq_len=64)
+    with pytest.raises(HeadscopeError, match="positive integers"):
+        run_sweep(model, run, SweepOptions(layer=1, values=[2.5], cache=cache), progress=False)
+    # several architectures from the same cache: one point per (architecture, value), one curve each
+    res = run_sweep(model, run, SweepOptions(layer=1, grid="topk:2 batchtopk:2 jumprelu:0.5 matryoshka_batchtopk:3",
+                                             eval_tokens=256, cache=cache, corpus=corpus, n_tokens=4096,
+                                             batch_size=256, expansion=2, seq_len=64), progress=False)
     assert [p["name"] for p in res["points"]] == ["L1_k2", "L1_btk2", "L1_l0_0.5", "L1_mtk3"]
     assert [p["architecture"] for p in res["points"]] == ["topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
     assert all(p["ce_recovered_zero"] is not None and p["l0"] > 0 for p in res["points"])

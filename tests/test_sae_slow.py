@@ -18,14 +18,16 @@ LAYER = 2
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from headscope.models.load import load_model
+    from headscope.sae.options import TrainOptions
     from headscope.sae.train import run_train
     model = load_model("default")
     root = tmp_path_factory.mktemp("sae_slow")
     cache_activations(model, TokenCorpus(model), [LAYER], root / "cache", max_tokens=32512, shard_tokens=16384,
                       progress=False)
     run = RunDir(root / "run", model.identity())
-    res = run_train(model, run, LAYER, architecture="topk", k=32, expansion=2, batch_size=512, n_tokens=49152,
-                    lr=2e-3, warmup_steps=10, cache=str(root / "cache"), progress=False)
+    res = run_train(model, run, TrainOptions(layer=LAYER, architecture="topk", k=32, expansion=2, batch_size=512,
+                                             n_tokens=49152, lr=2e-3, warmup_steps=10, cache=str(root / "cache")),
+                    progress=False)
     return model, run, res
 
 

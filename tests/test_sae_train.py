@@ -10,6 +10,7 @@ from headscope.data import TokenCorpus
 from headscope.errors import HeadscopeError
 from headscope.runs import RunDir, read_json, read_tensors, write_tensors
 from headscope.sae.io import load_sae
+from headscope.sae.options import TrainOptions
 from headscope.sae.store import CacheSource, cache_activations
 from headscope.sae.train import run_train
 from headscope.testing.tiny import tiny_model
@@ -30,11 +31,11 @@ def test_resume_equals_uninterrupted(tmp_path, model, arch):
     opts = dict(OPTS, corpus=corpus, architecture=arch, k=4, l1_coeff=0.5,
                 resample_every=10 if arch == "standard" else 0)
     a = RunDir(tmp_path / "a", model.identity())
-    full = run_train(model, a, 1, progress=False, **opts)
+    full = run_train(model, a, TrainOptions(layer=1, **opts), progress=False)
     b = RunDir(tmp_path / "b", model.identity())
-    part = run_train(model, b, 1, progress=False, stop_at_step=17, **opts)   # "interrupted" at step 17
+    part = run_train(model, b, TrainOptions(layer=1, **opts), progress=False, stop_at_step=17)  # a kill
     assert part["stopped_at_step"] == 17 and not (tmp_path / "b/sae/L1/cfg.json").exists()
-    resumed = run_train(model, b, 1, progress=False, **opts)
+    resumed = run_train(model, b, TrainOptions(layer=1, **opts), progress=False)
     wa = read_tensors(tmp_path / "a/sae/L1/sae_weights.safetensors")
     wb = read_tensors(tmp_path / "b/sae/L1/sae_weights.safetensors")
     for k in wa:
@@ -45,8 +46,8 @@ def test_resume_equals_uninterrupted(tmp_path, model, arch):
     h = [r for r in full["history"] if "mse" in r]
     assert h[-1]["mse"] < h[0]["mse"]  # the loss went down
     # a checkpoint of other options is not resumed: training starts over (the stage contract decides reruns)
-    run_train(model, b, 1, progress=False, stop_at_step=3, **dict(opts, lr=5e-3), name="x")
-    other = run_train(model, b, 1, progress=False, **dict(opts, lr=9e-3), name="x")
+    run_train(model, b, TrainOptions(layer=1, **dict(opts, lr=5e-3), name="x"), progress=False, stop_at_step=3)
+    other = run_train(model, b, TrainOptions(layer=1, **dict(opts, lr=9e-3), name="x"), progress=False)
     assert other["config"]["lr"] == 9e-3 and other["n_steps"] == 48
 
 
@@ -56,8 +57,9 @@ def test_cache_equals_streaming_and_cache_errors(tmp_path, model):
     man = cache_activations(model, tc, [1, 2], tmp_path / "cache", max_tokens=8128, shard_tokens=2048, progress=False)
     assert man["shards"] == 4 and man["layers"] == [1, 2]
     opts = dict(OPTS, corpus=corpus, n_tokens=4096, architecture="topk", k=4)
-    run_train(model, RunDir(tmp_path / "a", model.identity()), 2, progress=False, **opts)
-    run_train(model, RunDir(tmp_path / "b", model.identity()), 2, progress=False, cache=str(tmp_path / "cache"), **opts)
+    run_train(model, RunDir(tmp_path / "a", model.identity()), TrainOptions(layer=2, **opts), progress=False)
+    run_train(model, RunDir(tmp_path / "b", model.identity()),
+              TrainOptions(layer=2, cache=str(tmp_path / "cache"), **opts), progress=False)
     wa = read_tensors(tmp_path / "a/sae/L2/sae_weights.safetensors")
     wb = read_tensors(tmp_path / "b/sae/L2/sae_weights.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
@@ -103,34 +105,38 @@ def test_nan_activations_stop_with_the_step(tmp_path, model):
     run = RunDir(tmp_path / "r", model.identity())
     # shard 1 is read from step 7 on (2032 rows per shard // 256 = 7 batches per block)
     with pytest.raises(HeadscopeError, match="non-finite z activations at layer 1 in the batch of step 7"):
-        run_train(model, run, 1, progress=False, cache=str(tmp_path / "c"), **dict(OPTS, n_tokens=4096))
+        run_train(model, run, TrainOptions(layer=1, cache=str(tmp_path / "c"), **dict(OPTS, n_tokens=4096)),
+                  progress=False)
     assert not (tmp_path / "r/sae/L1/cfg.json").exists()
 
 
 def test_bad_options(tmp_path, model):
     run = RunDir(tmp_path / "r", model.identity())
     with pytest.raises(HeadscopeError, match="layer 7 is out of range"):
-        run_train(model, run, 7, progress=False)
+        run_train(model, run, TrainOptions(layer=7), progress=False)
     with pytest.raises(HeadscopeError, match="batch-size must be at least 1"):
-        run_train(model, run, 1, progress=False, batch_size=0)
-    with pytest.raises(HeadscopeError, match="unknown SAE training option"):
-        run_train(model, run, 1, progress=False, bogus=1)
+        run_train(model, run, TrainOptions(layer=1, batch_size=0), progress=False)
     with pytest.raises(HeadscopeError, match="cannot train SAE architecture 'gated'"):
-        run_train(model, run, 1, progress=False, architecture="gated")
+        run_train(model, run, TrainOptions(layer=1, architecture="gated"), progress=False)
     with pytest.raises(HeadscopeError, match="matryoshka widths must increase"):
-        run_train(model, run, 1, progress=False, architecture="matryoshka_batchtopk", matryoshka_widths="20,10",
-                  corpus=small_corpus(tmp_path))
+        run_train(model, run, TrainOptions(layer=1, architecture="matryoshka_batchtopk", matryoshka_widths="20,10",
+                                           corpus=small_corpus(tmp_path)), progress=False)
     with pytest.raises(HeadscopeError, match="exceeds"):
-        run_train(model, run, 1, progress=False, corpus=small_corpus(tmp_path), batch_size=4096, buffer_tokens=1024)
+        run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp_path), batch_size=4096,
+                                           buffer_tokens=1024), progress=False)
 
 
 def test_cli_options_are_the_training_configuration():
-    """`sae train`'s options are declared once: the stage's options class is the trainer's TrainConfig, and
+    """`sae train`'s options are declared once: the stage's options class is what the trainer takes, and
     the architectures offered are the trainable ones."""
+    import inspect
     import typing
-    from headscope.sae.instrument import TrainOptions
+    from headscope import registry
     from headscope.sae.model import TRAINABLE
-    from headscope.sae.train import TrainConfig
-    assert TrainOptions is TrainConfig
-    arch = typing.get_args(typing.get_type_hints(TrainConfig)["architecture"])
+    from headscope.sae.options import TrainOptions
+    from headscope.sae.train import run_train
+    assert registry.stage("sae.train").options is TrainOptions
+    assert typing.get_type_hints(run_train)["opts"] is TrainOptions
+    assert list(inspect.signature(run_train).parameters)[:4] == ["model", "run", "opts", "progress"]
+    arch = typing.get_args(typing.get_type_hints(TrainOptions)["architecture"])
     assert set(arch) == set(TRAINABLE)

@@ -21,10 +21,6 @@ EMPTY = inspect.Parameter.empty
 KNOWN_TWINS = {
     # Keyword twins not moved yet (issue 22, step 3): each is a function other modules' tests call with
     # keywords. Remove an entry when its function takes the options dataclass; the test fails on new ones.
-    "headscope.sae.dashboards:run_dashboards": {"n_tokens", "batch_size", "n_examples", "corpus"},
-    "headscope.sae.train:run_train": {"name"},
-    "headscope.sae.sweep:run_sweep": {"grid", "eval_tokens"},
-    "headscope.lens.evaluate:run_checkpoint_transfer": {"tokens", "batch_size"},
     "headscope.explain.stages:run_explain": {"backend", "which", "max_pairs", "max_examples"},
     "headscope.explain.stages:run_score": {"backend", "which", "explanations", "max_per_class", "min_per_class",
                                            "control"},
@@ -53,6 +49,14 @@ def test_stage_functions_take_model_run_opts_progress(stage):
 def test_command_functions_take_run_opts(cmd):
     names = list(inspect.signature(resolve(cmd.func)).parameters)
     assert names == (["model", "run", "opts"] if cmd.needs_model else ["run", "opts"]), cmd.func
+
+
+@pytest.mark.parametrize("item", [i for ins in registry.instruments() for i in ins.stages + ins.commands],
+                         ids=lambda i: i.name)
+def test_options_are_frozen(item):
+    """Options are values (hashed into the stage record, shared by the CLI, the study and the API): none can
+    be changed after its checks ran."""
+    assert item.options.__dataclass_params__.frozen, item.options
 
 
 def twins() -> dict[str, set[str]]:

@@ -25,14 +25,16 @@ def run_dir(tmp_path_factory):
     from headscope.sae.analysis import run_analysis
     from headscope.sae.options import AnalysisOptions
     from headscope.sae.dashboards import run_dashboards
+    from headscope.sae.options import DashboardOptions, TrainOptions
     from headscope.sae.train import run_train
     tmp = tmp_path_factory.mktemp("e2e-explain")
     model = tiny_model("gpt2")
     run = RunDir(tmp / "run", model.identity())
-    run_train(model, run, 1, progress=False, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
-              buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64)
+    run_train(model, run, TrainOptions(layer=1, corpus=small_corpus(tmp), n_tokens=8192, batch_size=256,
+                                       buffer_tokens=2048, expansion=2, architecture="topk", k=4, seq_len=64),
+              progress=False)
     run_analysis(model, run, AnalysisOptions(name="L1"))
-    run_dashboards(model, run, "L1", n_tokens=1024, batch_size=4, page_size=16, progress=False)
+    run_dashboards(model, run, DashboardOptions(name="L1", n_tokens=1024, batch_size=4), page_size=16, progress=False)
     run_explain_features(model, run, FeatureExplainOptions(sae="L1", features=0, n_explain=5, n_test=4, windows=200),
                          progress=False)
     run_score_features(model, run, FeatureScoreOptions(sae="L1"), progress=False)

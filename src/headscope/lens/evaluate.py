@@ -374,29 +374,33 @@ def run_eval(model: Model, run: RunDir, opts: EvalOptions, progress: bool = True
     return out
 
 
-def run_checkpoint_transfer(other: Model, run: RunDir, tokens: int = 8192, batch_size: int = 8,
-                            progress: bool = True) -> dict:
-    """Apply the lenses of ``run`` (trained on one checkpoint) to ``other``, a checkpoint of the same
+def run_checkpoint_transfer(model: Model, run: RunDir, opts: EvalOptions, progress: bool = True) -> dict:
+    """Apply the lenses of ``run`` (trained on one checkpoint) to ``model``, another checkpoint of the same
     architecture (e.g. the fine-tuned model), on its own held-out tokens and its own null lens (fitted on
-    ``tokens`` train tokens spread over the train documents, position 0 left out). Writes
-    ``run/lens/transfer_checkpoint.json``."""
-    bank, info = load_bank(other, run / "lens", allow_other_checkpoint=True)
+    ``opts.tokens`` train tokens spread over the train documents, position 0 left out); ``opts.batch_size``,
+    ``stride`` and ``baselines`` as in :func:`run_eval` (no transfer matrix: ``transfer_tokens`` must be 0).
+    Writes ``run/lens/transfer_checkpoint.json``."""
+    if opts.transfer_tokens:
+        raise HeadscopeError("checkpoint transfer has no cross-head transfer matrix: leave --transfer-tokens at 0")
+    tokens, batch_size = opts.tokens, opts.batch_size
+    bank, info = load_bank(model, run / "lens", allow_other_checkpoint=True)
     tr = info.get("train", {})
-    data = TokenCorpus(other, tr.get("corpus", "default"), seq_len=tr.get("seq_len", 128), progress=progress)
+    data = TokenCorpus(model, tr.get("corpus", "default"), seq_len=tr.get("seq_len", 128), progress=progress)
     psum, n = None, 0
-    train_batches, _, _ = eval_windows(other, data, tokens, batch_size, split="train", seed=1)
+    train_batches, _, _ = eval_windows(model, data, tokens, batch_size, split="train", seed=1)
     with torch.no_grad():
         for ids, _ in train_batches:
-            _, lp = site_batch(other, ids.to(other.device), bank.sites[:1])
+            _, lp = site_batch(model, ids.to(model.device), bank.sites[:1])
             lp = lp[select_positions(torch.zeros(1, lp.shape[0], 1), None, ids)[2].to(lp.device)]
             s = lp.exp().double().sum(0)
             psum = s if psum is None else psum + s
             n += lp.shape[0]
     null = torch.log((psum / n).clamp_min(1e-30)).float()
-    batches, nb, _ = eval_windows(other, data, tokens, batch_size)
-    out = evaluate_bank(other, bank, null, batches, progress=progress, total=nb)
+    batches, nb, _ = eval_windows(model, data, tokens * opts.stride, batch_size)
+    out = evaluate_bank(model, bank, null, batches, progress=progress, total=nb, baselines=opts.baselines,
+                        stride=opts.stride)
     out["source_model"] = info["model"]
-    out["target_model"] = other.identity()
+    out["target_model"] = model.identity()
     out["n_positive_gain"] = sum(v["gain"] > 0 for v in out["per_head"].values())
     out["n_informative"] = sum(v["informative"] for v in out["per_head"].values())
     write_json(run / "lens" / "transfer_checkpoint.json", out)

@@ -60,7 +60,6 @@ class LensBank(nn.Module):
     def __init__(self, model: Model, sites: list[tuple[int, int]], cfg: LensConfig, seed: int = 0,
                  controls: list[tuple[int, int]] = ()):
         super().__init__()
-        cfg.check()
         if not sites:
             raise HeadscopeError("no heads to build lenses for")
         self.cfg, self.sites = cfg, [tuple(s) for s in sites]
@@ -277,7 +276,7 @@ def load_bank(model: Model, folder: Path, allow_other_checkpoint: bool = False) 
         saved.pop("unembed_sha1", None)
     model.check_identity(saved, what=f"lens {folder}")
     try:
-        cfg = LensConfig(**info["lens"]).check()
+        cfg = LensConfig(**info["lens"])
         sites = [tuple(s) for s in info["sites"]]
         controls = [tuple(s) for s in info.get("controls", [])]
     except (KeyError, TypeError) as e:

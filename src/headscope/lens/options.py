@@ -1,5 +1,5 @@
 """The Attention Lens options, declared once: the lens parameterization (:class:`LensConfig`), the trainer's
-configuration (:class:`TrainConfig`) and every ``headscope lens`` step's options (CLI flags, the study's
+configuration (:class:`LensTrainConfig`) and every ``headscope lens`` step's options (CLI flags, the study's
 ``[lens.*]`` keys, checks). A leaf module: it imports nothing of headscope but :mod:`headscope.options` and
 :mod:`headscope.errors`."""
 
@@ -12,7 +12,6 @@ from typing import Literal, Optional
 from simple_parsing import field
 from simple_parsing.helpers import flag
 
-from ..errors import HeadscopeError
 from ..options import check, options_dict
 
 
@@ -29,7 +28,7 @@ KINDS = ("affine", "lowrank", "full")
 SHARING = ("none", "layer", "all")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LensConfig:
     """The parameterization of a bank of lenses."""
 
@@ -45,16 +44,12 @@ class LensConfig:
     """``none`` (one lens per head), ``layer`` (one per layer, shared by its heads) or ``all`` (one lens
     for every head); ``True``/``False`` mean ``layer``/``none``."""
 
-    def check(self) -> "LensConfig":
-        if self.kind not in KINDS:
-            raise HeadscopeError(f"unknown lens kind '{self.kind}' (choose from {', '.join(KINDS)})")
+    def __post_init__(self):
+        check(self.kind in KINDS, f"unknown lens kind '{self.kind}' (choose from {', '.join(KINDS)})")
         if self.shared is True or self.shared is False:
-            self.shared = "layer" if self.shared else "none"
-        if self.shared not in SHARING:
-            raise HeadscopeError(f"unknown sharing '{self.shared}' (choose from {', '.join(SHARING)})")
-        if self.kind == "lowrank" and self.rank < 1:
-            raise HeadscopeError(f"lens rank must be at least 1, got {self.rank}")
-        return self
+            object.__setattr__(self, "shared", "layer" if self.shared else "none")
+        check(self.shared in SHARING, f"unknown sharing '{self.shared}' (choose from {', '.join(SHARING)})")
+        check(self.kind != "lowrank" or self.rank >= 1, f"lens rank must be at least 1, got {self.rank}")
 
 
 INITS = ("lstsq", "identity", "base")
@@ -63,9 +58,10 @@ INITS = ("lstsq", "identity", "base")
 OPTIMIZERS = ("adam", "sgd")
 
 
-@dataclass
-class TrainConfig:
-    """Options of ``headscope lens train`` (one docstring per field)."""
+@dataclass(frozen=True)
+class LensTrainConfig:
+    """The lens trainer's configuration: the closed-form start and the KL refinement (the training half of
+    ``headscope lens train``'s options, one docstring per field)."""
 
     tokens: int = 4096
     """Training tokens of KL refinement after the closed-form start (0: the start alone). The default
@@ -110,38 +106,34 @@ class TrainConfig:
     shortlist_negatives: int = 2048
     """fkl_shortlist: random negative tokens per step."""
 
-    def check(self) -> "TrainConfig":
-        if self.init not in INITS:
-            raise HeadscopeError(f"unknown init '{self.init}' (choose from {', '.join(INITS)})")
-        if self.objective not in OBJECTIVES:
-            raise HeadscopeError(f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
-        if self.optimizer not in OPTIMIZERS:
-            raise HeadscopeError(f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise HeadscopeError(f"compute dtype must be float32 or bfloat16, got '{self.compute_dtype}'")
-        if self.calib_tokens < 1:
-            raise HeadscopeError("--calib-tokens must be at least 1")
+    def __post_init__(self):
+        check(self.init in INITS, f"unknown init '{self.init}' (choose from {', '.join(INITS)})")
+        check(self.objective in OBJECTIVES,
+              f"unknown objective '{self.objective}' (choose from {', '.join(OBJECTIVES)})")
+        check(self.optimizer in OPTIMIZERS,
+              f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+        check(self.compute_dtype in ("float32", "bfloat16"),
+              f"compute dtype must be float32 or bfloat16, got '{self.compute_dtype}'")
+        check(self.calib_tokens >= 1, "--calib-tokens must be at least 1")
         for name in ("tokens", "init_tokens", "warmup", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise HeadscopeError(f"--{name.replace('_', '-')} must not be negative")
-        if self.batch_size < 1 or self.chunk_tokens < 1 or not (self.lr > 0 and math.isfinite(self.lr)):
-            raise HeadscopeError("batch size, chunk tokens and learning rate must be positive (and finite)")
-        if not (0 <= self.weight_decay < math.inf and 0 <= self.clip < math.inf):
-            raise HeadscopeError("--weight-decay and --clip must be finite numbers, 0 or more")
-        if self.seq_len < 2 or self.shortlist_top_k < 1 or self.shortlist_negatives < 0:
-            raise HeadscopeError("--seq-len must be at least 2, --shortlist-top-k at least 1, "
-                                 "--shortlist-negatives 0 or more")
-        return self
+            check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
+        check(self.batch_size >= 1 and self.chunk_tokens >= 1 and self.lr > 0 and math.isfinite(self.lr),
+              "batch size, chunk tokens and learning rate must be positive (and finite)")
+        check(0 <= self.weight_decay < math.inf and 0 <= self.clip < math.inf,
+              "--weight-decay and --clip must be finite numbers, 0 or more")
+        check(self.seq_len >= 2 and self.shortlist_top_k >= 1 and self.shortlist_negatives >= 0,
+              "--seq-len must be at least 2, --shortlist-top-k at least 1, --shortlist-negatives 0 or more")
 
     def steps(self, world_size: int = 1) -> int:
+        """Refinement steps with ``world_size`` processes (each reads ``batch_size`` sequences a step)."""
         return math.ceil(self.tokens / (self.batch_size * self.seq_len * world_size)) if self.tokens else 0
 
 
-@dataclass
-class TrainOptions(TrainConfig, LensConfig):
+@dataclass(frozen=True)
+class TrainOptions(LensTrainConfig, LensConfig):
     """Trains a lens for every head asked for: a closed-form start (least squares on the model's own logits,
     per-head scale) refined by KL; resumable; torchrun-ready. The options are the lens parameterization
-    (LensConfig) and the trainer's configuration (TrainConfig), declared once there, plus which heads."""
+    (LensConfig) and the trainer's configuration (LensTrainConfig), declared once there, plus which heads."""
 
     layers: str = "all"
     """'all', '18', '1,4', '10-13', '-4'"""
@@ -149,14 +141,14 @@ class TrainOptions(TrainConfig, LensConfig):
     """head indices for every layer ('all', '0,3') or sites '20.3,21.*'"""
 
     def __post_init__(self):
-        self.configs()  # the trainer's own checks, before anything runs
+        LensConfig.__post_init__(self)       # both parents' checks, before anything runs
+        LensTrainConfig.__post_init__(self)
 
-    def configs(self) -> tuple[LensConfig, TrainConfig]:
-        """The (LensConfig, TrainConfig) pair the trainer takes, checked."""
+    def configs(self) -> tuple[LensConfig, LensTrainConfig]:
+        """The (LensConfig, LensTrainConfig) pair the trainer takes."""
         d = options_dict(self)
-        lens = LensConfig(**{f.name: d[f.name] for f in fields(LensConfig)})
-        train = TrainConfig(**{f.name: d[f.name] for f in fields(TrainConfig)})
-        return lens.check(), train.check()
+        return (LensConfig(**{f.name: d[f.name] for f in fields(LensConfig)}),
+                LensTrainConfig(**{f.name: d[f.name] for f in fields(LensTrainConfig)}))
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,13 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_checkpoint, read_json, read_tensors, write_checkpoint, write_json, write_tensors
+from ..schedule import lr_at
 from .closed_form import Moments, calibrate_scale
 from .collect import site_batch
 from .lenses import LensBank, LensConfig, save_bank, softcap
 from ..sampling import Windows
 from .objectives import LN2, loss, next_tokens, shortlist
-from .options import TrainConfig
+from .options import LensTrainConfig
 from .sampling import select_positions
 
 
@@ -48,21 +49,14 @@ def _dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
-def _make_optimizer(bank: LensBank, cfg: TrainConfig):
+def _make_optimizer(bank: LensBank, cfg: LensTrainConfig):
     params = [p for p in bank.parameters()]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
-    decay = 1.0 - step / total if total else 1.0
-    return cfg.lr * warm * max(decay, 0.0)
-
-
-def _global_batch(windows: Windows, step: int, cfg: TrainConfig, dist: Distributed, first_seq: int = 0) -> torch.Tensor | None:
+def _global_batch(windows: Windows, step: int, cfg: LensTrainConfig, dist: Distributed, first_seq: int = 0) -> torch.Tensor | None:
     """The ids [B, S] this rank reads at ``step`` (None when the split is used up)."""
     start = first_seq + (step * dist.world_size + dist.rank) * cfg.batch_size
     end = min(start + cfg.batch_size, len(windows))
@@ -71,7 +65,7 @@ def _global_batch(windows: Windows, step: int, cfg: TrainConfig, dist: Distribut
     return windows.ids(start, end)
 
 
-def control_generator(cfg: TrainConfig, dist: Distributed, step: int, phase: int = 1) -> torch.Generator:
+def control_generator(cfg: LensTrainConfig, dist: Distributed, step: int, phase: int = 1) -> torch.Generator:
     """The generator that scrambles the control rows of one batch (phase 0: closed-form pass, 1: step)."""
     return torch.Generator().manual_seed(((cfg.seed * 2 + phase) * 1_000_003 + step) * 64 + dist.rank)
 
@@ -126,7 +120,7 @@ def _load_checkpoint(saved: tuple, folder, bank: LensBank, opt, gen: torch.Gener
 
 
 # -- training -----------------------------------------------------------------------------------------
-def train_step(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, nxt: torch.Tensor, cfg: TrainConfig,
+def train_step(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, nxt: torch.Tensor, cfg: LensTrainConfig,
                gen: torch.Generator) -> torch.Tensor:
     """Accumulate gradients of the per-site loss for one batch (R [K,N,d], logp [N,V], nxt [N]);
     returns the per-site mean loss [K] (nats). Positions are processed in chunks of ``chunk_tokens``."""
@@ -148,15 +142,15 @@ def train_step(bank: LensBank, R: torch.Tensor, logp: torch.Tensor, nxt: torch.T
 
 
 def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: LensConfig | None = None,
-              cfg: TrainConfig | None = None, fresh: bool = False, progress: bool = True,
+              cfg: LensTrainConfig | None = None, fresh: bool = False, progress: bool = True,
               dist: Distributed | None = None, stop_at_step: int | None = None) -> dict:
     """Train lenses for ``sites`` [(layer, head)] and write them under ``run/lens`` (see module
     docstring). Resumes from ``run/lens/checkpoint`` unless ``fresh``. ``stop_at_step`` stops early
     after writing a checkpoint at that step (used to test that resuming equals an uninterrupted run).
     Returns the summary written to ``train.json``."""
     from tqdm import tqdm
-    lens = (lens or LensConfig()).check()
-    cfg = (cfg or TrainConfig()).check()
+    lens = lens or LensConfig()
+    cfg = cfg or LensTrainConfig()
     dist = dist or Distributed()
     if not sites:
         raise HeadscopeError("no heads to train lenses for")
@@ -200,7 +194,7 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
         ref["psum"] += sums[:-1]
         ref["n"] += sums[-1]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total_steps, cfg)
+            g["lr"] = lr_at(cfg.lr, step, total_steps, cfg.warmup, decay_frac=1.0)  # decay over every step
         opt.zero_grad(set_to_none=True)
         per = train_step(bank, R, logp, next_tokens(ids).to(model.device)[keep], cfg, gen)
         dist.all_reduce_grads(bank.parameters())
@@ -250,16 +244,16 @@ def run_train(model: Model, run: RunDir, sites: list[tuple[int, int]], lens: Len
     return summary
 
 
-def _init_batches(cfg: TrainConfig, dist: Distributed) -> int:
+def _init_batches(cfg: LensTrainConfig, dist: Distributed) -> int:
     return max(1, math.ceil(cfg.init_tokens / (cfg.batch_size * cfg.seq_len * dist.world_size)))
 
 
-def _init_sequences(cfg: TrainConfig, dist: Distributed) -> int:
+def _init_sequences(cfg: LensTrainConfig, dist: Distributed) -> int:
     """Sequences read by the closed-form pass; the refinement reads the sequences after them."""
     return _init_batches(cfg, dist) * cfg.batch_size * dist.world_size
 
 
-def _initialise(model: Model, bank: LensBank, windows: Windows, cfg: TrainConfig,
+def _initialise(model: Model, bank: LensBank, windows: Windows, cfg: LensTrainConfig,
                 dist: Distributed, progress: bool) -> dict:
     """Closed-form / base-rate start (``cfg.init``); returns the null's sums {"psum" [V], "n"} over the
     positions read (float64; the refinement adds its own)."""

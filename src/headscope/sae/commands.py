@@ -24,13 +24,8 @@ def cmd_cache(model, run, opts) -> int:
 
 
 def cmd_sweep(model, run, opts) -> int:
-    from .options import parse_grid
     from .sweep import run_sweep
-    opts = dict(architecture=opts.architecture, n_tokens=opts.n_tokens, batch_size=opts.batch_size, expansion=opts.expansion,
-                corpus=opts.corpus, cache=opts.cache, lr=opts.lr, seq_len=opts.seq_len)
-    grid = parse_grid(opts.grid) if opts.grid else None
-    res = run_sweep(model, run, opts.layer, values=list(opts.values) or None, grid=grid,
-                    eval_tokens=opts.eval_tokens, **opts)
+    res = run_sweep(model, run, opts)
     _print(res["points"])
     return 0
 

@@ -1,4 +1,4 @@
-"""Feature dashboards as data, stored in the run directory for the atlas: ``run_dashboards(model, run, name)``.
+"""Feature dashboards as data, stored in the run directory for the atlas: ``run_dashboards(model, run, opts)``.
 
 For every feature that fires on the held-out tokens scanned (``n_tokens // seq_len`` held-out sequences
 drawn by the shared sampler, :mod:`headscope.sampling`, so spread over the split's documents), one record:
@@ -44,6 +44,7 @@ from ..sampling import Windows
 from .attribution import dfa_from_capture, output_tokens, weight_attribution
 from .io import load_sae
 from .model import AttnSAE
+from .options import DashboardOptions
 from .train import sae_dir
 
 CACHE_BYTES = 256 * 2 ** 20
@@ -224,19 +225,24 @@ def _write_page(path, obj) -> None:
 
 
 @torch.no_grad()
-def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 16384, batch_size: int = 8,
-                   n_examples: int = 10, n_samples: int = 20, ctx_left: int = 12, ctx_right: int = 4,
-                   page_size: int = 128, corpus: str | None = None, progress: bool = True,
+def run_dashboards(model: Model, run: RunDir, opts: DashboardOptions, progress: bool = True, *,
+                   n_samples: int = 20, ctx_left: int = 12, ctx_right: int = 4, page_size: int = 128,
                    cache_bytes: int = CACHE_BYTES) -> dict:
-    """Build the dashboards of SAE ``name`` (see module docstring); returns the index dict.
-    ``cache_bytes``: memory bound of what the scan keeps (0: always a second forward pass)."""
+    """Build the dashboards of SAE ``opts.name`` (see module docstring); returns the index dict.
+    Keywords the CLI and the study leave at their defaults (tests set them): ``n_samples`` random activating
+    examples per feature for the quantiles, ``ctx_left``/``ctx_right`` context tokens per example,
+    ``page_size`` features per page; ``cache_bytes``: memory bound of what the scan keeps (0: always a
+    second forward pass)."""
+    name = opts.name
     folder = sae_dir(run, name)
     sae = load_sae(folder, model).to(model.device)
     tj = folder / "train.json"
     cfg = read_json(tj)["config"] if tj.is_file() else {}
-    tc = TokenCorpus(model, corpus or cfg.get("corpus", "default"), seq_len=cfg.get("seq_len", sae.cfg.context_size))
+    tc = TokenCorpus(model, opts.corpus or cfg.get("corpus", "default"),
+                     seq_len=cfg.get("seq_len", sae.cfg.context_size))
     S, F = tc.seq_len, sae.cfg.d_sae
-    scan = _scan(model, sae, tc, n_tokens, batch_size, n_examples, n_samples, progress, cache_bytes=cache_bytes)
+    scan = _scan(model, sae, tc, opts.n_tokens, opts.batch_size, opts.n_examples, n_samples, progress,
+                 cache_bytes=cache_bytes)
     alive = (scan.counts > 0).nonzero().flatten().tolist()
     w = weight_attribution(sae).cpu().tolist()
     logits = output_tokens(model, sae, alive)
@@ -256,7 +262,7 @@ def run_dashboards(model: Model, run: RunDir, name: str, *, n_tokens: int = 1638
         by_seq.setdefault(top_i[f][0] // S, []).append(f)
     order = sorted(set(wanted) | set(by_seq))
     seqs = _from_kept(scan.kept, tc, order, S, F) if scan.kept is not None else \
-        _second_pass(model, sae, tc, order, batch_size)
+        _second_pass(model, sae, tc, order, opts.batch_size)
     seq_tokens: dict[int, list[str]] = {}
     ctx_acts: dict[tuple[int, int], list[float]] = {}                          # (feature, global index) → acts
     dfa_rec: dict[int, dict] = {}

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import json
 
-from ..options import options_dict
 from ..registry import Instrument
 from ..runs import Command, Stage
 from .options import (AnalysisOptions, CacheOptions, DashboardOptions, DfaOptions, EvalOptions, ImportOptions,
-                      IoiOptions, SweepOptions, TrainConfig, eval_outputs)
+                      IoiOptions, SweepOptions, TrainOptions, eval_outputs)
 from .results import (SAEAnalysisResult, SAEDashboardsResult, SAEEvalResult, SAEImportResult, SAEIoiResult,
                       SAETrainResult)
-
-
-TrainOptions = TrainConfig
-"""``sae train``'s options are the trainer's configuration (sae/options.py)."""
 
 
 def _sae_files(name: str) -> list[str]:
@@ -23,13 +18,13 @@ def _sae_files(name: str) -> list[str]:
 
 
 def stage_train(model, run, opts: TrainOptions, progress: bool = True) -> SAETrainResult:
+    """sae.train: :func:`headscope.sae.train.run_train` (torchrun-aware), its summary typed."""
     from ..distributed import Distributed
     from .train import run_train
     dist = Distributed()
     if dist.enabled:
         model.hf.to(dist.device(str(model.device)))
-    res = run_train(model, run, opts.layer, name=opts.sae_name, dist=dist, progress=progress,
-                    **{k: v for k, v in options_dict(opts).items() if k not in ("layer", "name")})
+    res = run_train(model, run, opts, progress, dist=dist)
     return SAETrainResult(name=res.get("name", opts.sae_name), layer=opts.layer,
                           **{k: res[k] for k in ("n_steps", "tokens", "tokens_per_s", "final") if k in res})
 
@@ -50,8 +45,7 @@ def stage_eval(model, run, opts: EvalOptions, progress: bool = True) -> SAEEvalR
 
 def stage_dashboards(model, run, opts: DashboardOptions, progress: bool = True) -> SAEDashboardsResult:
     from .dashboards import run_dashboards
-    idx = run_dashboards(model, run, opts.name, n_tokens=opts.n_tokens, batch_size=opts.batch_size,
-                         n_examples=opts.n_examples, corpus=opts.corpus, progress=progress)
+    idx = run_dashboards(model, run, opts, progress)
     return SAEDashboardsResult(alive=idx.get("alive"))
 
 

@@ -1,6 +1,6 @@
-"""The SAE options, declared once: the training run's configuration (:class:`TrainConfig`: ``headscope sae
-train`` flags, the study's ``[sae.train]`` keys and the trainer's configuration) and every other ``headscope
-sae`` step's options. A leaf module: it imports nothing of headscope but :mod:`headscope.options` and
+"""The SAE options, declared once: ``headscope sae train``'s options (:class:`TrainOptions`: its flags, the
+study's ``[sae.train]`` keys and the trainer's configuration, one class) and every other ``headscope sae``
+step's options. A leaf module: it imports nothing of headscope but :mod:`headscope.options` and
 :mod:`headscope.errors` (no torch import, so the CLI starts fast)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainOptions:
     """Trains an SAE on z (the concatenated head outputs before W_O) of one layer; resumes; torchrun for
     several processes. Writes RUN/sae/<name>/ in SAELens' format plus train.json."""
 
@@ -290,9 +290,17 @@ class SweepOptions:
     """corpus spec"""
     cache: Optional[str] = None
     """activation cache to train from"""
+    warmup_steps: int = 100
+    """linear lr warm-up steps of every SAE"""
+    buffer_tokens: int = 65536
+    """tokens per shard of the cache the sweep writes (the shuffling block)"""
 
     def __post_init__(self):
         check((len(self.values) >= 1) != bool(self.grid), "give either --values (with --arch) or --grid")
+        check(self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
+        for n in ("n_tokens", "batch_size", "expansion", "seq_len", "buffer_tokens", "eval_tokens"):
+            check(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
+        check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
         if self.grid:
             parse_grid(self.grid)
 

@@ -2,11 +2,11 @@
 from ONE cached activation pass, evaluate each, and plot L0 against CE loss recovered (vs zero- and
 mean-ablation) per architecture.
 
-``run_sweep(model, run, layer, grid={"topk": [16, 32], "jumprelu": [0.3, 1.0]}, **train_options)``.
+``run_sweep(model, run, opts: SweepOptions, progress) -> dict`` (``headscope sae sweep``).
 The value swept per architecture is its sparsity knob (:data:`KNOB`): k for TopK / BatchTopK /
 Matryoshka, the L0 coefficient for JumpReLU, the L1 coefficient for standard SAEs. The model runs once:
 z of the layer is cached in ``sae/sweep_L<layer>/cache`` (the fast path: every SAE trains from the
-cache, no model forward) unless ``cache=`` names an existing one. Writes
+cache, no model forward) unless ``opts.cache`` names an existing one. Writes
 ``sae/sweep_L<layer>/sweep.json`` (``points``: name, architecture, value, l0, fve, ce_recovered_zero,
 ce_recovered_mean, kl_recovered_zero, dead_frac, tokens_per_s) and ``sweep.png``.
 """
@@ -21,22 +21,21 @@ from ..models.load import Model
 from ..runs import RunDir, atomic_write_bytes, write_json
 from .architectures import REGISTRY
 from .evaluate import run_eval
-from .options import EvalOptions
+from .options import EvalOptions, SweepOptions, TrainOptions, parse_grid
 from .store import cache_activations
-from .train import TrainConfig, run_train
+from .train import run_train
 
 KNOB = {name: a.sweep_knob for name, a in REGISTRY.items() if a.sweep_knob}
-"""architecture -> (TrainConfig field swept, short name used in the SAE's name), from each architecture."""
+"""architecture -> (TrainOptions field swept, short name used in the SAE's name), from each architecture."""
 
 
-def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None = None,
-              grid: dict[str, list[float]] | None = None, eval_tokens: int = 4096, progress: bool = True,
-              **options) -> dict:
-    """Train and evaluate one SAE per (architecture, value); ``values`` alone sweeps
-    ``options["architecture"]`` (default topk)."""
-    if grid is None:
-        grid = {options.get("architecture", "topk"): list(values or [])}
-    options = {k: v for k, v in options.items() if k != "architecture"}
+def run_sweep(model: Model, run: RunDir, opts: SweepOptions, progress: bool = True) -> dict:
+    """Train and evaluate one SAE per (architecture, value) of ``opts.grid`` (or ``opts.values`` of
+    ``opts.architecture``); every SAE has the same training options (``lr``, ``n_tokens``, ``batch_size``,
+    ``expansion``, ``seq_len``, ``corpus``, ``warmup_steps``, ``buffer_tokens``; the rest at
+    :class:`TrainOptions`' defaults) but its sparsity knob."""
+    grid = parse_grid(opts.grid) if opts.grid else {opts.architecture: list(opts.values)}
+    layer = opts.layer
     jobs = []
     for arch, vals in grid.items():
         if arch not in KNOB:
@@ -53,22 +52,24 @@ def run_sweep(model: Model, run: RunDir, layer: int, values: list[float] | None 
             jobs.append((arch, field, val, f"L{layer}_{short}{val:g}"))
     model.check_layer(layer)
     folder = run / f"sae/sweep_L{layer}"
-    if not options.get("cache"):
-        d = TrainConfig(layer=layer)
-        corpus = TokenCorpus(model, options.get("corpus", d.corpus), seq_len=options.get("seq_len", d.seq_len))
-        cache_activations(model, corpus, [layer], folder / "cache", max_tokens=options.get("n_tokens", d.n_tokens),
-                          shard_tokens=options.get("buffer_tokens", d.buffer_tokens), progress=progress)
-        options = {**options, "cache": str(folder / "cache")}
+    train = dict(layer=layer, lr=opts.lr, n_tokens=opts.n_tokens, batch_size=opts.batch_size,
+                 expansion=opts.expansion, seq_len=opts.seq_len, corpus=opts.corpus, cache=opts.cache,
+                 warmup_steps=opts.warmup_steps, buffer_tokens=opts.buffer_tokens)
+    if not opts.cache:
+        corpus = TokenCorpus(model, opts.corpus, seq_len=opts.seq_len)
+        cache_activations(model, corpus, [layer], folder / "cache", max_tokens=opts.n_tokens,
+                          shard_tokens=opts.buffer_tokens, progress=progress)
+        train["cache"] = str(folder / "cache")
     points = []
     for arch, field, val, name in jobs:
-        tr = run_train(model, run, layer, name=name, progress=progress, **{**options, "architecture": arch, field: val})
-        ev = run_eval(model, run, EvalOptions(name=name, n_tokens=eval_tokens, corpus=options.get("corpus")),
+        tr = run_train(model, run, TrainOptions(**train, name=name, architecture=arch, **{field: val}), progress)
+        ev = run_eval(model, run, EvalOptions(name=name, n_tokens=opts.eval_tokens, corpus=opts.corpus),
                       progress=progress)
         points.append({"name": name, "architecture": arch, "value": val, "tokens_per_s": tr.get("tokens_per_s"),
                        **{k: ev.get(k) for k in ("l0", "fve", "ce_recovered_zero", "ce_recovered_mean",
                                                   "kl_recovered_zero", "dead_frac")}})
     res = {"layer": layer, "architectures": list(grid), "architecture": next(iter(grid)), "points": points,
-           "train_tokens": options.get("n_tokens", TrainConfig(layer=layer).n_tokens), "eval_tokens": eval_tokens}
+           "train_tokens": opts.n_tokens, "eval_tokens": opts.eval_tokens}
     write_json(folder / "sweep.json", res)
     _plot(res, folder / "sweep.png")
     return res

@@ -1,4 +1,4 @@
-"""Training an attention-output SAE: ``run_train(model, run, layer=…, **options) -> dict``.
+"""Training an attention-output SAE: ``run_train(model, run, opts: TrainOptions, progress) -> dict``.
 
 Loop: batches from :class:`~headscope.sae.store.ShuffledBatches` (a pure function of (seed, step)),
 inputs scaled by one constant ``c = sqrt(d_in) / E‖z‖`` (estimated on the first block, so L1
@@ -30,19 +30,16 @@ from ..distributed import Distributed
 from ..errors import HeadscopeError
 from ..models.load import Model
 from ..runs import RunDir, read_checkpoint, write_checkpoint, write_json
-from .options import TrainConfig
+from ..schedule import lr_at
+from .options import TrainOptions
 from .io import save_sae
 from .model import AttnSAE, SAEConfig
 from .store import CacheSource, ModelSource, ShuffledBatches
 
 
-def lr_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
+def _lr(cfg: TrainOptions, step: int, n_steps: int) -> float:
     """Learning rate at ``step``: linear warm-up, constant, linear decay over the last ``decay_frac``."""
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    decay_start = int(n_steps * (1 - cfg.decay_frac))
-    if cfg.decay_frac > 0 and step >= decay_start:
-        lr *= max(0.0, (n_steps - step) / max(1, n_steps - decay_start))
-    return lr
+    return lr_at(cfg.lr, step, n_steps, cfg.warmup_steps, cfg.decay_frac)
 
 
 def sae_dir(run: RunDir, name: str) -> Path:
@@ -50,7 +47,7 @@ def sae_dir(run: RunDir, name: str) -> Path:
     return run / f"sae/{name}"
 
 
-def _make_source(model: Model, cfg: TrainConfig):
+def _make_source(model: Model, cfg: TrainOptions):
     if cfg.cache:
         return CacheSource(cfg.cache, [cfg.layer], model)
     corpus = TokenCorpus(model, cfg.corpus, seq_len=cfg.seq_len)
@@ -128,7 +125,7 @@ class _Trainer:
     """Everything one training run holds: the SAE and its optimizer, the batches, and the state a
     checkpoint saves (step, input scale, history, firing counters, resamples, elapsed time)."""
 
-    cfg: TrainConfig
+    cfg: TrainOptions
     scfg: SAEConfig
     sae: AttnSAE
     opt: torch.optim.Optimizer
@@ -147,7 +144,7 @@ class _Trainer:
     """[F] firings since the last resample."""
 
 
-def _build(model: Model, layer: int, cfg: TrainConfig, source, dist: Distributed) -> _Trainer:
+def _build(model: Model, layer: int, cfg: TrainOptions, source, dist: Distributed) -> _Trainer:
     """Check the options against the model and set up the SAE, its optimizer and the batches."""
     model.check_layer(layer)
     try:
@@ -215,7 +212,7 @@ def _step(t: _Trainer, step: int, x: torch.Tensor, layer: int):
     """One optimisation step on the scaled batch ``x`` [N, d_in]; returns (losses, forward output)."""
     cfg, sae, opt, dist = t.cfg, t.sae, t.opt, t.dist
     for pg in opt.param_groups:
-        pg["lr"] = lr_at(cfg, step, t.n_steps)
+        pg["lr"] = _lr(cfg, step, t.n_steps)
     ramp = min(1.0, (step + 1) / max(1, int(cfg.l1_warmup_frac * t.n_steps)))
     o = sae.train_forward(x)
     losses = sae.loss(x, o, l1_coeff=cfg.l1_coeff * ramp, dead=t.since_fired >= t.dead_tokens, k_aux=cfg.k_aux,
@@ -278,24 +275,20 @@ def _documents_read(t: _Trainer) -> int | None:
     return src.n_documents(blocks)
 
 
-def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None, progress: bool = True,
-              stop_at_step: int | None = None, dist: Distributed | None = None, source=None, **options) -> dict:
-    """Train (or resume) an SAE on z of ``layer``; options are :class:`TrainConfig` fields.
+def run_train(model: Model, run: RunDir, opts: TrainOptions, progress: bool = True, *,
+              stop_at_step: int | None = None, dist: Distributed | None = None, source=None) -> dict:
+    """Train (or resume) the SAE ``opts`` describes on z of ``opts.layer``.
 
     Writes ``sae/<name>/`` (SAELens format: ``cfg.json``, ``sae_weights.safetensors``), ``train.json``
     (config, history, throughput) and the checkpoint folder. ``stop_at_step`` stops after that many
-    steps with a checkpoint, as an interrupt would (used by the resume test). ``source``: any block
-    source (``ModelSource``, ``CacheSource``, ``MemorySource``) to use instead of the one the options
-    name. Returns train.json's dict. The pieces: :func:`_build`, :func:`_start`, :func:`_step`,
-    :func:`_maybe_resample`, :func:`_summary`.
+    steps with a checkpoint, as an interrupt would (used by the resume test). ``dist``: the torchrun
+    process group (default: from the environment). ``source``: any block source (``ModelSource``,
+    ``CacheSource``, ``MemorySource``) to use instead of the one the options name. Returns train.json's
+    dict. The pieces: :func:`_build`, :func:`_start`, :func:`_step`, :func:`_maybe_resample`, :func:`_summary`.
     """
     from tqdm import tqdm
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise HeadscopeError(f"unknown SAE training option(s): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(layer=layer, **options)
+    cfg, layer, name = opts, opts.layer, opts.sae_name
     dist = dist or Distributed()
-    name = name or f"L{layer}"
     out = sae_dir(run, name)
     ck = out / "checkpoint"
     t = _build(model, layer, cfg, source, dist)
@@ -322,7 +315,7 @@ def run_train(model: Model, run: RunDir, layer: int, *, name: str | None = None,
             n = max(1, acc["n"])
             rec = {"step": step + 1, "loss": acc["loss"] / n, "mse": acc["mse"] / n, "l0": acc["l0"] / n,
                    "fve": acc["fve"], "dead_frac": float((t.since_fired >= t.dead_tokens).float().mean()),
-                   "lr": lr_at(cfg, step, t.n_steps)}
+                   "lr": _lr(cfg, step, t.n_steps)}
             t.history.append(rec)
             acc = {k: 0.0 for k in acc} | {"n": 0}
             bar.set_postfix(L0=f"{rec['l0']:.1f}", MSE=f"{rec['mse']:.3g}", FVE=f"{rec['fve']:.3f}",

@@ -30,7 +30,7 @@ class Architecture:
     extra_params: tuple[str, ...] = ()
     """Tensors beyond W_enc, b_enc, W_dec, b_dec that define the map (saved and loaded)."""
     sweep_knob: tuple[str, str] | None = None
-    """``sae sweep``: (the TrainConfig field swept, the short name in the swept SAEs' names)."""
+    """``sae sweep``: (the TrainOptions field swept, the short name in the swept SAEs' names)."""
     resamples_dead: bool = False
     """The trainer resamples dead features (``--resample-every``; the L1 SAE's remedy, AuxK's is its loss)."""
     saelens_renames: dict[str, str] = {}
