@@ -6,7 +6,9 @@ import json
 import pytest
 
 from headscope.explain import stages as ex
+from headscope.explain.options import RunOptions, ScoreOptions
 from headscope.explain.pair_scores import PairScoreOptions, run_score_pairs
+from headscope.explain.results import PairScoresResult
 from headscope.neurons import stages as ns
 from headscope.neurons.options import AttributeOptions, FindOptions, MineOptions
 from headscope.runs import RunDir, read_json
@@ -23,8 +25,8 @@ def explained(tmp_path_factory):
     ns.run_find(m, run, FindOptions(per_layer=3, require_space=False, min_chars=1, last_k=2))
     ns.run_mine(m, run, MineOptions(seq_len=48, top_k=8, top_k_test=8, max_tokens=2400), progress=False)
     ns.run_attribute(m, run, AttributeOptions(k_sigma=1.0), progress=False)
-    ex.run_explain(m, run, "statistical", progress=False)
-    ex.run_score(m, run, "statistical", max_per_class=20, min_per_class=2, control=False, progress=False)
+    ex.run_explain(m, run, RunOptions(), progress=False)
+    ex.run_score(m, run, ScoreOptions(max_per_class=20, min_per_class=2, control=False), progress=False)
     return m, run
 
 
@@ -39,8 +41,9 @@ def test_balanced_accuracy_is_explain_scores_E(explained):
         assert new["detection"]["shuffled_from"] != new["id"]
         assert new["detection"]["shuffled_from"].split(":")[0] != new["id"].split(":")[0]   # another neuron's
     assert "not applicable" in out["fuzzing"]
-    assert set(s["detection"]) >= {"balanced_accuracy", "shuffled_balanced_accuracy", "difference", "difference_clustered"}
-    assert s["detection"]["difference_clustered"]["by"] == "neuron"
+    assert isinstance(s, PairScoresResult)
+    assert set(s.detection) >= {"balanced_accuracy", "shuffled_balanced_accuracy", "difference", "difference_clustered"}
+    assert s.detection["difference_clustered"]["by"] == "neuron"
 
 
 def test_uninformative_explanations_score_at_chance(explained):
@@ -53,6 +56,6 @@ def test_uninformative_explanations_score_at_chance(explained):
         p["explanation"] = EMPTY_RULE
     (run / "explain/explanations_empty.json").write_text(json.dumps(data))
     s = run_score_pairs(m, run, PairScoreOptions(explanations="empty", min_per_class=2), progress=False)
-    det = s["detection"]
+    det = s.detection
     assert det["balanced_accuracy"]["mean"] == 0.5 and det["shuffled_balanced_accuracy"]["mean"] == 0.5
     assert det["difference"]["mean"] == 0.0 and det["difference"]["p_wilcoxon"] is None

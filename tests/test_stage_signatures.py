@@ -25,11 +25,6 @@ KNOWN_TWINS = {
     "headscope.sae.train:run_train": {"name"},
     "headscope.sae.sweep:run_sweep": {"grid", "eval_tokens"},
     "headscope.lens.evaluate:run_checkpoint_transfer": {"tokens", "batch_size"},
-    "headscope.explain.stages:run_explain": {"backend", "which", "max_pairs", "max_examples"},
-    "headscope.explain.stages:run_score": {"backend", "which", "explanations", "max_per_class", "min_per_class",
-                                           "control"},
-    "headscope.explain.stages:run_random_baseline": {"backend", "seed", "per_layer"},
-    "headscope.explain.stages:run_compare": {"scores"},
 }
 
 
