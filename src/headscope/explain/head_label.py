@@ -16,7 +16,7 @@ Facts, in this order, only when the run holds them (an absent instrument adds no
 * **neurons** (``neurons/ablation.json``): the next-token neurons whose token probability zeroing the head
   significantly lowers (BH over pairs). An attribution alone is never a fact ("drives" has no test);
 * **look-ups** (``explain/scores_<backend>.json``): (neuron, head) explanations scored above chance on
-  held-out prompts (binomial, BH over pairs), with E, its CI and the shuffled control.
+  held-out prompts (a test clustered by document, BH over pairs), with E, its CI and the shuffled control.
 
 ``label`` is the facts joined by " · " (at most ``max_facts``). ``summary``: one or two sentences the LLM
 writes from the facts alone (prompted not to add anything); None with ``summary = "none"``.

@@ -32,8 +32,8 @@ Entry points: :func:`score_explanations` (many explanations, one batched call to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +106,12 @@ def cluster_bootstrap_interval(correct: np.ndarray, truth: np.ndarray, docs: lis
     return float(np.quantile(e, a)), float(np.quantile(e, 1 - a))
 
 
+@functools.lru_cache(maxsize=None)
+def _sign_patterns(G: int) -> np.ndarray:
+    """All 2^G vectors of ±1 signs: [2^G, G] float."""
+    return (((np.arange(2 ** G)[:, None] >> np.arange(G)) & 1) * 2 - 1).astype(float)
+
+
 def sign_flip_p(correct: np.ndarray, truth: np.ndarray, docs: list, seed: int = 0, exact_max: int = 16,
                 n_random: int = 65536) -> float:
     """One-sided p of E > ½ from the sign-flip test over documents (see the module docstring): per example
@@ -120,8 +126,7 @@ def sign_flip_p(correct: np.ndarray, truth: np.ndarray, docs: list, seed: int = 
     obs = S.sum()
     tol = 1e-9 * max(1.0, np.abs(S).sum())
     if G <= exact_max:
-        eps = np.array(list(itertools.product((1.0, -1.0), repeat=G)))                   # [2^G, G]
-        return float(((eps @ S) >= obs - tol).mean())
+        return float(((_sign_patterns(G) @ S) >= obs - tol).mean())
     eps = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_random, G))
     return float((1 + ((eps @ S) >= obs - tol).sum()) / (1 + n_random))
 

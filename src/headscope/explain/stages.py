@@ -100,11 +100,11 @@ def _pair_key(p: dict) -> str:
     return f"{p['neuron']}:{p['layer']}.{p['head']}"
 
 
-def _explain_requests(run: RunDir, opts: RunOptions | DryRunOptions, done: dict | None = None):
-    """The attribution's pairs (at most ``opts.max_pairs``) and an :class:`ExplainRequest` for each pair not
-    in ``done``: its neuron's train prompts where the head is active and where it is not (at most
-    ``opts.max_examples`` each). Returns ``(mined, att, n_heads, pairs, reqs, todo)``; ``todo[i]`` =
-    ``(pair, neuron, n_active, n_inactive)`` of ``reqs[i]``."""
+def _explain_requests(run: RunDir, opts: RunOptions | DryRunOptions):
+    """The attribution's pairs (at most ``opts.max_pairs``) and an :class:`ExplainRequest` for each: its
+    neuron's train prompts where the head is active and where it is not (at most ``opts.max_examples``
+    each). Returns ``(mined, att, n_heads, pairs, reqs, todo)``; ``todo[i]`` = ``(pair, neuron, n_active,
+    n_inactive)`` of ``reqs[i]``."""
     mined, att_json, att = load_attribution(run, opts.which)
     n_heads = int(run.model_identity["n_heads"])
     pairs = att_json["pairs"][:opts.max_pairs] if opts.max_pairs else att_json["pairs"]
@@ -113,8 +113,6 @@ def _explain_requests(run: RunDir, opts: RunOptions | DryRunOptions, done: dict 
                              "train prompts; mine more prompts (--top-k) or more neurons")
     reqs, todo = [], []
     for p in pairs:
-        if done and _pair_key(p) in done:
-            continue
         nrn = mined["neurons"][p["neuron"]]
         labels, split = pair_labels(att, n_heads, p)
         xs, ys, _ = _examples(nrn, labels, split, 0)
@@ -135,13 +133,14 @@ def run_explain(model, run: RunDir, opts: RunOptions, progress: bool = True, bac
     a ready back-end object instead of ``opts.backend`` (tests, the random-neuron baseline)."""
     backend = make_backend(backend or opts.backend, opts, run, model)
     d = explain_dir(run, opts.which)
-    load_attribution(run, opts.which)       # a one-line error when the attribution is missing
+    _, _, _, pairs, reqs, todo = _explain_requests(run, opts)
     path = d / f"explanations_{backend.name}.json"
     src = source_hash(set_dir(run, opts.which) / "attribution.json")
     old = read_json(path) if path.is_file() and resume else {}
     done = {_pair_key(p): p for p in old.get("pairs", [])} if old.get("source") == src and \
         old.get("backend") == backend.config() else {}
-    mined, att, n_heads, pairs, reqs, todo = _explain_requests(run, opts, done)
+    keep = [i for i, t in enumerate(todo) if _pair_key(t[0]) not in done]
+    reqs, todo = [reqs[i] for i in keep], [todo[i] for i in keep]
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc=f"explaining ({backend.name})",
                unit=" pair", disable=not progress, file=sys.stderr)
     for s in range(0, len(todo), chunk):
