@@ -49,6 +49,8 @@ def main(argv=None) -> int:
            "prompts_per_pair_median": float(np.median(n)) if rows else None,
            "pairs_with_every_prompt_its_own_document": sum(r["interval"] == "wilson" for r in rows),
            "clustered": {"median_width": width([(r["E_low"], r["E_high"]) for r in rows]),
+                         "median_design_effect": float(np.median([r.get("design_effect", 1.0) for r in rows]))
+                         if rows else None,
                          "significant_bh": res.significant_bh, "lookups": res.lookups,
                          "pairs_with_p": sum(r["p"] is not None for r in rows)},
            "independent": {"median_width": width(wil),

@@ -56,38 +56,51 @@ def _clustered_case():
     return pred, truth, docs
 
 
-def _numpy_cluster_bootstrap(pred, truth, docs, B=20000, seed=1):
-    """An independent cluster bootstrap: resample documents with replacement, pool their prompts, E =
-    (TPR + TNR)/2 of the pooled prompts."""
-    rng = np.random.default_rng(seed)
-    by_doc = {}
-    for p, t, d in zip(pred, truth, docs):
-        by_doc.setdefault(d, []).append((p, t))
-    groups = list(by_doc.values())
-    es = []
-    for _ in range(B):
-        pooled = [x for g in rng.integers(0, len(groups), len(groups)) for x in groups[g]]
-        pos = [p for p, t in pooled if t]
-        neg = [p for p, t in pooled if not t]
-        es.append(0.5 * (np.mean(pos) + np.mean([not p for p in neg])))
-    return np.quantile(es, [0.025, 0.975])
+def _wilson(p, n, z=1.959963984540054):
+    """The Wilson score interval, written out (independent of the package)."""
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return c - h, c + h
 
 
-def test_document_clustered_interval_is_wider_than_wilson_and_matches_a_cluster_bootstrap():
+def _anova_icc(correct, docs):
+    """One-way ANOVA intra-class correlation of 0/1 answers, written out with loops (unequal sizes)."""
+    groups = {}
+    for c, d in zip(correct, docs):
+        groups.setdefault(d, []).append(float(c))
+    n, G = len(correct), len(groups)
+    mean = sum(map(float, correct)) / n
+    msb = sum(len(v) * (sum(v) / len(v) - mean) ** 2 for v in groups.values()) / (G - 1)
+    msw = sum((x - sum(v) / len(v)) ** 2 for v in groups.values() for x in v) / (n - G)
+    m0 = (n - sum(len(v) ** 2 for v in groups.values()) / n) / (G - 1)
+    return min(1.0, max(0.0, (msb - msw) / (msb + (m0 - 1) * msw))) if msb + (m0 - 1) * msw > 0 else 1.0
+
+
+def test_document_clustered_interval_is_wider_than_wilson_and_matches_the_design_effect_formula():
+    from scipy.stats import t
     pred, truth, docs = _clustered_case()
     clustered = detection_score(pred, truth, docs, seed="pair")
     indep = detection_score(pred, truth)                                    # every prompt its own document
     assert clustered["E"] == indep["E"] == 0.75
-    assert clustered["interval"] == "document bootstrap" and clustered["documents"] == 8
-    assert indep["interval"] == "wilson"
-    w = indep["E_high"] - indep["E_low"]
-    assert clustered["E_high"] - clustered["E_low"] > 1.5 * w               # ~ 8 units of evidence, not 48
-    lo, hi = _numpy_cluster_bootstrap(pred, truth, docs)
-    assert clustered["E_low"] == pytest.approx(lo, abs=0.04) and clustered["E_high"] == pytest.approx(hi, abs=0.04)
-    # the analytic check: E is the share of right documents (all the same size), so its bootstrap SD is
-    # sqrt(0.75 · 0.25 / 8) ≈ 0.153 and the interval spans about ±2 of them (capped at 1)
-    assert clustered["E_low"] < 0.75 - 1.6 * np.sqrt(0.75 * 0.25 / 8)
-    assert detection_score(pred, truth, docs, seed="pair") == clustered     # deterministic
+    assert clustered["interval"] == "document" and clustered["documents"] == 8
+    assert indep["interval"] == "wilson" and (indep["E_low"], indep["E_high"]) == pytest.approx(_wilson(0.75, 48))
+    # perfect intra-document correlation: ρ = 1, deff = 6, the evidence of 8 documents, not 48 prompts
+    assert clustered["icc"] == 1.0 and clustered["design_effect"] == pytest.approx(6.0)
+    n_star = 48 / 6 * (1.959963984540054 / t.ppf(0.975, 7)) ** 2
+    assert (clustered["E_low"], clustered["E_high"]) == pytest.approx(_wilson(0.75, n_star))
+    assert clustered["E_high"] - clustered["E_low"] > 2 * (indep["E_high"] - indep["E_low"])
+    # answers unrelated to the documents: ρ estimated ≈ 0, the interval close to Wilson's and never narrower
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pred2 = [bool(t) if rng.random() < 0.7 else not t for t in truth]
+        r, w = detection_score(pred2, truth, docs), detection_score(pred2, truth)
+        correct = [p == t for p, t in zip(pred2, truth)]
+        icc = _anova_icc(correct, docs)
+        assert r["icc"] == pytest.approx(icc)
+        sizes = [docs.count(d) for d in set(docs)]
+        n_star = 48 / (1 + (sum(m * m for m in sizes) / 48 - 1) * icc) * (1.959963984540054 / t.ppf(0.975, 7)) ** 2
+        assert (r["E_low"], r["E_high"]) == pytest.approx(_wilson(r["E"], n_star))
+        assert r["E_high"] - r["E_low"] >= w["E_high"] - w["E_low"]
 
 
 def test_document_clustered_p_is_the_exact_sign_flip_test():
@@ -107,23 +120,22 @@ def test_document_clustered_p_is_the_exact_sign_flip_test():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_one_prompt_per_document_reduces_to_the_independent_case(seed):
-    """With every prompt in a document of its own the sign-flip p is exactly the one-sided binomial p, and
-    the document bootstrap interval approximately Wilson's."""
+    """With every prompt in a document of its own the sign-flip p is exactly the one-sided binomial p and
+    the result is Wilson's; with all but two prompts alone the document interval is close to Wilson's."""
     from scipy.stats import binomtest
-    from headscope.explain.scoring import cluster_bootstrap_interval, sign_flip_p
+    from headscope.explain.scoring import document_interval, sign_flip_p
     rng = np.random.default_rng(seed)
-    truth = np.array([True] * 12 + [False] * 12)
-    correct = rng.random(24) < 0.7
-    docs = list(range(24))
+    truth = np.array([True] * 8 + [False] * 8)
+    correct = rng.random(16) < 0.7
     k = int(correct.sum())
-    assert sign_flip_p(correct, truth, docs, exact_max=24) == pytest.approx(
-        binomtest(k, 24, alternative="greater").pvalue, rel=1e-9)
-    lo, hi = cluster_bootstrap_interval(correct, truth, docs, seed=seed, n_boot=4000)
-    w = binomtest(k, 24).proportion_ci(method="wilson")
-    assert lo == pytest.approx(w.low, abs=0.06) and hi == pytest.approx(w.high, abs=0.06)
+    p_binom = binomtest(k, 16, alternative="greater").pvalue
+    assert sign_flip_p(correct, truth, list(range(16))) == pytest.approx(p_binom, rel=1e-9)
     pred = [bool(c) == bool(t) for c, t in zip(correct, truth)]
-    r = detection_score(pred, list(truth), docs)                            # distinct documents: Wilson form
-    assert r["interval"] == "wilson" and r["p"] == pytest.approx(binomtest(k, 24, alternative="greater").pvalue)
+    r = detection_score(pred, list(truth), list(range(16)))                 # distinct documents: Wilson form
+    assert r["interval"] == "wilson" and r["p"] == pytest.approx(p_binom)
+    lo, hi, _ = document_interval(correct, [0] + list(range(15)))           # one document holds two prompts
+    wl, wh = _wilson(k / 16, 16)
+    assert lo == pytest.approx(wl, abs=0.05) and hi == pytest.approx(wh, abs=0.05)
 
 
 def test_score_explanations_clusters_by_the_items_documents():
@@ -140,6 +152,7 @@ def test_score_explanations_clusters_by_the_items_documents():
     [b] = score_explanations(Oracle(), [clus], max_per_class=24, min_per_class=2)
     assert a["E"] == b["E"] == 0.75 and a["examples"] == b["examples"]
     assert b["E_high"] - b["E_low"] > a["E_high"] - a["E_low"] and b["p"] > 0.1 > 1e-3 > a["p"]
+    assert b["interval"] == "document" and a["interval"] == "wilson"
     assert add_fdr([a]) == 1 and add_fdr([b]) == 0
     assert shuffled_items([clus, ScoringItem("j", "other", ex, truth, docs=docs)], [0, 1])[0].docs == docs
 

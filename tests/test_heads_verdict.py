@@ -171,7 +171,7 @@ def test_run_findings_only_where_tests_passed(tmp_path):
         {"neuron": 0, "name": "1.1", "neuron_layer": 1, "neuron_index": 7, "token": " cat", "E": 0.6, "q": 0.3,
          "significant": False},
         {"neuron": 1, "name": "0.2", "neuron_layer": 1, "neuron_index": 9, "token": " dog", "E": 0.9, "E_low": 0.8,
-         "E_high": 0.95, "q": 0.01, "significant": True, "interval": "document bootstrap", "documents": 6}]})
+         "E_high": 0.95, "q": 0.01, "significant": True, "interval": "document", "documents": 6}]})
     f = run_findings(run)
     assert set(f) == {"1.0", "0.2"}
     assert [x["kind"] for x in f["0.2"]] == ["neurons", "lookup", "lookup"]

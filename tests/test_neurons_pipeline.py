@@ -122,7 +122,9 @@ def test_scores_are_balanced_with_intervals_and_fdr(done_run):
             assert (r["E_low"], r["E_high"]) == (pytest.approx(lo), pytest.approx(hi))
             assert r["p"] == pytest.approx(scipy.stats.binom.sf(correct - 1, 2 * mm, 0.5))
         elif len(set(docs)) >= 2:                                   # clustered by document
-            assert r["interval"] == "document bootstrap" and r["E_low"] <= r["E"] <= r["E_high"]
+            assert r["interval"] == "document" and r["E_low"] <= r["E"] <= r["E_high"]
+            w = _wilson(correct, 2 * mm)
+            assert r["E_high"] - r["E_low"] >= w[1] - w[0]                # never narrower than independent
             assert r["p"] == pytest.approx(_sign_flip_p(
                 [(x >= 0.5) == t for x, t in zip(probs, r["truth"])], docs))
     ps = [r["p"] for r in scored]

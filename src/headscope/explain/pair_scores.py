@@ -67,7 +67,7 @@ def pair_units(run: RunDir, which: str, explanations: list[dict], max_per_class:
         items = [held[i] for i in idx]
         units.append({"id": f"{nrn['layer']}.{nrn['neuron']}:{p['name']}", "explanation": e["explanation"],
                       "items": {"detection": items}, "neuron": p["neuron"],
-                      "docs": {"detection": [docs[i] for i in idx]},
+                      "docs": {"detection": [docs[i] for i in idx]}, "key": _pair_key(e),
                       "clusters": {"detection": [p["neuron"]] * len(items)}})
     return units
 

@@ -20,7 +20,8 @@ resamples, seeded), the paired difference real − shuffled with its CI, and the
 signed-rank p-value of that difference (``scipy.stats.wilcoxon``). Units whose items are all one class
 are left out of that kind (``skipped``). When a unit gives its items' documents (``unit["docs"][kind]``), its row
 also gets its own balanced accuracy's 95 % ``ci`` and one-sided ``p`` against chance clustered by document
-(:func:`headscope.explain.scoring.detection_score`). When every unit gives its items' clusters (``unit["clusters"][kind]``,
+(:func:`headscope.explain.scoring.detection_score`, its bootstrap seeded by ``unit["key"]`` when given, e.g.
+the pair's key, so that a pair gets the interval ``explain score`` gives it). When every unit gives its items' clusters (``unit["clusters"][kind]``,
 parallel to its items: their documents, or the neuron of a pair), ``difference_clustered`` adds the same
 difference with a CI clustered by them (:func:`clustered_difference`): items that share a document (or a
 neuron's prompts) are not independent, within a unit or across units. ``groups``: units of one group
@@ -180,7 +181,7 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
             "shuffled_probs": [None if p is None else round(float(p), 4) for p in shuf], "truth": truth}
         docs = units[u].get("docs", {}).get(kind)
         if docs is not None:   # the unit's own interval and p, clustered by the items' documents
-            ds = detection_score(said_yes(real), truth, docs, seed=f"{units[u]['id']}:{kind}")
+            ds = detection_score(said_yes(real), truth, docs, seed=units[u].get("key", f"{units[u]['id']}:{kind}"))
             rows[u][kind] |= {"ci": [ds.get("E_low"), ds.get("E_high")], "p": ds.get("p"),
                               "documents": ds.get("documents"), "interval": ds.get("interval")}
     summary = {}

@@ -5,8 +5,8 @@ prompts — the ones where the head was active and those where it was not (all o
 each) — and scored on the neuron's *held-out* prompts: the scorer sees only the explanation and one
 example and says whether the head is active on it; the truth is the attribution's active mask.
 E = (TPR + TNR) / 2 on a *balanced* sample of held-out prompts, with an interval and a p-value against chance
-clustered by the prompts' documents (a neuron's prompts come from a few documents: cluster bootstrap and
-sign-flip test over documents, :mod:`headscope.explain.scoring`) and BH over pairs; pairs with too few
+clustered by the prompts' documents (a neuron's prompts come from a few documents: design-effect Wilson
+interval and sign-flip test over documents, :mod:`headscope.explain.scoring`) and BH over pairs; pairs with too few
 prompts of a class are not scored (E = None, with the reason). A shuffled-explanation control and the random-neuron
 baseline show what E looks like when the explanation carries nothing; comparisons use the neuron as
 the unit (pairs of one neuron share its prompts). Every step takes its options dataclass
@@ -237,7 +237,7 @@ def run_score(model, run: RunDir, opts: ScoreOptions, progress: bool = True, bac
     """Score each pair's explanation on a balanced sample of its neuron's held-out prompts
     (:mod:`headscope.explain.scoring`: m = min(#active, #inactive, ``max_per_class``) of each class, pairs
     with m < ``min_per_class`` not scored), with E's 95 % interval and one-sided p-value against chance
-    clustered by the prompts' documents (cluster bootstrap and sign-flip test over documents; Wilson and
+    clustered by the prompts' documents (design-effect Wilson and sign-flip test over documents; Wilson and
     the exact binomial test when every prompt is its own document), and BH q-values over the pairs of
     those p-values. ``control``: also score every pair with the explanation of a pair
     of another neuron (shuffled explanations: what E looks like when the explanation says nothing about
