@@ -245,7 +245,8 @@ def run_score(model, run: RunDir, opts: ScoreOptions, progress: bool = True, bac
 
     Writes ``explain/[random/]scores_<backend>.json``: ``{"options", "scorer", "explanations", "source",
     "pairs": [{neuron, layer, head, name, neuron_layer, neuron_index, token, E, E_low, E_high, p, q,
-    documents, interval, significant, lookup, TPR, TNR, n_pos, n_neg, unparsed, predictions, truth, examples, frac_test,
+    documents, interval, icc, design_effect (clustered rows), significant, lookup, TPR, TNR, n_pos, n_neg, unparsed,
+    predictions, truth, examples, frac_test,
     E_control, E_same_head, E_norm, E_probe}], "summary": {pairs, scored, skipped, n, mean, std, skew (over
     pairs), by_neuron: {mean, low, high, n} (bootstrap 95 % over neurons, the independent unit),
     significant_bh, lookups, control: {by_neuron, vs_control}, same_head / norm / probe: {by_neuron,
