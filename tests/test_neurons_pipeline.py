@@ -106,7 +106,7 @@ def test_scores_are_balanced_with_intervals_and_fdr(done_run):
         mm = min(npos, nneg, SCORE["max_per_class"])
         assert r["n_pos"] == r["n_neg"] == mm                       # balanced
         assert [truth[j] for j in r["examples"]] == r["truth"]     # the truth is the attribution's mask
-        texts = [ex._examples(mined[i], att["active"][i, att["split"][i] >= 0, k].bool().tolist(),
+        texts = [ex.split_examples(mined[i], att["active"][i, att["split"][i] >= 0, k].bool().tolist(),
                               att["split"][i][att["split"][i] >= 0].tolist(), 1)[0][j] for j in r["examples"]]
         probs = se.classify_many([ClassifyRequest(expl[(r["neuron"], r["name"])], t) for t in texts])
         assert [round(x, 4) for x in probs] == r["predictions"]

@@ -82,7 +82,7 @@ def prompt_doc(prompt: dict, index: int):
     return f"prompt{index}" if d is None else d
 
 
-def _examples(mined_neuron: dict, labels: list[bool], split: list[int], which: int
+def split_examples(mined_neuron: dict, labels: list[bool], split: list[int], which: int
               ) -> tuple[list[str], list[bool], list]:
     """The texts, labels (head active) and documents of a neuron's prompts of split ``which`` (0 train,
     1 held out)."""
@@ -115,7 +115,7 @@ def _explain_requests(run: RunDir, opts: RunOptions | DryRunOptions):
     for p in pairs:
         nrn = mined["neurons"][p["neuron"]]
         labels, split = pair_labels(att, n_heads, p)
-        xs, ys, _ = _examples(nrn, labels, split, 0)
+        xs, ys, _ = split_examples(nrn, labels, split, 0)
         act = [x for x, y in zip(xs, ys) if y][:opts.max_examples]
         ina = [x for x, y in zip(xs, ys) if not y][:opts.max_examples]
         reqs.append(ExplainRequest(act, ina, nrn["token"]))
@@ -174,7 +174,7 @@ def dry_run_estimate(model, run: RunDir, opts: DryRunOptions) -> dict:
     placeholder = "x" * (4 * backend.max_tokens)  # an explanation of max_tokens tokens
     for p in pairs:
         labels, split = pair_labels(att, n_heads, p)
-        xs, _, _ = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
+        xs, _, _ = split_examples(mined["neurons"][p["neuron"]], labels, split, 1)
         for x in xs:
             n_score += 1
             score_in += estimate_tokens(classify_messages(ClassifyRequest(placeholder, x)))
@@ -194,7 +194,7 @@ def _pair_items(ex: dict, att_json: dict, mined: dict, att, n_heads: int
         if p is None:
             continue
         labels, split = pair_labels(att, n_heads, p)
-        xs, ys, ds = _examples(mined["neurons"][p["neuron"]], labels, split, 1)
+        xs, ys, ds = split_examples(mined["neurons"][p["neuron"]], labels, split, 1)
         items.append(ScoringItem(_pair_key(e), e["explanation"], xs, ys, mined["neurons"][p["neuron"]]["token"], ds))
         rows.append(e)
         group.append(p["neuron"])
