@@ -29,13 +29,13 @@ def fmt(m):
 
 def report(tag, s, secs):
     for kind in ("detection", "fuzzing"):
-        k = s[kind]
+        k = getattr(s, kind)
         line = (f"{tag:34s} {kind:9s} BA {fmt(k['balanced_accuracy'])}  shuffled {fmt(k['shuffled_balanced_accuracy'])}"
                 f"  diff {fmt(k['difference'])} p={k['difference'].get('p_wilcoxon')}  n={k['units']}")
         if k.get("auroc"):
             line += f"  AUROC {fmt(k['auroc'])} shuffled {fmt(k['shuffled_auroc'])}"
         print(line, flush=True)
-    print(f"{'':34s} ({secs:.0f} s; judgements from {s['probabilities']})", flush=True)
+    print(f"{'':34s} ({secs:.0f} s; judgements from {s.probabilities})", flush=True)
 
 
 def main():

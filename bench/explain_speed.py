@@ -20,7 +20,7 @@ import torch
 
 
 def statistical(run_dir: str, rules_path: str | None) -> None:
-    from headscope.explain.stages import _examples
+    from headscope.explain.stages import split_examples
     from headscope.explain.prompts import ExplainRequest
     from headscope.explain.statistical import StatisticalExplainer
     from headscope.neurons.stages import load_attribution, pair_labels, set_dir
@@ -35,7 +35,7 @@ def statistical(run_dir: str, rules_path: str | None) -> None:
         for p in att_json["pairs"]:
             nrn = mined["neurons"][p["neuron"]]
             labels, split = pair_labels(att, n_heads, p)
-            xs, ys = _examples(nrn, labels, split, 0)
+            xs, ys, _ = split_examples(nrn, labels, split, 0)
             reqs.append((which, ExplainRequest([x for x, y in zip(xs, ys) if y][:10],
                                                [x for x, y in zip(xs, ys) if not y][:10], nrn["token"])))
     se = StatisticalExplainer()

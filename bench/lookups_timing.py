@@ -16,6 +16,7 @@ import json
 import time
 
 from headscope.explain import stages as ex
+from headscope.explain.options import BaselineOptions, RunOptions, ScoreOptions
 from headscope.models.load import load_model
 from headscope.neurons import stages as ns
 from headscope.neurons.options import AblateOptions, AttributeOptions, FindOptions, MineOptions
@@ -40,6 +41,7 @@ def main() -> None:
     def step(name, fn, *a, **k):
         t, c = time.perf_counter(), time.process_time()
         res = fn(*a, **k)
+        res = res.to_json() if hasattr(res, "to_json") else res          # typed stage results
         out["seconds"][name] = round(time.perf_counter() - t, 1)
         out["cpu_seconds"][name] = round(time.process_time() - c, 1)
         print(f"{name}: {out['seconds'][name]} s wall, {out['cpu_seconds'][name]} s CPU  "
@@ -51,11 +53,11 @@ def main() -> None:
                        MineOptions(top_k=args.top_k, top_k_test=args.top_k_test, max_tokens=args.max_tokens,
                                    trim_tolerance=args.trim_tolerance), progress=False)
     out["attribute"] = step("neurons.attribute", ns.run_attribute, model, run, AttributeOptions(), progress=False)
-    step("explain.run", ex.run_explain, model, run, "statistical", progress=False)
-    out["score"] = step("explain.score", ex.run_score, model, run, "statistical", progress=False)
+    step("explain.run", ex.run_explain, model, run, RunOptions(), progress=False)
+    out["score"] = step("explain.score", ex.run_score, model, run, ScoreOptions(), progress=False)
     step("neurons.ablate", ns.run_ablate, model, run, AblateOptions(which="top", max_pairs=12), progress=False)
     if not args.skip_baseline:
-        out["baseline"] = step("explain.baseline", ex.run_random_baseline, model, run, "statistical", per_layer=2,
+        out["baseline"] = step("explain.baseline", ex.run_random_baseline, model, run, BaselineOptions(per_layer=2),
                                progress=False)
     write_json(run / "timing.json", out)
 

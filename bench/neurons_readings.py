@@ -18,6 +18,7 @@ import json
 import time
 
 from headscope.explain import stages as ex
+from headscope.explain.options import BaselineOptions, RunOptions, ScoreOptions
 from headscope.models.load import load_model
 from headscope.neurons import congruence
 from headscope.neurons import stages as ns
@@ -46,6 +47,7 @@ def main() -> None:
     def step(name, fn, *a, **k):
         t = time.perf_counter()
         res = fn(*a, **k)
+        res = res.to_json() if hasattr(res, "to_json") else res          # typed stage results
         out.setdefault("seconds", {})[name] = round(time.perf_counter() - t, 1)
         print(f"[{time.perf_counter() - t0:7.1f}s] {name}: {json.dumps(res, default=str)[:1500]}", flush=True)
         return res
@@ -55,16 +57,17 @@ def main() -> None:
     step("find", ns.run_find, model, run, FindOptions(last_k=args.last_k, per_layer=args.per_layer))
     step("mine", ns.run_mine, model, run, MineOptions(top_k=args.top_k, top_k_test=args.top_k_test, max_tokens=args.max_tokens))
     step("attribute", ns.run_attribute, model, run, AttributeOptions())
-    step("explain", ex.run_explain, model, run, "statistical")
-    out["score"] = step("score", ex.run_score, model, run, "statistical")
-    out["compare"] = step("baseline", ex.run_random_baseline, model, run, "statistical")
+    step("explain", ex.run_explain, model, run, RunOptions())
+    out["score"] = step("score", ex.run_score, model, run, ScoreOptions())
+    out["compare"] = step("baseline", ex.run_random_baseline, model, run, BaselineOptions())
     out["random_score"] = json.loads((run / "explain/random/scores_statistical.json").read_text())["summary"]
     out["ablate"] = step("ablate", ns.run_ablate, model, run, AblateOptions(max_pairs=args.max_pairs))
     if args.local_pairs:
         from headscope.explain.hf_local import LocalHFExplainer
         be = LocalHFExplainer(model)     # the studied model is itself the chat model (SmolLM2-135M-Instruct)
-        step("local.explain", ex.run_explain, model, run, be, max_pairs=args.local_pairs)
-        out["local_score"] = step("local.score", ex.run_score, model, run, be)
+        step("local.explain", ex.run_explain, model, run, RunOptions(backend="local", max_pairs=args.local_pairs),
+             backend=be)
+        out["local_score"] = step("local.score", ex.run_score, model, run, ScoreOptions(backend="local"), backend=be)
     write_json(run / "readings.json", out)
     print(json.dumps(out, default=str))
 

@@ -192,6 +192,31 @@ def test_lens_and_sae_steps_return_loadable_objects(run, tiny):
     assert run.record("sae.train")["options"]["name"] == "L1"
 
 
+def test_explain_steps_return_typed_results(tmp_path):
+    """``run.explain.<step>()`` returns the step's typed result, which a reused (fresh) stage rebuilds equal
+    from its record."""
+    from headscope.explain.results import (ComparisonResult, ExplainRunResult, ExplainScoreResult, LabelsResult,
+                                           PairScoresResult)
+    m = tiny_model("llama_gqa")
+    run = open_run(tmp_path / "run", model=m, progress=False)
+    run.neurons.find(per_layer=2, require_space=False, min_chars=1, last_k=2)
+    run.neurons.mine(seq_len=48, top_k=8, top_k_test=12, max_tokens=1200)
+    run.neurons.attribute(k_sigma=1.0)
+    ran = run.explain.run()
+    assert isinstance(ran, ExplainRunResult) and ran.pairs == ran.new > 0 and ran.backend == "statistical"
+    sc = run.explain.score(max_per_class=6, min_per_class=2)
+    assert isinstance(sc, ExplainScoreResult) and sc.pairs == ran.pairs and sc.by_neuron["n"] >= 1
+    assert run.record("explain.score")["result"] == sc.to_json()
+    assert run.explain.score(max_per_class=6, min_per_class=2) == sc            # reused: the same result
+    rows = read_json(run.path / "explain/scores_statistical.json")["pairs"]
+    assert all(r["interval"] in ("wilson", "document") for r in rows if r["E"] is not None)
+    ps = run.explain.score_pairs(min_per_class=2)
+    assert isinstance(ps, PairScoresResult) and ps.detection["units"] >= 2
+    base = run.explain.baseline(per_layer=2)
+    assert isinstance(base, ComparisonResult) and base.unit == "neuron" and base.top["n"] >= 1
+    assert isinstance(run.explain.label(), LabelsResult)
+
+
 def test_examples_run(tmp_path):
     """Every examples/*.py script, on a tiny model (HEADSCOPE_EXAMPLE_TINY=1), as CI runs it."""
     scripts = sorted((ROOT / "examples").glob("*.py"))

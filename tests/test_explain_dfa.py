@@ -9,7 +9,8 @@ import pytest
 
 from headscope.explain.contexts import Context, ExplainContextsRequest, JudgeRequest
 from headscope.explain.dfa_rules import DFAExplainer, cells, family
-from headscope.explain.scorers import _ba as balanced_accuracy  # (TPR+TNR)/2 of P >= 0.5
+from headscope.explain.scorers import said_yes
+from headscope.explain.scoring import balanced_accuracy  # (TPR+TNR)/2
 
 VOCAB = [f" w{i}" for i in range(40)]
 
@@ -42,7 +43,7 @@ def test_planted_source_token_is_explained_as_such():
     assert expl.startswith("Local-context feature") and '"def"' in expl.splitlines()[0]
     test = [(_planted(rng, True), True) for _ in range(30)] + [(_planted(rng, False), False) for _ in range(30)]
     probs = se.judge([JudgeRequest("detection", expl, c) for c, _ in test])
-    assert balanced_accuracy(probs, [t for _, t in test]) > 0.9
+    assert balanced_accuracy(said_yes(probs), [t for _, t in test]) > 0.9
     # the source matters: the destination token alone (negatives half hold " x") does not fire it
     only_x = [p for p, (c, t) in zip(probs, test) if not t and any(tok == " x" for tok in c.tokens)]
     assert only_x and max(only_x) < 0.5
@@ -78,7 +79,7 @@ def test_labels_independent_of_the_text_score_at_chance():
         [expl] = se.explain_contexts([ExplainContextsRequest(active, [ctx(False) for _ in range(10)], recs)])
         test = [ctx(True) for _ in range(10)] + [ctx(False) for _ in range(10)]
         truth = [True] * 10 + [False] * 10
-        accs.append(balanced_accuracy(se.judge([JudgeRequest("detection", expl, c) for c in test]), truth))
+        accs.append(balanced_accuracy(said_yes(se.judge([JudgeRequest("detection", expl, c) for c in test])), truth))
     assert abs(np.mean(accs) - 0.5) < 0.05
 
 
@@ -132,4 +133,4 @@ def test_contexts_carry_dfa_records_that_match_sae_attribution(tmp_path):
     ex = read_json(run / "explain/features/L1/explanations_dfa.json")
     assert all(v["family"] == ctx["features"][f]["family"] for f, v in ex["features"].items())
     s = run_score_features(model, run, FeatureScoreOptions(sae="L1", backend="dfa"), progress=False)
-    assert s["probabilities"] == "rule" and s["detection"]["units"] >= 2
+    assert s.probabilities == "rule" and s.detection["units"] >= 2

@@ -8,6 +8,7 @@ import pytest
 from headscope.errors import HeadscopeError
 from headscope.explain.features import (FeatureExplainOptions, FeatureScoreOptions, run_explain_features,
                                         run_feature_contexts, run_score_features)
+from headscope.explain.results import FeatureExplainResult, FeatureScoresResult
 from headscope.runs import RunDir, read_json
 from headscope.sae.dashboards import run_dashboards
 from headscope.sae.options import DashboardOptions, TrainOptions
@@ -53,12 +54,13 @@ def test_statistical_explanations_and_scores(sae_run):
     model, run = sae_run
     opts = FeatureExplainOptions(sae="L1", features=8, n_explain=6, n_test=6, windows=300)
     res = run_explain_features(model, run, opts, progress=False)
-    n = res["features"]
+    assert isinstance(res, FeatureExplainResult)
+    n = res.features
     assert 4 <= n <= 8                                  # features with nothing in explain or test documents skipped
     ex = read_json(run / "explain/features/L1/explanations_statistical.json")
     assert all(e["explanation"].startswith("Fires on the tokens") for e in ex["features"].values())
     s = run_score_features(model, run, FeatureScoreOptions(sae="L1"), progress=False)
-    assert s["probabilities"] == "rule"
+    assert isinstance(s, FeatureScoresResult) and s.probabilities == "rule"
     out = read_json(run / "explain/features/L1/scores_statistical_by_statistical.json")
     assert len(out["features"]) == n
     for kind in ("detection", "fuzzing"):
@@ -86,7 +88,7 @@ def test_endpoint_judge_reads_logprobs(sae_run, tmp_path):
         s.default = ("lp", "Yes", {"Yes": -0.1, "No": -2.5})
         res = run_score_features(model, run, FeatureScoreOptions(sae="L1", backend="openai", scorers=["detection"]),
                                  progress=False, backend=be)
-        assert res["probabilities"] == "logprobs"
+        assert res.probabilities == "logprobs" and res.fuzzing is None
         out = read_json(run / "explain/features/L1/scores_openai_by_openai.json")
         p = out["features"][0]["detection"]["probs"][0]
         import math
@@ -151,7 +153,8 @@ def test_clustered_difference_widens_with_shared_documents():
     """Units whose items share documents get a wider document-clustered CI than the same units treated as
     independent (each its own cluster); the point estimate is the plain mean difference of balanced accuracy."""
     import numpy as np
-    from headscope.explain.scorers import _ba as balanced_accuracy, clustered_difference
+    from headscope.explain.scorers import clustered_difference, said_yes
+    from headscope.explain.scoring import balanced_accuracy
     rng = np.random.default_rng(0)
     real, shuf, truth, docs = [], [], [], []
     for u in range(20):
@@ -163,7 +166,8 @@ def test_clustered_difference_widens_with_shared_documents():
         truth.append(t)
         docs.append(d)
     out = clustered_difference(real, shuf, truth, docs, seed=0)
-    want = np.mean([balanced_accuracy(r, t) - balanced_accuracy(s, t) for r, s, t in zip(real, shuf, truth)])
+    want = np.mean([balanced_accuracy(said_yes(r), t) - balanced_accuracy(said_yes(s), t)
+                    for r, s, t in zip(real, shuf, truth)])
     assert out["mean"] == pytest.approx(want) and out["documents"] == 4
     indep = clustered_difference(real, shuf, truth, [[u] * 12 for u in range(20)], seed=0)   # units independent
     assert out["ci"][1] - out["ci"][0] > 1.3 * (indep["ci"][1] - indep["ci"][0])

@@ -7,6 +7,7 @@ import json
 
 from headscope.explain.atlas_data import atlas_data
 from headscope.explain.head_label import LabelOptions, head_facts, run_labels
+from headscope.explain.results import LabelsResult
 from headscope.runs import RunDir, read_json, write_json
 from roles_helpers import INDUCTION_CONFIRMED, roles_doc
 
@@ -54,7 +55,7 @@ def test_label_never_claims_without_a_test(tmp_path):
     assert [f["kind"] for f in facts["0.1"]] == ["roles"]          # lens not informative by BH
     res = run_labels(None, RunDir(run), LabelOptions(), progress=False)
     labels = read_json(run / "explain" / "labels.json")["heads"]
-    assert res["heads"] == 6 and labels["1.2"]["label"].startswith("Induction head:")
+    assert isinstance(res, LabelsResult) and res.heads == 6 and labels["1.2"]["label"].startswith("Induction head:")
     assert atlas_data(run)["per_head"]["1.2"]["label"]["label"] == labels["1.2"]["label"]
 
 

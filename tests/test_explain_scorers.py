@@ -63,9 +63,9 @@ def test_metrics_against_direct_computation():
     assert auroc(probs, truth) == pytest.approx(sum(pairs) / len(pairs))
     tpr = np.mean([p >= 0.5 for p in pos])
     tnr = np.mean([p < 0.5 for p in neg])
-    assert balanced_accuracy(said_yes(probs), truth)["E"] == pytest.approx((tpr + tnr) / 2)
-    assert balanced_accuracy(said_yes([1.0, 0.0]), [True, True])["E"] is None
-    assert balanced_accuracy(said_yes([None, None]), [True, False])["E"] == 0.5  # unparsed = "no"
+    assert balanced_accuracy(said_yes(probs), truth) == pytest.approx((tpr + tnr) / 2)
+    assert balanced_accuracy(said_yes([1.0, 0.0]), [True, True]) is None
+    assert balanced_accuracy(said_yes([None, None]), [True, False]) == 0.5  # unparsed = "no"
 
 
 def test_derangement_and_ci():

@@ -1,4 +1,5 @@
-"""Scoring (balanced held-out examples, Wilson interval, BH), the statistical explainer (sparse
+"""Scoring (balanced held-out examples, intervals and p clustered by document — Wilson and the binomial
+test when every prompt is its own document — BH), the statistical explainer (sparse
 logistic regression over n-grams, checked against scipy's optimiser), the negative controls (labels that
 carry no information, random explanations -> E at chance), the local HF P(Yes)/P(No) scorer, prompts."""
 
@@ -11,7 +12,7 @@ from headscope.explain.hf_local import LocalHFExplainer
 from headscope.explain.prompts import (ClassifyRequest, ExplainRequest, classify_messages, example_text,
                                        explain_messages, parse_yes_no)
 from headscope.explain.scoring import (ScoringItem, add_fdr, balanced_accuracy, balanced_indices,
-                                       score_explanations, shuffled_items)
+                                       detection_score, score_explanations, shuffled_items)
 from headscope.explain.statistical import StatisticalExplainer, features, fit_l1_logistic, lambda_max, words
 from headscope.testing.tiny import tiny_model
 
@@ -28,15 +29,132 @@ def _example(rng, marker=None, n=12):
 def test_balanced_accuracy_arithmetic():
     truth = [True, True, True, False, False]
     pred = [True, False, True, False, True]
-    r = balanced_accuracy(pred, truth)
+    assert balanced_accuracy(pred, truth) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    r = detection_score(pred, truth)
     assert r["TPR"] == pytest.approx(2 / 3) and r["TNR"] == pytest.approx(1 / 2)
-    assert r["E"] == pytest.approx((2 / 3 + 1 / 2) / 2) and "E_low" not in r   # unbalanced: no exact interval
-    assert balanced_accuracy([True] * 4, truth[1:])["E"] == 0.5             # always Yes: chance
-    assert balanced_accuracy([not t for t in truth], truth)["E"] == 0.0
-    skipped = balanced_accuracy([True, False], [True, True])
+    assert r["E"] == balanced_accuracy(pred, truth) and "E_low" not in r   # unbalanced: no exact interval
+    assert balanced_accuracy([True] * 4, truth[1:]) == 0.5                  # always Yes: chance
+    assert balanced_accuracy([not t for t in truth], truth) == 0.0
+    assert balanced_accuracy([True, False], [True, True]) is None
+    skipped = detection_score([True, False], [True, True])
     assert skipped["E"] is None and "one class" in skipped["skipped"]
-    b = balanced_accuracy([True, True, False, True], [True, True, False, False])
+    b = detection_score([True, True, False, True], [True, True, False, False])
     assert b["E"] == 0.75 and b["E_low"] < 0.75 < b["E_high"] and b["p"] == pytest.approx(5 / 16)
+    assert b["interval"] == "wilson" and b["documents"] == 4
+
+
+def _clustered_case():
+    """8 documents × 6 prompts (3 active, 3 inactive) whose correctness is identical within a document (perfect
+    intra-cluster correlation): documents 0–5 all right, 6–7 all wrong → E = 0.75 on 40 prompts."""
+    truth, pred, docs = [], [], []
+    for g in range(8):
+        for i in range(6):
+            t = i % 2 == 0
+            truth.append(t)
+            pred.append(t if g < 6 else not t)
+            docs.append(g)
+    return pred, truth, docs
+
+
+def _wilson(p, n, z=1.959963984540054):
+    """The Wilson score interval, written out (independent of the package)."""
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return c - h, c + h
+
+
+def _anova_icc(correct, docs):
+    """One-way ANOVA intra-class correlation of 0/1 answers, written out with loops (unequal sizes)."""
+    groups = {}
+    for c, d in zip(correct, docs):
+        groups.setdefault(d, []).append(float(c))
+    n, G = len(correct), len(groups)
+    mean = sum(map(float, correct)) / n
+    msb = sum(len(v) * (sum(v) / len(v) - mean) ** 2 for v in groups.values()) / (G - 1)
+    msw = sum((x - sum(v) / len(v)) ** 2 for v in groups.values() for x in v) / (n - G)
+    m0 = (n - sum(len(v) ** 2 for v in groups.values()) / n) / (G - 1)
+    return min(1.0, max(0.0, (msb - msw) / (msb + (m0 - 1) * msw))) if msb + (m0 - 1) * msw > 0 else 1.0
+
+
+def test_document_clustered_interval_is_wider_than_wilson_and_matches_the_design_effect_formula():
+    from scipy.stats import t
+    pred, truth, docs = _clustered_case()
+    clustered = detection_score(pred, truth, docs, seed="pair")
+    indep = detection_score(pred, truth)                                    # every prompt its own document
+    assert clustered["E"] == indep["E"] == 0.75
+    assert clustered["interval"] == "document" and clustered["documents"] == 8
+    assert indep["interval"] == "wilson" and (indep["E_low"], indep["E_high"]) == pytest.approx(_wilson(0.75, 48))
+    # perfect intra-document correlation: ρ = 1, deff = 6, the evidence of 8 documents, not 48 prompts
+    assert clustered["icc"] == 1.0 and clustered["design_effect"] == pytest.approx(6.0)
+    n_star = 48 / 6 * (1.959963984540054 / t.ppf(0.975, 7)) ** 2
+    assert (clustered["E_low"], clustered["E_high"]) == pytest.approx(_wilson(0.75, n_star))
+    assert clustered["E_high"] - clustered["E_low"] > 2 * (indep["E_high"] - indep["E_low"])
+    # answers unrelated to the documents: ρ estimated ≈ 0, the interval close to Wilson's and never narrower
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pred2 = [bool(t) if rng.random() < 0.7 else not t for t in truth]
+        r, w = detection_score(pred2, truth, docs), detection_score(pred2, truth)
+        correct = [p == t for p, t in zip(pred2, truth)]
+        icc = _anova_icc(correct, docs)
+        assert r["icc"] == pytest.approx(icc)
+        sizes = [docs.count(d) for d in set(docs)]
+        n_star = 48 / (1 + (sum(m * m for m in sizes) / 48 - 1) * icc) * (1.959963984540054 / t.ppf(0.975, 7)) ** 2
+        assert (r["E_low"], r["E_high"]) == pytest.approx(_wilson(r["E"], n_star))
+        assert r["E_high"] - r["E_low"] >= w["E_high"] - w["E_low"]
+
+
+def test_document_clustered_p_is_the_exact_sign_flip_test():
+    """p = share of the 2^G sign patterns of the documents' excess that reach the observed excess: here
+    6 documents right and 2 wrong (same size), so p = P(Bin(8, ½) ≥ 6) = 37/256 — not the 1e-4 of a binomial
+    test on 48 prompts treated as independent."""
+    pred, truth, docs = _clustered_case()
+    r = detection_score(pred, truth, docs, seed="pair")
+    assert r["p"] == pytest.approx(37 / 256)
+    assert detection_score(pred, truth)["p"] < 1e-3
+    # 4 documents, all right: the smallest p a 4-document pair can have is 2^-4
+    assert detection_score([t for t in truth[:24]], truth[:24], docs[:24])["p"] == pytest.approx(1 / 16)
+    # a single document: no interval, no p
+    one = detection_score(pred[:6], truth[:6], [0] * 6)
+    assert one["E"] == 1.0 and one["E_low"] is None and one["p"] is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_prompt_per_document_reduces_to_the_independent_case(seed):
+    """With every prompt in a document of its own the sign-flip p is exactly the one-sided binomial p and
+    the result is Wilson's; with all but two prompts alone the document interval is close to Wilson's."""
+    from scipy.stats import binomtest
+    from headscope.explain.scoring import document_interval, sign_flip_p
+    rng = np.random.default_rng(seed)
+    truth = np.array([True] * 8 + [False] * 8)
+    correct = rng.random(16) < 0.7
+    k = int(correct.sum())
+    p_binom = binomtest(k, 16, alternative="greater").pvalue
+    assert sign_flip_p(correct, truth, list(range(16))) == pytest.approx(p_binom, rel=1e-9)
+    pred = [bool(c) == bool(t) for c, t in zip(correct, truth)]
+    r = detection_score(pred, list(truth), list(range(16)))                 # distinct documents: Wilson form
+    assert r["interval"] == "wilson" and r["p"] == pytest.approx(p_binom)
+    lo, hi, _ = document_interval(correct, [0] + list(range(15)))           # one document holds two prompts
+    wl, wh = _wilson(k / 16, 16)
+    assert lo == pytest.approx(wl, abs=0.05) and hi == pytest.approx(wh, abs=0.05)
+
+
+def test_score_explanations_clusters_by_the_items_documents():
+    """An item's ``docs`` reach its row: the same predictions get a wider interval and a larger p when
+    its prompts share documents, and BH then counts the clustered p."""
+    class Oracle:                                                  # answers from the example text
+        def classify_many(self, reqs):
+            return [1.0 if r.example.startswith("on") else 0.0 for r in reqs]
+    pred, truth, docs = _clustered_case()
+    ex = [("on" if p else "off") + f" {i}" for i, p in enumerate(pred)]
+    indep = ScoringItem("k", "expl", ex, truth)
+    clus = ScoringItem("k", "expl", ex, truth, docs=docs)
+    [a] = score_explanations(Oracle(), [indep], max_per_class=24, min_per_class=2)
+    [b] = score_explanations(Oracle(), [clus], max_per_class=24, min_per_class=2)
+    assert a["E"] == b["E"] == 0.75 and a["examples"] == b["examples"]
+    assert b["E_high"] - b["E_low"] > a["E_high"] - a["E_low"] and b["p"] > 0.1 > 1e-3 > a["p"]
+    assert b["interval"] == "document" and a["interval"] == "wilson"
+    assert add_fdr([a]) == 1 and add_fdr([b]) == 0
+    assert shuffled_items([clus, ScoringItem("j", "other", ex, truth, docs=docs)], [0, 1])[0].docs == docs
 
 
 def test_balanced_indices():

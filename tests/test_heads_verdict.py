@@ -169,12 +169,15 @@ def test_run_findings_only_where_tests_passed(tmp_path):
         {"neuron": 0, "name": "0.2", "neuron_layer": 1, "neuron_index": 7, "token": " cat", "E": 0.8, "E_low": 0.7,
          "E_high": 0.88, "q": 0.004, "significant": True, "E_control": 0.5},
         {"neuron": 0, "name": "1.1", "neuron_layer": 1, "neuron_index": 7, "token": " cat", "E": 0.6, "q": 0.3,
-         "significant": False}]})
+         "significant": False},
+        {"neuron": 1, "name": "0.2", "neuron_layer": 1, "neuron_index": 9, "token": " dog", "E": 0.9, "E_low": 0.8,
+         "E_high": 0.95, "q": 0.01, "significant": True, "interval": "document", "documents": 6}]})
     f = run_findings(run)
     assert set(f) == {"1.0", "0.2"}
-    assert [x["kind"] for x in f["0.2"]] == ["neurons", "lookup"]
+    assert [x["kind"] for x in f["0.2"]] == ["neurons", "lookup", "lookup"]
     assert "“the prompt ends with a noun” — E = 0.80 [0.70, 0.88] on held-out prompts, shuffled explanation " \
            "0.50 (binomial vs chance, BH q = 0.004)" in f["0.2"][1]["text"]
+    assert "(sign-flip test over 6 documents vs chance, BH q = 0.01)" in f["0.2"][2]["text"]   # clustered by document
     assert [x["kind"] for x in f["1.0"]] == ["lens", "sae"]
     assert "'ĠParis', 'ĠFrance'" in f["1.0"][0]["text"] and "KL(lens ‖ null)" in f["1.0"][0]["text"]
     assert "1.7 (→ ' cat') by 0.12, q = 0.01" in f["0.2"][0]["text"]

@@ -10,6 +10,7 @@ from headscope.cli import main
 from headscope.errors import HeadscopeError
 from headscope.explain import atlas_data as explain_atlas
 from headscope.explain import stages as ex
+from headscope.explain.options import CompareOptions, RunOptions, ScoreOptions
 from headscope.neurons import atlas_data as neuron_atlas
 from headscope.neurons import stages as ns
 from headscope.neurons.options import AblateOptions, AttributeOptions, FindOptions, MineOptions
@@ -28,11 +29,11 @@ def done_run(tmp_path_factory):
         ns.run_find(m, run, FindOptions(which=which, per_layer=2, require_space=False, min_chars=1, last_k=2))
         ns.run_mine(m, run, MineOptions(which=which, **MINE), progress=False)
         ns.run_attribute(m, run, AttributeOptions(which=which, k_sigma=1.0), progress=False)
-        ex.run_explain(m, run, "statistical", which, progress=False)
-        ex.run_score(m, run, "statistical", which, progress=False, **SCORE)
+        ex.run_explain(m, run, RunOptions(which=which), progress=False)
+        ex.run_score(m, run, ScoreOptions(which=which, **SCORE), progress=False)
     ns.run_ablate(m, run, AblateOptions(which="top", max_pairs=4), progress=False)
     ns.run_ablate(m, run, AblateOptions(which="random", max_pairs=4), progress=False)
-    ex.run_compare(m, run, "statistical")
+    ex.run_compare(run, CompareOptions(scores="statistical"))
     return m, run
 
 
@@ -67,6 +68,18 @@ def _wilson(k, n, z=1.959963984540054):
     return c - h, c + h
 
 
+def _sign_flip_p(correct, docs):
+    """One-sided sign-flip test over documents, written out: every assignment of signs to the documents'
+    excess of right over ½ (balanced prompts: equal weights), p = share reaching the observed sum."""
+    import itertools
+    excess = {}
+    for c, d in zip(correct, docs):
+        excess[d] = excess.get(d, 0) + (1 if c else -1)
+    v = list(excess.values())
+    hits = sum(sum(e * x for e, x in zip(signs, v)) >= sum(v) for signs in itertools.product((1, -1), repeat=len(v)))
+    return hits / 2 ** len(v)
+
+
 def test_scores_are_balanced_with_intervals_and_fdr(done_run):
     import scipy.stats
     from headscope.explain.prompts import ClassifyRequest
@@ -93,15 +106,27 @@ def test_scores_are_balanced_with_intervals_and_fdr(done_run):
         mm = min(npos, nneg, SCORE["max_per_class"])
         assert r["n_pos"] == r["n_neg"] == mm                       # balanced
         assert [truth[j] for j in r["examples"]] == r["truth"]     # the truth is the attribution's mask
-        texts = [ex._examples(mined[i], att["active"][i, att["split"][i] >= 0, k].bool().tolist(),
+        texts = [ex.split_examples(mined[i], att["active"][i, att["split"][i] >= 0, k].bool().tolist(),
                               att["split"][i][att["split"][i] >= 0].tolist(), 1)[0][j] for j in r["examples"]]
         probs = se.classify_many([ClassifyRequest(expl[(r["neuron"], r["name"])], t) for t in texts])
         assert [round(x, 4) for x in probs] == r["predictions"]
         correct = sum((x >= 0.5) == t for x, t in zip(probs, r["truth"]))
         assert r["E"] == pytest.approx(correct / (2 * mm))          # balanced: E is the accuracy
-        lo, hi = _wilson(correct, 2 * mm)
-        assert (r["E_low"], r["E_high"]) == (pytest.approx(lo), pytest.approx(hi))
-        assert r["p"] == pytest.approx(scipy.stats.binom.sf(correct - 1, 2 * mm, 0.5))
+        held = [pr for pr, s in zip(mined[i]["train"] + mined[i]["test"],
+                                    att["split"][i][att["split"][i] >= 0].tolist()) if s == 1]
+        docs = [held[j]["doc"] for j in r["examples"]]              # the scored prompts' documents
+        assert r["documents"] == len(set(docs))
+        if len(set(docs)) == len(docs):                             # independent prompts: Wilson, binomial
+            lo, hi = _wilson(correct, 2 * mm)
+            assert r["interval"] == "wilson"
+            assert (r["E_low"], r["E_high"]) == (pytest.approx(lo), pytest.approx(hi))
+            assert r["p"] == pytest.approx(scipy.stats.binom.sf(correct - 1, 2 * mm, 0.5))
+        elif len(set(docs)) >= 2:                                   # clustered by document
+            assert r["interval"] == "document" and r["E_low"] <= r["E"] <= r["E_high"]
+            w = _wilson(correct, 2 * mm)
+            assert r["E_high"] - r["E_low"] >= w[1] - w[0]                # never narrower than independent
+            assert r["p"] == pytest.approx(_sign_flip_p(
+                [(x >= 0.5) == t for x, t in zip(probs, r["truth"])], docs))
     ps = [r["p"] for r in scored]
     q = scipy.stats.false_discovery_control(ps)
     assert [r["q"] for r in scored] == pytest.approx(list(q))
@@ -245,7 +270,7 @@ def test_explain_needs_attribution_first(tmp_path):
     m = tiny_model("gpt2")
     run = RunDir(tmp_path / "r", m.identity())
     with pytest.raises(HeadscopeError, match="run `headscope neurons mine` first"):
-        ex.run_explain(m, run, "statistical")
+        ex.run_explain(m, run, RunOptions())
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ def model():
 
 def test_default_model_pipeline_offline(model, tmp_path):
     from headscope.explain import atlas_data as explain_atlas
+    from headscope.explain.options import BaselineOptions, RunOptions, ScoreOptions
     from headscope.explain import stages as ex
     from headscope.neurons import atlas_data as neuron_atlas
     from headscope.neurons import congruence
@@ -41,19 +42,19 @@ def test_default_model_pipeline_offline(model, tmp_path):
     assert A.shape[2] == 30 * 9
     assert not torch.isnan(A[0, 0, : (found[0]["layer"] + 1) * 9]).any()          # sequential: same layer eligible
     assert att["pairs"] > 0, "no 25–75% head on this sample: the settings above must give pairs"
-    ex.run_explain(model, run, "statistical", progress=False)
-    summary = ex.run_score(model, run, "statistical", max_per_class=12, min_per_class=4, progress=False)
-    assert summary["pairs"] == att["pairs"] and summary["scored"] > 0
+    ex.run_explain(model, run, RunOptions(), progress=False)
+    summary = ex.run_score(model, run, ScoreOptions(max_per_class=12, min_per_class=4), progress=False)
+    assert summary.pairs == att["pairs"] and summary.scored > 0
     abl = ns.run_ablate(model, run, AblateOptions(max_pairs=6), progress=False)
     assert abl["pairs"] == min(6, att["pairs"])
     assert abl["effect"]["n"] == abl["neurons"] and abl["wilcoxon"]["n"] == abl["neurons"]
-    comp = ex.run_random_baseline(model, run, "statistical", per_layer=3, progress=False)
+    comp = ex.run_random_baseline(model, run, BaselineOptions(per_layer=3), progress=False)
     rows = json.loads((run / "explain/scores_statistical.json").read_text())["pairs"]
-    assert comp["top"]["n"] == len({r["neuron"] for r in rows if r["E"] is not None})
+    assert comp.top["n"] == len({r["neuron"] for r in rows if r["E"] is not None})
     # the negative control: explanations of another neuron's pairs score at chance
-    ctrl = summary["control"]["by_neuron"]
+    ctrl = summary.control["by_neuron"]
     assert abs(ctrl["mean"] - 0.5) < 0.1
-    vs = comp["ablation_vs_random"]                     # the random set was ablated alike and compared
+    vs = comp.ablation_vs_random                     # the random set was ablated alike and compared
     assert vs["unit"] == "neuron" and vs["top"]["n"] == abl["neurons"]
     nd, ed = neuron_atlas.atlas_data(run.path), explain_atlas.atlas_data(run.path)
     json.dumps([nd, ed], allow_nan=False)

@@ -18,17 +18,6 @@ from headscope.runs import resolve
 
 EMPTY = inspect.Parameter.empty
 
-KNOWN_TWINS = {
-    # Keyword twins not moved yet (issue 22, step 3): each is a function other modules' tests call with
-    # keywords. Remove an entry when its function takes the options dataclass; the test fails on new ones.
-    "headscope.explain.stages:run_explain": {"backend", "which", "max_pairs", "max_examples"},
-    "headscope.explain.stages:run_score": {"backend", "which", "explanations", "max_per_class", "min_per_class",
-                                           "control"},
-    "headscope.explain.stages:run_random_baseline": {"backend", "seed", "per_layer"},
-    "headscope.explain.stages:run_compare": {"scores"},
-}
-
-
 def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -100,12 +89,12 @@ def test_twin_finder_finds_a_twin(monkeypatch):
     assert twins()["headscope.heads.scores:run_twin"] == {"n_seqs"}
 
 
-def test_no_new_keyword_twin_of_an_option():
+def test_no_keyword_twin_of_an_option():
+    """No ``run_*`` function of an instrument repeats an option's default as a keyword parameter (issue 22:
+    the last ones — SAE train/sweep/dashboards, lens checkpoint transfer, the explain steps — now take their
+    options dataclass)."""
     found = twins()
-    new = {k: v - KNOWN_TWINS.get(k, set()) for k, v in found.items() if v - KNOWN_TWINS.get(k, set())}
-    assert new == {}, f"functions repeating option defaults (take the options dataclass instead): {new}"
-    gone = {k for k in KNOWN_TWINS if k not in found}
-    assert not gone, f"no longer twins, remove from KNOWN_TWINS: {gone}"
+    assert found == {}, f"functions repeating option defaults (take the options dataclass instead): {found}"
 
 
 @pytest.mark.parametrize("item", [i for ins in registry.instruments() for i in ins.stages + ins.commands],

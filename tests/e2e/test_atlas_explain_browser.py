@@ -139,7 +139,7 @@ def test_llm_summary_from_the_facts_and_dropped_when_stale(run_dir, tmp_path):
     run = RunDir(run_copy)
     w = _Writer()
     res = run_labels(None, run, LabelOptions(summary="openai"), progress=False, backend=w)
-    assert res["summaries"] == res["heads"] == len(w.prompts) > 0
+    assert res.summaries == res.heads == len(w.prompts) > 0
     labels = read_json(run_copy / "explain/labels.json")["heads"]
     hk = next(k for k, v in labels.items() if v["summary"])
     prompt = next(m[0]["content"] for m in w.prompts if f"head {hk} " in m[0]["content"])

@@ -50,6 +50,7 @@ from ..runs import RunDir, read_json, write_json
 from .contexts import Context, ExplainContextsRequest, feature_backend
 from .dfa_rules import family as dfa_family
 from .options import FeatureDryRunOptions, FeatureExplainOptions, FeatureScoreOptions, backend_name
+from .results import FeatureExplainResult, FeatureScoresResult
 from .scorers import score_units
 
 
@@ -60,10 +61,11 @@ def cmd_features_dry_run(model, run: RunDir, opts: FeatureDryRunOptions) -> int:
     if dry.exists():
         dry.unlink()
     be = make_feature_backend(opts, run, model, dry_run=dry, backend="openai")
-    res = run_explain_features(model, run, opts, progress=False, backend=be)
+    _, _, reqs = _feature_requests(model, run, opts, progress=False)
+    be.explain_contexts(reqs)    # the dry-run client appends each request to the JSONL and answers ""
     lines = [json.loads(x) for x in dry.read_text().splitlines()] if dry.is_file() else []
     toks = sum(estimate_tokens(x["body"]["messages"]) for x in lines)
-    print(f"dry run: {res['explain_requests']} feature explanation requests written to {dry} "
+    print(f"dry run: {len(reqs)} feature explanation requests written to {dry} "
           f"(≈{toks} input tokens, ≤{len(lines) * be.backend.max_tokens} output tokens)")
     return 0
 
@@ -80,8 +82,7 @@ def make_feature_backend(opts, run: RunDir | None = None, model=None, dry_run: P
         from .dfa_rules import DFAExplainer
         return DFAExplainer()
     from .stages import make_backend
-    dev = str(getattr(model, "device", "cpu"))
-    return feature_backend(make_backend(name, run, model, **opts.client_kwargs(dev, dry_run)))
+    return feature_backend(make_backend(name, opts, run, model, dry_run=dry_run))
 
 
 def sae_name(run: RunDir, name: str = "") -> str:
@@ -371,24 +372,26 @@ def run_feature_contexts(model, run: RunDir, opts: FeatureExplainOptions, progre
     return data
 
 
-def run_explain_features(model, run: RunDir, opts: FeatureExplainOptions, progress: bool = True,
-                         backend=None, chunk: int = 16) -> dict:
-    """Contexts (:func:`run_feature_contexts`), then one explanation per feature, written to
-    ``explain/features/<sae>/explanations_<backend>.json``: ``{"sae", "backend": config, "options",
-    "features": {f: {"explanation", "n_active", "n_random"}}}``. ``backend``: a ready back-end (tests, a
-    client with custom concurrency) instead of ``opts.backend``. With a dry-run endpoint, writes the
-    requests JSONL and returns their count instead."""
-    backend = feature_backend(backend) if backend is not None else make_feature_backend(opts, run, model)
+def _feature_requests(model, run: RunDir, opts: FeatureExplainOptions, progress: bool = True):
+    """The contexts (:func:`run_feature_contexts`, written) and one explanation request per feature:
+    ``(ctx, feature ids, requests)``."""
     ctx = run_feature_contexts(model, run, opts, progress)
     feats = list(ctx["features"])
     reqs = [ExplainContextsRequest([Context.from_json(c) for c in ctx["features"][f]["explain"]["active"]],
                                    [Context.from_json(c) for c in ctx["features"][f]["explain"]["random"]],
                                    ctx["features"][f]["explain"].get("dfa"))
             for f in feats]
-    client = getattr(getattr(backend, "backend", None), "client", None)
-    if client is not None and client.dry_run is not None:
-        backend.explain_contexts(reqs)
-        return {"dry_run": str(client.dry_run), "explain_requests": len(reqs)}
+    return ctx, feats, reqs
+
+
+def run_explain_features(model, run: RunDir, opts: FeatureExplainOptions, progress: bool = True,
+                         backend=None, chunk: int = 16) -> FeatureExplainResult:
+    """Contexts (:func:`run_feature_contexts`), then one explanation per feature, written to
+    ``explain/features/<sae>/explanations_<backend>.json``: ``{"sae", "backend": config, "options",
+    "features": {f: {"explanation", "n_active", "n_random"}}}``. ``backend``: a ready back-end (tests, a
+    client with custom concurrency) instead of ``opts.backend``."""
+    backend = feature_backend(backend) if backend is not None else make_feature_backend(opts, run, model)
+    ctx, feats, reqs = _feature_requests(model, run, opts, progress)
     texts: list[str] = []
     bar = tqdm(total=len(reqs), desc=f"explaining features ({backend.name})", unit=" feature",
                disable=not progress, file=sys.stderr)
@@ -404,11 +407,12 @@ def run_explain_features(model, run: RunDir, opts: FeatureExplainOptions, progre
     fams: dict[str, int] = {}
     for v in out.values():
         fams[v["family"]] = fams.get(v["family"], 0) + 1
-    return {"sae": ctx["sae"], "features": len(out), "backend": backend.name, "skipped": ctx.get("skipped", 0),
-            "families": fams}
+    return FeatureExplainResult(sae=ctx["sae"], features=len(out), backend=backend.name,
+                                skipped=ctx.get("skipped", 0), families=fams)
 
 
-def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: bool = True, backend=None) -> dict:
+def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: bool = True,
+                       backend=None) -> FeatureScoresResult:
     """Judge each explained feature's held-out contexts with its own and a shuffled explanation; writes
     ``scores_<explanations>_by_<judge>.json``: ``{"sae", "scorer", "explanations", "probabilities",
     "features": [{id, detection: {...}, fuzzing: {...}}], "summary": {kind: ...}}`` (see
@@ -452,7 +456,7 @@ def run_score_features(model, run: RunDir, opts: FeatureScoreOptions, progress: 
     _histogram(path.with_suffix(".png"), res["units"], opts.scorers, f"SAE {name}: {ex_name} explanations, "
                f"{backend.name} judge")
     write_json(path, out)
-    return {"sae": name, "probabilities": out["probabilities"], **res["summary"]}
+    return FeatureScoresResult(sae=name, probabilities=out["probabilities"], **res["summary"])
 
 
 def _yes_rates(units: list[dict], rows: list[dict]) -> dict:

@@ -16,7 +16,7 @@ Facts, in this order, only when the run holds them (an absent instrument adds no
 * **neurons** (``neurons/ablation.json``): the next-token neurons whose token probability zeroing the head
   significantly lowers (BH over pairs). An attribution alone is never a fact ("drives" has no test);
 * **look-ups** (``explain/scores_<backend>.json``): (neuron, head) explanations scored above chance on
-  held-out prompts (binomial, BH over pairs), with E, its CI and the shuffled control.
+  held-out prompts (a test clustered by document, BH over pairs), with E, its CI and the shuffled control.
 
 ``label`` is the facts joined by " · " (at most ``max_facts``). ``summary``: one or two sentences the LLM
 writes from the facts alone (prompted not to add anything); None with ``summary = "none"``.
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..runs import RunDir, read_json, write_json
 from .options import LabelOptions
+from .results import LabelsResult
 
 SUMMARY_PROMPT = """Here is what measurements say about attention head {head} of a language model:
 {facts}
@@ -129,8 +130,9 @@ def head_facts(run_dir: Path, top_frac: float = 0.05) -> dict[str, list[dict]]:
     return facts
 
 
-def run_labels(model, run: RunDir, opts: LabelOptions, progress: bool = True, backend=None) -> dict:
-    """Write ``explain/labels.json`` (see the module docstring); returns ``{"heads", "summaries", "path"}``."""
+def run_labels(model, run: RunDir, opts: LabelOptions, progress: bool = True, backend=None) -> LabelsResult:
+    """Write ``explain/labels.json`` (see the module docstring); returns how many heads got a label and a
+    summary, and the file."""
     facts = head_facts(run.path, opts.top_frac)
     heads = {hk: {"label": " · ".join(f["text"] for f in fs[:opts.max_facts]) if fs else None,
                   "facts": fs, "summary": None} for hk, fs in facts.items()}
@@ -152,4 +154,4 @@ def run_labels(model, run: RunDir, opts: LabelOptions, progress: bool = True, ba
     path = run / "explain" / "labels.json"
     write_json(path, {"backend": opts.summary if backend is None else getattr(backend, "name", opts.summary),
                       "options": asdict(opts), "heads": heads})
-    return {"heads": sum(1 for v in heads.values() if v["label"]), "summaries": n_sum, "path": str(path)}
+    return LabelsResult(heads=sum(1 for v in heads.values() if v["label"]), summaries=n_sum, path=str(path))

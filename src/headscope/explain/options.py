@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 from simple_parsing import field
@@ -47,6 +46,8 @@ class LLMOptions:
     """openai backend: retries per request"""
     timeout: float = 60.0
     """openai backend: seconds per request"""
+    backoff: float = 1.0
+    """openai backend: seconds before the first retry (doubling each retry)"""
     cache_dir: Optional[str] = None
     """openai backend: response cache (default: RUN/explain/cache)"""
 
@@ -55,14 +56,8 @@ class LLMOptions:
         u = urlparse(self.base_url)
         _check(u.scheme in ("http", "https") and bool(u.netloc),
                f"--base-url {self.base_url!r} is not an http(s) URL")
-        _check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0,
-               "--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are needed")
-
-    def client_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
-        return {"base_url": self.base_url, "llm": self.llm, "local_model": self.explainer_model,
-                "api_key_env": self.api_key_env, "concurrency": self.concurrency, "max_retries": self.max_retries,
-                "timeout": self.timeout, "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
-                "dry_run": dry_run, "device": device}
+        _check(self.concurrency >= 1 and self.max_retries >= 0 and self.timeout > 0 and self.backoff >= 0,
+               "--concurrency >= 1, --max-retries >= 0, --timeout > 0 and --backoff >= 0 are needed")
 
 
 @dataclass(frozen=True)
@@ -82,9 +77,6 @@ class BackendOptions(LLMOptions):
         super().__post_init__()
         check(self.max_terms >= 1 and self.window >= 1, "--max-terms and --window must be at least 1")
 
-    def backend_kwargs(self, device: str = "cpu", dry_run: Path | None = None) -> dict:
-        return {**self.client_kwargs(device, dry_run), "max_terms": self.max_terms, "window": self.window}
-
 
 @dataclass(frozen=True)
 class RunOptions(BackendOptions):
@@ -101,8 +93,9 @@ class RunOptions(BackendOptions):
 
 @dataclass(frozen=True)
 class ScoreOptions(BackendOptions):
-    """Classifies balanced held-out prompts from the explanation alone; E = (TPR+TNR)/2 with a Wilson interval,
-    a binomial test against chance, BH over pairs and a shuffled-explanation control."""
+    """Classifies balanced held-out prompts from the explanation alone; E = (TPR+TNR)/2 with an interval and a
+    test against chance clustered by the prompts' documents, BH over pairs, and shuffled-explanation,
+    same-head, ‖z‖ and probe controls."""
 
     which: Which = field(default="top", alias=["--set"])
     """neuron set"""
@@ -140,18 +133,12 @@ class CompareOptions:
 
 
 @dataclass(frozen=True)
-class DryRunOptions(BackendOptions):
-    """Writes the requests an OpenAI-compatible endpoint would get to a JSONL file and estimates tokens; sends
-    nothing."""
+class DryRunOptions(RunOptions):
+    """Writes the requests an OpenAI-compatible endpoint would get for ``explain run`` (same pairs, same
+    examples) to a JSONL file and estimates tokens for explaining and scoring; sends nothing."""
 
     jsonl: str = field(default="explain-requests.jsonl", positional=False)
     """where to write the requests"""
-    which: Which = field(default="top", alias=["--set"])
-    """neuron set"""
-    max_pairs: Optional[int] = None
-    """at most this many pairs"""
-    max_examples: int = 10
-    """active and inactive examples shown, each"""
 
 
 def backend_name(backend: str) -> str:

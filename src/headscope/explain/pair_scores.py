@@ -5,7 +5,9 @@ The same scorer as for SAE features (:mod:`headscope.explain.scorers`): each pai
 (its neuron's *test* split, each ending with the neuron's token, as the pair explainer shows them) are
 judged with the pair's own explanation and with another *neuron's* pair's explanation (a seeded
 derangement across neurons, never a pair of the same neuron, whose explanation describes the same
-prompts); the difference gets a CI clustered by neuron (pairs of one neuron share its prompts);
+prompts); the difference over pairs gets a CI clustered by neuron (pairs of one neuron share its prompts),
+and each pair's own balanced accuracy an interval and p clustered by the documents of its prompts
+(:func:`headscope.explain.scoring.detection_score`, as ``explain score`` does);
 truth = the head is active on the prompt (the attribution's mask). Reported per pair and as means with
 bootstrap CIs: balanced accuracy = the E = (TPR + TNR)/2 of ``explain score``, and AUROC when the
 judge gives graded probabilities (local model logits, endpoint log-probabilities, the statistical rule).
@@ -27,6 +29,7 @@ from ..runs import RunDir, read_json, write_json
 from .contexts import Context, JudgeRequest
 from .options import PairScoreOptions
 from .prompts import ClassifyRequest
+from .results import PairScoresResult
 from .scorers import score_units
 
 
@@ -39,9 +42,11 @@ def pair_units(run: RunDir, which: str, explanations: list[dict], max_per_class:
     """Scoring units of the explained pairs: a balanced sample of their held-out prompts (the same draw as
     `explain score`: :func:`headscope.explain.scoring.balanced_indices` seeded by the pair) as contexts (BOS
     dropped, the neuron's token appended), truth = head active. Pairs with too few prompts of a class are
-    left out."""
+    left out. Each unit carries its items' documents (``docs``: its own interval and p are clustered by
+    them) and its neuron as the cluster of the summary's difference."""
     from ..neurons.stages import load_attribution, pair_labels
     from .scoring import balanced_indices
+    from .stages import prompt_doc
     mined, att_json, att = load_attribution(run, which)
     n_heads = int(run.model_identity["n_heads"])
     by_key = {_pair_key(p): p for p in att_json["pairs"]}
@@ -55,24 +60,25 @@ def pair_units(run: RunDir, which: str, explanations: list[dict], max_per_class:
         prompts = nrn["train"] + nrn["test"]
         held = [(Context(list(pr["tokens"][1:]) + [nrn["token"]], [0.0] * len(pr["tokens"])), bool(lab))
                 for pr, lab, s in zip(prompts, labels, split) if s == 1]
+        docs = [prompt_doc(pr, j) for j, (pr, s) in enumerate(zip(prompts, split)) if s == 1]
         idx, why = balanced_indices([t for _, t in held], max_per_class, min_per_class, _pair_key(e))
         if why:
             continue
         items = [held[i] for i in idx]
         units.append({"id": f"{nrn['layer']}.{nrn['neuron']}:{p['name']}", "explanation": e["explanation"],
                       "items": {"detection": items}, "neuron": p["neuron"],
+                      "docs": {"detection": [docs[i] for i in idx]}, "key": _pair_key(e),
                       "clusters": {"detection": [p["neuron"]] * len(items)}})
     return units
 
 
-def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool = True, backend=None) -> dict:
-    """Write ``pair_scores_<explanations>_by_<judge>.json`` (see the module docstring); returns the summary."""
+def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool = True,
+                    backend=None) -> PairScoresResult:
+    """Write ``pair_scores_<explanations>_by_<judge>.json`` (see the module docstring); returns the summary.
+    ``backend``: a ready judge (tests) instead of ``opts.backend``."""
     from .stages import explain_dir, make_backend
     if backend is None:
-        kw = opts.client_kwargs(str(getattr(model, "device", "cpu")))
-        kw.pop("base_url"), kw.pop("llm"), kw.pop("local_model")
-        backend = make_backend(opts.backend, run, model, base_url=opts.base_url, llm=opts.llm,
-                               local_model=opts.explainer_model, **kw)
+        backend = make_backend(opts.backend, opts, run, model)
     d = explain_dir(run, opts.which)
     ex_name = opts.explanations or backend.name
     ex_path = d / f"explanations_{ex_name}.json"
@@ -97,4 +103,4 @@ def run_score_pairs(model, run: RunDir, opts: PairScoreOptions, progress: bool =
            "fuzzing": "not applicable: pairs are judged per prompt, no token is the activating one",
            "pairs": res["units"], "summary": res["summary"]}
     write_json(d / f"pair_scores_{ex_name}_by_{backend.name}.json", out)
-    return {"probabilities": probs, **res["summary"]}
+    return PairScoresResult(probabilities=probs, detection=res["summary"]["detection"])

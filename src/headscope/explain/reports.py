@@ -25,26 +25,27 @@ def _scorer_line(kind: str, k: dict, what: str) -> str:
     return line
 
 
-def report_features(s: dict, opts, run) -> None:
-    if "dry_run" in s:
-        print(f"dry run: {s['explain_requests']} explanation requests written to {s['dry_run']}")
-    else:
-        fam = ", ".join(f"{k} {v}" for k, v in sorted((s.get("families") or {}).items()))
-        print(f"{s['features']} features of SAE {s['sae']} explained with the {s['backend']} backend"
-              + (f" ({s['skipped']} drawn had no shown or no test context in disjoint documents)" if s.get("skipped") else "")
-              + (f"; families (DFA): {fam}" if fam else ""))
+def report_features(s, opts, run) -> None:
+    """``s``: a :class:`~headscope.explain.results.FeatureExplainResult`."""
+    fam = ", ".join(f"{k} {v}" for k, v in sorted((s.families or {}).items()))
+    print(f"{s.features} features of SAE {s.sae} explained with the {s.backend} backend"
+          + (f" ({s.skipped} drawn had no shown or no test context in disjoint documents)" if s.skipped else "")
+          + (f"; families (DFA): {fam}" if fam else ""))
 
 
-def report_feature_scores(s: dict, opts, run) -> None:
-    print(f"SAE {s['sae']}: judgements read from {s['probabilities']}")
+def report_feature_scores(s, opts, run) -> None:
+    """``s``: a :class:`~headscope.explain.results.FeatureScoresResult`."""
+    print(f"SAE {s.sae}: judgements read from {s.probabilities}")
     for kind in opts.scorers:
-        print(_scorer_line(kind, s[kind], "features"))
+        print(_scorer_line(kind, getattr(s, kind), "features"))
 
 
-def report_pair_scores(s: dict, opts, run) -> None:
-    print(f"{opts.which} pairs, judgements from {s['probabilities']}")
-    print(_scorer_line("detection", s["detection"], "pairs"))
+def report_pair_scores(s, opts, run) -> None:
+    """``s``: a :class:`~headscope.explain.results.PairScoresResult`."""
+    print(f"{opts.which} pairs, judgements from {s.probabilities}")
+    print(_scorer_line("detection", s.detection, "pairs"))
 
 
-def report_labels(s: dict, opts, run) -> None:
-    print(f"{s['heads']} heads labelled ({s['summaries']} written summaries) -> {s['path']}")
+def report_labels(s, opts, run) -> None:
+    """``s``: a :class:`~headscope.explain.results.LabelsResult`."""
+    print(f"{s.heads} heads labelled ({s.summaries} written summaries) -> {s.path}")

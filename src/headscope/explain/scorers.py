@@ -18,7 +18,10 @@ Per unit and kind:
 Summary over units: the mean of each, a 95 % bootstrap CI (``scipy.stats.bootstrap``, percentile, 2000
 resamples, seeded), the paired difference real − shuffled with its CI, and the one-sided Wilcoxon
 signed-rank p-value of that difference (``scipy.stats.wilcoxon``). Units whose items are all one class
-are left out of that kind (``skipped``). When every unit gives its items' clusters (``unit["clusters"][kind]``,
+are left out of that kind (``skipped``). When a unit gives its items' documents (``unit["docs"][kind]``), its row
+also gets its own balanced accuracy's 95 % ``ci`` and one-sided ``p`` against chance clustered by document
+(:func:`headscope.explain.scoring.detection_score`, its bootstrap seeded by ``unit["key"]`` when given, e.g.
+the pair's key, so that a pair gets the interval ``explain score`` gives it). When every unit gives its items' clusters (``unit["clusters"][kind]``,
 parallel to its items: their documents, or the neuron of a pair), ``difference_clustered`` adds the same
 difference with a CI clustered by them (:func:`clustered_difference`): items that share a document (or a
 neuron's prompts) are not independent, within a unit or across units. ``groups``: units of one group
@@ -31,17 +34,12 @@ import numpy as np
 
 from .contexts import JudgeRequest
 from .options import KINDS
-from .scoring import balanced_accuracy
+from .scoring import balanced_accuracy, detection_score
 
 
 def said_yes(probs: list[float | None]) -> list[bool]:
     """The judge's answers as yes/no: P ≥ 0.5 is yes, None (unparsed) is no."""
     return [p is not None and p >= 0.5 for p in probs]
-
-
-def _ba(probs: list[float | None], truth: list[bool]) -> float | None:
-    """(TPR + TNR)/2 of :func:`said_yes` (:func:`headscope.explain.scoring.balanced_accuracy`'s ``E``)."""
-    return balanced_accuracy(said_yes(probs), truth)["E"]
 
 
 def graded(probs: list[float | None]) -> bool:
@@ -151,7 +149,8 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
     """Judge every unit's items with its own and with a shuffled explanation (see the module docstring).
 
     ``judge(list[JudgeRequest]) -> list[P | None]``. Returns ``{"units": [{id, <kind>: {balanced_accuracy,
-    auroc, shuffled_balanced_accuracy, shuffled_auroc, n_pos, n_neg, unparsed, shuffled_from}}],
+    auroc, shuffled_balanced_accuracy, shuffled_auroc, n_pos, n_neg, unparsed, shuffled_from[, ci, p, documents,
+    interval]}}],
     "summary": {<kind>: {balanced_accuracy, shuffled_balanced_accuracy, difference, auroc, shuffled_auroc,
     auroc_difference, graded, units, skipped}}}``."""
     perm = derangement(len(units), seed) if groups is None else group_derangement(groups, seed)
@@ -174,12 +173,17 @@ def score_units(judge, units: list[dict], kinds: tuple[str, ...] = KINDS, seed: 
         truth = [t for _, t in units[u]["items"].get(kind, [])]
         real, shuf = probs[start:start + n], probs[start + n:start + 2 * n]
         rows[u][kind] = {
-            "balanced_accuracy": _ba(real, truth), "auroc": auroc(real, truth),
-            "shuffled_balanced_accuracy": _ba(shuf, truth), "shuffled_auroc": auroc(shuf, truth),
+            "balanced_accuracy": balanced_accuracy(said_yes(real), truth), "auroc": auroc(real, truth),
+            "shuffled_balanced_accuracy": balanced_accuracy(said_yes(shuf), truth), "shuffled_auroc": auroc(shuf, truth),
             "n_pos": sum(truth), "n_neg": len(truth) - sum(truth), "unparsed": sum(p is None for p in real),
             "shuffled_from": units[perm[u]]["id"], "graded": graded(real + shuf),
             "probs": [None if p is None else round(float(p), 4) for p in real],
             "shuffled_probs": [None if p is None else round(float(p), 4) for p in shuf], "truth": truth}
+        docs = units[u].get("docs", {}).get(kind)
+        if docs is not None:   # the unit's own interval and p, clustered by the items' documents
+            ds = detection_score(said_yes(real), truth, docs, seed=units[u].get("key", f"{units[u]['id']}:{kind}"))
+            rows[u][kind] |= {"ci": [ds.get("E_low"), ds.get("E_high")], "p": ds.get("p"),
+                              "documents": ds.get("documents"), "interval": ds.get("interval")}
     summary = {}
     for kind in kinds:
         rs = [r[kind] for r in rows if kind in r]

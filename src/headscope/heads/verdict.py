@@ -340,8 +340,9 @@ def neuron_findings(run_dir: Path) -> dict[str, list[dict]]:
 
 def lookup_findings(run_dir: Path) -> dict[str, list[dict]]:
     """Heads with a (neuron, head) look-up explanation whose held-out score beat chance (``explain/
-    scores_<backend>.json``: E on balanced prompts, one-sided binomial test, BH over pairs), each quoted
-    with its E, Wilson CI and q — and its shuffled-explanation control when the run scored one."""
+    scores_<backend>.json``: E on balanced prompts, a one-sided test against chance clustered by the prompts'
+    documents — the binomial test where every prompt is its own document — BH over pairs), each quoted with
+    its E, CI, test and q — and its shuffled-explanation control when the run scored one."""
     d = Path(run_dir) / "explain"
     out: dict[str, list[dict]] = {}
     if not d.is_dir():
@@ -358,9 +359,11 @@ def lookup_findings(run_dir: Path) -> dict[str, list[dict]]:
             ex = (text_of.get((r.get("neuron"), r.get("name"))) or "").strip().splitlines()
             ci = f" [{num(r['E_low'])}, {num(r['E_high'])}]" if _ok(r.get("E_low")) and _ok(r.get("E_high")) else ""
             ctrl = f", shuffled explanation {num(r['E_control'])}" if _ok(r.get("E_control")) else ""
+            test = "binomial" if r.get("interval", "wilson") == "wilson" else \
+                f"sign-flip test over {r.get('documents')} documents"
             text = (f"Look-up ({backend}): when it is active for next-token neuron {r.get('neuron_layer')}."
                     f"{r.get('neuron_index')} (→ {_tok(r.get('token'))}), explained as “{ex[0][:90] if ex else '?'}” — "
-                    f"E = {num(r['E'])}{ci} on held-out prompts{ctrl} (binomial vs chance, BH q = {num(r['q'])})")
+                    f"E = {num(r['E'])}{ci} on held-out prompts{ctrl} ({test} vs chance, BH q = {num(r['q'])})")
             out.setdefault(str(r.get("name")), []).append({"kind": "lookup", "source": str(sf.relative_to(run_dir)),
                                                            "anchor": "src-explain", "score": r["E"], "text": text})
     return out
