@@ -54,3 +54,27 @@ def test_readings_from_stage_records_and_the_check_catches_drift(tmp_path):
     assert r.fmt(110.4) == "110" and r.fmt(1.5) == "1.50" and r.fmt(True) == "1"
     with pytest.raises(SystemExit):
         r.main([str(tmp_path / "empty"), "--out", str(out)])
+
+
+MEASURED = re.compile(r"(?<![\w.#-])[+−-]?\d+\.\d{3,}(?![\w.])|\[[+−-]?\d+\.\d+, [+−-]?\d+\.\d+\]")
+"""A measured figure as the README prints one: three or more decimals (0.556), or an interval [0.52, 0.59]."""
+RUN_SECTIONS = ("### `headscope sae", "### `headscope neurons", "### `headscope explain features")
+"""README sections that report what the demo run measured: their figures must be cited from readings.md."""
+
+
+def uncited(text: str) -> list[str]:
+    """The measured-looking figures of ``text`` outside citations of docs/readings.md."""
+    return MEASURED.findall(CITE.sub("", text))
+
+
+def test_run_figures_in_the_readme_are_cited():
+    """Issue 21: the README's instrument sections quote no figure that is not a cited reading (they once quoted
+    old reduced runs); a figure typed by hand there fails this test."""
+    text = (ROOT / "README.md").read_text()
+    bad = []
+    for head in RUN_SECTIONS:
+        start = text.index(head)
+        end = text.find("\n### ", start + 1)
+        bad += [f"{head}…: {f}" for f in uncited(text[start:end])]
+    assert not bad, "figures not cited from docs/readings.md:\n" + "\n".join(bad)
+    assert uncited("E 0.516 [0.481, 0.553] vs [0.556](readings.md#x) at q = 0.05") == ["0.516", "[0.481, 0.553]"]
