@@ -16,7 +16,7 @@ import torch
 from headscope.errors import HeadscopeError
 from headscope.explain.features import WINDOWS_PER_SEQUENCE, _random_windows, _window_plan
 from headscope.explain.prompts import ExplainRequest
-from headscope.explain.statistical import (StatisticalExplainer, _bal_acc, balanced_weights, fista_batch,
+from headscope.explain.statistical import (StatisticalExplainer, fold_balanced_accuracy, balanced_weights, fista_batch,
                                            fit_l1_logistic, lambda_max, lipschitz)
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
@@ -61,9 +61,9 @@ def reference_fit(se: StatisticalExplainer, req: ExplainRequest) -> tuple[dict, 
         for f in range(k):
             tr, te = fold != f, fold == f
             for j, (b, beta) in enumerate(_ref_path(X[tr], y[tr], ok)):
-                accs[j] += _bal_acc(b + X[te] @ beta, y[te]) / k
+                accs[j] += fold_balanced_accuracy(b + X[te] @ beta, y[te]) / k
                 score = b + X[te] @ beta
-                fragile |= _bal_acc(score + 1e-9, y[te]) != _bal_acc(score - 1e-9, y[te])
+                fragile |= fold_balanced_accuracy(score + 1e-9, y[te]) != fold_balanced_accuracy(score - 1e-9, y[te])
         for l_, acc in zip(ok, accs):
             if acc > best + 1e-9:
                 best, lam = float(acc), float(l_)

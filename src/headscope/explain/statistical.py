@@ -184,7 +184,10 @@ def lambda_max(X: np.ndarray, y: np.ndarray) -> float:
     return float(np.max(np.abs(X.T @ (w * (y - 0.5))))) if X.size else 0.0
 
 
-def _bal_acc(score: np.ndarray, y: np.ndarray) -> float:
+def fold_balanced_accuracy(score: np.ndarray, y: np.ndarray) -> float:
+    """Balanced accuracy of the rule ``score > 0`` [n] on one cross-validation fold's labels ``y`` [n] (> 0:
+    active). Unlike :func:`headscope.explain.scoring.balanced_accuracy` (None when the truth is one class),
+    a class missing from the fold counts 0.5, so every fold gives a number to average over folds."""
     pred = score > 0
     pos, neg = y > 0, y <= 0
     return 0.5 * (pred[pos].mean() if pos.any() else 0.5) + 0.5 * ((~pred[neg]).mean() if neg.any() else 0.5)
@@ -308,7 +311,7 @@ class StatisticalExplainer:
                 acc = 0.0
                 for f in range(1, len(rows[r])):
                     te = ~rows[r][f]
-                    acc += _bal_acc(new[r, f, 0] + X[te] @ new[r, f, 1:F + 1], y[te]) / ks[r]
+                    acc += fold_balanced_accuracy(new[r, f, 0] + X[te] @ new[r, f, 1:F + 1], y[te]) / ks[r]
                 accs[r].append(acc)
         out = []
         for r in range(R):
