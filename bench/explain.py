@@ -51,7 +51,8 @@ def main():
     run = RunDir(a.run, model.identity())
     sae = sae_name(run, a.sae)
     t = time.time()
-    run_explain_features(model, run, FeatureExplainOptions(sae=sae, features=a.features, windows=a.windows), progress=False)
+    run_explain_features(model, run, FeatureExplainOptions(sae=sae, features=a.features, windows=a.windows),
+                         progress=False)
     s = run_score_features(model, run, FeatureScoreOptions(sae=sae), progress=False)
     report("statistical expl., statistical judge", s, time.time() - t)
     if a.local_features:
