@@ -6,7 +6,7 @@
 * ``windows``: the random held-out windows of ``explain features`` (``_random_windows``) with the demo's
   options (the SAE's dashboards window, ``--windows`` 2000), nothing written.
 
-Usage: PYTHONPATH=src python bench/explain_speed.py RUN_DIR [stat] [windows] [--rules FILE]
+Usage: PYTHONPATH=src python bench/explain_speed.py RUN_DIR [stat] [windows] [--rules FILE] [--model SPEC]
 Run it once with the old code on PYTHONPATH and once with the new one; compare the seconds and the rules.
 """
 
@@ -54,13 +54,13 @@ def statistical(run_dir: str, rules_path: str | None) -> None:
             json.dump(texts, f, indent=0)
 
 
-def windows(run_dir: str, n: int, per_seq: int | None = None) -> None:
+def windows(run_dir: str, n: int, per_seq: int | None = None, model_spec: str = "default") -> None:
     from headscope.data import TokenCorpus
     from headscope.explain.features import _random_windows, _records, sae_name
     from headscope.models import load_model
     from headscope.runs import RunDir, read_json
     from headscope.sae.io import load_sae
-    model = load_model("default")
+    model = load_model(model_spec)
     run = RunDir(run_dir, model.identity())
     name = sae_name(run, "")
     folder = run / "sae" / name
@@ -87,12 +87,13 @@ def main():
     ap.add_argument("--rules", default=None)
     ap.add_argument("--windows", type=int, default=2000)
     ap.add_argument("--per-seq", type=int, default=None)
+    ap.add_argument("--model", default="default", help="the model RUN_DIR was made with (windows)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     if "stat" in a.what:
         statistical(a.run, a.rules)
     if "windows" in a.what:
-        windows(a.run, a.windows, a.per_seq)
+        windows(a.run, a.windows, a.per_seq, a.model)
 
 
 if __name__ == "__main__":

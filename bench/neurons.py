@@ -124,6 +124,11 @@ def bench_stages(model, args) -> None:
     from headscope.neurons.options import AblateOptions, AttributeOptions, MineOptions
     from headscope.runs import RunDir
     ref = Path(args.stages)
+    need = [ref / "run.json"] + [ref / sub / f for sub in ("neurons", "neurons/random")
+                                 for f in ("find.json", "mine.json", "attribution.json", "ablation.json")]
+    missing = [str(p.relative_to(ref)) for p in need if not p.is_file()]
+    if missing:  # e.g. a run whose random set was never ablated (the demo ablates both sets)
+        raise SystemExit(f"--stages {ref}: not a finished neuron run, missing {', '.join(missing)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_neurons_")) / "run"
     if work.exists():
         shutil.rmtree(work)
