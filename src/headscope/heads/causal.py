@@ -197,7 +197,8 @@ def ioi_task(model: Model, n_prompts: int, seed: int = 0) -> Task | None:
 def logit_diff(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     """logit(IO) − logit(S) per row, [n], from logits at the last real token [n, V] (or [n, 1, V]) and
     answers [n, 2] = (IO, S) token ids."""
-    lg = logits.reshape(logits.shape[0], -1).float()
+    lg = logits.reshape(logits.shape[0], -1)
+    lg = lg if lg.dtype == torch.float64 else lg.float()
     return lg.gather(-1, answers[:, :1]).squeeze(-1) - lg.gather(-1, answers[:, 1:]).squeeze(-1)
 
 
