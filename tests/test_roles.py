@@ -383,7 +383,8 @@ def test_attended_sources_skip_position_zero():
 
 @pytest.mark.slow
 def test_default_model_18_6_is_a_confirmed_induction_head(tmp_path):
-    """The strongest induction head of the embedded SmolLM2-135M comes out "induction", confirmed by ablation."""
+    """The strongest induction head of the embedded SmolLM2-135M comes out "induction", confirmed by ablation;
+    some duplicate-token head is confirmed on the IOI task."""
     from headscope.models import load_model
     m = load_model("default")
     opts = RolesOptions(seq_len=64, text_seqs=4, rep_seqs=8, half_len=20, prefix_examples=0, task_seqs=4,
@@ -396,6 +397,13 @@ def test_default_model_18_6_is_a_confirmed_induction_head(tmp_path):
     assert ind["causal"]["effect"][18][6] > 0 and ind["causal"]["ci"][18][6][0] > 0
     assert "induction" in doc["heads"]["18.6"]["confirmed"]
     assert math.isfinite(ind["causal"]["screen"][18][6]) and ind["causal"]["screen"][18][6] > 0
+    # duplicate-token heads lower the IOI logit difference when ablated, more than on the ABC twins
+    dup = doc["roles"]["duplicate_token"]
+    conf = [(l, h) for l in range(30) for h in range(9) if dup["confirmed"][l][h]]
+    assert conf and dup["causal"]["prompts"] == 16
+    for l, h in conf:
+        c = dup["causal"]
+        assert c["effect"][l][h] < 0 and c["ci"][l][h][1] < 0 and c["contrast"][l][h] < 0, (l, h)
 
 
 # -- the duplicate-token (IOI) and local (next-token loss) causal tasks ---------------------------------------
