@@ -305,6 +305,9 @@ def test_bad_options_are_one_line_errors():
         RolesOptions(text_seqs=1)
     with pytest.raises(HeadscopeError, match="--q"):
         RolesOptions(q=1.5)
+    with pytest.raises(HeadscopeError, match="--ioi-prompts"):
+        RolesOptions(ioi_prompts=2)
+    assert RolesOptions(ioi_prompts=0).ioi_prompts == 0  # 0: no duplicate-token task
 
 
 def test_too_small_corpus_is_one_line_error(tmp_path):
@@ -571,3 +574,9 @@ def test_duplicate_token_and_local_causal_blocks(wired_run):
         assert loc["confirmed"][l][h] == ok
     # the effect recorded is the real ablation's per-document mean on the stage's text task
     assert doc["screen"]["agreement"]["by_metric"]["text:loss"]["n"] >= 3
+
+
+def test_no_ioi_task_without_single_token_names():
+    """The tiny tokenizer spells no name of the IOI list as one token: no task (the stage then notes why and
+    the duplicate-token role stays shown only)."""
+    assert C.ioi_task(tiny_model("gpt2"), 8) is None
