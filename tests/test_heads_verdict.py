@@ -250,4 +250,5 @@ def test_local_head_confirmed_says_only_what_the_loss_showed():
     doc["roles"]["local"]["confirmed"][0][2] = False
     doc["roles"]["local"]["causal"]["ci"][0][2] = [-0.01, 0.11]
     v = verdict("0.2", doc)
-    assert v.confirmed == () and "ablation effect 0.05 [-0.01, 0.11] on held-out natural text: not significant" in v.text
+    assert v.confirmed == ()
+    assert "ablation effect 0.05 [-0.01, 0.11] on held-out natural text: not significant" in v.text
