@@ -580,3 +580,28 @@ def test_no_ioi_task_without_single_token_names():
     """The tiny tokenizer spells no name of the IOI list as one token: no task (the stage then notes why and
     the duplicate-token role stays shown only)."""
     assert C.ioi_task(tiny_model("gpt2"), 8) is None
+
+
+def test_a_local_head_that_predicts_the_text_is_confirmed(wired_run, tmp_path):
+    """Head 2.2 attends two tokens back and copies (by construction). On text whose every document repeats three
+    words ("w1 w2 w3 w1 w2 w3 …"), the token two back is the next token: the head lowers the next-token loss, so
+    ablating it must raise it — the local role is confirmed. (On the default corpus the same head is shown but
+    not confirmed: copying the token two back does not predict natural text.)"""
+    m, _, _, doc0 = wired_run
+    g = np.random.default_rng(0)
+    words = list(tiny_names())  # single tokens with a leading space: the period is 3 tokens
+    with open(tmp_path / "period3.jsonl", "w") as f:
+        for _ in range(120):
+            trio = " ".join(g.choice(words, 3, replace=False))
+            f.write(json.dumps({"text": " ".join([trio] * 40)}) + "\n")
+    run = RunDir(tmp_path / "run", m.identity())
+    opts = RolesOptions(**SMALL | {"corpus": str(tmp_path / "period3.jsonl"), "ioi_prompts": 0, "task_seqs": 10})
+    run_stage(m, run, stage("heads.roles"), opts, progress=False)
+    doc = json.loads((tmp_path / "run" / "heads" / "roles.json").read_text())
+    loc = doc["roles"]["local"]
+    assert loc["passed"][2][2] and loc["offset"][2][2] == 2
+    assert loc["causal"]["effect"][2][2] > 0 and loc["causal"]["ci"][2][2][0] > 0 and loc["confirmed"][2][2]
+    assert "local" in doc["heads"]["2.2"]["confirmed"]
+    assert not doc0["roles"]["local"]["confirmed"][2][2]
+    dup = doc["roles"]["duplicate_token"]
+    assert dup["causal"] is None and "ioi-prompts" in dup["note"]  # --ioi-prompts 0: shown only, and why
