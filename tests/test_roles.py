@@ -605,3 +605,14 @@ def test_a_local_head_that_predicts_the_text_is_confirmed(wired_run, tmp_path):
     assert not doc0["roles"]["local"]["confirmed"][2][2]
     dup = doc["roles"]["duplicate_token"]
     assert dup["causal"] is None and "ioi-prompts" in dup["note"]  # --ioi-prompts 0: shown only, and why
+
+
+def test_screen_of_a_metric_no_head_can_reach_is_zero():
+    """Every reader head in layer 0: no head's z reaches its attention pattern, the screen is 0 (not an error)."""
+    m = tiny_model("qwen2", seed=1)
+    t = C.Task("repeat", repeated_random_tokens(m, 4, 8, 1), np.arange(4), half_len=8, readers=[(0, 1), (0, 2)])
+    C.run_clean(m, t)
+    for ab in ("mean", "resample"):
+        s = C.atp(m, t, lambda o: C.induction_attention(o["pattern"], t.readers, 8), ab, what=("pattern",),
+                  layers=[0], stop_after=0)
+        assert s.shape == (m.n_layers, m.n_heads) and not s.any()

@@ -280,7 +280,10 @@ def atp(model: Model, task: Task, metric, ablation: str = "mean", what=("logprob
         ivs.append(HeadIntervention(l, None, kind, value, positions=slice(1, None), mix=alpha[l]))
     out = capture(model, task.ids, what=what, layers=layers, interventions=ivs, grad=True, stop_after=stop_after,
                   logit_positions=logit_positions)
-    metric(out).float().mean().backward()
+    value = metric(out).float().mean()
+    if not value.requires_grad:  # no head below the metric (e.g. every reader head in layer 0): no first-order effect
+        return torch.zeros(L, H)
+    value.backward()
     return torch.zeros(L, H) if alpha.grad is None else alpha.grad.reshape(L, H).clone()
 
 
