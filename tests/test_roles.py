@@ -19,6 +19,23 @@ from headscope.registry import stage
 from headscope.runs import RunDir, run_stage
 from headscope.testing import tiny_model
 
+def tiny_names() -> tuple[str, ...]:
+    """Words the tiny tokenizer spells as one token with a leading space: the IOI task's "names" on tiny models
+    (the tokenizer knows no real names)."""
+    from headscope.sae.ioi import TEMPLATES
+    from headscope.testing import tiny_tokenizer
+    tok = tiny_tokenizer()
+    words = {tok.decode([i]) for i in range(tok.vocab_size)}
+    used = " ".join(TEMPLATES).replace(",", " ").split()
+    return tuple(sorted(w[1:] for w in words if w.startswith(" ") and w[1:].isalpha() and len(w) > 3
+                        and w[1:] not in used))[:12]
+
+
+def _with_tiny_names(mp: pytest.MonkeyPatch) -> None:
+    import headscope.sae.ioi as ioi
+    mp.setattr(ioi, "NAMES", tiny_names())
+
+
 SMALL = dict(seq_len=32, text_seqs=8, rep_seqs=8, half_len=8, prefix_examples=8, prefix_len=2, prefix_seq_len=32,
              task_seqs=6, null_draws=16, batch_size=8, confirm_top=2)
 
@@ -200,7 +217,9 @@ def wired_run(tmp_path_factory):
     _wire_ov(m, 2, 2, +1)
     _wire_ov(m, 2, 3, -1)
     run = RunDir(tmp_path_factory.mktemp("wired") / "run", m.identity())
-    res, ran = run_stage(m, run, stage("heads.roles"), RolesOptions(**SMALL), progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        _with_tiny_names(mp)
+        res, ran = run_stage(m, run, stage("heads.roles"), RolesOptions(**SMALL), progress=False)
     doc = json.loads((run.path / "heads" / "roles.json").read_text())
     return m, run, res, doc
 
@@ -222,12 +241,14 @@ def test_hand_built_heads_get_their_roles(wired_run):
         assert doc["heads"][key]["shown"] == [], (key, doc["heads"][key])
 
 
-def test_no_role_in_a_reinitialised_model(tmp_path):
+def test_no_role_in_a_reinitialised_model(tmp_path, monkeypatch):
+    _with_tiny_names(monkeypatch)  # the duplicate-token task runs too
     m = tiny_model("llama_gqa", seed=5)
     run = RunDir(tmp_path / "run", m.identity())
     res, _ = run_stage(m, run, stage("heads.roles"), RolesOptions(**SMALL), progress=False)
     doc = json.loads((tmp_path / "run" / "heads" / "roles.json").read_text())
     assert all(not h["shown"] and not h["confirmed"] for h in doc["heads"].values())
+    assert doc["roles"]["duplicate_token"]["causal"] is not None and doc["roles"]["local"]["causal"] is not None
     assert res.heads_with_confirmed_role == 0 and all(c["shown"] == 0 for c in res.census.values())
 
 
@@ -284,6 +305,9 @@ def test_bad_options_are_one_line_errors():
         RolesOptions(text_seqs=1)
     with pytest.raises(HeadscopeError, match="--q"):
         RolesOptions(q=1.5)
+    with pytest.raises(HeadscopeError, match="--ioi-prompts"):
+        RolesOptions(ioi_prompts=2)
+    assert RolesOptions(ioi_prompts=0).ioi_prompts == 0  # 0: no duplicate-token task
 
 
 def test_too_small_corpus_is_one_line_error(tmp_path):
@@ -362,7 +386,8 @@ def test_attended_sources_skip_position_zero():
 
 @pytest.mark.slow
 def test_default_model_18_6_is_a_confirmed_induction_head(tmp_path):
-    """The strongest induction head of the embedded SmolLM2-135M comes out "induction", confirmed by ablation."""
+    """The strongest induction head of the embedded SmolLM2-135M comes out "induction", confirmed by ablation;
+    some duplicate-token head is confirmed on the IOI task."""
     from headscope.models import load_model
     m = load_model("default")
     opts = RolesOptions(seq_len=64, text_seqs=4, rep_seqs=8, half_len=20, prefix_examples=0, task_seqs=4,
@@ -375,3 +400,219 @@ def test_default_model_18_6_is_a_confirmed_induction_head(tmp_path):
     assert ind["causal"]["effect"][18][6] > 0 and ind["causal"]["ci"][18][6][0] > 0
     assert "induction" in doc["heads"]["18.6"]["confirmed"]
     assert math.isfinite(ind["causal"]["screen"][18][6]) and ind["causal"]["screen"][18][6] > 0
+    # duplicate-token heads lower the IOI logit difference when ablated, more than on the ABC twins
+    dup = doc["roles"]["duplicate_token"]
+    conf = [(l, h) for l in range(30) for h in range(9) if dup["confirmed"][l][h]]
+    assert conf and dup["causal"]["prompts"] == 16
+    for l, h in conf:
+        c = dup["causal"]
+        assert c["effect"][l][h] < 0 and c["ci"][l][h][1] < 0 and c["contrast"][l][h] < 0, (l, h)
+
+
+# -- the duplicate-token (IOI) and local (next-token loss) causal tasks ---------------------------------------
+
+def test_ioi_task_prompts_and_their_abc_twins(monkeypatch):
+    _with_tiny_names(monkeypatch)
+    m = tiny_model("gpt2")
+    task = C.ioi_task(m, 8, seed=1)
+    n = 8
+    tok = m.tokenizer
+    name_id = {tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in tiny_names()}
+    assert task.ids.shape[0] == 2 * n and task.control.tolist() == [False] * n + [True] * n
+    for b in range(2 * n):
+        end = int(task.ends[b])
+        row = task.ids[b].tolist()
+        real = row[:end + 1]
+        assert real[0] == m.bos_id and all(t == row[end] for t in row[end:])  # right padding only
+        io, s = task.answers[b].tolist()
+        names = [t for t in real if t in name_id]
+        # ABB: IO once, S twice (the second at the clause's subject); ABC twin: IO once, S once, a third name C
+        assert real.count(io) == 1 and real.count(s) == (1 if task.control[b] else 2), tok.decode(real)
+        if task.control[b]:
+            assert len(names) == 3 and len(set(names)) == 3
+            twin = task.ids[b - n].tolist()
+            assert [t for t in twin if t not in name_id] == [t for t in row if t not in name_id][:len(twin) - 3]
+            assert task.clusters[b] == task.clusters[b - n]
+        # resampling takes another prompt of the same template and half
+        p = int(task.partner[b])
+        assert task.control[p] == task.control[b] and int(task.ends[p]) == end
+    sub = task.metric_rows()
+    assert sub.ids.shape[0] == n and torch.equal(sub.ids, task.ids[:n]) and sub.control is None
+
+
+def test_logit_diff_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1, 40, generator=g)
+    answers = torch.randint(0, 40, (5, 2), generator=g)
+    ref = [float(logits[b, 0, answers[b, 0]] - logits[b, 0, answers[b, 1]]) for b in range(5)]
+    np.testing.assert_allclose(C.logit_diff(logits, answers).numpy(), ref, rtol=1e-6)
+
+
+def _ln(mod, x):
+    """A GPT-2 LayerNorm in numpy."""
+    g, b = (t.detach().double().numpy() for t in (mod.weight, mod.bias))
+    xc = x - x.mean(-1, keepdims=True)
+    return xc / np.sqrt((xc ** 2).mean(-1, keepdims=True) + mod.eps) * g + b
+
+
+def _last_block_out(m, x_mid):
+    """The last GPT-2 block's MLP in numpy: the stream entering ln_f from the stream after attention."""
+    blk = m.hf.transformer.h[-1]
+    w1, b1, w2, b2 = (t.detach().double().numpy() for t in (blk.mlp.c_fc.weight, blk.mlp.c_fc.bias,
+                                                             blk.mlp.c_proj.weight, blk.mlp.c_proj.bias))
+    u = _ln(blk.ln_2, x_mid) @ w1 + b1
+    u = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # gelu_new
+    return x_mid + u @ w2 + b2
+
+
+def _ln_f(m, x):
+    return _ln(m.hf.transformer.ln_f, x)
+
+
+def test_last_layer_ablation_effects_match_numpy(monkeypatch):
+    """A head of the last layer wired to suppress the token three back (known by construction): the effect of its
+    mean-ablation on the IOI logit difference and on the next-token loss, computed in numpy from the clean run
+    (its z, the mean z over the task's positions, W_O, the last MLP, the final LayerNorm and W_U) against
+    causal.ablate."""
+    _with_tiny_names(monkeypatch)
+    m = tiny_model("gpt2", seed=3)
+    with torch.no_grad():
+        m.hf.transformer.wte.weight.mul_(20)
+    _train_pattern(m, 2, 3, lambda t: max(1, t - 3), steps=60)
+    _wire_ov(m, 2, 3, -1)
+    m.hf.double()  # the token embeddings ×20 give logits in the hundreds: compare in float64
+    layer, head, Dh = 2, 3, m.d_head
+    WO = m.hf.transformer.h[layer].attn.c_proj.weight.detach().double().numpy()[head * Dh:(head + 1) * Dh]
+    WU = m.W_U.detach().double().numpy()
+
+    def direct(task):
+        out = capture(m, task.ids, what=("z", "resid_pre", "attn_out"), layers=[layer])
+        z = out["z"][layer][:, :, head].double().numpy()  # [n, S, Dh]
+        x = (out["resid_pre"][layer] + out["attn_out"][layer]).double().numpy()  # [n, S, d] after attention
+        ok = task.valid().numpy().copy()
+        ok[:, 0] = False
+        if task.control is not None:
+            ok[task.control] = False
+        mean = z[ok].mean(0)
+        dx = (mean - z) @ WO
+        dx[:, 0] = 0
+        return _last_block_out(m, x), _last_block_out(m, x + dx)  # the stream entering ln_f, clean and ablated
+
+    task = C.ioi_task(m, 12, seed=0)
+    C.run_clean(m, task)
+    x, xa = direct(task)
+    end = task.ends.numpy()
+    io, s = task.answers[:, 0].numpy(), task.answers[:, 1].numpy()
+
+    def ld(v):
+        lg = _ln_f(m, v[np.arange(len(end)), end]) @ WU.T
+        return lg[np.arange(len(end)), io] - lg[np.arange(len(end)), s]
+
+    ref = ld(xa) - ld(x)
+    got = C.ablate(m, task, layer, head)
+    np.testing.assert_allclose(got["logit_diff"].numpy(), ref[~task.control], atol=1e-6)
+    np.testing.assert_allclose(got["logit_diff_control"].numpy(), ref[task.control], atol=1e-6)
+    assert np.abs(ref).max() > 1e-2  # the wired head matters: the check can fail
+
+    text = C.Task("text", _ids(m, n=4, S=24), np.arange(4))
+    C.run_clean(m, text)
+    x, xa = direct(text)
+    ids = text.ids.numpy()
+
+    def loss(v):
+        lg = _ln_f(m, v) @ WU.T
+        lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+        t = np.arange(1, ids.shape[1] - 1)
+        return -np.take_along_axis(lp[:, t], ids[:, t + 1, None], -1)[..., 0].mean(-1)
+
+    np.testing.assert_allclose(C.ablate(m, text, layer, head)["loss"].numpy(), loss(xa) - loss(x), atol=1e-6)
+
+
+def test_ioi_screen_is_the_derivative_of_the_mixed_ablation(monkeypatch):
+    _with_tiny_names(monkeypatch)
+    m = tiny_model("gpt2", seed=4)
+    m.hf.double()
+    task = C.ioi_task(m, 8, seed=2)
+    C.run_clean(m, task)
+    sub = task.metric_rows()
+
+    def metric(o):
+        return C.logit_diff(o.logits.double(), sub.answers)
+
+    grad = C.atp(m, sub, metric, what=("logits",), logit_positions=sub.ends)
+    eps = 1e-4
+    for layer, head in [(0, 2), (1, 0), (2, 3)]:
+        kind, value = C.ablated_z(task, layer, "mean")
+        vals = []
+        for e in (eps, -eps):
+            iv = HeadIntervention(layer, [head], kind, value, positions=slice(1, None), mix=e)
+            out = capture(m, sub.ids, what=("logits",), layers=[], interventions=[iv], logit_positions=sub.ends)
+            vals.append(metric(out).mean().item())
+        assert grad[layer, head].item() == pytest.approx((vals[0] - vals[1]) / (2 * eps), rel=1e-3, abs=1e-9)
+
+
+def test_duplicate_token_and_local_causal_blocks(wired_run):
+    """The stage runs both new tasks: every ablated head's effect is the real ablation's mean over prompts
+    (IOI) or documents (text), with its control twins beside it; confirmed = shown and causal test passed."""
+    m, run, res, doc = wired_run
+    dup, loc = doc["roles"]["duplicate_token"], doc["roles"]["local"]
+    c = dup["causal"]
+    assert c["prompts"] == 16 and c["expected_sign"] == -1 and c["clusters"] == "name pair {IO, S}"
+    assert "{effect" in c["control_phrase"] and c["control_task"]
+    ablated = [(l, h) for l in range(m.n_layers) for h in range(m.n_heads) if c["effect"][l][h] is not None]
+    assert len(ablated) >= 1 and res.census["duplicate_token"]["causal"]
+    for l, h in ablated:
+        assert c["control_effect"][l][h] is not None and c["contrast"][l][h] == pytest.approx(
+            c["effect"][l][h] - c["control_effect"][l][h], abs=1e-5)
+    lc = loc["causal"]
+    assert lc["expected_sign"] == 1 and "next-token loss" in lc["metric"]
+    # the hand-built local heads (0.1 offset 1, 2.2 offset 2, 2.3 offset 3) are shown and were all ablated
+    for l, h in ((0, 1), (2, 2), (2, 3)):
+        assert loc["passed"][l][h] and lc["effect"][l][h] is not None
+        ok = lc["passed"][l][h]
+        assert ok == (lc["ci"][l][h][0] > 0 and lc["q_value"][l][h] <= doc["q"])
+        assert loc["confirmed"][l][h] == ok
+    # the effect recorded is the real ablation's per-document mean on the stage's text task
+    assert doc["screen"]["agreement"]["by_metric"]["text:loss"]["n"] >= 3
+
+
+def test_no_ioi_task_without_single_token_names():
+    """The tiny tokenizer spells no name of the IOI list as one token: no task (the stage then notes why and
+    the duplicate-token role stays shown only)."""
+    assert C.ioi_task(tiny_model("gpt2"), 8) is None
+
+
+def test_a_local_head_that_predicts_the_text_is_confirmed(wired_run, tmp_path):
+    """Head 2.2 attends two tokens back and copies (by construction). On text whose every document repeats three
+    words ("w1 w2 w3 w1 w2 w3 …"), the token two back is the next token: the head lowers the next-token loss, so
+    ablating it must raise it — the local role is confirmed. (On the default corpus the same head is shown but
+    not confirmed: copying the token two back does not predict natural text.)"""
+    m, _, _, doc0 = wired_run
+    g = np.random.default_rng(0)
+    words = list(tiny_names())  # single tokens with a leading space: the period is 3 tokens
+    with open(tmp_path / "period3.jsonl", "w") as f:
+        for _ in range(120):
+            trio = " ".join(g.choice(words, 3, replace=False))
+            f.write(json.dumps({"text": " ".join([trio] * 40)}) + "\n")
+    run = RunDir(tmp_path / "run", m.identity())
+    opts = RolesOptions(**SMALL | {"corpus": str(tmp_path / "period3.jsonl"), "ioi_prompts": 0, "task_seqs": 10})
+    run_stage(m, run, stage("heads.roles"), opts, progress=False)
+    doc = json.loads((tmp_path / "run" / "heads" / "roles.json").read_text())
+    loc = doc["roles"]["local"]
+    assert loc["passed"][2][2] and loc["offset"][2][2] == 2
+    assert loc["causal"]["effect"][2][2] > 0 and loc["causal"]["ci"][2][2][0] > 0 and loc["confirmed"][2][2]
+    assert "local" in doc["heads"]["2.2"]["confirmed"]
+    assert not doc0["roles"]["local"]["confirmed"][2][2]
+    dup = doc["roles"]["duplicate_token"]
+    assert dup["causal"] is None and "ioi-prompts" in dup["note"]  # --ioi-prompts 0: shown only, and why
+
+
+def test_screen_of_a_metric_no_head_can_reach_is_zero():
+    """Every reader head in layer 0: no head's z reaches its attention pattern, the screen is 0 (not an error)."""
+    m = tiny_model("qwen2", seed=1)
+    t = C.Task("repeat", repeated_random_tokens(m, 4, 8, 1), np.arange(4), half_len=8, readers=[(0, 1), (0, 2)])
+    C.run_clean(m, t)
+    for ab in ("mean", "resample"):
+        s = C.atp(m, t, lambda o: C.induction_attention(o["pattern"], t.readers, 8), ab, what=("pattern",),
+                  layers=[0], stop_after=0)
+        assert s.shape == (m.n_layers, m.n_heads) and not s.any()

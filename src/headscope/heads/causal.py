@@ -10,9 +10,20 @@ Three tasks, each a small batch disjoint from the data the role scores were meas
   attends to most in the clean run (copying: falls when the head is ablated; copy suppression: rises).
 * ``successor``: runs of consecutive ordinal tokens (`` Monday Tuesday Wednesday …``). Metric per prompt:
   the log-probability of the next item, from the third item on.
+* ``ioi``: indirect-object prompts (Wang et al. 2022; the templates and names of :mod:`headscope.sae.ioi`),
+  "When Mary and John went to the store, John gave a drink to", each with its ABC twin whose subject is not
+  repeated ("…, Kate gave a drink to"). Metric per prompt: the logit difference logit(IO) − logit(S) at the
+  last token (duplicate-token heads: falls when the head is ablated); the same difference on the twin is the
+  control (no repeated name, nothing for a duplicate-token head to find). Prompts differ in length by
+  template: rows are right-padded (causal attention: padding never reaches the last real token), ``ends``
+  holds each row's last real position, the mean z is taken over real positions only and resampling pairs a
+  prompt with another of the same template.
+
+The ``text`` task's next-token loss is also the local role's metric (ablating a local head should raise it).
 
 **Ablation** (positions ≥ 1; BOS is left alone): ``mean`` replaces the head's z by its mean over the task's
-positions; ``resample`` by its z at the same position of another sequence of the batch (row b + 1 mod n).
+positions; ``resample`` by its z at the same position of another sequence of the batch (row b − 1 mod n, or
+``Task.partner``).
 
 **Screen** (:func:`atp`): z ← z + α·(z_ablated − z) with α = 0 for every head of every layer, one forward and
 one backward per metric: ∂metric/∂α_h = (z_ablated − z)·∂metric/∂z_h summed over positions, the first-order
@@ -32,8 +43,10 @@ import numpy as np
 import torch
 
 from ..capture import HeadIntervention, capture
+from ..errors import HeadscopeError
 from ..models.load import Model
 from .battery import attended_sources, final_scale
+from ..sae.ioi import TEMPLATES, ioi_prompts, single_token_names
 from .ov import W_O_folded, ordinal_tasks, readout
 
 
@@ -48,8 +61,37 @@ class Task:
     """repeat task: length of each half"""
     readers: list[tuple[int, int]] = field(default_factory=list)
     """repeat task: the (layer, head) whose induction score is the previous-token metric"""
+    answers: torch.Tensor | None = None
+    """ioi task: [n, 2] token ids of (IO, S) per row"""
+    ends: torch.Tensor | None = None
+    """ioi task: [n] the last real position of each (right-padded) row, where the metric is read"""
+    control: np.ndarray | None = None
+    """ioi task: [n] bool, True for the ABC twins (the control rows); the metric rows are the others"""
+    partner: np.ndarray | None = None
+    """resample-ablation: row b takes its z from row partner[b] (default b − 1 mod n)"""
     clean: dict = field(default_factory=dict)
     """filled by :func:`run_clean`: resid_pre, z, mean_z (per layer), logprobs, metrics, targets"""
+
+    def metric_rows(self) -> "Task":
+        """The task without its control rows (ioi: the prompts without their ABC twins), sharing the clean
+        run's mean z and z (what an ablation needs); the task itself when it has no control rows."""
+        if self.control is None:
+            return self
+        keep = np.flatnonzero(~self.control)
+        idx = torch.as_tensor(keep)
+        where = {int(k): i for i, k in enumerate(keep)}
+        partner = None if self.partner is None else np.array([where[int(self.partner[k])] for k in keep])
+        c = self.clean
+        clean = {"mean_z": c["mean_z"], "z": {l: z[idx] for l, z in c["z"].items()}} if c else {}
+        return Task(self.name, self.ids[idx], self.clusters[keep], answers=self.answers[idx], ends=self.ends[idx],
+                    partner=partner, clean=clean)
+
+    def valid(self) -> torch.Tensor:
+        """[n, S] bool: real tokens (all, except right padding of the ioi task)."""
+        n, S = self.ids.shape
+        if self.ends is None:
+            return torch.ones(n, S, dtype=torch.bool)
+        return torch.arange(S)[None] <= self.ends[:, None]
 
 
 def repeat_loss(logprobs: torch.Tensor, ids: torch.Tensor, half: int) -> torch.Tensor:
@@ -108,6 +150,58 @@ def next_token_loss(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -logprobs[:, t].gather(-1, ids[:, t + 1, None]).squeeze(-1).mean(-1)
 
 
+def ioi_task(model: Model, n_prompts: int, seed: int = 0) -> Task | None:
+    """The ioi task: ``n_prompts`` IOI prompts (half ABBA, half BABA, templates in turn; :func:`headscope.sae.ioi.
+    ioi_prompts`) followed by their ABC twins (S2 replaced by a third name, drawn with ``seed``), right-padded;
+    clusters: the unordered {IO, S} name pair. None when the tokenizer spells fewer than 3 names as single
+    tokens (no ABC twin can be built)."""
+    try:
+        names = single_token_names(model)
+    except HeadscopeError:
+        return None
+    if len(names) < 3:
+        return None
+    prompts = ioi_prompts(model, n_prompts, seed)
+    rng = np.random.default_rng(seed + 7)
+    tok = model.tokenizer
+
+    def one(name: str) -> int:
+        return tok(" " + name, add_special_tokens=False)["input_ids"][0]
+
+    rows, answers, clusters = [], [], []
+    twins = []
+    for p in prompts:
+        a, b = (p["io"], p["s"]) if p["order"] == "ABBA" else (p["s"], p["io"])
+        c = str(rng.choice([x for x in names if x not in (p["io"], p["s"])]))
+        rows.append([model.bos_id] + tok(p["text"], add_special_tokens=False)["input_ids"])
+        twins.append([model.bos_id] + tok(TEMPLATES[p["template"]].format(A=a, B=b, C=c),
+                                          add_special_tokens=False)["input_ids"])
+        answers.append([one(p["io"]), one(p["s"])])
+        clusters.append("|".join(sorted((p["io"], p["s"]))))
+    rows += twins
+    S = max(len(r) for r in rows)
+    ids = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows])
+    ends = torch.tensor([len(r) - 1 for r in rows])
+    control = np.arange(len(rows)) >= len(prompts)
+    # resample partner: the next row of the same template and half (cyclic)
+    partner = np.arange(len(rows))
+    groups: dict = {}
+    for i in range(len(rows)):
+        groups.setdefault((int(ends[i]), bool(control[i]), prompts[i % len(prompts)]["template"]), []).append(i)
+    for g in groups.values():
+        partner[g] = np.roll(g, 1)
+    return Task("ioi", ids, np.array(clusters * 2), answers=torch.tensor(answers * 2), ends=ends,
+                control=control, partner=partner)
+
+
+def logit_diff(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """logit(IO) − logit(S) per row, [n], from logits at the last real token [n, V] (or [n, 1, V]) and
+    answers [n, 2] = (IO, S) token ids."""
+    lg = logits.reshape(logits.shape[0], -1)
+    lg = lg if lg.dtype == torch.float64 else lg.float()
+    return lg.gather(-1, answers[:, :1]).squeeze(-1) - lg.gather(-1, answers[:, 1:]).squeeze(-1)
+
+
 def reader_induction(task: Task, patterns: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
     """The previous-token metric after ablating a head of ``layer``: mean induction score of the reader heads,
     those at or below ``layer`` read from the clean run (an ablation cannot reach them), [n]."""
@@ -123,7 +217,7 @@ def run_clean(model: Model, task: Task) -> None:
     """The clean pass of a task: residual stream entering every layer (for resumed ablations), z, mean z over
     positions ≥ 1 per layer [H, Dh], log-probs and the clean metrics."""
     L = model.n_layers
-    what = {"resid_pre", "z", "logprobs"}
+    what = {"resid_pre", "z", "logits"} if task.name == "ioi" else {"resid_pre", "z", "logprobs"}
     if task.name == "text":
         what |= {"pattern", "logits", "resid_post"}
     reduce = {}
@@ -132,13 +226,21 @@ def run_clean(model: Model, task: Task) -> None:
         reduce["resid_post"] = lambda l, x: x if l == L - 1 else x[:, :0]
     if task.name == "repeat" and task.readers:
         what.add("pattern")
-    out = capture(model, task.ids, what=what, reduce=reduce)
+    out = capture(model, task.ids, what=what, reduce=reduce, logit_positions=task.ends)
     c = task.clean
     c["resid_pre"] = out["resid_pre"]
     c["z"] = out["z"]
-    c["mean_z"] = {l: z[:, 1:].float().mean((0, 1)) for l, z in out["z"].items()}
+    # the mean over the task's real positions ≥ 1 (ioi: of the metric rows, not the control twins)
+    w = task.valid().clone()
+    w[:, 0] = False
+    if task.control is not None:
+        w[torch.as_tensor(task.control)] = False
+    w = w.float()[..., None, None]
+    c["mean_z"] = {l: (z.float() * w).sum((0, 1)) / w.sum() for l, z in out["z"].items()}
     c["logprobs"] = out.logprobs
-    if task.name == "repeat":
+    if task.name == "ioi":
+        c["logit_diff"] = logit_diff(out.logits, task.answers)
+    elif task.name == "repeat":
         c["loss"] = repeat_loss(out.logprobs, task.ids, task.half_len)
         if task.readers:
             each = [induction_attention({l: out["pattern"][l]}, [(l, h)], task.half_len) for l, h in task.readers]
@@ -150,6 +252,7 @@ def run_clean(model: Model, task: Task) -> None:
         c["targets"] = torch.stack([torch.gather(ids[:, None, :].expand(-1, H, -1), 2, out["pattern"][l])
                                     for l in range(L)])  # [L, n, H, S]
         c["sigma"] = final_scale(model, out["resid_post"][L - 1])
+        c["loss"] = next_token_loss(out.logprobs, ids)
         c["attended"] = torch.stack([torch.stack([attended_logit(out.logits, c["targets"][l, :, h])
                                                   for h in range(H)], -1) for l in range(L)])  # [L, n, H]
     else:
@@ -159,12 +262,13 @@ def run_clean(model: Model, task: Task) -> None:
 def ablated_z(task: Task, layer: int, ablation: str):
     """(kind, value) of the intervention that ablates heads of ``layer`` on ``task``."""
     if ablation == "resample":
-        return "patch", task.clean["z"][layer].roll(1, dims=0)
+        z = task.clean["z"][layer]
+        return "patch", z.roll(1, dims=0) if task.partner is None else z[torch.as_tensor(task.partner)]
     return "mean", task.clean["mean_z"][layer]
 
 
 def atp(model: Model, task: Task, metric, ablation: str = "mean", what=("logprobs",), layers=(),
-        stop_after: int | None = None) -> torch.Tensor:
+        stop_after: int | None = None, logit_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attribution-patching estimate of every head's ablation effect on ``metric(out) -> [n]`` (its mean over
     the task's sequences), [L, H]: one forward and one backward (heads above ``stop_after`` get 0: the metric
     is read below them)."""
@@ -174,8 +278,12 @@ def atp(model: Model, task: Task, metric, ablation: str = "mean", what=("logprob
     for l in range(L):
         kind, value = ablated_z(task, l, ablation)
         ivs.append(HeadIntervention(l, None, kind, value, positions=slice(1, None), mix=alpha[l]))
-    out = capture(model, task.ids, what=what, layers=layers, interventions=ivs, grad=True, stop_after=stop_after)
-    metric(out).float().mean().backward()
+    out = capture(model, task.ids, what=what, layers=layers, interventions=ivs, grad=True, stop_after=stop_after,
+                  logit_positions=logit_positions)
+    value = metric(out).float().mean()
+    if not value.requires_grad:  # no head below the metric (e.g. every reader head in layer 0): no first-order effect
+        return torch.zeros(L, H)
+    value.backward()
     return torch.zeros(L, H) if alpha.grad is None else alpha.grad.reshape(L, H).clone()
 
 
@@ -200,10 +308,11 @@ def copy_screen(model: Model, task: Task, ablation: str = "mean") -> torch.Tenso
 def ablate(model: Model, task: Task, layer: int, head: int, ablation: str = "mean") -> dict[str, torch.Tensor]:
     """Real ablation of one head on ``task``: per-sequence effects (ablated − clean) of the task's metrics,
     each [n] ("induction" only when some reader head is above ``layer``; "attended": the head's own attended
-    token)."""
+    token; text: also "loss", the next-token loss; ioi: "logit_diff" on the prompts [n_prompts] and
+    "logit_diff_control" on their ABC twins, row for row)."""
     kind, value = ablated_z(task, layer, ablation)
     iv = HeadIntervention(layer, [head], kind, value, positions=slice(1, None))
-    what = {"logprobs"}
+    what = {"logits"} if task.name == "ioi" else {"logprobs"}
     layers: list[int] = []
     if task.name == "text":
         what.add("logits")
@@ -211,9 +320,13 @@ def ablate(model: Model, task: Task, layer: int, head: int, ablation: str = "mea
         layers = sorted({l for l, _ in task.readers if l > layer})
         if layers:
             what.add("pattern")
-    out = capture(model, task.ids, what=what, layers=layers, interventions=[iv],
+    out = capture(model, task.ids, what=what, layers=layers, interventions=[iv], logit_positions=task.ends,
                   resume=(layer, task.clean["resid_pre"][layer]) if layer > 0 else None)
     c = task.clean
+    if task.name == "ioi":
+        d = logit_diff(out.logits, task.answers) - c["logit_diff"]
+        ctl = torch.as_tensor(task.control)
+        return {"logit_diff": d[~ctl], "logit_diff_control": d[ctl]}
     if task.name == "repeat":
         eff = {"loss": repeat_loss(out.logprobs, task.ids, task.half_len) - c["loss"]}
         if layers:
@@ -221,5 +334,6 @@ def ablate(model: Model, task: Task, layer: int, head: int, ablation: str = "mea
         return eff
     if task.name == "text":
         return {"kl": kl_per_seq(c["logprobs"], out.logprobs),
+                "loss": next_token_loss(out.logprobs, task.ids) - c["loss"],
                 "attended": attended_logit(out.logits, c["targets"][layer, :, head]) - c["attended"][layer, :, head]}
     return {"logprob": successor_logprob(out.logprobs, task.ids) - c["logprob"]}

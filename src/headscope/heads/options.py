@@ -65,6 +65,9 @@ class RolesOptions:
     task_len: int = 64
     """tokens per natural-text sequence of the causal tasks (the first task_len of a held-out window; at most
     --seq-len)"""
+    ioi_prompts: int = 16
+    """IOI prompts of the duplicate-token causal task (each with its ABC twin, whose subject is not repeated);
+    0 skips the task (the role is then shown only)"""
     confirm_top: int = 4
     """per role, the heads with the largest attribution-patching estimate that are also ablated for real"""
     max_ablations: int = 12
@@ -102,6 +105,8 @@ class RolesOptions:
         check(self.rep_seqs >= 2, "--rep-seqs must be at least 2")
         check(min(self.prefix_examples, self.confirm_top, self.max_ablations) >= 0,
               "--prefix-examples, --confirm-top and --max-ablations must be 0 or more")
+        check(self.ioi_prompts == 0 or self.ioi_prompts >= 4, "--ioi-prompts must be 0 (no duplicate-token "
+              "causal task) or at least 4")
         check(self.null_draws == 0 or self.null_draws >= 2, "--null-draws must be 0 (no null) or at least 2")
         check(0 < self.q < 1, "--q must be in (0, 1)")
         check(0 < self.attn_threshold <= 1, "--attn-threshold must be in (0, 1]")

@@ -113,6 +113,18 @@ CAUSAL_TEXT = {
                              key=("text", "attended"),
                              effect_phrase="ablating it raises the logit of the attended token by {effect:.3f} "
                                            "[{lo:.3f}, {hi:.3f}]"),
+    "duplicate_token": dict(task="indirect-object (IOI) prompts: \"When Mary and John went to the store, John gave "
+                                 "a drink to\"", metric="logit difference logit(IO) − logit(S) at the last token",
+                            expected_sign=-1, key=("ioi", "logit_diff"),
+                            effect_phrase="ablating it changes the IO − S logit difference on IOI prompts by "
+                                          "{effect:.2f} [{lo:.2f}, {hi:.2f}]",
+                            control_task="the same prompts with the subject not repeated (ABC: \"…, Kate gave a "
+                                         "drink to\")",
+                            control_phrase="by {effect:.2f} [{lo:.2f}, {hi:.2f}] when the subject is not repeated"),
+    "local": dict(task="held-out natural text", metric="next-token loss (nats/token)", expected_sign=1,
+                  key=("text", "loss"),
+                  effect_phrase="ablating it raises the next-token loss on held-out text by {effect:.3f} "
+                                "[{lo:.3f}, {hi:.3f}] nats/token"),
     "successor": dict(task="runs of consecutive ordinal tokens (numbers, days, months, letters …)",
                       metric="log-probability of the next ordinal item", expected_sign=-1,
                       key=("successor", "logprob"),
@@ -312,7 +324,13 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
     text = C.Task("text", win.ids(lo, hi)[:, :min(opts.task_len, opts.seq_len)], np.asarray(win.docs[lo:hi]))
     prompts = C.successor_prompts(model, max_prompts=6 * opts.task_seqs, seed=opts.seed)
     succ = C.Task("successor", prompts[0], prompts[1]) if prompts is not None else None
-    tasks = {"repeat": rep, "text": text, **({"successor": succ} if succ is not None else {})}
+    ioi = C.ioi_task(model, opts.ioi_prompts, opts.seed) if opts.ioi_prompts else None
+    tasks = {"repeat": rep, "text": text, **({"successor": succ} if succ is not None else {}),
+             **({"ioi": ioi} if ioi is not None else {})}
+    if ioi is None:
+        tests["duplicate_token"]["note"] = ("no causal task: --ioi-prompts is 0" if not opts.ioi_prompts else
+                                            "no causal task: the tokenizer spells fewer than 3 of the IOI names as "
+                                            "single tokens")
     t0 = time.perf_counter()
     for t in tasks.values():
         C.run_clean(model, t)
@@ -330,6 +348,10 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
     }
     if succ is not None:
         screens[("successor", "logprob")] = C.atp(model, succ, lambda o: C.successor_logprob(o.logprobs, succ.ids), ab)
+    if ioi is not None:
+        sub = ioi.metric_rows()  # the screen needs no control twins
+        screens[("ioi", "logit_diff")] = C.atp(model, sub, lambda o: C.logit_diff(o.logits, sub.answers), ab,
+                                               what=("logits",), logit_positions=sub.ends)
     _log(progress, f"head roles: clean passes and attribution-patching screens {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
 
@@ -350,12 +372,16 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
     effects: dict[tuple[str, int, int], dict] = {}
     n_abl = sum(len(v) for v in plan.values())
     done = 0
+    per_task = {}
     for task_name, heads in plan.items():
+        t1 = time.perf_counter()
         for l, h in sorted(heads):
             effects[(task_name, l, h)] = C.ablate(model, tasks[task_name], l, h, ab)
             done += 1
             if progress and done % 10 == 0:
                 _log(progress, f"head roles: {done}/{n_abl} ablations")
+        per_task[task_name] = f"{len(heads)} in {time.perf_counter() - t1:.1f} s"
+    _log(progress, f"head roles: ablations per task: {per_task}")
 
     _log(progress, f"head roles: {n_abl} real ablations {time.perf_counter() - t0:.1f} s")
     out, pairs = {}, {}
@@ -365,19 +391,28 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
         task_name, metric = ct["key"]
         task = tasks[task_name]
         eff, lo_, hi_, p = (np.full((L, H), np.nan) for _ in range(4))
+        ctrl = [np.full((L, H), np.nan) for _ in range(3)]  # effect on the control twins: mean, lo, hi
+        contrast = [np.full((L, H), np.nan) for _ in range(4)]  # effect − control effect: mean, lo, hi, p
         for l, h in chosen[role]:
             e = effects[(task_name, l, h)].get(metric)
             if e is None:
                 continue
-            m, se, G = clustered_mean_se(e.double().numpy(), clusters=task.clusters)
+            clusters = clusters_of(task)
+            m, se, G = clustered_mean_se(e.double().numpy(), clusters=clusters)
             tc = _tcrit(G)
             eff[l, h], lo_[l, h], hi_[l, h] = m, m - tc * se, m + tc * se
+            ce = effects[(task_name, l, h)].get(metric + "_control")
+            if ce is not None:  # the same ablation on the control twins, and the paired difference
+                for grid, x in ((ctrl, ce), (contrast, e - ce)):
+                    mc, sc, Gc = clustered_mean_se(x.double().numpy(), clusters=clusters)
+                    grid[0][l, h], grid[1][l, h], grid[2][l, h] = mc, mc - _tcrit(Gc) * sc, mc + _tcrit(Gc) * sc
+                    if grid is contrast:
+                        grid[3][l, h] = _p(ct["expected_sign"] * mc, sc, Gc)
             if ct["expected_sign"] == 0:
                 p[l, h] = _p(opts.sink_kl_bound - m, se, G)
             else:
                 p[l, h] = _p(ct["expected_sign"] * m, se, G)
-                if (task_name, metric) != ("text", "loss"):
-                    pairs[(task_name, metric, l, h)] = (float(screens[(task_name, metric)][l, h]), float(m))
+                pairs[(task_name, metric, l, h)] = (float(screens[(task_name, metric)][l, h]), float(m))
         qv = q_values(p)
         with np.errstate(invalid="ignore"):
             if ct["expected_sign"] == 0:
@@ -392,14 +427,25 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
             "expected_sign": ct["expected_sign"], "effect_phrase": ct["effect_phrase"],
             "screen": _grid(screens[screen_key].numpy()),
             "screen_metric": "next-token loss (KL has zero gradient at the clean run)" if role == "sink" else
-            ("direct path only: (z_ablated − z)·W_O·P·γ_f·W_Uc[attended]/σ" if task_name == "text"
-             else ct["metric"]),
+            ("direct path only: (z_ablated − z)·W_O·P·γ_f·W_Uc[attended]/σ" if (task_name, metric) ==
+             ("text", "attended") else ct["metric"]),
             "passed": _bool_grid(np.nan_to_num(passed, nan=0).astype(bool)),
             "_passed": np.asarray(passed, dtype=bool),
             # order of "confirmed": |effect| / CI width; a sink's claim ("no effect") is the weakest, last
             "_z": np.zeros((L, H)) if role == "sink" else
             np.where(np.isfinite(eff), np.abs(eff) / np.maximum(hi_ - lo_, 1e-12), np.nan),
         }
+        if "control_task" in ct:
+            out[role] |= {
+                "control_task": ct["control_task"], "control_phrase": ct["control_phrase"],
+                "control_effect": _grid(ctrl[0]), "control_ci": _ci_grid(ctrl[1], ctrl[2]),
+                "contrast": _grid(contrast[0]), "contrast_ci": _ci_grid(contrast[1], contrast[2]),
+                "contrast_q": _grid(q_values(contrast[3])),
+                "contrast_note": "effect on the prompts − effect on their control twins, paired by prompt "
+                                 "(the role predicts it has the effect's sign); reported, not part of the decision"}
+        if task_name == "ioi":
+            out[role] |= {"prompts": int((~task.control).sum()), "name_pairs": int(len(np.unique(clusters_of(task)))),
+                          "clusters": "name pair {IO, S}"}
         if role == "sink":
             out[role]["bound"] = opts.sink_kl_bound
         if role == "previous_token":
@@ -408,6 +454,11 @@ def causal_checks(model: Model, opts: RolesOptions, win: Windows, tests: dict,
             out[role]["documents"] = int(len(np.unique(task.clusters)))
     agreement = _agreement(pairs)
     return out, agreement
+
+
+def clusters_of(task: C.Task) -> np.ndarray:
+    """The clusters of a task's metric rows (the ioi task's control twins left out)."""
+    return task.clusters if task.control is None else task.clusters[~task.control]
 
 
 def _agreement(pairs: dict) -> dict:

@@ -131,6 +131,10 @@ def role_row(doc: dict, rid: str, head: str) -> dict:
                     "effect_q": _at(c["q_value"], L, H), "screen": _at(c["screen"], L, H),
                     "causal_passed": bool(_at(c["passed"], L, H)), "metric": c["metric"], "task": c["task"],
                     "ablation": c["ablation"], "expected_sign": c.get("expected_sign")})
+        if isinstance(c.get("control_effect"), list):  # the causal task's control prompts (duplicate-token: ABC)
+            row.update({"control_effect": _at(c["control_effect"], L, H), "control_ci": _at(c.get("control_ci"), L, H),
+                        "control_task": c.get("control_task"), "contrast": _at(c.get("contrast"), L, H),
+                        "contrast_ci": _at(c.get("contrast_ci"), L, H), "contrast_q": _at(c.get("contrast_q"), L, H)})
     return row
 
 
@@ -161,6 +165,14 @@ def effect_words(r: dict, row: dict) -> str | None:
         text = str(c["effect_phrase"]).format(effect=e, lo=lo, hi=hi)
     except (KeyError, IndexError, ValueError):
         text = f"{c['ablation']}-ablating it changes the {c['metric']} by {e:+.2f} [{lo:.2f}, {hi:.2f}]"
+    ce, cci = row.get("control_effect"), row.get("control_ci")
+    if _ok(ce) and c.get("control_phrase"):  # the same ablation on the task's control prompts, beside it
+        clo, chi = (cci if isinstance(cci, list) and len(cci) == 2 and all(_ok(x) for x in cci)
+                    else (math.nan, math.nan))
+        try:
+            text += f" ({str(c['control_phrase']).format(effect=ce, lo=clo, hi=chi)})"
+        except (KeyError, IndexError, ValueError):
+            text += f" ({ce:+.2f} [{clo:.2f}, {chi:.2f}] on {c.get('control_task', 'the control prompts')})"
     return text.replace("[nan, nan]", "(no CI)")
 
 
