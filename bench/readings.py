@@ -3,8 +3,9 @@
     PYTHONPATH=src python bench/readings.py RUN [--out docs/readings.md]
 
 Reads every stage record ``RUN/stages/<stage>.json`` (:func:`headscope.runs.run_stage` writes them: the
-stage's options, seconds and summary) and writes one table row per number: ``<stage>.seconds`` and
-``<stage>.<path in its summary>`` (e.g. ``explain.score.by_neuron.mean``), each with an HTML anchor
+stage's options, seconds and summary) and ``RUN/study.json`` when there is one (``study.wall_seconds``, and the
+seconds of steps without a record, e.g. ``atlas.seconds``), and writes one table row per number:
+``<stage>.seconds`` and ``<stage>.<path in its summary>`` (e.g. ``explain.score.by_neuron.mean``), each with an HTML anchor
 (dots → dashes), followed by the options of every stage (the run's config). README and docs cite a
 figure as a link to its row, ``[0.088](docs/readings.md#explain-score-features-detection-difference-mean)``,
 and ``tests/test_readings.py`` fails when a cited figure is not the value in readings.md (or its row is
@@ -57,6 +58,14 @@ def readings(run: Path) -> tuple[dict, dict]:
         if "seconds" in r:
             values[f"{name}.seconds"] = r["seconds"]
         flatten(r.get("result") or r.get("summary") or {}, name, values)
+    study = run / "study.json"                   # the study's wall time and the steps without a record (atlas)
+    if study.is_file():
+        s = json.loads(study.read_text())
+        if isinstance(s.get("wall_seconds"), (int, float)):
+            values["study.wall_seconds"] = s["wall_seconds"]
+        for name, st in (s.get("stages") or {}).items():
+            if f"{name}.seconds" not in values and isinstance(st, dict) and isinstance(st.get("seconds"), (int, float)):
+                values[f"{name}.seconds"] = st["seconds"]
     return values, config
 
 

@@ -1,7 +1,7 @@
 """Which artifacts of two run directories differ: ``python scripts/compare_runs.py OLD NEW``.
 
 For checking that a refactor leaves a run's outputs unchanged (issue 22: "demo outputs equal before and
-after, timings aside"). Safetensors files are compared tensor by tensor (exact equality; the largest absolute
+after, timings aside"). Safetensors files are compared tensor by tensor (exact equality, NaN equal to NaN; the largest absolute
 difference is printed otherwise); JSON files are compared after dropping keys that hold timings, dates, paths
 and hashes of code or options (``IGNORED``); other files (PNG, HTML, the atlas' JS pages) are listed by sha1.
 Prints one line per differing file and a summary; exit status 0 when nothing but ignored keys differs."""
@@ -16,7 +16,7 @@ from pathlib import Path
 
 IGNORED = {"seconds", "wall_seconds", "cpu_seconds", "started", "finished", "time", "date", "tokens_per_s",
            "elapsed", "path", "out", "run", "options_hash", "inputs", "outputs", "code", "created", "timings",
-           "stage_seconds", "duration"}
+           "stage_seconds", "duration", "elapsed_s"}
 """JSON keys whose values are expected to differ between two runs of the same computation."""
 
 
@@ -35,6 +35,7 @@ def _sha1(p: Path) -> str:
 def compare(a: Path, b: Path) -> str | None:
     """None when equal (modulo IGNORED keys), else a one-line description of the difference."""
     if a.suffix == ".safetensors":
+        import torch
         from safetensors.torch import load_file
         ta, tb = load_file(a), load_file(b)
         if ta.keys() != tb.keys():
@@ -43,7 +44,8 @@ def compare(a: Path, b: Path) -> str | None:
         for k in ta:
             if ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype:
                 bad.append(f"{k} shape/dtype")
-            elif not (ta[k] == tb[k]).all():
+            elif not torch.equal(ta[k], tb[k]) and not (ta[k].is_floating_point() and
+                                                        ((ta[k] == tb[k]) | (ta[k].isnan() & tb[k].isnan())).all()):
                 d = (ta[k].double() - tb[k].double()).abs().max().item() if ta[k].is_floating_point() else "int"
                 bad.append(f"{k} max|Δ|={d}")
         return "; ".join(bad[:4]) + (" …" if len(bad) > 4 else "") if bad else None

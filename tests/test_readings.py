@@ -42,11 +42,14 @@ def test_readings_from_stage_records_and_the_check_catches_drift(tmp_path):
     (run / "stages/explain.score.json").write_text(json.dumps({
         "stage": "explain.score", "options": {"max_per_class": 20}, "seconds": 69.41,
         "summary": {"by_neuron": {"mean": 0.59312, "low": 0.55, "n": 12}, "note": "text"}}))
+    (run / "study.json").write_text(json.dumps({"wall_seconds": 543.2, "stages": {
+        "explain.score": {"seconds": 70.0}, "atlas": {"seconds": 20.1}}}))    # the record's own seconds win
     out = tmp_path / "readings.md"
     assert r.main([str(run), "--out", str(out)]) == 0
     table = r.parse(out.read_text())
     assert table == {"explain-score-by-neuron-low": "0.550", "explain-score-by-neuron-mean": "0.593",
-                     "explain-score-by-neuron-n": "12", "explain-score-seconds": "69.41"}
+                     "explain-score-by-neuron-n": "12", "explain-score-seconds": "69.41",
+                     "study-wall-seconds": "543", "atlas-seconds": "20.10"}
     assert '"max_per_class": 20' in out.read_text()                 # the run's config travels with it
     doc = "E per neuron [0.593](readings.md#explain-score-by-neuron-mean), [0.60](readings.md#explain-score-by-neuron-mean)"
     got = [(v, table.get(a)) for v, a in citations(doc)]
