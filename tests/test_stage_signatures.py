@@ -110,3 +110,12 @@ def test_every_step_help_renders(item, capsys):
         if not f.metadata.get("positional"):
             assert ("--" + f.name.replace("_", "-")) in out or any(a in out for a in f.metadata.get("alias", [])), \
                 (item.name, f.name)
+
+
+@pytest.mark.parametrize("stage", registry.stages(), ids=lambda s: s.name)
+def test_every_stage_declares_a_typed_result(stage):
+    """Issue 22: every stage returns a typed result (a frozen ``headscope.results.Result``), never a bare dict."""
+    from headscope.results import Result
+    result = stage.result
+    assert isinstance(result, type) and issubclass(result, Result), f"{stage.name} declares no Result"
+    assert dataclasses.is_dataclass(result) and result.__dataclass_params__.frozen, stage.name
