@@ -74,6 +74,32 @@ def test_find_ranks_and_filters():
     assert all(n["token"] != tok for n in res2["neurons"])
 
 
+def test_random_neurons_pass_the_same_filters_and_are_uniform_among_those_that_do():
+    """Issue 21: random neurons are filtered exactly like congruent ones (a sub-word token would be cut by the
+    explainer's prompt format), then drawn uniformly (seeded) among the neurons that pass."""
+    m = tiny_model("llama_gqa")
+    res = congruence.random_neurons(m, [1, 2], per_layer=4, seed=3, require_space=True, min_chars=3)
+    lc = {l: congruence.layer_congruence(m, l) for l in (1, 2)}
+    passing = {l: {i for i in range(m.d_mlp)
+                   if congruence.token_passes(m.tokenizer.decode([int(lc[l].token[i])]), True, 3, set(congruence.DEFAULT_REJECT))}
+               for l in (1, 2)}
+    assert len(res["neurons"]) == sum(min(4, len(passing[l])) for l in (1, 2))
+    for n in res["neurons"]:
+        assert n["neuron"] in passing[n["layer"]] and n["token"].startswith(" ") and len(n["token"].strip()) >= 3
+        assert n["token_id"] == int(lc[n["layer"]].token[n["neuron"]])
+    assert res["per_layer"]["2"]["passed"] == len(passing[2])
+    again = congruence.random_neurons(m, [1, 2], per_layer=4, seed=3, require_space=True, min_chars=3)
+    assert again == res                                                  # seeded
+    other = congruence.random_neurons(m, [1, 2], per_layer=4, seed=4, require_space=True, min_chars=3)
+    assert [n["neuron"] for n in other["neurons"]] != [n["neuron"] for n in res["neurons"]]
+    # without filters any neuron may be drawn: over many seeds some fail the filter
+    unfiltered = [n for s in range(20) for n in congruence.random_neurons(
+        m, [2], per_layer=4, seed=s, require_space=False, min_chars=0, reject=())["neurons"]]
+    assert any(n["neuron"] not in passing[2] for n in unfiltered)
+    with pytest.raises(HeadscopeError, match="random set"):
+        congruence.random_neurons(m, [2], per_layer=3, min_chars=50)
+
+
 def test_no_neuron_passes_says_so():
     m = tiny_model("gpt2")
     with pytest.raises(HeadscopeError, match="no neuron .* passes the filters.*try"):

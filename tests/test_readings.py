@@ -70,14 +70,34 @@ def uncited(text: str) -> list[str]:
     return MEASURED.findall(CITE.sub("", text))
 
 
+VERDICT_QUOTE = re.compile(r'Head (\d+\.\d+)\'s verdict, as its atlas page leads with it: \*"(.+?)"\*', re.S)
+"""The README's quote of one head's verdict: checked against the run itself (test below), not the readings."""
+
+
 def test_run_figures_in_the_readme_are_cited():
-    """Issue 21: the README's instrument sections quote no figure that is not a cited reading (they once quoted
-    old reduced runs); a figure typed by hand there fails this test."""
+    """Issue 21: the README's "What the run reads" and instrument sections quote no figure that is not a cited
+    reading (they once quoted old reduced runs); a figure typed by hand there fails this test."""
     text = (ROOT / "README.md").read_text()
-    bad = []
+    start = text.index("**What the run reads**")
+    bad = [f"What the run reads: {f}" for f in uncited(VERDICT_QUOTE.sub("", text[start:text.index("\n### ", start)]))]
     for head in RUN_SECTIONS:
         start = text.index(head)
         end = text.find("\n### ", start + 1)
         bad += [f"{head}…: {f}" for f in uncited(text[start:end])]
     assert not bad, "figures not cited from docs/readings.md:\n" + "\n".join(bad)
     assert uncited("E 0.516 [0.481, 0.553] vs [0.556](readings.md#x) at q = 0.05") == ["0.516", "[0.481, 0.553]"]
+
+
+def test_the_readme_verdict_quote_is_the_runs_verdict():
+    """The verdict the README quotes is the one the demo run gives that head (its first sentence, figures
+    included); needs the run: ``HEADSCOPE_DEMO_RUN=RUN`` (skipped otherwise)."""
+    import os
+    run = os.environ.get("HEADSCOPE_DEMO_RUN")
+    if not run or not (Path(run) / "heads" / "roles.json").is_file():
+        pytest.skip("HEADSCOPE_DEMO_RUN does not name a demo run with heads/roles.json")
+    from headscope.heads.verdict import run_verdicts
+    m = VERDICT_QUOTE.search((ROOT / "README.md").read_text())
+    assert m, "the README quotes no head's verdict"
+    quoted = " ".join(m.group(2).split())
+    verdict = run_verdicts(Path(run))[m.group(1)]
+    assert " ".join(verdict.text.split()).startswith(quoted), (quoted, verdict.text)

@@ -101,6 +101,7 @@ TYPED_STAGE = Stage("t.typed", Opts, f"{__name__}:dict_stage_fn", writes=lambda 
     (DICT_STAGE, [1, 2], r"stage t\.dict returned a list, not a Result or a dict"),
     (TYPED_STAGE, Outcome(mean=math.inf), r"stage t\.typed: Outcome\.mean: inf is not finite"),
     (TYPED_STAGE, Outcome(by_head={"0.1": [torch.zeros(1)]}), r"stage t\.typed: Outcome\.by_head\.0\.1\[0\]: Tensor"),
+    (TYPED_STAGE, {"mean": 0.5}, r"stage t\.typed returned a dict, not its declared Outcome"),
 ])
 def test_a_summary_value_that_is_not_json_is_an_error_not_dropped(tmp_path, stage, value, msg):
     """Issue 22: a stage's summary used to pass through a filter that silently left out non-JSON values; now

@@ -14,8 +14,8 @@
 (:mod:`headscope.registry`; a step ``score-features`` is ``score_features``), generated from it: its keywords
 are the fields of the step's options dataclass (the CLI flags and the study's TOML keys, checked the same
 way). A stage goes through the stage contract (:func:`headscope.runs.run_stage`): it is reused while its
-options and inputs are unchanged (``force=True`` reruns it) and returns its result (a
-:class:`headscope.results.Result` or, for stages not yet typed, the summary dict). A command returns its
+options and inputs are unchanged (``force=True`` reruns it) and returns its typed result
+(a :class:`headscope.results.Result`). A command returns its
 exit status. Loaders (``run.<instrument>.<name>(...)``) are declared by each instrument
 (``Instrument.loaders``) and only read artifacts. Every error a user can fix is a one-line
 :class:`HeadscopeError`.

@@ -528,8 +528,8 @@ class Stage(_Declared):
     run)``. Without it the CLI prints where the artifacts are."""
     result: type | None = None
     """The stage's typed result (a :class:`headscope.results.Result` subclass) when ``func`` returns one; the
-    record keeps it whole (``"result"``) and a reused stage returns it rebuilt. Stages that still return a
-    plain dict leave this None."""
+    record keeps it whole (``"result"``) and a reused stage returns it rebuilt; returning anything else is
+    an error. Every registered stage declares one; None (a stage that returns a dict) is left to tests."""
 
 
 @dataclass(frozen=True)
@@ -611,6 +611,9 @@ def run_stage(model, run: RunDir, stage: Stage, opts, *, force: bool = False, pr
         try:
             summary = fn(model, run, opts, progress=progress)
             summary = {} if summary is None else summary
+            if stage.result is not None and not isinstance(summary, stage.result):
+                raise HeadscopeError(f"stage {stage.name} returned a {type(summary).__name__}, not its declared "
+                                     f"{stage.result.__name__}")
             kept = record_json(stage.name, summary)
         except BaseException as e:
             if primary and not isinstance(e, KeyboardInterrupt):

@@ -447,7 +447,3 @@ def _build(run_dir, final, info, ident, L, H, sources, errors, ex_list, ex_layer
             shutil.rmtree(tmp, ignore_errors=True)
     return {"index": str(final / "index.html"), "sources": list(sources), "errors": errors, "n_pages": pages}
 
-
-def run_atlas(model, run: RunDir, examples: list[str] | None = None, **_ignored) -> dict:
-    """Pipeline stage: build the atlas of ``run`` (patterns of ``examples`` computed with ``model``)."""
-    return build_atlas(run.path, model=model, examples=list(examples) if examples else DEFAULT_EXAMPLES)

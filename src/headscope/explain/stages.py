@@ -389,7 +389,9 @@ def run_random_baseline(model, run: RunDir, opts: BaselineOptions, progress: boo
     fo, mo, ao = f["options"], m["options"], a["options"]
     ns.run_find(model, run, FindOptions(which="random", layers=",".join(map(str, fo["layers"])),
                                         per_layer=opts.per_layer or fo["per_layer"], kind=fo["kind"],
-                                        unembed=fo.get("unembed", "centred"), seed=opts.seed))
+                                        seed=opts.seed, **{k: fo[k] for k in ("unembed", "require_space", "min_chars")
+                                                           if k in fo}),
+                reject=fo.get("reject"))                    # filtered exactly like the top set
     ns.run_mine(model, run, MineOptions(which="random", corpus=mo["corpus"], seq_len=mo["seq_len"], top_k=mo["top_k"],
                                         top_k_test=mo["top_k_test"], keep=mo["keep"],
                                         max_prompt_tokens=mo["max_prompt_tokens"],
@@ -416,7 +418,7 @@ def run_random_baseline(model, run: RunDir, opts: BaselineOptions, progress: boo
 
 
 def _get(summary, key: str):
-    """``key`` of a stage summary, whether a dict or a typed result (the neuron stages are being typed)."""
+    """``key`` of a summary, whether a ``run_*`` dict (``neurons.stages.run_ablate``) or a typed result."""
     from ..results import Result
     if isinstance(summary, Result):
         summary = summary.to_json()

@@ -169,21 +169,39 @@ def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: 
 
 
 def random_neurons(model: Model, layers: list[int], per_layer: int, seed: int = 0,
-                   kind: str = "prediction", unembed: str = "centred") -> dict:
-    """The random-neuron baseline: ``per_layer`` neurons drawn uniformly from each layer (seeded), no
-    filters; each neuron's token is still its most congruent one, so the pipeline treats it alike."""
+                   kind: str = "prediction", unembed: str = "centred", require_space: bool = True,
+                   min_chars: int = 3, reject: tuple[str, ...] | list[str] = DEFAULT_REJECT) -> dict:
+    """The random-neuron baseline: ``per_layer`` neurons drawn uniformly (seeded) from those of each layer whose
+    most congruent token passes the **same token filters** as :func:`find_neurons` (``require_space``,
+    ``min_chars``, ``reject``), so a random neuron predicts the same kind of token as a congruent one (a word
+    with a leading space, not a sub-word piece the explainer's prompt format would cut) and the two sets differ
+    only in how they were ranked. Each neuron's token is its most congruent one, as for the top set."""
     g = torch.Generator().manual_seed(seed)
-    neurons = []
+    reject_set = {r.strip() for r in reject}
+    vocab_cache: dict[int, str] = {}
+    neurons, stats = [], {}
     for layer in layers:
         model.check_layer(layer)
         lc = layer_congruence(model, layer, kind, unembed=unembed)
-        picks = torch.randperm(model.d_mlp, generator=g)[: min(per_layer, model.d_mlp)].tolist()
+        passed, picks = 0, []
+        for n in torch.randperm(model.d_mlp, generator=g).tolist():
+            t = int(lc.token[n])
+            if t not in vocab_cache:
+                vocab_cache[t] = model.tokenizer.decode([t])
+            if not token_passes(vocab_cache[t], require_space, min_chars, reject_set):
+                continue
+            passed += 1
+            if len(picks) < per_layer:
+                picks.append(n)
+        stats[str(layer)] = {"candidates": model.d_mlp, "passed": passed}
         for rank, n in enumerate(picks):
             t = int(lc.token[n])
-            neurons.append({"layer": layer, "neuron": n, "token_id": t, "token": model.tokenizer.decode([t]),
+            neurons.append({"layer": layer, "neuron": n, "token_id": t, "token": vocab_cache[t],
                             "dot": float(lc.dot[n]), "cos": float(lc.cos[n]), "kurtosis": float(lc.kurtosis[n]),
                             "skew": float(lc.skew[n]), "rank": rank, "top_tokens": []})
-    return {"neurons": neurons, "per_layer": {str(l): {"candidates": model.d_mlp, "passed": model.d_mlp} for l in layers}}
+    if not neurons:
+        raise HeadscopeError(f"no neuron in layers {layers} has a token that passes the filters (random set)")
+    return {"neurons": neurons, "per_layer": stats}
 
 
 def _finite(x: float) -> float | None:

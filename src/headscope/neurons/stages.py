@@ -47,17 +47,19 @@ def _need(path: Path, stage: str) -> dict:
 
 
 # -- find ---------------------------------------------------------------------------------------
-def run_find(model: Model, run: RunDir, opts: FindOptions, progress: bool = True) -> dict:
+def run_find(model: Model, run: RunDir, opts: FindOptions, progress: bool = True,
+             reject: list[str] | None = None) -> dict:
     """The ``neurons.find`` stage. Writes ``<set>/find.json``: ``{"options", "neurons": [{layer, neuron,
     token_id, token, dot, cos, kurtosis, skew, rank, top_tokens}], "per_layer": {layer: {candidates,
     passed}}}``. ``opts.unembed``: ``"centred"`` (default, TransformerLens' ``center_unembed``) or ``"raw"``
-    W_U, see :mod:`headscope.neurons.congruence`."""
+    W_U, see :mod:`headscope.neurons.congruence`. Both sets pass the same token filters; ``reject``: the
+    rejected tokens themselves (the random baseline passes the top set's recorded list), else
+    ``opts.reject_file`` or the built-in list."""
     which, last_k, per_layer, rank_by, kind = opts.which, opts.last_k, opts.per_layer, opts.rank_by, opts.kind
     require_space, min_chars, seed, unembed = opts.require_space, opts.min_chars, opts.seed, opts.unembed
     layers = parse_layers(opts.layers, model.n_layers) if opts.layers else \
         list(range(max(0, model.n_layers - last_k), model.n_layers))
-    reject = None
-    if opts.reject_file:
+    if reject is None and opts.reject_file:
         p = Path(opts.reject_file)
         if not p.is_file():
             raise HeadscopeError(f"reject file not found: {p}")
@@ -71,7 +73,8 @@ def run_find(model: Model, run: RunDir, opts: FindOptions, progress: bool = True
         res = congruence.find_neurons(model, layers, per_layer, rank_by, kind, require_space, min_chars,
                                       recorded["reject"], unembed=unembed)
     else:
-        res = congruence.random_neurons(model, layers, per_layer, seed, kind, unembed=unembed)
+        res = congruence.random_neurons(model, layers, per_layer, seed, kind, unembed, require_space, min_chars,
+                                        recorded["reject"])
     write_json(path, {"options": recorded, **res})
     return {"neurons": len(res["neurons"]), "per_layer": res["per_layer"]}
 
