@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from simple_parsing import field
 
 from ..errors import HeadscopeError
 from ..options import check, check_name
 
-TRAINABLE = ("standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk")
-"""Architectures headscope trains (the choices of ``sae train --arch``)."""
+Architecture = Literal["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"]
+"""Architectures headscope trains: the type of ``sae train --arch`` and of the sweep's ``--architecture``
+(declared once; a new trainable architecture adds its name here and its module to ``sae/architectures``)."""
+TRAINABLE = get_args(Architecture)
+"""The same names as a tuple (the choices of ``sae train --arch``)."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class TrainOptions:
     """layer whose z is encoded"""
     name: Optional[str] = None
     """SAE name in the run directory (default L<layer>)"""
-    architecture: Literal["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"] = field(
+    architecture: Architecture = field(
         default="topk", alias=["--arch"])
     """standard: ReLU + L1 (the paper); topk: TopK with the AuxK dead-feature loss; jumprelu: learned
     per-feature thresholds + L0 penalty; batchtopk: top k·batch while training, a threshold at inference;
@@ -273,7 +276,7 @@ class SweepOptions:
     """several architectures instead of --arch/--values: 'topk:16,32 batchtopk:16,32 jumprelu:0.3,1'"""
     eval_tokens: int = 4096
     """held-out tokens per evaluation"""
-    architecture: Literal["standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"] = field(
+    architecture: Architecture = field(
         default="topk", alias=["--arch"])
     """SAE architecture (with --values)"""
     lr: float = 1e-3
