@@ -31,8 +31,9 @@ own rule:
   half of their decoder-norm (weight attribution, rows sum to 1) on it — "over half" is the rule named in
   the reason, next to the even share 1/H.
 * ``neurons``: the 2 heads whose zero-ablation lowers P(neuron's token) significantly for the most
-  next-token neurons (per pair: one-sided Mann–Whitney of the drops on prompts where the head is active
-  vs not, BH q < 0.05 over the pairs, as ``headscope.neurons.stages.run_ablate`` decides); ties by the
+  next-token neurons (per pair: one-sided bootstrap test, clustered by document, of the drops on prompts
+  where the head is active vs not, BH q < 0.05 over the pairs, as ``headscope.neurons.stages.run_ablate``
+  decides); ties by the
   mean effect. Attribution alone (a head active on 25–75 % of a neuron's prompts) has no test and lists
   nothing.
 
@@ -228,8 +229,8 @@ def neuron_candidates(ablation: dict | None, k: int = PER_NEURONS) -> list[dict]
         n = len(effs)
         out.append({"head": hk, "source": "neurons",
                     "reason": f"zeroing it lowers P(next token) for {n} of the {len(tested[hk])} next-token "
-                              f"neuron{'s' if len(tested[hk]) != 1 else ''} it drives (one-sided Mann–Whitney, "
-                              f"BH q < 0.05 over {len(pairs)} pairs; mean effect "
+                              f"neuron{'s' if len(tested[hk]) != 1 else ''} it drives (zero-ablation; one-sided bootstrap "
+                              f"clustered by document, BH q < 0.05 over {len(pairs)} pairs; mean effect "
                               f"{statistics.fmean(effs.values()):+.3f})"})
     return out
 

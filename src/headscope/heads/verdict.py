@@ -14,7 +14,7 @@ Reading rules (never relaxed here, whatever the artifacts hold):
 * the other instruments add a finding only when their own test passed (:func:`run_findings`): the lens is
   informative (one-sided test, BH over heads: :mod:`headscope.lens.verdict`), with its tokens ranked by
   their KL(lens ‖ null) term; the SAE's calibrated polysemanticity test passed (BH); zeroing the head
-  lowered a next-token neuron's token probability (one-sided Mann–Whitney, BH over pairs); a look-up
+  lowered a next-token neuron's token probability (one-sided bootstrap test clustered by document, BH over pairs); a look-up
   explanation (when the head is active for a neuron) scored above chance on held-out prompts (binomial,
   BH over pairs). A weight attribution without a test ("drives", "promotes") is never a finding.
 
@@ -322,7 +322,8 @@ def sae_findings(run_dir: Path) -> dict[str, list[dict]]:
 
 def neuron_findings(run_dir: Path) -> dict[str, list[dict]]:
     """Heads whose zero-ablation significantly lowered a next-token neuron's token probability
-    (``neurons/ablation.json``: one-sided Mann–Whitney per pair, BH over pairs)."""
+    (``neurons/ablation.json``: per pair a one-sided bootstrap test of active − inactive drops clustered by
+    document, BH over pairs)."""
     path = Path(run_dir) / "neurons" / "ablation.json"
     att = Path(run_dir) / "neurons" / "attribution.json"
     if not path.is_file():
@@ -344,7 +345,8 @@ def neuron_findings(run_dir: Path) -> dict[str, list[dict]]:
             names.append(f"{name}{tok} by {num(p['effect'])}, q = {num(p['q'])}")
         text = (f"Zeroing it lowers the token probability of next-token neuron{'s' if len(ps) > 1 else ''} "
                 f"{'; '.join(names)}" + (f" and {len(ps) - 3} more" if len(ps) > 3 else "")
-                + " (one-sided Mann–Whitney, BH over pairs)")
+                + " (zero-ablation of its output, which also removes its mean contribution; one-sided bootstrap"
+                  " test clustered by document, BH over pairs)")
         out[hk] = [{"kind": "neurons", "source": "neurons/ablation.json", "anchor": "src-neurons",
                     "score": len(ps), "text": text}]
     return out
