@@ -120,7 +120,9 @@ def test_runs_reuses_and_reruns_on_changed_options(tmp_path, tiny, monkeypatch):
 
 def test_stage_that_writes_nothing_is_an_error(tmp_path, tiny, monkeypatch):
     from headscope.heads import instrument
-    monkeypatch.setattr(instrument, "stage_score", lambda model, run, opts, progress=True: {})
+    from headscope.heads.results import HeadScoresResult
+    monkeypatch.setattr(instrument, "stage_score", lambda model, run, opts, progress=True:
+                        HeadScoresResult(n_layers=3, n_heads=4, layers=[0], top={}))   # typed, but writes nothing
     with pytest.raises(HeadscopeError, match="without writing"):
         run_study(load_config(write(tmp_path, "[heads.score]\n")), out=tmp_path / "run", model=tiny)
     assert not (tmp_path / "run" / "stages" / "heads.score.json").exists()
@@ -156,3 +158,13 @@ def test_cli_parses(tmp_path):
     args = build_parser().parse_args(["demo", "--small"])
     assert args.small and args.func is study_mod.cmd_demo
     assert main(["study", str(tmp_path / "x.toml")]) == 2
+
+
+def test_stage_that_returns_other_than_its_result_is_an_error(tmp_path, tiny, monkeypatch):
+    """A registered stage that returns a bare dict instead of its declared typed result is an error (issue 22),
+    and leaves no record."""
+    from headscope.heads import instrument
+    monkeypatch.setattr(instrument, "stage_score", lambda model, run, opts, progress=True: {"n_layers": 3})
+    with pytest.raises(HeadscopeError, match="returned a dict, not its declared HeadScoresResult"):
+        run_study(load_config(write(tmp_path, "[heads.score]\n")), out=tmp_path / "run", model=tiny)
+    assert not (tmp_path / "run" / "stages" / "heads.score.json").exists()
