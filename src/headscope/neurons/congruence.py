@@ -116,6 +116,22 @@ def token_passes(text: str, require_space: bool, min_chars: int, reject: set[str
     return stripped not in reject and text not in reject
 
 
+def _first_passing(model: Model, lc, order: list[int], k: int, require_space: bool, min_chars: int,
+                   reject_set: set[str], vocab_cache: dict[int, str]) -> tuple[list[int], int]:
+    """The first ``k`` neurons of ``order`` whose most congruent token (``lc.token``) passes the token filters,
+    and how many of ``order`` pass (``vocab_cache``: token id → text, filled as tokens are decoded)."""
+    passed, chosen = 0, []
+    for n in order:
+        t = int(lc.token[n])
+        if t not in vocab_cache:
+            vocab_cache[t] = model.tokenizer.decode([t])
+        if token_passes(vocab_cache[t], require_space, min_chars, reject_set):
+            passed += 1
+            if len(chosen) < k:
+                chosen.append(n)
+    return chosen, passed
+
+
 def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: str = "dot",
                  kind: str = "prediction", require_space: bool = True, min_chars: int = 3,
                  reject: tuple[str, ...] | list[str] = DEFAULT_REJECT, top_tokens: int = 10,
@@ -139,16 +155,8 @@ def find_neurons(model: Model, layers: list[int], per_layer: int = 20, rank_by: 
         key = {"dot": lc.dot, "cos": lc.cos, "kurtosis": lc.kurtosis,
                "skew": lc.skew if kind == "prediction" else -lc.skew}[rank_by]
         order = torch.argsort(key, descending=True)
-        passed, chosen = 0, []
-        for n in order.tolist():
-            t = int(lc.token[n])
-            if t not in vocab_cache:
-                vocab_cache[t] = model.tokenizer.decode([t])
-            if not token_passes(vocab_cache[t], require_space, min_chars, reject_set):
-                continue
-            passed += 1
-            if len(chosen) < per_layer:
-                chosen.append(n)
+        chosen, passed = _first_passing(model, lc, order.tolist(), per_layer, require_space, min_chars, reject_set,
+                                        vocab_cache)
         stats[str(layer)] = {"candidates": int(lc.dot.numel()), "passed": passed}
         W = output_weights(model, layer)
         for rank, n in enumerate(chosen):
@@ -183,16 +191,8 @@ def random_neurons(model: Model, layers: list[int], per_layer: int, seed: int = 
     for layer in layers:
         model.check_layer(layer)
         lc = layer_congruence(model, layer, kind, unembed=unembed)
-        passed, picks = 0, []
-        for n in torch.randperm(model.d_mlp, generator=g).tolist():
-            t = int(lc.token[n])
-            if t not in vocab_cache:
-                vocab_cache[t] = model.tokenizer.decode([t])
-            if not token_passes(vocab_cache[t], require_space, min_chars, reject_set):
-                continue
-            passed += 1
-            if len(picks) < per_layer:
-                picks.append(n)
+        picks, passed = _first_passing(model, lc, torch.randperm(model.d_mlp, generator=g).tolist(), per_layer,
+                                       require_space, min_chars, reject_set, vocab_cache)
         stats[str(layer)] = {"candidates": model.d_mlp, "passed": passed}
         for rank, n in enumerate(picks):
             t = int(lc.token[n])
